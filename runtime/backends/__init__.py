@@ -1,0 +1,1 @@
+"""Sandbox engines behind one narrow Protocol (``base.Backend``)."""

@@ -1,0 +1,66 @@
+"""The narrow backend Protocol every sandbox engine implements.
+
+A backend turns a ``ContainerPlan`` into a running sandbox and reports on it. It owns no policy:
+timeouts, caps and status decisions live in ``pipeline``. Backend methods raise only
+``runtime.errors.BackendError`` subclasses; engine exceptions are translated inside the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from runtime.model import Usage
+from runtime.policy.plan import ContainerPlan
+
+StreamName = Literal["stdout", "stderr"]
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    exit_code: int
+    oom_killed: bool
+
+
+class Sandbox(Protocol):
+    """One created container. Single use: start once, then remove."""
+
+    @property
+    def id(self) -> str: ...
+
+    async def start(self, stdin: bytes) -> None:
+        """Start the sandbox, write ``stdin`` and close it (EOF)."""
+
+    def output(self) -> AsyncIterator[tuple[StreamName, bytes]]:
+        """Raw output chunks as they arrive, until both streams close. Call once, after start."""
+
+    async def wait(self) -> ExitInfo:
+        """Block until the main process exits."""
+
+    async def signal(self, signum: int) -> None:
+        """Deliver a signal to the sandbox's init; no error if it already exited."""
+
+    async def usage(self) -> Usage:
+        """Best-known resource usage (peak memory, CPU time); zeros when the engine can't tell."""
+
+    async def remove(self) -> None:
+        """Force-remove the sandbox. Idempotent; must succeed even if it never started."""
+
+
+class Backend(Protocol):
+    name: str
+
+    async def create(self, plan: ContainerPlan) -> Sandbox:
+        """Create (not start) a sandbox for ``plan``. Raises ImageMissing/RuntimeMissing/EngineUnavailable."""
+
+    async def remove_orphans(self, owner: str) -> int:
+        """Remove every sandbox labelled as ``owner``'s; returns how many were removed."""
+
+    async def list_sandboxes(self, owner: str) -> list[str]:
+        """Ids of live sandboxes labelled as ``owner``'s."""
+
+    async def ping(self) -> None:
+        """Raise EngineUnavailable when the engine cannot be reached."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,96 @@
+"""Values that flow through one invocation. Frozen, no I/O imports."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from runtime.policy.profile import IsolationProfile
+
+
+class Status(enum.Enum):
+    """Final status of an invocation. Decided from what the engine reports, never from tool output."""
+
+    OK = "ok"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    OOM = "oom"
+    KILLED = "killed"
+    DENIED = "denied"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A tool as the admin declared it. Callers can only name it; everything else is fixed here."""
+
+    name: str
+    description: str
+    image: str
+    command: tuple[str, ...]
+    profile: str = "default"
+    title: str = ""
+    input_schema: Mapping[str, Any] = field(default_factory=lambda: {"type": "object"})
+    output_schema: Mapping[str, Any] | None = None
+    annotations: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ResolvedTool:
+    tool: Tool
+    profile: IsolationProfile
+
+
+@dataclass(frozen=True)
+class InvocationRequest:
+    tool: str
+    arguments_json: str
+    invocation_id: str = ""
+    caller_metadata: Mapping[str, str] = field(default_factory=dict)
+    # Absolute monotonic deadline from the transport (gRPC deadline), if any.
+    deadline_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    invocation_id: str
+    sandbox_id: str
+    profile: str
+    tool: str
+    trace_id: str
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    stream: Literal["stdout", "stderr"]
+    text: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the engine could report; 0 means unknown."""
+
+    peak_memory_bytes: int = 0
+    cpu_time_ns: int = 0
+
+
+@dataclass(frozen=True)
+class Result:
+    status: Status
+    exit_code: int
+    output: str
+    stderr: str
+    truncated: bool
+    duration_ms: int
+    usage: Usage
+    trace_id: str
+    invocation_id: str
+    message: str = ""
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    sandbox_id: str = ""
+
+
+Event = Started | OutputChunk | Result

@@ -1,0 +1,102 @@
+"""Isolation profiles: frozen values with safe defaults and ``with_*`` builders.
+
+Each default names the threat it mitigates. Options that weaken isolation say so in their docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+MiB = 1024 * 1024
+
+NetworkMode = Literal["none"]
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path exposed to the tool, always read-only (tool code, reference data).
+
+    Read-only because a writable host mount would let a hostile tool persist or tamper with
+    host files across invocations.
+    """
+
+    source: str
+    target: str
+
+
+@dataclass(frozen=True)
+class OutputPolicy:
+    # Per-stream caps bound what a flooding tool can make the supervisor hold in memory and what
+    # reaches the model's context.
+    stdout_max_bytes: int = 1 * MiB
+    stderr_max_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class IsolationProfile:
+    """How one tool invocation is contained. ``IsolationProfile()`` is the safe default."""
+
+    name: str = "default"
+    # Memory cap; swap is set equal so the limit cannot be escaped into swap (OOM -> status oom).
+    memory_bytes: int = 256 * MiB
+    # CPU quota in cores: a spinner cannot starve the host or its neighbours.
+    cpus: float = 1.0
+    # pids cgroup limit: fork and thread bombs stop here.
+    pids_limit: int = 64
+    # RLIMIT_NOFILE: fd exhaustion stays inside the sandbox.
+    nofile: int = 256
+    # Wall-clock limit; a deadline from the caller can only shorten it.
+    timeout_s: float = 30.0
+    # SIGTERM -> grace -> SIGKILL, so a tool ignoring SIGTERM still dies.
+    kill_grace_s: float = 2.0
+    # OCI runtime: "runc" (default) or "runsc" (gVisor: a user-space kernel between tool and host).
+    runtime: str = "runc"
+    # Seccomp: "default" is toolcell's own tightened allowlist; otherwise a path to a JSON profile.
+    seccomp: str = "default"
+    # Scratch space; noexec/nosuid/nodev and size-capped so /tmp can't fill the host or stage binaries.
+    tmpfs_bytes: int = 64 * MiB
+    # Non-root uid:gid: a container escape starts without root on the host.
+    user: str = "10001:10001"
+    # Fixed environment for the tool. Nothing of the supervisor's environment is inherited.
+    env: Mapping[str, str] = field(default_factory=lambda: {"LANG": "C.UTF-8", "HOME": "/tmp"})
+    # Names copied from the supervisor's environment. Unsafe: anything listed here reaches the tool.
+    env_passthrough: tuple[str, ...] = ()
+    mounts: tuple[Mount, ...] = ()
+    # No network by default: a prompt-injected tool cannot exfiltrate or reach internal services.
+    network: NetworkMode = "none"
+    output: OutputPolicy = field(default_factory=OutputPolicy)
+
+    def with_memory(self, memory_bytes: int) -> IsolationProfile:
+        return dataclasses.replace(self, memory_bytes=memory_bytes)
+
+    def with_cpus(self, cpus: float) -> IsolationProfile:
+        return dataclasses.replace(self, cpus=cpus)
+
+    def with_pids_limit(self, pids_limit: int) -> IsolationProfile:
+        return dataclasses.replace(self, pids_limit=pids_limit)
+
+    def with_timeout(self, timeout_s: float, kill_grace_s: float | None = None) -> IsolationProfile:
+        grace = self.kill_grace_s if kill_grace_s is None else kill_grace_s
+        return dataclasses.replace(self, timeout_s=timeout_s, kill_grace_s=grace)
+
+    def with_runtime(self, runtime: str) -> IsolationProfile:
+        return dataclasses.replace(self, runtime=runtime)
+
+    def with_seccomp(self, seccomp: str) -> IsolationProfile:
+        return dataclasses.replace(self, seccomp=seccomp)
+
+    def with_mounts(self, *mounts: Mount) -> IsolationProfile:
+        """Add read-only host mounts. Each one widens what the tool can read."""
+        return dataclasses.replace(self, mounts=self.mounts + tuple(mounts))
+
+    def with_env(self, **env: str) -> IsolationProfile:
+        return dataclasses.replace(self, env={**self.env, **env})
+
+    def with_output(self, stdout_max_bytes: int, stderr_max_bytes: int) -> IsolationProfile:
+        return dataclasses.replace(self, output=OutputPolicy(stdout_max_bytes, stderr_max_bytes))
+
+    def named(self, name: str) -> IsolationProfile:
+        return dataclasses.replace(self, name=name)
