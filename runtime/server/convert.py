@@ -1,0 +1,123 @@
+"""Proto <-> model mapping. The only place generated message types meet model values."""
+
+from __future__ import annotations
+
+import json
+
+from runtime.api.v1 import supervisor_pb2 as pb
+from runtime.model import Event, InvocationRequest, OutputChunk, Result, Started, Status, Tool
+
+STATUS_TO_PB = {
+    Status.OK: pb.STATUS_OK,
+    Status.ERROR: pb.STATUS_ERROR,
+    Status.TIMEOUT: pb.STATUS_TIMEOUT,
+    Status.OOM: pb.STATUS_OOM,
+    Status.KILLED: pb.STATUS_KILLED,
+    Status.DENIED: pb.STATUS_DENIED,
+    Status.INVALID: pb.STATUS_INVALID,
+}
+PB_TO_STATUS = {v: k for k, v in STATUS_TO_PB.items()}
+
+
+def request_from_pb(msg: pb.ExecuteRequest, deadline_s: float | None) -> InvocationRequest:
+    return InvocationRequest(
+        tool=msg.tool,
+        arguments_json=msg.arguments_json,
+        invocation_id=msg.invocation_id,
+        caller_metadata=dict(msg.caller_metadata),
+        deadline_s=deadline_s,
+    )
+
+
+def result_to_pb(result: Result) -> pb.Result:
+    return pb.Result(
+        status=STATUS_TO_PB[result.status],
+        exit_code=result.exit_code,
+        output=result.output,
+        stderr=result.stderr,
+        truncated=result.truncated,
+        duration_ms=result.duration_ms,
+        usage=pb.Usage(peak_memory_bytes=result.usage.peak_memory_bytes, cpu_time_ns=result.usage.cpu_time_ns),
+        trace_id=result.trace_id,
+        invocation_id=result.invocation_id,
+        message=result.message,
+        stdout_bytes=result.stdout_bytes,
+        stderr_bytes=result.stderr_bytes,
+        sandbox_id=result.sandbox_id,
+    )
+
+
+def event_to_pb(event: Event) -> pb.ExecuteEvent:
+    if isinstance(event, Started):
+        return pb.ExecuteEvent(started=pb.Started(
+            invocation_id=event.invocation_id, sandbox_id=event.sandbox_id, profile=event.profile,
+            tool=event.tool, trace_id=event.trace_id))
+    if isinstance(event, OutputChunk):
+        chunk = pb.OutputChunk(text=event.text)
+        return pb.ExecuteEvent(stdout=chunk) if event.stream == "stdout" else pb.ExecuteEvent(stderr=chunk)
+    return pb.ExecuteEvent(result=result_to_pb(event))
+
+
+def tool_to_pb(tool: Tool) -> pb.Tool:
+    ann = tool.annotations
+    annotations = pb.ToolAnnotations(title=str(ann.get("title", tool.title)))
+    for key, field in (("readOnlyHint", "read_only_hint"), ("destructiveHint", "destructive_hint"),
+                       ("idempotentHint", "idempotent_hint"), ("openWorldHint", "open_world_hint")):
+        if key in ann:
+            setattr(annotations, field, bool(ann[key]))
+    return pb.Tool(
+        name=tool.name,
+        title=tool.title,
+        description=tool.description,
+        input_schema_json=json.dumps(dict(tool.input_schema), sort_keys=True),
+        output_schema_json=json.dumps(dict(tool.output_schema), sort_keys=True) if tool.output_schema else "",
+        annotations=annotations,
+    )
+
+
+def result_from_pb(msg: pb.Result) -> Result:
+    from runtime.model import Usage
+
+    return Result(
+        status=PB_TO_STATUS.get(msg.status, Status.ERROR),
+        exit_code=msg.exit_code,
+        output=msg.output,
+        stderr=msg.stderr,
+        truncated=msg.truncated,
+        duration_ms=msg.duration_ms,
+        usage=Usage(peak_memory_bytes=msg.usage.peak_memory_bytes, cpu_time_ns=msg.usage.cpu_time_ns),
+        trace_id=msg.trace_id,
+        invocation_id=msg.invocation_id,
+        message=msg.message,
+        stdout_bytes=msg.stdout_bytes,
+        stderr_bytes=msg.stderr_bytes,
+        sandbox_id=msg.sandbox_id,
+    )
+
+
+def event_from_pb(msg: pb.ExecuteEvent) -> Event:
+    kind = msg.WhichOneof("event")
+    if kind == "started":
+        s = msg.started
+        return Started(invocation_id=s.invocation_id, sandbox_id=s.sandbox_id, profile=s.profile, tool=s.tool,
+                       trace_id=s.trace_id)
+    if kind == "stdout":
+        return OutputChunk(stream="stdout", text=msg.stdout.text)
+    if kind == "stderr":
+        return OutputChunk(stream="stderr", text=msg.stderr.text)
+    return result_from_pb(msg.result)
+
+
+def tool_from_pb(msg: pb.Tool) -> Tool:
+    annotations: dict[str, object] = {}
+    a = msg.annotations
+    for key, field in (("readOnlyHint", "read_only_hint"), ("destructiveHint", "destructive_hint"),
+                       ("idempotentHint", "idempotent_hint"), ("openWorldHint", "open_world_hint")):
+        if a.HasField(field):
+            annotations[key] = getattr(a, field)
+    return Tool(
+        name=msg.name, title=msg.title, description=msg.description, image="", command=(),
+        input_schema=json.loads(msg.input_schema_json or '{"type": "object"}'),
+        output_schema=json.loads(msg.output_schema_json) if msg.output_schema_json else None,
+        annotations=annotations,
+    )

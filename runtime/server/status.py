@@ -1,0 +1,30 @@
+"""The one table from toolcell errors to gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from runtime import errors
+
+# Most specific first: the first matching class wins.
+STATUS_TABLE: tuple[tuple[type[errors.ToolcellError], grpc.StatusCode], ...] = (
+    (errors.ToolNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.InvocationNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.InvalidArguments, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.InvocationConflict, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.ImageMissing, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.RuntimeMissing, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.EngineUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (errors.ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.BackendError, grpc.StatusCode.INTERNAL),
+    (errors.ToolcellError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_for(exc: errors.ToolcellError) -> grpc.StatusCode:
+    for cls, code in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL

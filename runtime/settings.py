@@ -1,0 +1,282 @@
+"""The one place configuration files and the environment are read. Frozen values out.
+
+``load_config(path)`` validates the YAML against ``data/config.schema.json`` (errors name the key),
+resolves profile inheritance, compiles every tool's input schema and every profile's seccomp
+profile, so an invalid config is refused at start-up (or on reload), never half-applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator
+
+from runtime.errors import ConfigError
+from runtime.model import Tool
+from runtime.policy.arguments import ArgumentLimits, compile_schema
+from runtime.policy.profile import IsolationProfile, Mount, OutputPolicy
+from runtime.policy.seccomp import SeccompProfile, load_seccomp
+
+ENV_CONFIG = "TOOLCELL_CONFIG"
+ENV_LISTEN = "TOOLCELL_LISTEN"
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mi": 1024**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: str
+    socket_mode: int = 0o600
+    instance: str = "default"
+    shutdown_grace_s: float = 10.0
+    max_message_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    service_name: str = "toolcell"
+    otlp_endpoint: str | None = None
+    span_file: str | None = None
+    console: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerSettings
+    telemetry: TelemetrySettings
+    limits: ArgumentLimits
+    profiles: Mapping[str, IsolationProfile]
+    tools: Mapping[str, Tool]
+    validators: Mapping[str, Draft202012Validator]
+    seccomp: Mapping[str, SeccompProfile]
+    docker_host: str | None = None
+    source: str = "<built-in>"
+    environ: Mapping[str, str] = field(default_factory=dict)
+
+
+def runtime_dir() -> Path:
+    """Where the default socket lives: $XDG_RUNTIME_DIR/toolcell, /run/toolcell for root, else /tmp."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "toolcell"
+    if os.geteuid() == 0:
+        return Path("/run/toolcell")
+    return Path(f"/tmp/toolcell-{os.geteuid()}")  # nosec B108 - per-user dir, created 0700
+
+
+def default_target() -> str:
+    return os.environ.get(ENV_LISTEN) or f"unix://{runtime_dir()}/toolcell.sock"
+
+
+def parse_size(value: int | str, key: str) -> int:
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _SIZE_UNITS:
+        raise ConfigError(f"not a size: {value!r} (use e.g. 256Mi)", key=key)
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_duration(value: float | str, key: str) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m)\s*", value)
+    if not m:
+        raise ConfigError(f"not a duration: {value!r} (use e.g. 30s)", key=key)
+    return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[m.group(2)]
+
+
+def _schema() -> dict[str, Any]:
+    text = resources.files("runtime.data").joinpath("config.schema.json").read_text()
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def _check_against_schema(doc: Any) -> None:
+    validator = Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(doc), key=lambda e: (len(e.absolute_path), list(map(str, e.path))))
+    if errors:
+        err = errors[0]
+        key = ".".join(str(p) for p in err.absolute_path) or "<root>"
+        raise ConfigError(err.message, key=key)
+
+
+def _build_profile(name: str, raw: Mapping[str, Any], base: IsolationProfile, base_dir: Path) -> IsolationProfile:
+    key = f"profiles.{name}"
+    p = base.named(name)
+    if "memory" in raw:
+        p = p.with_memory(parse_size(raw["memory"], f"{key}.memory"))
+    if "cpus" in raw:
+        p = p.with_cpus(float(raw["cpus"]))
+    if "pids" in raw:
+        p = p.with_pids_limit(int(raw["pids"]))
+    if "timeout" in raw or "kill_grace" in raw:
+        timeout = parse_duration(raw.get("timeout", p.timeout_s), f"{key}.timeout")
+        grace = parse_duration(raw.get("kill_grace", p.kill_grace_s), f"{key}.kill_grace")
+        p = p.with_timeout(timeout, grace)
+    if "runtime" in raw:
+        p = p.with_runtime(raw["runtime"])
+    if "seccomp" in raw:
+        spec = raw["seccomp"]
+        if spec != "default" and not Path(spec).is_absolute():
+            spec = str(base_dir / spec)
+        p = p.with_seccomp(spec)
+    if "env" in raw:
+        p = p.with_env(**raw["env"])
+    if "mounts" in raw:
+        mounts = []
+        for i, m in enumerate(raw["mounts"]):
+            if not Path(m["source"]).exists():
+                raise ConfigError(f"mount source {m['source']!r} does not exist", key=f"{key}.mounts[{i}].source")
+            mounts.append(Mount(source=m["source"], target=m["target"]))
+        p = p.with_mounts(*mounts)
+    changes: dict[str, Any] = {}
+    if "nofile" in raw:
+        changes["nofile"] = int(raw["nofile"])
+    if "tmpfs_size" in raw:
+        changes["tmpfs_bytes"] = parse_size(raw["tmpfs_size"], f"{key}.tmpfs_size")
+    if "user" in raw:
+        changes["user"] = raw["user"] if ":" in raw["user"] else f"{raw['user']}:{raw['user']}"
+    if "env_passthrough" in raw:
+        changes["env_passthrough"] = tuple(raw["env_passthrough"])
+    if "output" in raw:
+        out = raw["output"]
+        changes["output"] = OutputPolicy(
+            stdout_max_bytes=parse_size(out.get("stdout_max_bytes", p.output.stdout_max_bytes),
+                                        f"{key}.output.stdout_max_bytes"),
+            stderr_max_bytes=parse_size(out.get("stderr_max_bytes", p.output.stderr_max_bytes),
+                                        f"{key}.output.stderr_max_bytes"),
+        )
+    if changes:
+        p = dataclasses.replace(p, **changes)
+    if p.memory_bytes < 6 * 1024 * 1024:
+        raise ConfigError("must be at least 6Mi (the engine's minimum)", key=f"{key}.memory")
+    return p
+
+
+def _build_profiles(raw: Mapping[str, Any], base_dir: Path) -> dict[str, IsolationProfile]:
+    built: dict[str, IsolationProfile] = {}
+
+    def build(name: str, chain: tuple[str, ...]) -> IsolationProfile:
+        if name in built:
+            return built[name]
+        if name in chain:
+            raise ConfigError(f"profile inheritance cycle: {' -> '.join((*chain, name))}", key=f"profiles.{name}")
+        spec = raw.get(name, {})
+        parent_name = spec.get("extends")
+        if parent_name is not None and parent_name not in raw and parent_name != "default":
+            raise ConfigError(f"extends unknown profile {parent_name!r}", key=f"profiles.{name}.extends")
+        parent = build(parent_name, (*chain, name)) if parent_name else IsolationProfile()
+        built[name] = _build_profile(name, spec, parent, base_dir)
+        return built[name]
+
+    build("default", ())
+    for name in raw:
+        build(name, ())
+    return built
+
+
+def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None = None,
+                 environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed YAML/JSON document and build the frozen Config."""
+    if not isinstance(doc, dict):
+        raise ConfigError("the configuration must be a mapping", key="<root>")
+    _check_against_schema(doc)
+    env = dict(os.environ if environ is None else environ)
+    base_dir = base_dir or Path.cwd()
+    server_raw = doc.get("server", {})
+    listen = env.get(ENV_LISTEN) or server_raw.get("listen") or "unix://{runtime_dir}/toolcell.sock"
+    listen = listen.replace("{runtime_dir}", str(runtime_dir()))
+    server = ServerSettings(
+        listen=listen,
+        socket_mode=int(server_raw.get("socket_mode", "0600"), 8),
+        instance=server_raw.get("instance", "default"),
+        shutdown_grace_s=parse_duration(server_raw.get("shutdown_grace", 10), "server.shutdown_grace"),
+        max_message_bytes=int(server_raw.get("max_message_bytes", 4 * 1024 * 1024)),
+    )
+    tel = doc.get("telemetry", {})
+    telemetry = TelemetrySettings(
+        service_name=tel.get("service_name", "toolcell"),
+        otlp_endpoint=tel.get("otlp_endpoint") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        span_file=(tel.get("span_file") or "").replace("{runtime_dir}", str(runtime_dir())) or None,
+        console=bool(tel.get("console", False)),
+    )
+    lim = doc.get("limits", {})
+    limits = ArgumentLimits(**{k: int(v) for k, v in lim.items()})
+    profiles = _build_profiles(doc.get("profiles", {}), base_dir)
+    seccomp: dict[str, SeccompProfile] = {}
+    for name, profile in profiles.items():
+        try:
+            seccomp[name] = load_seccomp(profile.seccomp, base_dir=base_dir)
+        except ConfigError as exc:
+            raise ConfigError(str(exc), key=f"profiles.{name}.seccomp") from exc
+    tools: dict[str, Tool] = {}
+    validators: dict[str, Draft202012Validator] = {}
+    for i, t in enumerate(doc.get("tools", [])):
+        key = f"tools[{i}]"
+        if t["name"] in tools:
+            raise ConfigError(f"duplicate tool name {t['name']!r}", key=f"{key}.name")
+        profile_name = t.get("profile", "default")
+        if profile_name not in profiles:
+            raise ConfigError(f"unknown profile {profile_name!r}", key=f"{key}.profile")
+        input_schema = t.get("input_schema", {"type": "object"})
+        validators[t["name"]] = compile_schema(input_schema, key=f"{key}.input_schema")
+        if "output_schema" in t:
+            compile_schema(t["output_schema"], key=f"{key}.output_schema")
+        tools[t["name"]] = Tool(
+            name=t["name"],
+            title=t.get("title", ""),
+            description=t["description"],
+            image=t["image"],
+            command=tuple(t["command"]),
+            profile=profile_name,
+            input_schema=input_schema,
+            output_schema=t.get("output_schema"),
+            annotations=t.get("annotations", {}),
+        )
+    return Config(
+        server=server,
+        telemetry=telemetry,
+        limits=limits,
+        profiles=profiles,
+        tools=tools,
+        validators=validators,
+        seccomp=seccomp,
+        docker_host=doc.get("engine", {}).get("docker_host") or env.get("DOCKER_HOST"),
+        source=source,
+        environ=env,
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, listen: str | None = None) -> Config:
+    """Load ``path`` (or $TOOLCELL_CONFIG, or the built-in default) and validate it completely."""
+    path = path or os.environ.get(ENV_CONFIG)
+    if path is None:
+        text = resources.files("runtime.data").joinpath("default-config.yaml").read_text()
+        source, base_dir = "<built-in>", Path.cwd()
+    else:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror}") from exc
+        source, base_dir = str(p), p.resolve().parent
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    environ = dict(os.environ)
+    if listen:
+        environ[ENV_LISTEN] = listen
+    return parse_config(doc, source=source, base_dir=base_dir, environ=environ)
