@@ -40,7 +40,7 @@ class Client:
     def __init__(self, target: str | None = None) -> None:
         self.target = target or default_target()
         self._channel = grpc.aio.insecure_channel(self.target)
-        self._stub = pb_grpc.SupervisorStub(self._channel)
+        self._stub = pb_grpc.SupervisorStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def __aenter__(self) -> Client:
         return self

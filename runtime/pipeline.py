@@ -12,6 +12,7 @@ cancel), never from what the tool printed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -107,7 +108,7 @@ async def pump(sandbox: Sandbox, out: StreamBuffer, err: StreamBuffer, emit: Emi
     for stream, buf in (("stdout", out), ("stderr", err)):
         tail = buf.finish()
         if tail:
-            await emit(OutputChunk(stream=stream, text=tail))  # type: ignore[arg-type]
+            await emit(OutputChunk(stream=stream, text=tail))
 
 
 async def supervise(sandbox: Sandbox, plan: ContainerPlan, emit: Emit, cancelled: asyncio.Event) -> Outcome:
@@ -124,10 +125,8 @@ async def supervise(sandbox: Sandbox, plan: ContainerPlan, emit: Emit, cancelled
             reason = "killed" if cancel_wait in done else "timeout"
             await terminate(sandbox, waiter, plan.kill_grace_s)
         exit_info = await waiter
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(pumping), timeout=DRAIN_TIMEOUT_S)
-        except TimeoutError:
-            pass
         return Outcome(exit=exit_info, reason=reason, stdout=out, stderr=err)
     finally:
         for task in (pumping, waiter, cancel_wait):

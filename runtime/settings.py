@@ -71,7 +71,7 @@ def runtime_dir() -> Path:
         return Path(xdg) / "toolcell"
     if os.geteuid() == 0:
         return Path("/run/toolcell")
-    return Path(f"/tmp/toolcell-{os.geteuid()}")  # nosec B108 - per-user dir, created 0700
+    return Path(f"/tmp/toolcell-{os.geteuid()}")  # noqa: S108 # nosec B108 - per-user dir, created 0700
 
 
 def default_target() -> str:

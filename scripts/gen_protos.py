@@ -24,7 +24,7 @@ def generate(dest: Path) -> None:
             sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_ROOT}",
             f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *PROTOS,
         ]
-        subprocess.run(cmd, check=True)  # nosec B603 - fixed argv
+        subprocess.run(cmd, check=True)  # noqa: S603 # nosec B603 - fixed argv
         gen = Path(tmp) / "toolcell" / "v1"
         dest.mkdir(parents=True, exist_ok=True)
         for src in sorted(gen.glob("*.py*")):

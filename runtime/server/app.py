@@ -62,7 +62,8 @@ class App:
             ("grpc.so_reuseport", 0),
         ])
         self.health = health.aio.HealthServicer()
-        pb_grpc.add_SupervisorServicer_to_server(SupervisorService(supervisor), self.server)
+        pb_grpc.add_SupervisorServicer_to_server(  # type: ignore[no-untyped-call]
+            SupervisorService(supervisor), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -41,7 +41,7 @@ class SupervisorService(pb_grpc.SupervisorServicer):
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
 
-    async def Execute(self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+    async def Execute(self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext) -> None:
         remaining = context.time_remaining()
         deadline_s = time.monotonic() + remaining if remaining is not None else None
 
@@ -60,12 +60,12 @@ class SupervisorService(pb_grpc.SupervisorServicer):
                 return
             await context.write(event_to_pb(result))
 
-    async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext  # noqa: N802
+    async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext
                         ) -> pb.ListToolsResponse:
         with caller_trace(context, "toolcell.v1.Supervisor/ListTools"):
             return pb.ListToolsResponse(tools=[tool_to_pb(t) for t in self.supervisor.list_tools()])
 
-    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext  # noqa: N802
+    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
                      ) -> pb.CancelResponse:
         with caller_trace(context, "toolcell.v1.Supervisor/Cancel"):
             try:
