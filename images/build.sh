@@ -14,7 +14,8 @@
 #   TOOLCELL_FORCE_REBUILD  1 = ignore labels and the tarball cache
 set -euo pipefail
 
-readonly HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+readonly HERE
 readonly SUITE=bookworm
 readonly MIRROR="${TOOLCELL_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 readonly CACHE_DIR="${TOOLCELL_CACHE_DIR:-/var/cache/toolcell}"
