@@ -1,0 +1,83 @@
+"""Shared test support: a real engine (or a loud failure), a real grpc.aio server on a temp socket."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from runtime.backends.docker import DockerBackend
+from runtime.client import Client
+from runtime.policy.plan import LABEL_OWNER
+from runtime.server.app import App
+from runtime.settings import parse_config
+from runtime.supervisor import Supervisor
+
+RUNNER_IMAGE = os.environ.get("TOOLCELL_TEST_IMAGE", "toolcell/python:bookworm")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def engine() -> docker.DockerClient:
+    """The real engine. Tests that need it FAIL when it is missing: containment is never mocked."""
+    try:
+        client = docker.from_env()
+        client.ping()
+        client.images.get(RUNNER_IMAGE)
+    except Exception as exc:
+        pytest.fail(f"a real Docker engine with image {RUNNER_IMAGE} is required (run scripts/setup.sh): {exc}")
+    return client
+
+
+def leftovers(client: docker.DockerClient, owner: str) -> list[str]:
+    return [c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={owner}"})]
+
+
+def config_doc(owner: str, socket_path: str, **profiles: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "server": {"listen": f"unix://{socket_path}", "instance": owner, "shutdown_grace": "2s"},
+        "profiles": {
+            "default": {"memory": "128Mi", "timeout": "10s", "kill_grace": "1s", "pids": 64},
+            "tight": {"memory": "64Mi", "timeout": "3s", "kill_grace": "500ms",
+                      "output": {"stdout_max_bytes": "64Ki", "stderr_max_bytes": "16Ki"}},
+            **profiles,
+        },
+        "tools": [
+            {"name": "text.wordcount", "description": "count", "image": RUNNER_IMAGE,
+             "command": ["python3", "-I", "/opt/toolcell/tools/wordcount.py"],
+             "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
+                              "additionalProperties": False}},
+            {"name": "python.run", "description": "run python", "image": RUNNER_IMAGE,
+             "command": ["python3", "-I", "-u", "/opt/toolcell/tools/pyrun.py"],
+             "input_schema": {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}},
+            {"name": "python.tight", "description": "run python, tight limits", "image": RUNNER_IMAGE,
+             "command": ["python3", "-I", "-u", "/opt/toolcell/tools/pyrun.py"], "profile": "tight",
+             "input_schema": {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}},
+            {"name": "ghost", "description": "image that does not exist", "image": "toolcell-test/missing:never",
+             "command": ["true"]},
+        ],
+    }
+
+
+@contextlib.asynccontextmanager
+async def running_supervisor(tmp_path: Path, doc: dict[str, Any] | None = None) -> AsyncIterator[tuple[App, Client]]:
+    owner = f"test-{uuid.uuid4().hex[:10]}"
+    sock = tmp_path / "toolcell.sock"
+    config = parse_config(doc or config_doc(owner, str(sock)), environ={})
+    backend = DockerBackend(config.docker_host)
+    app = App(Supervisor(config, backend))
+    address = await app.start()
+    client = Client(address)
+    try:
+        yield app, client
+    finally:
+        await client.close()
+        await app.stop(grace_s=1.0)
+        left = leftovers(engine(), config.server.instance)
+        assert left == [], f"sandboxes left behind: {left}"
