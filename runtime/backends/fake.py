@@ -1,0 +1,264 @@
+"""An in-process backend for tests: sandboxes whose "process" is a Python coroutine.
+
+A behaviour is keyed by the plan's image and plays the tool::
+
+    async def echo(proc: FakeProcess) -> int:
+        await proc.stdout(proc.stdin)
+        return 0
+
+    backend = FakeBackend(behaviours={"img": echo})
+
+It models the engine's semantics that the pipeline relies on: ``create`` with an unknown image raises
+``ImageMissing`` (unknown runtime: ``RuntimeMissing``; ``available=False``: ``EngineUnavailable``);
+output is bounded (a writer blocks while the consumer is behind, like a pipe); a signal ends a running
+behaviour with exit code 128+signum unless the behaviour ignores it (SIGKILL can't be ignored);
+``proc.oom()`` ends it as the kernel's OOM killer would (137, ``oom_killed``); ``remove`` is idempotent
+and kills what still runs. Everything is recorded (``created``, ``removed``, ``signals``) so tests can
+assert cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal as signals
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from runtime.backends.base import ExitInfo, StreamName
+from runtime.errors import BackendError, EngineUnavailable, ImageMissing, RuntimeMissing
+from runtime.model import Usage
+from runtime.policy.plan import LABEL_MANAGED, LABEL_OWNER, ContainerPlan
+
+__all__ = ["Behaviour", "FakeBackend", "FakeProcess", "FakeSandbox"]
+
+# Chunks a behaviour may have written ahead of the consumer before ``stdout()``/``stderr()`` block.
+_QUEUE_CHUNKS: Final = 16
+_OOM_EXIT: Final = 128 + signals.SIGKILL
+
+
+class _Eof:
+    pass
+
+
+_EOF: Final = _Eof()
+
+
+class _Killed(BaseException):
+    """Raised inside a behaviour's task to end it like a fatal signal (BaseException: not swallowed)."""
+
+    def __init__(self, exit_code: int, oom: bool = False) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+        self.oom = oom
+
+
+@dataclass
+class FakeProcess:
+    """What a behaviour sees: its stdin, its plan, and ways to write, ignore signals or get OOM-killed."""
+
+    stdin: bytes
+    plan: ContainerPlan
+    _write: Callable[[StreamName, bytes], Awaitable[None]] = field(repr=False)
+    ignored_signals: set[int] = field(default_factory=set)
+    usage: Usage = field(default_factory=Usage)
+
+    async def stdout(self, data: bytes) -> None:
+        """Write to stdout; blocks while the consumer is behind (like a full pipe)."""
+        await self._write("stdout", data)
+
+    async def stderr(self, data: bytes) -> None:
+        await self._write("stderr", data)
+
+    def ignore(self, *signums: int) -> None:
+        """Ignore these signals from now on (SIGKILL can't be ignored, as with a real process)."""
+        self.ignored_signals.update(s for s in signums if s != signals.SIGKILL)
+
+    def set_usage(self, peak_memory_bytes: int = 0, cpu_time_ns: int = 0) -> None:
+        self.usage = Usage(peak_memory_bytes=peak_memory_bytes, cpu_time_ns=cpu_time_ns)
+
+    def oom(self) -> None:
+        """End the process as the OOM killer would: exit 137 with ``oom_killed``."""
+        raise _Killed(_OOM_EXIT, oom=True)
+
+
+Behaviour = Callable[[FakeProcess], Awaitable[int]]
+
+
+class FakeSandbox:
+    def __init__(
+        self, backend: FakeBackend, sandbox_id: str, plan: ContainerPlan, behaviour: Behaviour
+    ) -> None:
+        self._backend = backend
+        self._id = sandbox_id
+        self.plan = plan
+        self._behaviour = behaviour
+        self._queue: asyncio.Queue[tuple[StreamName, bytes] | _Eof] = asyncio.Queue()
+        self._credits = asyncio.Semaphore(_QUEUE_CHUNKS)
+        self._proc: FakeProcess | None = None
+        self._task: asyncio.Task[int] | None = None
+        self._exit: ExitInfo | None = None
+        self._done = asyncio.Event()
+        self.removed = False
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and self._exit is None
+
+    async def start(self, stdin: bytes) -> None:
+        self._backend._check_available()
+        if self.removed:
+            raise BackendError(f"no such sandbox {self._id}")
+        if self._task is not None:
+            raise BackendError(f"sandbox {self._id} was already started")
+        self._proc = FakeProcess(stdin=stdin, plan=self.plan, _write=self._write)
+        self._task = asyncio.create_task(self._run(self._proc), name=f"fake-sandbox-{self._id}")
+
+    async def output(self) -> AsyncIterator[tuple[StreamName, bytes]]:
+        if self._task is None:
+            raise BackendError("output() called before start()")
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _Eof):
+                return
+            self._credits.release()
+            yield item
+
+    async def wait(self) -> ExitInfo:
+        self._backend._check_available()
+        if self._task is None:
+            raise BackendError(f"sandbox {self._id} was never started")
+        await self._done.wait()
+        if self._exit is None:  # pragma: no cover - _done is only set together with _exit
+            raise BackendError(f"sandbox {self._id} ended without an exit status")
+        return self._exit
+
+    async def signal(self, signum: int) -> None:
+        self._backend._check_available()
+        self._backend.signals.append((self._id, signum))
+        if not self.running or self._proc is None or self._task is None:
+            return  # "not running" is not an error
+        if signum in self._proc.ignored_signals:
+            return
+        self._finish(ExitInfo(exit_code=128 + signum, oom_killed=False))
+        self._task.cancel()
+
+    async def usage(self) -> Usage:
+        return self._proc.usage if self._proc is not None else Usage()
+
+    async def remove(self) -> None:
+        self._backend._check_available()
+        if self.removed:
+            return
+        self.removed = True
+        if self.running and self._task is not None:
+            self._finish(ExitInfo(exit_code=128 + signals.SIGKILL, oom_killed=False))
+            self._task.cancel()
+        self._backend._forget(self)
+
+    async def _run(self, proc: FakeProcess) -> int:
+        try:
+            code = await self._behaviour(proc)
+        except _Killed as killed:
+            self._finish(ExitInfo(exit_code=killed.exit_code, oom_killed=killed.oom))
+        except asyncio.CancelledError:
+            self._finish(ExitInfo(exit_code=128 + signals.SIGKILL, oom_killed=False))
+        except Exception:  # an uncaught exception in the tool: the interpreter would exit 1
+            self._finish(ExitInfo(exit_code=1, oom_killed=False))
+        else:
+            self._finish(ExitInfo(exit_code=int(code), oom_killed=False))
+        return self._exit.exit_code if self._exit else 0
+
+    async def _write(self, stream: StreamName, data: bytes) -> None:
+        if not data or self._exit is not None:
+            return
+        await self._credits.acquire()
+        self._queue.put_nowait((stream, bytes(data)))
+
+    def _finish(self, info: ExitInfo) -> None:
+        """Record the exit (first one wins) and close the output streams after what was written."""
+        if self._exit is not None:
+            return
+        self._exit = info
+        self._done.set()
+        self._queue.put_nowait(_EOF)
+
+
+class FakeBackend:
+    """Backend whose sandboxes run ``behaviours[plan.image]`` in-process."""
+
+    name = "fake"
+
+    def __init__(
+        self,
+        behaviours: Mapping[str, Behaviour] | None = None,
+        *,
+        runtimes: Iterable[str] = ("runc",),
+        available: bool = True,
+    ) -> None:
+        self.behaviours: dict[str, Behaviour] = dict(behaviours or {})
+        self.runtimes = set(runtimes)
+        self.available = available
+        self.created: list[str] = []
+        self.removed: list[str] = []
+        self.signals: list[tuple[str, int]] = []
+        self.plans: dict[str, ContainerPlan] = {}
+        self._live: dict[str, FakeSandbox] = {}
+        self._ids = itertools.count(1)
+
+    @property
+    def live(self) -> list[str]:
+        """Ids of sandboxes created and not yet removed (what a leak check asserts empty)."""
+        return list(self._live)
+
+    def sandbox(self, sandbox_id: str) -> FakeSandbox:
+        return self._live[sandbox_id]
+
+    async def create(self, plan: ContainerPlan) -> FakeSandbox:
+        self._check_available()
+        behaviour = self.behaviours.get(plan.image)
+        if behaviour is None:
+            raise ImageMissing(plan.image)
+        if plan.runtime not in self.runtimes:
+            raise RuntimeMissing(plan.runtime)
+        sandbox_id = f"fake-{next(self._ids):06d}"
+        sandbox = FakeSandbox(self, sandbox_id, plan, behaviour)
+        self._live[sandbox_id] = sandbox
+        self.created.append(sandbox_id)
+        self.plans[sandbox_id] = plan
+        return sandbox
+
+    async def list_sandboxes(self, owner: str) -> list[str]:
+        self._check_available()
+        return [sid for sid, sb in self._live.items() if _owned_by(sb.plan, owner)]
+
+    async def remove_orphans(self, owner: str) -> int:
+        ids = await self.list_sandboxes(owner)
+        for sid in ids:
+            await self._live[sid].remove()
+        return len(ids)
+
+    async def ping(self) -> None:
+        self._check_available()
+
+    async def close(self) -> None:
+        for sandbox in list(self._live.values()):
+            if sandbox.running and sandbox._task is not None:
+                sandbox._task.cancel()
+
+    def _check_available(self) -> None:
+        if not self.available:
+            raise EngineUnavailable("fake engine is unavailable")
+
+    def _forget(self, sandbox: FakeSandbox) -> None:
+        if self._live.pop(sandbox.id, None) is not None:
+            self.removed.append(sandbox.id)
+
+
+def _owned_by(plan: ContainerPlan, owner: str) -> bool:
+    return plan.labels.get(LABEL_MANAGED) == "true" and plan.labels.get(LABEL_OWNER) == owner

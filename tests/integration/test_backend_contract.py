@@ -1,0 +1,493 @@
+"""The backend contract, run against the in-process fake and a real Docker engine.
+
+One behaviour table: each row is a tool written twice, as Python source run in the runner image
+(docker) and as a ``FakeProcess`` coroutine (fake). The contract tests run every row on both
+backends and expect the same observable result. Docker-only tests below check what only a real
+engine can show (hardening as the engine sees it, OOM, streaming memory, cgroup usage, errors).
+
+Docker tests fail (never skip) when no engine is reachable. Every sandbox carries an owner label
+``test-<session>-<n>``; each test's teardown checks its owner has nothing left, and the session's
+end checks every owner used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from runtime.backends.base import Backend, ExitInfo, Sandbox
+from runtime.backends.docker import DockerBackend
+from runtime.backends.fake import Behaviour, FakeBackend, FakeProcess
+from runtime.errors import EngineUnavailable, ImageMissing, RuntimeMissing
+from runtime.model import Tool
+from runtime.policy.plan import ContainerPlan, compile_plan
+from runtime.policy.profile import IsolationProfile, MiB
+
+TEST_IMAGE = os.environ.get("TOOLCELL_TEST_IMAGE", "toolcell/python:bookworm")
+MISSING_IMAGE = "toolcell-test/does-not-exist:never"
+MISSING_RUNTIME = "toolcell-no-such-runtime"
+
+_REPO = Path(__file__).resolve().parents[2]
+_SECCOMP_FILES = (
+    _REPO / "runtime" / "data" / "seccomp-default.json",  # the project's own profile, once it exists
+    Path("/work/shared/reference/moby-seccomp-default.json"),
+)
+SESSION = f"test-{uuid.uuid4().hex[:8]}"
+_owner_numbers = itertools.count(1)
+_owners_used: set[str] = set()
+
+
+def _seccomp_json() -> str:
+    for path in _SECCOMP_FILES:
+        if path.is_file():
+            return path.read_text()
+    raise AssertionError(f"no seccomp profile found at any of {_SECCOMP_FILES}")
+
+
+SECCOMP_JSON = _seccomp_json()
+
+
+# -- the behaviour table -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Behave:
+    """One tool, written for both backends."""
+
+    code: str  # Python source for the docker runner image: python3 -c CODE
+    fake: Behaviour
+
+
+async def _echo(proc: FakeProcess) -> int:
+    await proc.stdout(proc.stdin)
+    return 0
+
+
+async def _both_streams(proc: FakeProcess) -> int:
+    await proc.stdout(b"to stdout\n")
+    await proc.stderr(b"to stderr\n")
+    return 0
+
+
+async def _exit_7(proc: FakeProcess) -> int:
+    await proc.stderr(b"failing\n")
+    return 7
+
+
+async def _sleeper(proc: FakeProcess) -> int:
+    await proc.stdout(b"ready\n")
+    await asyncio.sleep(60)
+    return 0
+
+
+async def _stubborn(proc: FakeProcess) -> int:
+    proc.ignore(signal.SIGTERM)
+    await proc.stdout(b"ready\n")
+    await asyncio.sleep(60)
+    return 0
+
+
+BEHAVIOURS: dict[str, Behave] = {
+    "echo": Behave("import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())", _echo),
+    "both-streams": Behave(
+        "import sys; print('to stdout', flush=True); print('to stderr', file=sys.stderr)", _both_streams
+    ),
+    "exit-7": Behave("import sys; print('failing', file=sys.stderr); sys.exit(7)", _exit_7),
+    "sleeper": Behave("import time; print('ready', flush=True); time.sleep(60)", _sleeper),
+    "stubborn": Behave(
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)",
+        _stubborn,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Expect:
+    stdin: bytes
+    stdout: bytes
+    stderr: bytes
+    exit_code: int
+
+
+RUNS: dict[str, Expect] = {
+    "echo": Expect(b'{"text": "h\xc3\xa9llo"}', b'{"text": "h\xc3\xa9llo"}', b"", 0),
+    "both-streams": Expect(b"{}", b"to stdout\n", b"to stderr\n", 0),
+    "exit-7": Expect(b"{}", b"", b"failing\n", 7),
+}
+
+
+# -- harness -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Harness:
+    kind: str
+    backend: Backend
+    owner: str
+
+    def plan(
+        self,
+        behaviour: str,
+        *,
+        profile: IsolationProfile | None = None,
+        image: str | None = None,
+        code: str | None = None,
+        owner: str | None = None,
+    ) -> ContainerPlan:
+        if image is None:
+            image = TEST_IMAGE if self.kind == "docker" else f"fake/{behaviour}"
+        source = code if code is not None else BEHAVIOURS[behaviour].code
+        tool = Tool(name=f"contract.{behaviour}", description="", image=image, command=("python3", "-c", source))
+        return compile_plan(
+            tool,
+            profile or IsolationProfile(),
+            invocation_id=uuid.uuid4().hex,
+            owner=owner or self.owner,
+            seccomp_json=SECCOMP_JSON,
+            environ={},
+        )
+
+
+def new_owner() -> str:
+    owner = f"{SESSION}-{next(_owner_numbers)}"
+    _owners_used.add(owner)
+    return owner
+
+
+async def _docker_backend() -> DockerBackend:
+    backend = DockerBackend()
+    await backend.ping()  # EngineUnavailable here fails the test: docker tests never skip
+    return backend
+
+
+async def _check_nothing_left(backend: Backend, owner: str) -> None:
+    left = await backend.list_sandboxes(owner)
+    if left:
+        await backend.remove_orphans(owner)
+        pytest.fail(f"sandboxes left behind by owner {owner}: {left}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_leak_check() -> Iterator[None]:
+    yield
+
+    async def leftovers() -> dict[str, list[str]]:
+        backend = DockerBackend()
+        try:
+            found = {owner: await backend.list_sandboxes(owner) for owner in sorted(_owners_used)}
+            for owner, ids in found.items():
+                if ids:
+                    await backend.remove_orphans(owner)
+            return {owner: ids for owner, ids in found.items() if ids}
+        finally:
+            await backend.close()
+
+    left = asyncio.run(leftovers())
+    assert not left, f"sandboxes left at session end: {left}"
+
+
+@pytest.fixture(params=["fake", pytest.param("docker", marks=pytest.mark.docker)])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    owner = new_owner()
+    backend: Backend
+    if request.param == "fake":
+        backend = FakeBackend(behaviours={f"fake/{name}": b.fake for name, b in BEHAVIOURS.items()})
+    else:
+        backend = await _docker_backend()
+    try:
+        yield Harness(request.param, backend, owner)
+        await _check_nothing_left(backend, owner)
+    finally:
+        await backend.close()
+
+
+@pytest.fixture
+async def docker() -> AsyncIterator[Harness]:
+    owner = new_owner()
+    backend = await _docker_backend()
+    try:
+        yield Harness("docker", backend, owner)
+        await _check_nothing_left(backend, owner)
+    finally:
+        await backend.close()
+
+
+async def run_to_end(sandbox: Sandbox, stdin: bytes) -> tuple[bytes, bytes, ExitInfo]:
+    await sandbox.start(stdin)
+    streams = {"stdout": bytearray(), "stderr": bytearray()}
+    async for stream, data in sandbox.output():
+        streams[stream] += data
+    info = await sandbox.wait()
+    return bytes(streams["stdout"]), bytes(streams["stderr"]), info
+
+
+async def read_line(stream: AsyncIterator[tuple[str, bytes]]) -> bytes:
+    seen = b""
+    while b"\n" not in seen:
+        _, data = await anext(stream)
+        seen += data
+    return seen
+
+
+# -- the contract (both backends) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+async def test_runs_tool_and_collects_streams_and_exit_code(harness: Harness, name: str) -> None:
+    expect = RUNS[name]
+    sandbox = await harness.backend.create(harness.plan(name))
+    try:
+        stdout, stderr, info = await asyncio.wait_for(run_to_end(sandbox, expect.stdin), 30)
+        assert (stdout, stderr, info) == (expect.stdout, expect.stderr, ExitInfo(expect.exit_code, False))
+        await sandbox.signal(signal.SIGTERM)  # already exited: not an error
+    finally:
+        await sandbox.remove()
+
+
+async def test_sigterm_ends_a_sleeper(harness: Harness) -> None:
+    sandbox = await harness.backend.create(harness.plan("sleeper"))
+    try:
+        await sandbox.start(b"{}")
+        output = sandbox.output()
+        assert await asyncio.wait_for(read_line(output), 30) == b"ready\n"
+        await sandbox.signal(signal.SIGTERM)
+        info = await asyncio.wait_for(sandbox.wait(), 10)
+        assert info == ExitInfo(128 + signal.SIGTERM, False)
+        assert [chunk async for chunk in output] == []
+    finally:
+        await sandbox.remove()
+
+
+async def test_sigterm_then_sigkill_ends_a_sleeper_that_ignores_sigterm(harness: Harness) -> None:
+    sandbox = await harness.backend.create(harness.plan("stubborn"))
+    try:
+        await sandbox.start(b"{}")
+        output = sandbox.output()
+        assert await asyncio.wait_for(read_line(output), 30) == b"ready\n"
+        waiter = asyncio.ensure_future(sandbox.wait())
+        await sandbox.signal(signal.SIGTERM)
+        done, _ = await asyncio.wait({waiter}, timeout=0.5)
+        assert not done, "a tool that ignores SIGTERM must survive it"
+        await sandbox.signal(signal.SIGKILL)
+        info = await asyncio.wait_for(waiter, 10)
+        assert info == ExitInfo(128 + signal.SIGKILL, False)
+    finally:
+        await sandbox.remove()
+
+
+async def test_remove_is_idempotent_and_leaves_nothing(harness: Harness) -> None:
+    backend = harness.backend
+    never_started = await backend.create(harness.plan("echo"))
+    ran = await backend.create(harness.plan("echo"))
+    assert sorted(await backend.list_sandboxes(harness.owner)) == sorted([never_started.id, ran.id])
+    await run_to_end(ran, b"{}")
+    for sandbox in (never_started, ran):
+        await sandbox.remove()
+        await sandbox.remove()
+    assert await backend.list_sandboxes(harness.owner) == []
+
+
+async def test_remove_orphans_removes_only_the_owners_sandboxes(harness: Harness) -> None:
+    backend = harness.backend
+    orphan_owner = new_owner()
+    running = await backend.create(harness.plan("sleeper", owner=orphan_owner))
+    await running.start(b"{}")
+    await backend.create(harness.plan("echo", owner=orphan_owner))
+    mine = await backend.create(harness.plan("echo"))
+    try:
+        assert await backend.remove_orphans(orphan_owner) == 2
+        assert await backend.list_sandboxes(orphan_owner) == []
+        assert await backend.list_sandboxes(harness.owner) == [mine.id]
+    finally:
+        await mine.remove()
+
+
+async def test_missing_image_is_image_missing(harness: Harness) -> None:
+    with pytest.raises(ImageMissing) as caught:
+        await harness.backend.create(harness.plan("echo", image=MISSING_IMAGE))
+    assert caught.value.image == MISSING_IMAGE
+
+
+async def test_missing_runtime_is_runtime_missing(harness: Harness) -> None:
+    plan = harness.plan("echo", profile=IsolationProfile().with_runtime(MISSING_RUNTIME))
+    with pytest.raises(RuntimeMissing) as caught:
+        await harness.backend.create(plan)
+    assert caught.value.runtime == MISSING_RUNTIME
+
+
+# -- docker only ---------------------------------------------------------------------------------
+
+
+@pytest.mark.docker
+async def test_engine_sees_the_hardening(docker: Harness) -> None:
+    plan = docker.plan("echo")
+    sandbox = await docker.backend.create(plan)
+    try:
+        assert isinstance(docker.backend, DockerBackend)
+        attrs = await docker.backend.inspect(sandbox.id)
+        host, config = attrs["HostConfig"], attrs["Config"]
+        assert host["ReadonlyRootfs"] is True
+        assert host["CapDrop"] == ["ALL"]
+        assert not host.get("CapAdd")
+        assert host["NetworkMode"] == "none"
+        assert host["Memory"] == host["MemorySwap"] == plan.memory_bytes
+        assert host["NanoCpus"] == plan.nano_cpus
+        assert host["PidsLimit"] == plan.pids_limit
+        assert host["Init"] is True
+        assert host["IpcMode"] == "private"
+        assert host["CgroupnsMode"] == "private"
+        assert host["LogConfig"]["Type"] == "none"
+        assert host["Runtime"] == "runc"
+        assert host["AutoRemove"] is False
+        assert host["Privileged"] is False
+        assert host["Tmpfs"] == dict(plan.tmpfs)
+        assert "noexec" in host["Tmpfs"]["/tmp"]
+        ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]}
+        assert ulimits == {"nofile": (plan.nofile, plan.nofile), "core": (0, 0)}
+        security = host["SecurityOpt"]
+        assert "no-new-privileges" in security
+        seccomp = [opt.removeprefix("seccomp=") for opt in security if opt.startswith("seccomp=")]
+        assert len(seccomp) == 1 and json.loads(seccomp[0]) == json.loads(SECCOMP_JSON)
+        assert config["User"] == plan.user
+        assert config["Tty"] is False and config["OpenStdin"] is True and config["StdinOnce"] is True
+        assert config["Labels"] == {**config["Labels"], **plan.labels}
+        env = dict(item.split("=", 1) for item in config["Env"])  # the plan's env over the image's
+        assert env == {**env, **plan.env}
+        assert not any("proxy" in name.lower() for name in env)
+    finally:
+        await sandbox.remove()
+
+
+@pytest.mark.docker
+async def test_the_kernel_enforces_the_hardening(docker: Harness) -> None:
+    """Probe from inside: the same checks would pass unhardened only if the probe were broken."""
+    code = (
+        "import json\n"
+        "status = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines() if ':\\t' in l)\n"
+        "try:\n"
+        "    open('/probe', 'w')\n"
+        "    root = 'writable'\n"
+        "except OSError as e:\n"
+        "    root = e.errno\n"
+        "print(json.dumps({k: status[k].strip() for k in ('NoNewPrivs', 'Seccomp', 'CapEff', 'Uid')} | {'root': root}))"
+    )
+    sandbox = await docker.backend.create(docker.plan("probe", code=code))
+    try:
+        stdout, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b""), 30)
+    finally:
+        await sandbox.remove()
+    assert info.exit_code == 0, stderr
+    seen = json.loads(stdout)
+    assert seen["NoNewPrivs"] == "1"
+    assert seen["Seccomp"] == "2"  # filter mode
+    assert int(seen["CapEff"], 16) == 0
+    assert seen["Uid"].split()[0] == "10001"
+    assert seen["root"] == 30  # EROFS
+
+
+@pytest.mark.docker
+async def test_memory_hog_is_oom_killed(docker: Harness) -> None:
+    profile = IsolationProfile().with_memory(64 * MiB)
+    sandbox = await docker.backend.create(docker.plan("hog", profile=profile, code="x = b'x' * (512 << 20)"))
+    try:
+        _, _, info = await asyncio.wait_for(run_to_end(sandbox, b""), 60)
+    finally:
+        await sandbox.remove()
+    assert info == ExitInfo(128 + signal.SIGKILL, True)
+
+
+@pytest.mark.docker
+async def test_50_mib_streams_through_in_bounded_memory(docker: Harness) -> None:
+    total = 50 * MiB
+    code = "import sys\nb = b'x' * 65536\nfor _ in range(800):\n    sys.stdout.buffer.write(b)"
+    sandbox = await docker.backend.create(docker.plan("flood", code=code))
+    me = psutil.Process()
+    try:
+        await sandbox.start(b"")
+        await asyncio.sleep(1.0)  # a slow consumer: the tool must block, not our memory grow
+        baseline = me.memory_info().rss
+        peak, received, chunks = baseline, 0, 0
+        async for stream, data in sandbox.output():
+            assert stream == "stdout"
+            received += len(data)
+            chunks += 1
+            if chunks % 32 == 0:
+                peak = max(peak, me.memory_info().rss)
+                await asyncio.sleep(0)
+        info = await sandbox.wait()
+    finally:
+        await sandbox.remove()
+    assert info.exit_code == 0
+    assert received == total
+    assert peak - baseline < 8 * MiB, f"RSS grew by {(peak - baseline) / MiB:.1f} MiB"
+
+
+@pytest.mark.docker
+async def test_usage_reports_peak_memory_and_cpu(docker: Harness) -> None:
+    code = "import time\nt = time.time()\nx = b'x' * (40 << 20)\nwhile time.time() - t < 1.0:\n    pass"
+    sandbox = await docker.backend.create(docker.plan("busy", code=code))
+    try:
+        _, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b""), 30)
+        usage = await sandbox.usage()
+    finally:
+        await sandbox.remove()
+    assert info.exit_code == 0, stderr
+    assert usage.peak_memory_bytes >= 40 * MiB
+    assert usage.cpu_time_ns >= 500_000_000
+
+
+@pytest.mark.docker
+async def test_unreachable_engine_is_engine_unavailable_naming_the_socket(docker: Harness) -> None:
+    backend = DockerBackend(base_url="unix:///nonexistent.sock")
+    try:
+        with pytest.raises(EngineUnavailable, match=r"/nonexistent\.sock"):
+            await backend.ping()
+        with pytest.raises(EngineUnavailable, match=r"/nonexistent\.sock"):
+            await backend.create(docker.plan("echo"))
+    finally:
+        await backend.close()
+
+
+@pytest.mark.docker
+async def test_output_from_a_fast_tool_is_not_lost(docker: Harness) -> None:
+    """Attach happens before start, so a tool that prints and exits at once loses nothing."""
+    for _ in range(3):
+        sandbox = await docker.backend.create(docker.plan("fast", code="print('x' * 100000)"))
+        try:
+            stdout, _, info = await asyncio.wait_for(run_to_end(sandbox, b""), 30)
+        finally:
+            await sandbox.remove()
+        assert (info.exit_code, len(stdout)) == (0, 100001)
+
+
+@pytest.mark.docker
+async def test_calls_stay_off_the_event_loop(docker: Harness) -> None:
+    """While a sandbox runs and is waited on, the loop keeps ticking (no blocking SDK call on it)."""
+    sandbox = await docker.backend.create(docker.plan("sleeper"))
+    try:
+        await sandbox.start(b"")
+        waiter = asyncio.ensure_future(sandbox.wait())
+        worst, last = 0.0, time.monotonic()
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            worst, last = max(worst, now - last), now
+        await sandbox.signal(signal.SIGKILL)
+        await asyncio.wait_for(waiter, 10)
+    finally:
+        await sandbox.remove()
+    assert worst < 0.1
