@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The README's main-job command: set up what is missing, start the supervisor on its default Unix
+# socket with the built-in config, run example tools through gRPC in disposable containers, print
+# their results and trace ids, then stop the supervisor.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+bash scripts/setup.sh
+TOOLCELL="$REPO/.venv/bin/toolcell"
+LOG="$(mktemp /tmp/toolcell-serve.XXXXXX.log)"
+
+"$TOOLCELL" serve >"$LOG" 2>&1 &
+SERVER=$!
+cleanup() { kill -TERM "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null; rm -f "$LOG"; }
+trap cleanup EXIT
+for _ in $(seq 1 100); do
+  grep -q "serving on" "$LOG" && break
+  kill -0 "$SERVER" 2>/dev/null || { cat "$LOG" >&2; exit 1; }
+  sleep 0.1
+done
+grep "serving on" "$LOG" >&2
+
+echo; echo "\$ toolcell tools"
+"$TOOLCELL" tools
+echo; echo "\$ toolcell call text.wordcount --args '{\"text\": \"the quick brown fox\\njumps over the lazy dog\"}'"
+"$TOOLCELL" call text.wordcount --args '{"text": "the quick brown fox\njumps over the lazy dog"}'
+echo; echo "\$ toolcell call python.run --args '{\"code\": ...}' --json"
+"$TOOLCELL" call python.run --json --args '{"code": "import os, platform, socket\nprint(\"uid\", os.getuid(), \"python\", platform.python_version())\nprint(\"interfaces\", [n for _, n in socket.if_nameindex()])\nfor path in (\"/tmp/scratch\", \"/pwned\"):\n    try:\n        open(path, \"w\").write(\"x\")\n        print(\"write\", path, \"ok\")\n    except OSError as e:\n        print(\"write\", path, e.strerror)"}'

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The README's test command: set up what is missing (engine, images, venv), then lint, type-check,
+# security-scan and run every test against the real Docker engine.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+step() { printf '\n== %s\n' "$*" >&2; }
+
+step "generated protobuf code is current"
+python scripts/gen_protos.py --check
+step "ruff"
+ruff check runtime tests scripts
+step "mypy --strict runtime/"
+mypy runtime
+step "bandit"
+bandit -q -c pyproject.toml -r runtime
+step "pytest (unit, integration and security tests against the real engine)"
+pytest -q -p no:cacheprovider "$@"
