@@ -130,7 +130,8 @@ def test_cli_call_exit_codes_and_json(serve_process) -> None:  # type: ignore[no
         assert "status=error exit_code=4" in streamed.stderr
 
         invalid = cli("call", "text.wordcount", "--args", '{"txt": 1}', "--target", target)
-        assert invalid.returncode == 3 and "INVALID_ARGUMENT" in invalid.stderr and "'txt' was unexpected" in invalid.stderr
+        assert invalid.returncode == 3 and "INVALID_ARGUMENT" in invalid.stderr
+        assert "'txt' was unexpected" in invalid.stderr
 
         unknown = cli("call", "nope", "--target", target)
         assert unknown.returncode == 3 and "NOT_FOUND: unknown tool 'nope'" in unknown.stderr
