@@ -256,6 +256,7 @@ class DockerSandbox:
         self._sock: socket.socket | None = None
         self._attach: object = None  # keeps the hijacked HTTP response (and its socket) alive
         self._started = False
+        self._reading = False  # the reader thread owns (and closes) the socket once it runs
         self._removed = False
         self._exit: ExitInfo | None = None
 
@@ -270,9 +271,16 @@ class DockerSandbox:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
         self._queue = queue
-        sock = await self._backend._call(self._attach_and_start)
-        self._sock = sock
+        try:
+            sock = await self._backend._call(self._attach_and_start)
+        except BaseException:
+            queue.put_nowait(_EOF)  # an output() consumer must not wait for a stream that never opens
+            raise
         self._backend._sampler.add(self._probe)
+        if self._closing.is_set():  # removed while starting: no stream threads for a dead sandbox
+            sock.close()
+            return
+        self._reading = True
         writer = threading.Thread(
             target=_write_stdin, args=(sock, stdin), name=f"toolcell-in-{self._id[:12]}", daemon=True
         )
@@ -324,9 +332,11 @@ class DockerSandbox:
         self._attach = raw
         sock: socket.socket = getattr(raw, "_sock", raw)
         sock.settimeout(None)  # the HTTP client's read timeout must not end a quiet tool's stream
+        self._sock = sock  # so remove() can close it even if start() is cancelled from here on
         try:
             self._api.start(self._id)
         except BaseException:
+            self._sock = None
             _shutdown(sock)
             sock.close()
             raise
@@ -390,11 +400,7 @@ class DockerSandbox:
                         batch.append(data[pos : pos + take])
                     pos += take
                     remaining -= take
-                if (
-                    batch
-                    and batch_stream is not None
-                    and not self._emit(loop, queue, (batch_stream, b"".join(batch)))
-                ):
+                if batch and batch_stream is not None and not self._emit(loop, queue, (batch_stream, b"".join(batch))):
                     return
         except OSError as exc:
             if not self._closing.is_set():
@@ -405,9 +411,7 @@ class DockerSandbox:
             writer.join()
             sock.close()
 
-    def _emit(
-        self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[_QueueItem], item: _QueueItem
-    ) -> bool:
+    def _emit(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[_QueueItem], item: _QueueItem) -> bool:
         """Hand one chunk to the loop, blocking while the consumer is ``_QUEUE_CHUNKS`` behind."""
         self._credits.acquire()
         if self._closing.is_set():
@@ -425,6 +429,8 @@ class DockerSandbox:
         self._credits.release(_QUEUE_CHUNKS + 1)  # unblock a reader waiting for the consumer
         if self._sock is not None:
             _shutdown(self._sock)  # the reader thread sees EOF and closes the socket itself
+            if not self._reading:
+                self._sock.close()
 
 
 class _CgroupLayout:

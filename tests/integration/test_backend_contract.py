@@ -13,6 +13,7 @@ end checks every owner used.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import os
@@ -549,3 +550,29 @@ async def test_engine_errors_are_translated_at_the_seam(make: Any, expected: typ
             assert "name is in use" in str(translated)
     finally:
         await backend.close()
+
+
+@pytest.mark.docker
+async def test_a_sandbox_that_cannot_start_is_a_backend_error_and_still_removable(docker: Harness) -> None:
+    plan = dataclasses.replace(docker.plan("echo"), user="toolcell-no-such-user")
+    sandbox = await docker.backend.create(plan)
+    try:
+        with pytest.raises(BackendError, match="toolcell-no-such-user"):
+            await sandbox.start(b"{}")
+        assert [chunk async for chunk in sandbox.output()] == []
+    finally:
+        await sandbox.remove()
+        await sandbox.remove()
+
+
+@pytest.mark.docker
+async def test_a_missing_command_is_exit_127_from_init(docker: Harness) -> None:
+    """With ``init`` the container starts (tini is PID 1); tini reports the failed exec as 127."""
+    plan = dataclasses.replace(docker.plan("echo"), command=("/nonexistent/tool",))
+    sandbox = await docker.backend.create(plan)
+    try:
+        _, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b"{}"), 30)
+    finally:
+        await sandbox.remove()
+    assert info == ExitInfo(127, False)
+    assert b"/nonexistent/tool" in stderr
