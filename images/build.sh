@@ -61,8 +61,11 @@ make_rootfs() {  # target_dir
   local root="$1"
   local include
   include="$(IFS=,; echo "${PACKAGES[*]}")"
-  debootstrap --variant=minbase --components=main --include="$include" \
-    --arch="$(dpkg --print-architecture)" "$SUITE" "$root" "$MIRROR" >&2
+  if ! debootstrap --variant=minbase --components=main --include="$include" \
+    --arch="$(dpkg --print-architecture)" "$SUITE" "$root" "$MIRROR" >"$root.log" 2>&1; then
+    tail -n 30 "$root.log" >&2
+    die "debootstrap failed (last 30 lines of its log above)"
+  fi
   # Future dpkg runs inside the image (if any) skip docs too.
   cat >"$root/etc/dpkg/dpkg.cfg.d/toolcell-nodoc" <<'EOF'
 path-exclude /usr/share/doc/*
@@ -111,7 +114,7 @@ build_base() {  # hash
   if [[ "$FORCE" == 1 || ! -s "$tarball" ]]; then
     command -v debootstrap >/dev/null || die "debootstrap is missing (apt-get install debootstrap)"
     [[ "$(id -u)" == 0 ]] || die "debootstrap needs root"
-    log "debootstrap $SUITE from $MIRROR (a few minutes) ..."
+    log "debootstrap $SUITE from $MIRROR (about a minute) ..."
     local work
     work="$(mktemp -d "$CACHE_DIR/rootfs.XXXXXX")"
     # shellcheck disable=SC2064  # expand now: $work is local

@@ -176,7 +176,11 @@ ensure_venv() {
     python3 -m venv "$VENV"
   fi
   log "venv: pip install -e '.[dev]' (a minute on a cold cache)"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "${REPO}[dev]"
+  local pip_log="$VENV/.toolcell-pip-install.log"
+  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -e "${REPO}[dev]" >"$pip_log" 2>&1; then
+    tail -n 30 "$pip_log" >&2
+    die "pip install failed (log: $pip_log)"
+  fi
   printf '%s\n' "$want" >"$STAMP"
 }
 
