@@ -1,6 +1,6 @@
 """One invocation, as a short sequence of steps that fail closed.
 
-    resolve -> validate -> compile -> inject secrets -> create -> start(stdin) -> supervise
+    resolve -> validate -> compile -> inject secrets -> create (or claim warm) -> start(stdin) -> supervise
             -> collect -> remove -> finalize (scrub verdict, structured content)
 
 Every step before ``create`` rejects the call with no sandbox in existence. From ``create`` on, the
@@ -60,6 +60,8 @@ class Services:
     # Called with the sandbox once created (and with late sandboxes created after abandonment).
     on_sandbox: Callable[[Sandbox], None] = lambda s: None
     remove: Callable[[Sandbox], Awaitable[None]] = lambda s: s.remove()
+    # A started sandbox made from this plan, from a warm pool; None: create one (the cold path).
+    claim: Callable[[ContainerPlan], Sandbox | None] = lambda plan: None
     # Redacts everything the supervisor knows as secret (for error messages and span status).
     redactor: Redactor = dataclasses.field(default_factory=Redactor)
 
@@ -277,8 +279,12 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
         # In block mode nothing streams: the verdict needs the whole output first.
         stream_live = policy.injection != "block"
         try:
-            with step("toolcell.create", redactor, **{"toolcell.image": plan.image, "toolcell.runtime": plan.runtime}):
-                sandbox = await create(backend, plan, on_orphan=services.on_sandbox)
+            with step("toolcell.create", redactor, **{"toolcell.image": plan.image,
+                                                      "toolcell.runtime": plan.runtime}) as create_span:
+                # Warm: already started, waiting for its input; start() below delivers it. Never with secrets.
+                warm = services.claim(plan) if delivered is None else None
+                create_span.set_attribute("toolcell.warm", warm is not None)
+                sandbox = warm if warm is not None else await create(backend, plan, on_orphan=services.on_sandbox)
             services.on_sandbox(sandbox)
             span.set_attribute("toolcell.sandbox_id", sandbox.id)
             try:

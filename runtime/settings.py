@@ -58,6 +58,14 @@ class SecretsSettings:
 
 
 @dataclass(frozen=True)
+class PoolSpec:
+    """Warm pool of one tool: ``size`` started sandboxes, each recycled after ``ttl_s`` unused."""
+
+    size: int
+    ttl_s: float = 300.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerSettings
     telemetry: TelemetrySettings
@@ -71,6 +79,9 @@ class Config:
     output_validators: Mapping[str, Draft202012Validator] = field(default_factory=dict)
     source: str = "<built-in>"
     environ: Mapping[str, str] = field(default_factory=dict)
+    # Tool name -> its warm pool (the tool's own ``pool``, else its profile's). Tools granted secrets
+    # are never pooled: a pooled container must hold no secret before it is claimed.
+    pools: Mapping[str, PoolSpec] = field(default_factory=dict)
 
 
 def runtime_dir() -> Path:
@@ -119,6 +130,36 @@ def _check_against_schema(doc: Any) -> None:
         err = errors[0]
         key = ".".join(str(p) for p in err.absolute_path) or "<root>"
         raise ConfigError(err.message, key=key)
+
+
+def _pool_spec(raw: Mapping[str, Any], base: PoolSpec | None, key: str) -> PoolSpec:
+    ttl = parse_duration(raw["ttl"], f"{key}.ttl") if "ttl" in raw else (base.ttl_s if base else 300.0)
+    return PoolSpec(size=int(raw.get("size", base.size if base else 0)), ttl_s=ttl)
+
+
+def _build_pools(doc: Mapping[str, Any], tools: Mapping[str, Tool]) -> dict[str, PoolSpec]:
+    """Resolve each tool's pool: its own, else its profile's (inherited through ``extends``)."""
+    raw_profiles = doc.get("profiles", {})
+
+    def profile_pool(name: str, depth: int = 0) -> PoolSpec | None:
+        spec = raw_profiles.get(name, {})
+        parent = spec.get("extends")
+        base = profile_pool(parent, depth + 1) if parent and depth < 32 else None
+        return _pool_spec(spec["pool"], base, f"profiles.{name}.pool") if "pool" in spec else base
+
+    pools: dict[str, PoolSpec] = {}
+    for i, raw in enumerate(doc.get("tools", [])):
+        tool = tools[raw["name"]]
+        if "pool" in raw:
+            if tool.secrets and raw["pool"].get("size", 0) > 0:
+                raise ConfigError("a tool granted secrets cannot be pooled: a pooled container must hold no "
+                                  "secret before it is claimed", key=f"tools[{i}].pool")
+            spec: PoolSpec | None = _pool_spec(raw["pool"], profile_pool(tool.profile), f"tools[{i}].pool")
+        else:
+            spec = None if tool.secrets else profile_pool(tool.profile)  # secrets: always the cold path
+        if spec is not None and spec.size > 0:
+            pools[tool.name] = spec
+    return pools
 
 
 def _build_profile(name: str, raw: Mapping[str, Any], base: IsolationProfile, base_dir: Path) -> IsolationProfile:
@@ -314,6 +355,7 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         docker_host=doc.get("engine", {}).get("docker_host") or env.get("DOCKER_HOST"),
         source=source,
         environ=env,
+        pools=_build_pools(doc, tools),
     )
 
 

@@ -17,6 +17,7 @@ from runtime.errors import InvocationConflict, InvocationNotFound, ShuttingDown
 from runtime.model import InvocationRequest, Result, Tool
 from runtime.pipeline import Emit, Services, run_invocation
 from runtime.policy.scrub import Redactor
+from runtime.pool import PoolManager
 from runtime.secretdelivery import SecretDelivery
 from runtime.secretstore import SecretStore
 from runtime.settings import Config
@@ -50,6 +51,7 @@ class Supervisor:
         self._running: dict[str, Running] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
         self._closing = False
+        self.pools = PoolManager(backend)
 
     async def start(self) -> int:
         """Check the engine and remove sandboxes a previous run of this instance left behind."""
@@ -58,6 +60,7 @@ class Supervisor:
         removed = await self.backend.remove_orphans(self.config.server.instance)
         if removed:
             log.warning("removed %d sandbox(es) left behind by a previous run", removed)
+        self.pools.configure(self.config)
         return removed
 
     def _open_secrets(self, config: Config) -> None:
@@ -80,6 +83,7 @@ class Supervisor:
         """Swap the config; in-flight invocations finish under the config they started with."""
         self._open_secrets(config)
         self.config = config
+        self.pools.configure(config)
 
     def list_tools(self) -> list[Tool]:
         return sorted(self.config.tools.values(), key=lambda t: t.name)
@@ -108,7 +112,8 @@ class Supervisor:
                 self._track(sandbox)
 
         services = Services(config=self.config, backend=self.backend, secrets=self.secrets, delivery=self.delivery,
-                            on_sandbox=on_sandbox, remove=self._remove, redactor=self.redactor)
+                            on_sandbox=on_sandbox, remove=self._remove, redactor=self.redactor,
+                            claim=self.pools.claim)
         try:
             return await run_invocation(services, request, invocation_id, emit, running.cancelled)
         finally:
@@ -133,6 +138,9 @@ class Supervisor:
             log.exception("failed to remove sandbox %s", sandbox.id)
 
     async def _remove(self, sandbox: Sandbox) -> None:
+        if self.pools.owns(sandbox):  # warm path: removal is off the critical path (bounded, tracked)
+            self.pools.retire(sandbox)
+            return
         await self._track(sandbox)
 
     async def shutdown(self) -> None:
@@ -142,6 +150,7 @@ class Supervisor:
             running.cancelled.set()
         if self._cleanups:
             await asyncio.gather(*list(self._cleanups), return_exceptions=True)
+        await self.pools.close()
         try:
             await self.backend.remove_orphans(self.config.server.instance)
         except Exception:

@@ -7,7 +7,7 @@ timeouts, caps and status decisions live in ``pipeline``. Backend methods raise 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -48,11 +48,29 @@ class Sandbox(Protocol):
         """Force-remove the sandbox. Idempotent; must succeed even if it never started."""
 
 
+class WarmSandbox(Sandbox, Protocol):
+    """A pooled sandbox: created and started ahead of time, waiting for its one invocation.
+
+    ``start(stdin)`` claims it: the arguments are delivered on its input; nothing was in it before.
+    """
+
+    @property
+    def alive(self) -> bool:
+        """Started, unclaimed, and its process has not ended."""
+
+
 class Backend(Protocol):
     name: str
 
     async def create(self, plan: ContainerPlan) -> Sandbox:
         """Create (not start) a sandbox for ``plan``. Raises ImageMissing/RuntimeMissing/EngineUnavailable."""
+
+    async def create_warm(self, plan: ContainerPlan, on_exit: Callable[[], None]) -> WarmSandbox:
+        """Create and start a pooled sandbox for ``plan`` that waits for its claim (see ``WarmSandbox``).
+
+        ``on_exit`` is called on the event loop if it ends before being claimed. A clean run's end may
+        be reported in-band (before the engine processes the exit); other outcomes come from the engine.
+        """
 
     async def remove_orphans(self, owner: str) -> int:
         """Remove every sandbox labelled as ``owner``'s; returns how many were removed."""

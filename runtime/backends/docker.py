@@ -23,7 +23,9 @@ the cgroup disappears when the container exits, so the last sample is the best-k
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import socket
 import threading
@@ -39,6 +41,7 @@ from docker.types import LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
 from runtime.backends.base import ExitInfo, StreamName
+from runtime.backends.launcher import TrailerScanner, envelope, launch_command, new_nonce
 from runtime.errors import BackendError, EngineUnavailable, ImageMissing, RuntimeMissing
 from runtime.model import Usage
 from runtime.policy.plan import LABEL_MANAGED, LABEL_OWNER, ContainerPlan
@@ -120,6 +123,22 @@ class DockerBackend:
             functools.partial(self._create_container, plan), image=plan.image, runtime=plan.runtime
         )
         return DockerSandbox(self, container_id)
+
+    async def create_warm(self, plan: ContainerPlan, on_exit: Callable[[], None]) -> DockerSandbox:
+        """Create and start a pooled sandbox: the launcher in front of the tool, both waiting for a claim.
+
+        ``on_exit`` is called (on the event loop) if the sandbox's output ends before it is claimed.
+        """
+        warm_plan = dataclasses.replace(plan, command=launch_command(plan.command))
+        sandbox = await self.create(warm_plan)
+        sandbox._warm = True
+        sandbox._on_exit = on_exit
+        try:
+            await sandbox._launch()
+        except BaseException:
+            await asyncio.shield(asyncio.ensure_future(sandbox.remove()))
+            raise
+        return sandbox
 
     async def list_sandboxes(self, owner: str) -> list[str]:
         filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={owner}"]}
@@ -259,12 +278,45 @@ class DockerSandbox:
         self._reading = False  # the reader thread owns (and closes) the socket once it runs
         self._removed = False
         self._exit: ExitInfo | None = None
+        # Warm (pooled) sandboxes only: started before the claim; the launcher's trailers end the streams.
+        self._warm = False
+        self._on_exit: Callable[[], None] = lambda: None
+        self._claimed = False
+        self._ended = threading.Event()
+        self._scanners: dict[StreamName, TrailerScanner] | None = None
+        self._trailer: concurrent.futures.Future[int | None] = concurrent.futures.Future()
+        self._writer: threading.Thread | None = None
 
     @property
     def id(self) -> str:
         return self._id
 
+    @property
+    def alive(self) -> bool:
+        """A pooled sandbox that is running and unclaimed (its output has not ended)."""
+        return self._warm and self._started and not self._claimed and not self._ended.is_set() and not self._removed
+
     async def start(self, stdin: bytes) -> None:
+        if self._warm:
+            await self._claim(stdin)
+            return
+        await self._launch(stdin)
+
+    async def _claim(self, stdin: bytes) -> None:
+        """Deliver the claim envelope (nonce + arguments) to the waiting launcher."""
+        if self._claimed:
+            raise BackendError(f"sandbox {self._id[:12]} was already claimed")
+        self._claimed = True
+        if self._sock is None or self._ended.is_set():
+            raise BackendError(f"pooled sandbox {self._id[:12]} ended before it was claimed")
+        nonce = new_nonce()
+        # Installed before the envelope is sent, so the reader thread sees them before any trailer.
+        self._scanners = {"stdout": TrailerScanner(nonce), "stderr": TrailerScanner(nonce)}
+        self._writer = threading.Thread(target=_write_stdin, args=(self._sock, envelope(nonce, stdin)),
+                                        name=f"toolcell-in-{self._id[:12]}", daemon=True)
+        self._writer.start()
+
+    async def _launch(self, stdin: bytes | None = None) -> None:
         if self._started:
             raise BackendError(f"sandbox {self._id[:12]} was already started")
         self._started = True
@@ -281,13 +333,14 @@ class DockerSandbox:
             sock.close()
             return
         self._reading = True
-        writer = threading.Thread(
-            target=_write_stdin, args=(sock, stdin), name=f"toolcell-in-{self._id[:12]}", daemon=True
-        )
-        writer.start()
+        if stdin is not None:
+            self._writer = threading.Thread(
+                target=_write_stdin, args=(sock, stdin), name=f"toolcell-in-{self._id[:12]}", daemon=True
+            )
+            self._writer.start()
         threading.Thread(
             target=self._read_loop,
-            args=(sock, writer, loop, queue),
+            args=(sock, loop, queue),
             name=f"toolcell-out-{self._id[:12]}",
             daemon=True,
         ).start()
@@ -306,6 +359,12 @@ class DockerSandbox:
             yield item
 
     async def wait(self) -> ExitInfo:
+        if self._exit is None and self._warm:
+            # The launcher's trailer ends a pooled run without waiting for the engine to process the
+            # exit. Only a clean run is decided from it; anything else asks the engine (OOM flag, signal).
+            status = await asyncio.wrap_future(self._trailer)
+            if status == 0 and self._probe.oom_kills() == 0:
+                self._exit = ExitInfo(exit_code=0, oom_killed=False)
         if self._exit is None:
             self._exit = await self._backend._call(self._wait_blocking)
         return self._exit
@@ -363,7 +422,6 @@ class DockerSandbox:
     def _read_loop(
         self,
         sock: socket.socket,
-        writer: threading.Thread,
         loop: asyncio.AbstractEventLoop,
         queue: asyncio.Queue[_QueueItem],
     ) -> None:
@@ -393,23 +451,60 @@ class DockerSandbox:
                     take = min(remaining, size - pos)
                     if stream is not None:
                         if batch and stream != batch_stream:
-                            if not self._emit(loop, queue, (batch_stream or stream, b"".join(batch))):
+                            if not self._deliver(loop, queue, batch_stream or stream, b"".join(batch)):
                                 return
                             batch = []
                         batch_stream = stream
                         batch.append(data[pos : pos + take])
                     pos += take
                     remaining -= take
-                if batch and batch_stream is not None and not self._emit(loop, queue, (batch_stream, b"".join(batch))):
+                if batch and batch_stream is not None and not self._deliver(loop, queue, batch_stream,
+                                                                            b"".join(batch)):
                     return
         except OSError as exc:
             if not self._closing.is_set():
                 end = exc
         finally:
-            with contextlib.suppress(RuntimeError):  # the loop may be closed already
-                loop.call_soon_threadsafe(queue.put_nowait, end)
-            writer.join()
+            self._end_of_output(loop, queue, end)
+            if self._writer is not None:
+                self._writer.join()
             sock.close()
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[_QueueItem], stream: StreamName,
+                 data: bytes) -> bool:
+        """Pass one stream's bytes on (through the trailer scanner of a claimed pooled sandbox).
+
+        False stops the reader: the consumer is gone, or both trailers of a pooled run have arrived.
+        """
+        scanners = self._scanners
+        if scanners is None:
+            return self._emit(loop, queue, (stream, data))
+        data = scanners[stream].feed(data)
+        if data and not self._emit(loop, queue, (stream, data)):
+            return False
+        if scanners["stdout"].done and scanners["stderr"].done:
+            self._probe.sample()  # the tool has exited; its cgroup is still there for a moment
+            self._trailer.set_result(scanners["stdout"].status)
+            return False
+        return True
+
+    def _end_of_output(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[_QueueItem],
+                       end: _QueueItem) -> None:
+        """Both streams are over (EOF, error or trailers): flush held bytes, close the queue, notify."""
+        scanners = self._scanners
+        if scanners is not None and not self._trailer.done():
+            for name, scanner in scanners.items():
+                held = scanner.flush()
+                if held and not self._closing.is_set():
+                    self._emit(loop, queue, (name, held))
+        if not self._trailer.done():
+            self._trailer.set_result(None)
+        unclaimed = self._warm and not self._claimed
+        self._ended.set()
+        with contextlib.suppress(RuntimeError):  # the loop may be closed already
+            loop.call_soon_threadsafe(queue.put_nowait, end)
+            if unclaimed:
+                loop.call_soon_threadsafe(self._on_exit)
 
     def _emit(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[_QueueItem], item: _QueueItem) -> bool:
         """Hand one chunk to the loop, blocking while the consumer is ``_QUEUE_CHUNKS`` behind."""
@@ -447,6 +542,11 @@ class _CgroupLayout:
             return [(d / "memory.peak", True) for d in dirs] + [(d / "memory.current", False) for d in dirs]
         return [(d / "memory.max_usage_in_bytes", True) for d in self._v1_dirs("memory", cid)]
 
+    def oom_candidates(self, cid: str) -> list[Path]:
+        if self.v2:
+            return [d / "memory.events" for d in self._v2_dirs(cid)]
+        return [d / "memory.oom_control" for d in self._v1_dirs("memory", cid)]
+
     def cpu_candidates(self, cid: str) -> list[Path]:
         if self.v2:
             return [d / "cpu.stat" for d in self._v2_dirs(cid)]
@@ -478,6 +578,14 @@ class _CgroupProbe:
         with self._lock:
             self._peak_memory = max(self._peak_memory, memory)
             self._cpu_ns = max(self._cpu_ns, cpu)
+
+    def oom_kills(self) -> int:
+        """OOM kills in the sandbox's memory cgroup so far (0 when the cgroup is gone or can't tell)."""
+        for path in self._layout.oom_candidates(self._cid):
+            value = _read_key(path, "oom_kill")
+            if value is not None:
+                return value
+        return 0
 
     def usage(self) -> Usage:
         with self._lock:
@@ -570,6 +678,18 @@ def _read_int(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+def _read_key(path: Path, key: str) -> int | None:
+    """``key``'s value in a flat-keyed cgroup file (``name value`` per line)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _read_usage_usec(path: Path) -> int | None:

@@ -101,10 +101,25 @@ class FakeSandbox:
         self._exit: ExitInfo | None = None
         self._done = asyncio.Event()
         self.removed = False
+        # Pooled: "started" at creation, waiting for its claim; ``died()`` ends it before the claim.
+        self.warm = False
+        self.claimed = False
+        self._on_exit: Callable[[], None] = lambda: None
+        self._dead = False
 
     @property
     def id(self) -> str:
         return self._id
+
+    @property
+    def alive(self) -> bool:
+        return self.warm and not self.claimed and not self._dead and not self.removed
+
+    def died(self) -> None:
+        """Simulate a pooled sandbox's process ending (or the engine restarting) before its claim."""
+        if self.alive:
+            self._dead = True
+            asyncio.get_running_loop().call_soon(self._on_exit)
 
     @property
     def running(self) -> bool:
@@ -116,6 +131,10 @@ class FakeSandbox:
             raise BackendError(f"no such sandbox {self._id}")
         if self._task is not None:
             raise BackendError(f"sandbox {self._id} was already started")
+        if self.warm:
+            if self._dead:
+                raise BackendError(f"pooled sandbox {self._id} ended before it was claimed")
+            self.claimed = True
         self._proc = FakeProcess(stdin=stdin, plan=self.plan, _write=self._write)
         self._task = asyncio.create_task(self._run(self._proc), name=f"fake-sandbox-{self._id}")
 
@@ -208,6 +227,7 @@ class FakeBackend:
         self.removed: list[str] = []
         self.signals: list[tuple[str, int]] = []
         self.plans: dict[str, ContainerPlan] = {}
+        self.warm_created: list[str] = []
         self._live: dict[str, FakeSandbox] = {}
         self._ids = itertools.count(1)
 
@@ -231,6 +251,13 @@ class FakeBackend:
         self._live[sandbox_id] = sandbox
         self.created.append(sandbox_id)
         self.plans[sandbox_id] = plan
+        return sandbox
+
+    async def create_warm(self, plan: ContainerPlan, on_exit: Callable[[], None]) -> FakeSandbox:
+        sandbox = await self.create(plan)
+        sandbox.warm = True
+        sandbox._on_exit = on_exit
+        self.warm_created.append(sandbox.id)
         return sandbox
 
     async def list_sandboxes(self, owner: str) -> list[str]:

@@ -1,0 +1,261 @@
+"""Warm pools: single-use sandboxes created and started ahead of their invocation.
+
+For every tool with a ``pool`` in the config, ``PoolManager`` keeps ``size`` sandboxes created with
+the full hardening of the tool's profile and started (``Backend.create_warm``): the tool's process is
+up and waiting for its input. ``claim(plan)`` hands one to an invocation (never twice); the pipeline
+runs it exactly as a cold sandbox, and it is destroyed afterwards. A pooled sandbox holds no
+arguments and no secrets until claimed (tools granted secrets are never pooled: see settings).
+
+Everything else happens off the request's critical path, in one task per pool:
+refill (at most ``refill_concurrency`` engine creations at once across all pools, so refilling never
+starves live calls), removal of used, dead and expired sandboxes (bounded the same way), TTL recycling,
+and rebuilding after the engine restarts (creation failures back off and retry). An empty pool is not
+an error: ``claim`` returns None and the invocation takes the cold path.
+
+A pooled sandbox matches an invocation only if the invocation's plan is the one it was created from
+(labels naming the invocation and the timeout aside): a config reload that changes a tool's image,
+command or profile drains its pool; a size change resizes it. Pooled sandboxes carry the owner label,
+so the start-up and shutdown sweeps remove them like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from runtime.backends.base import Backend, Sandbox, WarmSandbox
+from runtime.pipeline import compile_step, resolve
+from runtime.policy.plan import LABEL_INVOCATION, LABEL_TOOL, ContainerPlan
+from runtime.settings import Config, PoolSpec
+
+log = logging.getLogger("toolcell.pool")
+
+REFILL_CONCURRENCY = 2
+# A claim's refill starts when its invocation ends, or after this long, whichever is first: the
+# engine's CPU-heavy container start then does not compete with a short warm invocation.
+REFILL_DELAY_S = 0.1
+REMOVAL_CONCURRENCY = 4
+_BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.2, 5.0
+
+
+def fingerprint(plan: ContainerPlan) -> int:
+    """Identity of what a sandbox is made from, ignoring what only names the invocation."""
+    labels = tuple(sorted((k, v) for k, v in plan.labels.items() if k != LABEL_INVOCATION))
+    rest = dataclasses.replace(plan, labels={}, timeout_s=0.0, seccomp_json="")
+    # str hashes are cached on the object: the (large) seccomp text is hashed once per config.
+    return hash((repr(rest), labels, hash(plan.seccomp_json)))
+
+
+@dataclass
+class PoolStats:
+    size: int = 0
+    ready: int = 0
+    creating: int = 0
+    hits: int = 0  # invocations served warm
+    misses: int = 0  # invocations of a pooled tool that found the pool empty (went cold)
+    created: int = 0
+    failed: int = 0  # creations that failed (engine down, image missing ...)
+    recycled: int = 0  # removed unused: TTL, death, drain, shrink
+
+
+@dataclass
+class _Entry:
+    sandbox: WarmSandbox
+    created_at: float
+
+
+@dataclass
+class _Pool:
+    tool: str
+    spec: PoolSpec
+    plan: ContainerPlan
+    key: int
+    ready: collections.deque[_Entry] = field(default_factory=collections.deque)
+    creating: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    stats: PoolStats = field(default_factory=PoolStats)
+    closed: bool = False
+    failing: bool = False  # the last creation failed: back off before the next
+
+
+class PoolManager:
+    def __init__(self, backend: Backend, *, refill_concurrency: int = REFILL_CONCURRENCY,
+                 removal_concurrency: int = REMOVAL_CONCURRENCY) -> None:
+        self.backend = backend
+        self._pools: dict[str, _Pool] = {}
+        self._refill = asyncio.Semaphore(refill_concurrency)
+        self._removal = asyncio.Semaphore(removal_concurrency)
+        self._owned: set[str] = set()  # ids of sandboxes that came from a pool (claimed or not)
+        self._claimed_from: dict[str, _Pool] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # -- configuration -----------------------------------------------------------------------------
+
+    def configure(self, config: Config) -> None:
+        """Start, resize, drain or stop pools to match ``config`` (at start-up and on reload)."""
+        if self._closed:
+            return
+        wanted: dict[str, tuple[PoolSpec, ContainerPlan, int]] = {}
+        for name, spec in config.pools.items():
+            plan = compile_step(config, resolve(config, name), "pool-" + secrets.token_hex(8), None)
+            wanted[name] = (spec, plan, fingerprint(plan))
+        for name, pool in list(self._pools.items()):
+            if name not in wanted or wanted[name][2] != pool.key:
+                log.info("draining the pool of %s (%s)", name, "removed" if name not in wanted else "changed")
+                self._stop(pool)
+                del self._pools[name]
+        for name, (spec, plan, key) in wanted.items():
+            existing = self._pools.get(name)
+            if existing is None:
+                pool = self._pools[name] = _Pool(tool=name, spec=spec, plan=plan, key=key)
+                pool.task = self._spawn(self._maintain(pool))
+            else:
+                existing.spec = spec
+                existing.wake.set()
+
+    # -- the critical path: no await, no engine call --------------------------------------------------
+
+    def claim(self, plan: ContainerPlan) -> Sandbox | None:
+        """A started sandbox made from ``plan``, for this one invocation; None when the pool is empty."""
+        pool = self._pools.get(plan.labels.get(LABEL_TOOL, ""))
+        if pool is None or pool.closed:
+            return None
+        if fingerprint(plan) != pool.key:
+            return None  # e.g. an invocation still running under the previous config
+        while pool.ready:
+            entry = pool.ready.popleft()
+            if entry.sandbox.alive:
+                pool.stats.hits += 1
+                self._claimed_from[entry.sandbox.id] = pool
+                asyncio.get_running_loop().call_later(REFILL_DELAY_S, pool.wake.set)
+                return entry.sandbox
+            self.retire(entry.sandbox)
+        pool.stats.misses += 1
+        pool.wake.set()
+        return None
+
+    def owns(self, sandbox: Sandbox) -> bool:
+        return sandbox.id in self._owned
+
+    def retire(self, sandbox: Sandbox) -> asyncio.Task[None]:
+        """Remove a pooled sandbox in the background (bounded); returns the removal task."""
+        pool = self._claimed_from.pop(sandbox.id, None)
+        if pool is not None:
+            pool.wake.set()  # its invocation is over: refill now
+        return self._spawn(self._remove(sandbox))
+
+    # -- introspection -------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, PoolStats]:
+        out = {}
+        for name, pool in self._pools.items():
+            out[name] = dataclasses.replace(pool.stats, size=pool.spec.size, ready=len(pool.ready),
+                                            creating=pool.creating)
+        return out
+
+    def ready(self, tool: str) -> int:
+        pool = self._pools.get(tool)
+        return 0 if pool is None else sum(1 for e in pool.ready if e.sandbox.alive)
+
+    @property
+    def pooled(self) -> int:
+        """Sandboxes held in pools (ready or being created): they count against capacity."""
+        return sum(len(p.ready) + p.creating for p in self._pools.values())
+
+    # -- shutdown ------------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop every pool, wait for creations in flight, remove every pooled sandbox."""
+        self._closed = True
+        for pool in self._pools.values():
+            self._stop(pool)
+        self._pools.clear()
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- background work -----------------------------------------------------------------------------
+
+    def _spawn(self, coro: collections.abc.Coroutine[None, None, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _stop(self, pool: _Pool) -> None:
+        pool.closed = True
+        if pool.task is not None:
+            pool.task.cancel()
+        while pool.ready:
+            pool.stats.recycled += 1
+            self.retire(pool.ready.popleft().sandbox)
+
+    async def _maintain(self, pool: _Pool) -> None:
+        """Keep ``size`` live sandboxes: recycle dead and expired ones, refill with back-off."""
+        backoff = _BACKOFF_MIN_S
+        while not pool.closed:
+            pool.wake.clear()
+            now = time.monotonic()
+            for entry in list(pool.ready):
+                if not entry.sandbox.alive or now - entry.created_at >= pool.spec.ttl_s:
+                    pool.ready.remove(entry)
+                    pool.stats.recycled += 1
+                    self.retire(entry.sandbox)
+            excess = len(pool.ready) + pool.creating - pool.spec.size
+            while excess > 0 and pool.ready:
+                pool.stats.recycled += 1
+                self.retire(pool.ready.pop().sandbox)
+                excess -= 1
+            if pool.failing:  # e.g. the engine is restarting: retry, less and less often
+                pool.failing = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                continue
+            if pool.ready:
+                backoff = _BACKOFF_MIN_S
+            # Creations run in parallel up to the shared bound, which is what limits the engine load.
+            while len(pool.ready) + pool.creating < pool.spec.size and pool.creating < REFILL_CONCURRENCY:
+                pool.creating += 1
+                self._spawn(self._create(pool))
+            oldest = min((e.created_at for e in pool.ready), default=now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pool.wake.wait(), timeout=max(0.05, oldest + pool.spec.ttl_s - now))
+
+    async def _create(self, pool: _Pool) -> None:
+        sandbox: WarmSandbox | None = None
+        try:
+            async with self._refill:
+                if pool.closed:
+                    return
+                plan = dataclasses.replace(pool.plan, labels={**pool.plan.labels,
+                                                              LABEL_INVOCATION: "pool-" + secrets.token_hex(8)})
+                sandbox = await self.backend.create_warm(plan, on_exit=pool.wake.set)
+            self._owned.add(sandbox.id)
+            if pool.closed:
+                await self._remove(sandbox)
+                return
+            pool.ready.append(_Entry(sandbox=sandbox, created_at=time.monotonic()))
+            pool.stats.created += 1
+        except Exception as exc:
+            pool.stats.failed += 1
+            pool.failing = True
+            log.warning("pool %s: could not start a sandbox: %s", pool.tool, exc)
+        finally:
+            pool.creating -= 1
+            pool.wake.set()
+
+    async def _remove(self, sandbox: Sandbox) -> None:
+        try:
+            async with self._removal:
+                await sandbox.remove()
+        except Exception:  # the shutdown/start-up sweep by label is the backstop
+            log.exception("failed to remove pooled sandbox %s", sandbox.id)
+        finally:
+            self._owned.discard(sandbox.id)
