@@ -1,0 +1,206 @@
+"""Warm pools against the real engine: single use, refill, fallback, TTL, crash and engine-side death,
+no secret before the claim, and the pipeline's limits (timeout, caps, OOM, scrubbing) on the warm path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime.backends.docker import DockerBackend
+from runtime.model import Result, Started, Status
+from runtime.policy.plan import LABEL_OWNER
+from runtime.secretstore import SecretStore, generate_key
+from runtime.server.app import App
+from runtime.settings import parse_config
+from runtime.supervisor import Supervisor
+from tests.support import CANARY, RUNNER_IMAGE, config_doc, engine, running_supervisor
+
+pytestmark = pytest.mark.docker
+PYRUN = ["python3", "-I", "-u", "/opt/toolcell/tools/pyrun.py"]
+CODE = {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+def leftovers(client: Any, owner: str) -> list[str]:
+    """Like tests.support.leftovers, without a per-container inspect that races removals."""
+    return [c["Id"] for c in client.api.containers(all=True, filters={"label": f"{LABEL_OWNER}={owner}"})]
+
+
+def pooled_doc(tmp_path: Path, size: int = 2, ttl: str = "5m", **profiles: dict[str, Any]) -> dict[str, Any]:
+    doc = config_doc(f"test-{uuid.uuid4().hex[:10]}", str(tmp_path / "s.sock"), **profiles)
+    doc["profiles"]["tight"]["pool"] = {"size": 1}
+    doc["tools"][1]["pool"] = {"size": size, "ttl": ttl}  # python.run
+    return doc
+
+
+async def run(client: Any, tool: str, src: str) -> tuple[Result, str]:
+    sandbox = ""
+    async for event in client.execute(tool, json.dumps({"code": src})):
+        if isinstance(event, Started):
+            sandbox = event.sandbox_id
+        elif isinstance(event, Result):
+            return event, sandbox
+    raise AssertionError("no result")
+
+
+def pooled_ids(app: App, tool: str) -> set[str]:
+    return {e.sandbox.id for e in app.supervisor.pools._pools[tool].ready}
+
+
+async def test_pooled_sandboxes_are_single_use_refilled_and_leave_nothing(tmp_path: Path) -> None:
+    docker_client = engine()
+    async with running_supervisor(tmp_path, pooled_doc(tmp_path)) as (app, client):
+        await eventually(lambda: app.supervisor.pools.ready("python.run") == 2)
+        ready = pooled_ids(app, "python.run")
+        # The first call leaves a file behind in its /tmp; the second must not see it.
+        first, id1 = await run(client, "python.run", "import os; open('/tmp/left','w').write('x'); "
+                                                     "print(os.getpid(), os.path.exists('/tmp/left'))")
+        second, id2 = await run(client, "python.run", "import os; print(os.path.exists('/tmp/left'))")
+        assert first.status is Status.OK and first.output.split()[1] == "True"
+        assert second.status is Status.OK and second.output.strip() == "False"
+        assert {id1, id2} <= ready and id1 != id2
+        # Used sandboxes go (off the critical path); the pool is refilled with new ones.
+        await eventually(lambda: not {id1, id2} & set(leftovers(docker_client, app.supervisor.config.server.instance)))
+        await eventually(lambda: app.supervisor.pools.ready("python.run") == 2)
+        assert not pooled_ids(app, "python.run") & {id1, id2}
+        stats = app.supervisor.pools.stats()["python.run"]
+        assert stats.hits == 2 and stats.created >= 4
+
+
+async def test_an_empty_pool_falls_back_to_cold_and_every_call_succeeds(tmp_path: Path) -> None:
+    async with running_supervisor(tmp_path, pooled_doc(tmp_path, size=1)) as (app, client):
+        await eventually(lambda: app.supervisor.pools.ready("python.run") == 1)
+        results = await asyncio.gather(*(run(client, "python.run", f"print({i})") for i in range(3)))
+        assert [r.output.strip() for r, _ in results] == ["0", "1", "2"]
+        assert all(r.status is Status.OK for r, _ in results)
+        stats = app.supervisor.pools.stats()["python.run"]
+        assert stats.hits == 1 and stats.misses == 2
+
+
+async def test_ttl_recycles_pooled_sandboxes(tmp_path: Path) -> None:
+    docker_client = engine()
+    async with running_supervisor(tmp_path, pooled_doc(tmp_path, size=1, ttl="1s")) as (app, client):
+        await eventually(lambda: app.supervisor.pools.ready("python.run") == 1)
+        first = pooled_ids(app, "python.run")
+        await eventually(lambda: bool(pooled_ids(app, "python.run")) and not pooled_ids(app, "python.run") & first)
+        await eventually(lambda: not first & set(leftovers(docker_client, app.supervisor.config.server.instance)))
+        result, _ = await run(client, "python.run", "print('fresh')")
+        assert result.status is Status.OK and result.output == "fresh\n"
+
+
+async def test_killed_pool_containers_are_rebuilt_and_never_handed_out(tmp_path: Path) -> None:
+    """What an engine restart does to a pool: its containers die. They are replaced, never claimed."""
+    docker_client = engine()
+    async with running_supervisor(tmp_path, pooled_doc(tmp_path)) as (app, client):
+        await eventually(lambda: app.supervisor.pools.ready("python.run") == 2)
+        victims = pooled_ids(app, "python.run")
+        for sid in victims:
+            docker_client.api.kill(sid)
+        await eventually(lambda: app.supervisor.pools.ready("python.run") == 2
+                         and not pooled_ids(app, "python.run") & victims)
+        result, sid = await run(client, "python.run", "print('ok')")
+        assert result.status is Status.OK and sid not in victims
+        assert app.supervisor.pools.stats()["python.run"].recycled >= 2
+
+
+async def test_a_crashed_supervisors_pool_is_swept_at_the_next_start(tmp_path: Path) -> None:
+    docker_client = engine()
+    config = parse_config(pooled_doc(tmp_path), environ={}, base_dir=tmp_path)
+    owner = config.server.instance
+    crashed_backend = DockerBackend()
+    crashed = Supervisor(config, crashed_backend)
+    await crashed.start()
+    await eventually(lambda: crashed.pools.ready("python.run") == 2)
+    # "Crash": stop the pool's tasks without removing anything, as a killed process would.
+    for pool in crashed.pools._pools.values():
+        assert pool.task is not None
+        pool.task.cancel()
+    await crashed_backend.close()
+    assert len(leftovers(docker_client, owner)) >= 2
+    backend = DockerBackend()
+    successor = Supervisor(config, backend)
+    try:
+        removed = await successor.start()
+        assert removed >= 2
+    finally:
+        await successor.shutdown()
+        await backend.close()
+    assert leftovers(docker_client, owner) == []
+
+
+async def test_no_secret_in_a_pooled_container_before_its_claim(tmp_path: Path) -> None:
+    docker_client = engine()
+    key = generate_key()
+    store = tmp_path / "secrets.json"
+    SecretStore(store, __import__("base64").b64decode(key)).set("canary", CANARY)
+    doc = config_doc(f"test-{uuid.uuid4().hex[:10]}", str(tmp_path / "s.sock"))
+    doc["profiles"]["default"]["pool"] = {"size": 1}  # every tool of the profile, unless it is granted secrets
+    doc["secrets"] = {"store": str(store), "files_dir": str(tmp_path / "secret-files")}
+    doc["tools"] = [t for t in doc["tools"] if t["name"] == "python.run"] + [
+        {"name": "leaky", "description": "granted the canary", "image": RUNNER_IMAGE, "command": PYRUN,
+         "input_schema": CODE,
+         "secrets": [{"name": "canary", "env": "CANARY_TOKEN"}, {"name": "canary", "file": "/run/secrets/canary"}]}]
+    async with running_supervisor(tmp_path, doc, environ={"TOOLCELL_SECRETS_KEY": key}) as (app, client):
+        await eventually(lambda: app.supervisor.pools.ready("python.run") == 1)
+        assert "leaky" not in app.supervisor.config.pools
+        owner = app.supervisor.config.server.instance
+        # Every container of this supervisor right now is a pooled one, and none is for the secret tool.
+        live = leftovers(docker_client, owner)
+        assert live and set(live) == pooled_ids(app, "python.run")
+        for sid in live:
+            info = docker_client.api.inspect_container(sid)
+            assert info["Config"]["Labels"]["io.toolcell.tool"] == "python.run"
+            assert not any(CANARY in e for e in info["Config"]["Env"]), "secret in the environment"
+            assert not info["Mounts"], "nothing is mounted into a pooled container"
+            # Inside: every process's environment, and every file it can write or read in its scratch.
+            probe = docker_client.api.exec_create(sid, ["sh", "-c",
+                                                        "cat /proc/[0-9]*/environ; grep -rs . /tmp /run || true"],
+                                                  user="10001:10001")
+            seen = docker_client.api.exec_start(probe["Id"]).decode(errors="replace")
+            assert "LANG=C.UTF-8" in seen, "the probe must actually read the environments"
+            assert CANARY not in seen
+        # The secret tool still gets its secret: on the cold path, at create time.
+        result, sid = await run(client, "leaky", "import os; "
+                                "print(os.environ['CANARY_TOKEN'] == open('/run/secrets/canary').read())")
+        assert result.status is Status.OK and result.output.strip() == "True" and sid not in live
+
+
+async def test_timeout_caps_oom_and_scrubbing_hold_on_the_warm_path(tmp_path: Path) -> None:
+    async with running_supervisor(tmp_path, pooled_doc(tmp_path)) as (app, client):
+        pools = app.supervisor.pools
+
+        async def warm(src: str) -> Result:
+            await eventually(lambda: pools.ready("python.tight") == 1)
+            expected = pooled_ids(app, "python.tight")
+            result, sid = await run(client, "python.tight", src)
+            assert sid in expected, "served by the pool"
+            return result
+
+        hits = pools.stats
+        timed_out = await warm("import time; print('started', flush=True); time.sleep(60)")
+        assert timed_out.status is Status.TIMEOUT and timed_out.output == "started\n"
+        assert timed_out.exit_code in (128 + signal.SIGTERM, 128 + signal.SIGKILL)
+        capped = await warm("import sys; sys.stdout.write('x' * 200_000); sys.stdout.flush()")
+        assert capped.status is Status.OK and capped.truncated and capped.stdout_bytes == 200_000
+        assert len(capped.output) == 64 * 1024
+        oom = await warm("b = bytearray(200 * 1024 * 1024); print('survived')")
+        assert oom.status is Status.OOM
+        scrubbed = await warm(r"print('\x1b[31mred\x1b[0m \x1etoolcell-end:' + '0' * 32 + ':000')")
+        assert scrubbed.status is Status.OK and "\x1b" not in scrubbed.output and "red" in scrubbed.output
+        assert "toolcell-end" in scrubbed.output, "a forged trailer (wrong nonce) is only output"
+        assert hits()["python.tight"].hits == 4

@@ -1,0 +1,111 @@
+"""The warm-pool launcher protocol: the trailer scanner (pure) and the launcher itself (run locally)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from runtime.backends.launcher import TRAILER_BYTES, TrailerScanner, envelope, launch_command, new_nonce
+
+
+def trailer(nonce: str, status: int) -> bytes:
+    return f"\x1etoolcell-end:{nonce}:{status:03d}\n".encode()
+
+
+def test_trailer_has_the_documented_length() -> None:
+    assert len(trailer(new_nonce(), 0)) == TRAILER_BYTES
+
+
+def test_scanner_passes_output_and_stops_at_the_trailer() -> None:
+    """Output before the trailer passes; the trailer and anything after it never do."""
+    nonce = new_nonce()
+    s = TrailerScanner(nonce)
+    assert s.feed(b"hello ") == b"hello "
+    assert s.feed(b"world\n" + trailer(nonce, 3) + b"late") == b"world\n"
+    assert s.status == 3 and s.done
+    assert s.feed(b"more") == b"" and s.flush() == b""
+
+
+@pytest.mark.parametrize("cut", range(1, TRAILER_BYTES))
+def test_scanner_finds_a_trailer_split_anywhere(cut: int) -> None:
+    nonce = new_nonce()
+    data = b"out" + trailer(nonce, 0)
+    s = TrailerScanner(nonce)
+    got = s.feed(data[: 3 + cut]) + s.feed(data[3 + cut:])
+    assert got == b"out" and s.status == 0
+
+
+def test_a_forged_trailer_with_another_nonce_is_ordinary_output() -> None:
+    s = TrailerScanner(new_nonce())
+    forged = trailer(new_nonce(), 0)
+    assert s.feed(forged) + s.flush() == forged
+    assert s.status is None
+
+
+def test_held_back_prefix_is_released_when_it_turns_out_to_be_output() -> None:
+    nonce = new_nonce()
+    s = TrailerScanner(nonce)
+    assert s.feed(b"a\x1etoolcell-") == b"a"  # could be the start of the trailer
+    assert s.feed(b"other") == b"\x1etoolcell-other"
+    assert s.feed(b"x\x1e") == b"x"
+    assert s.flush() == b"\x1e"  # the stream ended without a trailer: it was output after all
+
+
+def run_launcher(tool: list[str], envelope_bytes: bytes | None,
+                 timeout: float = 10) -> subprocess.CompletedProcess[bytes]:
+    proc = subprocess.Popen(list(launch_command(tuple(tool), python=sys.executable)), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(envelope_bytes or b"", timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+ECHO = [sys.executable, "-c", "import sys; d = sys.stdin.read(); print(d.upper()); print('e', file=sys.stderr)"]
+
+
+def test_launcher_feeds_the_arguments_and_ends_both_streams_with_the_trailer() -> None:
+    nonce = new_nonce()
+    done = run_launcher(ECHO, envelope(nonce, b'{"a": "x"}'))
+    assert done.returncode == 0
+    assert done.stdout == b'{"A": "X"}\n' + trailer(nonce, 0)
+    assert done.stderr == b"e\n" + trailer(nonce, 0)
+
+
+def test_launcher_reports_the_tools_status_and_signal() -> None:
+    nonce = new_nonce()
+    done = run_launcher([sys.executable, "-c", "import sys; sys.exit(7)"], envelope(nonce, b"{}"))
+    assert done.returncode == 7 and done.stdout.endswith(trailer(nonce, 7))
+    done = run_launcher([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                        envelope(nonce, b"{}"))
+    assert done.returncode == 137 and done.stdout.endswith(trailer(nonce, 137))
+
+
+def test_launcher_refuses_a_bad_envelope_and_kills_the_tool() -> None:
+    done = run_launcher(ECHO, b"not json\n")
+    assert done.returncode == 125 and b"toolcell-end" not in done.stdout
+
+
+def test_launcher_forwards_sigterm_to_the_tool() -> None:
+    tool = [sys.executable, "-c", "import sys, time; sys.stdin.read(); print('up', flush=True); time.sleep(30)"]
+    proc = subprocess.Popen(list(launch_command(tuple(tool), python=sys.executable)), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    nonce = new_nonce()
+    proc.stdin.write(envelope(nonce, b"{}"))
+    proc.stdin.close()
+    assert proc.stdout.readline() == b"up\n"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    assert time.monotonic() - t0 < 5
+    assert proc.stdout.read() == trailer(nonce, 128 + signal.SIGTERM)
+
+
+def test_envelope_is_one_json_line() -> None:
+    line = envelope("n" * 32, '{"t": "é\\n"}'.encode())
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == {"nonce": "n" * 32, "arguments": '{"t": "é\\n"}'}

@@ -1,0 +1,237 @@
+"""Warm pools over the fake backend: single use, refill, fallback, TTL, death, back-off, reload, config.
+
+The orchestration only; the same behaviours run against the real engine in
+tests/integration/test_pool.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from runtime.backends.fake import FakeBackend, FakeProcess
+from runtime.errors import ConfigError, EngineUnavailable
+from runtime.model import Event, InvocationRequest, Result, Started, Status
+from runtime.pipeline import compile_step, resolve
+from runtime.pool import fingerprint
+from runtime.settings import PoolSpec, parse_config
+from runtime.supervisor import Supervisor
+
+
+async def echo(proc: FakeProcess) -> int:
+    await proc.stdout(json.loads(proc.stdin)["text"].encode())
+    return 0
+
+
+async def sleeper(proc: FakeProcess) -> int:
+    await asyncio.sleep(3600)
+    return 0
+
+
+def doc(size: int = 2, ttl: str = "5m", **tool_extra: Any) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "server": {"instance": "unit-pool"},
+        "profiles": {"default": {"timeout": "2s", "kill_grace": "100ms"}},
+        "tools": [
+            {"name": "echo", "description": "echo", "image": "echo", "command": ["run"],
+             "pool": {"size": size, "ttl": ttl}, **tool_extra},
+            {"name": "sleeper", "description": "sleeps", "image": "sleeper", "command": ["run"],
+             "pool": {"size": 1}},
+            {"name": "cold", "description": "no pool", "image": "echo", "command": ["run"]},
+        ],
+    }
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def started(backend: FakeBackend | None = None, **kw: Any) -> tuple[Supervisor, FakeBackend]:
+    backend = backend or FakeBackend({"echo": echo, "sleeper": sleeper})
+    sup = Supervisor(parse_config(doc(**kw)), backend)
+    await sup.start()
+    await eventually(lambda: sup.pools.ready("echo") == sup.config.pools["echo"].size)
+    return sup, backend
+
+
+async def call(sup: Supervisor, tool: str = "echo", text: str = "hi") -> tuple[Result, str]:
+    events: list[Event] = []
+
+    async def emit(e: Event) -> None:
+        events.append(e)
+
+    result = await sup.execute(InvocationRequest(tool=tool, arguments_json=json.dumps({"text": text})), emit)
+    return result, next(e.sandbox_id for e in events if isinstance(e, Started))
+
+
+async def test_a_pooled_sandbox_serves_exactly_one_invocation_then_goes() -> None:
+    sup, backend = await started()
+    ready = {e.sandbox.id for e in sup.pools._pools["echo"].ready}
+    first, id1 = await call(sup)
+    second, id2 = await call(sup)
+    assert first.status is Status.OK and first.output == "hi" and second.output == "hi"
+    assert {id1, id2} <= ready and id1 != id2, "each call gets its own pre-started sandbox"
+    await eventually(lambda: id1 in backend.removed and id2 in backend.removed)
+    assert sup.pools.stats()["echo"].hits == 2
+    await sup.shutdown()
+    assert backend.live == []
+
+
+async def test_the_pool_refills_after_claims() -> None:
+    sup, backend = await started()
+    await call(sup)
+    await call(sup)
+    await eventually(lambda: sup.pools.ready("echo") == 2)
+    assert len(backend.warm_created) >= 5  # 2 echo + 1 sleeper at start, 2 refills
+    await sup.shutdown()
+    assert backend.live == []
+
+
+async def test_an_empty_pool_falls_back_to_the_cold_path() -> None:
+    sup, backend = await started(size=1)
+    results = await asyncio.gather(*(call(sup, text=f"t{i}") for i in range(4)))
+    assert [r.output for r, _ in results] == ["t0", "t1", "t2", "t3"]
+    assert all(r.status is Status.OK for r, _ in results)
+    stats = sup.pools.stats()["echo"]
+    assert stats.hits == 1 and stats.misses == 3
+    cold = [sid for _, sid in results if sid not in backend.warm_created]
+    assert len(cold) == 3
+    await sup.shutdown()
+    assert backend.live == []
+
+
+async def test_a_tool_without_a_pool_is_always_cold() -> None:
+    sup, backend = await started()
+    _, sid = await call(sup, tool="cold")
+    assert sid not in backend.warm_created
+    await sup.shutdown()
+
+
+async def test_ttl_recycles_unused_sandboxes() -> None:
+    sup, backend = await started(ttl="200ms")
+    first = {e.sandbox.id for e in sup.pools._pools["echo"].ready}
+    await eventually(lambda: first <= set(backend.removed), timeout=5)
+    await eventually(lambda: sup.pools.ready("echo") == 2)
+    assert not first & {e.sandbox.id for e in sup.pools._pools["echo"].ready}
+    assert sup.pools.stats()["echo"].recycled >= 2
+    await sup.shutdown()
+    assert backend.live == []
+
+
+async def test_a_sandbox_that_dies_before_its_claim_is_replaced_and_never_handed_out() -> None:
+    sup, backend = await started()
+    victims = [e.sandbox.id for e in sup.pools._pools["echo"].ready]
+    for sid in victims:
+        backend.sandbox(sid).died()
+    result, sid = await call(sup)
+    assert result.status is Status.OK and sid not in victims
+    await eventually(lambda: sup.pools.ready("echo") == 2 and set(victims) <= set(backend.removed))
+    await sup.shutdown()
+    assert backend.live == []
+
+
+async def test_creation_failures_back_off_and_recover_when_the_engine_returns() -> None:
+    sup, backend = await started()
+    for entry in list(sup.pools._pools["echo"].ready):
+        entry.sandbox.died()
+    backend.available = False  # the engine restarts ...
+    await eventually(lambda: sup.pools.stats()["echo"].failed >= 1)
+    with pytest.raises(EngineUnavailable):  # meanwhile a call takes the cold path, which fails clearly
+        await call(sup)
+    backend.available = True  # ... and comes back: the pool is rebuilt
+    await eventually(lambda: sup.pools.ready("echo") == 2, timeout=10)
+    result, sid = await call(sup)
+    assert result.status is Status.OK and sid in backend.warm_created
+    await sup.shutdown()
+    assert backend.live == []
+
+
+async def test_reload_resizes_and_a_changed_tool_drains_its_pool() -> None:
+    sup, backend = await started()
+    old = {e.sandbox.id for e in sup.pools._pools["echo"].ready}
+    sup.reload(parse_config(doc(size=3)))
+    await eventually(lambda: sup.pools.ready("echo") == 3)
+    assert old <= {e.sandbox.id for e in sup.pools._pools["echo"].ready}, "a resize keeps what is there"
+    sup.reload(parse_config(doc(size=1)))
+    await eventually(lambda: sup.pools.ready("echo") == 1)
+    changed = doc(size=2)
+    changed["tools"][0]["command"] = ["run", "--changed"]
+    kept = {e.sandbox.id for e in sup.pools._pools["echo"].ready}
+    sup.reload(parse_config(changed))
+    await eventually(lambda: sup.pools.ready("echo") == 2 and kept <= set(backend.removed))
+    assert all(backend.plans[e.sandbox.id].command == ("run", "--changed") for e in sup.pools._pools["echo"].ready)
+    await sup.shutdown()
+    assert backend.live == []
+
+
+async def test_timeout_on_the_warm_path_is_enforced_as_on_the_cold_path() -> None:
+    sup, backend = await started()
+    await eventually(lambda: sup.pools.ready("sleeper") == 1)
+    events: list[Event] = []
+
+    async def emit(e: Event) -> None:
+        events.append(e)
+
+    result = await sup.execute(InvocationRequest(tool="sleeper", arguments_json="{}"), emit)
+    sid = next(e.sandbox_id for e in events if isinstance(e, Started))
+    assert sid in backend.warm_created
+    assert result.status is Status.TIMEOUT and result.exit_code == 128 + signal.SIGTERM
+    await sup.shutdown()
+    assert backend.live == []
+
+
+async def test_shutdown_removes_every_pooled_sandbox_even_while_creating() -> None:
+    gate = asyncio.Event()
+    backend = FakeBackend({"echo": echo, "sleeper": sleeper})
+    original = backend.create_warm
+
+    async def slow(plan: Any, on_exit: Callable[[], None]) -> Any:
+        await gate.wait()
+        return await original(plan, on_exit)
+
+    backend.create_warm = slow  # type: ignore[method-assign]
+    sup = Supervisor(parse_config(doc()), backend)
+    await sup.start()
+    await asyncio.sleep(0.05)
+    closing = asyncio.ensure_future(sup.shutdown())
+    await asyncio.sleep(0.05)
+    gate.set()
+    await closing
+    assert backend.live == []
+
+
+def test_pool_config_tool_overrides_profile_and_secret_tools_are_never_pooled() -> None:
+    d = doc()
+    d["profiles"]["default"]["pool"] = {"size": 4, "ttl": "30s"}
+    d["secrets"] = {"store": "/nonexistent/store.json", "files_dir": "/tmp/x"}
+    d["tools"].append({"name": "secretive", "description": "s", "image": "echo", "command": ["run"],
+                       "secrets": [{"name": "k", "env": "K"}]})
+    config = parse_config(d)
+    assert config.pools["echo"] == PoolSpec(size=2, ttl_s=300.0)
+    assert config.pools["cold"] == PoolSpec(size=4, ttl_s=30.0), "the profile's pool applies"
+    assert "secretive" not in config.pools, "a tool granted secrets always takes the cold path"
+    d["tools"][-1]["pool"] = {"size": 1}
+    with pytest.raises(ConfigError, match="granted secrets cannot be pooled") as err:
+        parse_config(d)
+    assert err.value.key == "tools[3].pool"
+
+
+def test_fingerprint_ignores_the_invocation_and_timeout_only() -> None:
+    config = parse_config(doc())
+    resolved = resolve(config, "echo")
+    a = compile_step(config, resolved, "inv_a", None)
+    b = compile_step(config, resolved, "inv_b", 0.5)
+    assert fingerprint(a) == fingerprint(b)
+    changed = parse_config({**doc(), "profiles": {"default": {"timeout": "2s", "memory": "64Mi"}}})
+    assert fingerprint(compile_step(changed, resolve(changed, "echo"), "inv_a", None)) != fingerprint(a)
+
