@@ -1,4 +1,4 @@
-"""Command line: ``toolcell serve | call | tools | profiles check | images build | version``.
+"""Command line: ``toolcell serve | call | tools | profiles check | images build | secrets | bench | version``.
 
 Exit codes: 0 ok; 1 the tool ran and its status is not ok; 2 usage error; 3 rejected (bad config,
 bad arguments, unknown tool ...); 4 the supervisor or the engine is unreachable.
@@ -198,6 +198,9 @@ def parser() -> argparse.ArgumentParser:
         if name != "list":
             cmd.add_argument("name")
     ses.add_parser("keygen", help="print a new random key (for key_file or the key variable)")
+    b = sub.add_parser("bench", help="measure no-op gRPC, raw docker-py, cold, warm, throughput and a stdout flood")
+    b.add_argument("--quick", action="store_true", help="a small iteration count (the CI smoke check)")
+    b.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     sub.add_parser("version", help="print the version")
     return p
 
@@ -219,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             return _images_build(args)
         if args.command == "secrets":
             return _secrets(args)
+        if args.command == "bench":
+            from runtime.bench import main as bench
+
+            return bench(args.quick, args.json)
         print(f"toolcell {__version__}")
         return EXIT_OK
     except ConfigError as exc:

@@ -165,6 +165,14 @@ class PoolManager:
         pool = self._pools.get(tool)
         return 0 if pool is None else sum(1 for e in pool.ready if e.sandbox.alive)
 
+    def settled(self, tool: str) -> bool:
+        """The tool's pool is full and no creation or removal is in flight (for the bench and tests)."""
+        pool = self._pools.get(tool)
+        if pool is None:
+            return True
+        maintainers = {p.task for p in self._pools.values()}
+        return self.ready(tool) >= pool.spec.size and pool.creating == 0 and not self._tasks - maintainers
+
     @property
     def pooled(self) -> int:
         """Sandboxes held in pools (ready or being created): they count against capacity."""

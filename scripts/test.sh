@@ -19,3 +19,5 @@ step "bandit"
 bandit -q -c pyproject.toml -r runtime
 step "pytest (unit, integration and security tests against the real engine)"
 pytest -q -p no:cacheprovider "$@"
+step "toolcell bench --quick (smoke check: it must complete and print its table; targets need the full run)"
+toolcell bench --quick --json "${TMPDIR:-/tmp}/toolcell-bench-quick.json"

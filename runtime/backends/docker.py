@@ -166,6 +166,31 @@ class DockerBackend:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._api.close()
 
+    def baseline_cycle(self, plan: ContainerPlan, stdin: bytes) -> tuple[int, int]:
+        """Blocking, for ``toolcell bench``: the raw docker-py cycle with the plan's exact hardening.
+
+        create, attach, start, write stdin, read the output to EOF, wait, remove: no pipeline, no
+        event loop, no threads of ours. Returns (exit code, output bytes incl. frame headers).
+        """
+        container_id = self._create_container(plan)
+        try:
+            raw = self._api.attach_socket(container_id, params=dict(_ATTACH_PARAMS))
+            sock: socket.socket = getattr(raw, "_sock", raw)
+            sock.settimeout(None)
+            try:
+                self._api.start(container_id)
+                sock.sendall(stdin)
+                sock.shutdown(socket.SHUT_WR)
+                received = 0
+                while chunk := sock.recv(_RECV_BYTES):
+                    received += len(chunk)
+            finally:
+                sock.close()
+            status = self._api.wait(container_id, timeout=None)
+        finally:
+            self._api.remove_container(container_id, force=True, v=True)
+        return int(status.get("StatusCode", -1)), received
+
     # -- blocking helpers, run in the executor --------------------------------------------------
 
     def _create_container(self, plan: ContainerPlan) -> str:
@@ -312,6 +337,7 @@ class DockerSandbox:
         nonce = new_nonce()
         # Installed before the envelope is sent, so the reader thread sees them before any trailer.
         self._scanners = {"stdout": TrailerScanner(nonce), "stderr": TrailerScanner(nonce)}
+        self._backend._sampler.add(self._probe)
         self._writer = threading.Thread(target=_write_stdin, args=(self._sock, envelope(nonce, stdin)),
                                         name=f"toolcell-in-{self._id[:12]}", daemon=True)
         self._writer.start()
@@ -328,7 +354,8 @@ class DockerSandbox:
         except BaseException:
             queue.put_nowait(_EOF)  # an output() consumer must not wait for a stream that never opens
             raise
-        self._backend._sampler.add(self._probe)
+        if not self._warm:  # a pooled sandbox is sampled from its claim on: idle, it costs nothing
+            self._backend._sampler.add(self._probe)
         if self._closing.is_set():  # removed while starting: no stream threads for a dead sandbox
             sock.close()
             return

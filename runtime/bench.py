@@ -1,0 +1,481 @@
+"""``toolcell bench``: toolcell's speed, measured side by side in one run on this machine.
+
+1. no-op gRPC round trip to the supervisor (health Check): the floor of our own overhead;
+2. the raw docker-py baseline: create/attach/start/wait/remove, same image, same hardening;
+3. toolcell cold (no pool), a trivial tool, end to end through gRPC;
+4. toolcell warm (pooled), the same tool, at a rate the pool sustains (each call waits for a full pool);
+5. throughput at concurrency 1, 4 and 16 for 2, 3 and 4, with the pool's refill rate;
+6. a stdout flood (100 MiB): supervisor RSS growth and bytes the engine wrote to the host's disk.
+
+The bench starts its own supervisor (in this process, on its own thread and event loop, behind a real
+gRPC server on a temporary Unix socket) with its own owner label, and removes everything it made.
+Latency figures are p50/p95/p99 in milliseconds; the targets of issue 8 are checked at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import math
+import os
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tqdm import tqdm
+
+from runtime.backends.docker import DockerBackend
+from runtime.client import Client
+from runtime.model import Result, Started, Status
+from runtime.pipeline import compile_step, resolve
+from runtime.server.app import App
+from runtime.settings import Config, parse_config
+from runtime.supervisor import Supervisor
+
+IMAGE = "toolcell/python:bookworm"
+TRIVIAL = ["python3", "-I", "/opt/toolcell/tools/wordcount.py"]
+TRIVIAL_ARGS = json.dumps({"text": "one small call"})
+PYRUN = ["python3", "-I", "-u", "/opt/toolcell/tools/pyrun.py"]
+FLOOD_CODE = ("import sys\nb = b'x' * (1 << 20)\nw = sys.stdout.buffer\n"
+              "for _ in range({mib}):\n    w.write(b)\nw.flush()\n")
+ENGINE_PROCESSES = ("dockerd", "containerd")
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure."""
+
+    latency_n: int
+    noop_n: int
+    levels: tuple[int, ...]
+    per_level: Callable[[int], int]
+    pool_size: int
+    flood_mib: int
+
+    @staticmethod
+    def full() -> Plan:
+        return Plan(latency_n=40, noop_n=500, levels=(1, 4, 16), per_level=lambda c: max(12, 3 * c),
+                    pool_size=8, flood_mib=100)
+
+    @staticmethod
+    def quick() -> Plan:
+        return Plan(latency_n=5, noop_n=50, levels=(1, 4, 16), per_level=lambda c: c, pool_size=4, flood_mib=10)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def summary(samples_s: list[float], elapsed_s: float | None = None) -> dict[str, float]:
+    ms = [s * 1000 for s in samples_s]
+    out = {"n": float(len(ms)), "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
+           "p99_ms": percentile(ms, 99), "mean_ms": sum(ms) / len(ms) if ms else math.nan}
+    total = elapsed_s if elapsed_s is not None else sum(samples_s)
+    out["per_s"] = len(ms) / total if total > 0 else math.nan
+    return out
+
+
+@dataclass
+class Report:
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def put(self, key: str, value: Any) -> None:
+        self.figures[key] = value
+
+
+class _ServerThread:
+    """A supervisor + gRPC server on its own thread and event loop (so client and server don't share one)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.backend: DockerBackend | None = None
+        self.app: App | None = None
+        self.address = ""
+        self._thread = threading.Thread(target=self.loop.run_forever, name="toolcell-bench-server", daemon=True)
+
+    def run(self, coro: Awaitable[Any], timeout: float = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(_wrap(coro), self.loop).result(timeout)
+
+    def start(self) -> None:
+        self._thread.start()
+
+        async def boot() -> str:
+            self.backend = DockerBackend(self.config.docker_host)
+            self.app = App(Supervisor(self.config, self.backend))
+            return await self.app.start()
+
+        self.address = self.run(boot())
+
+    @property
+    def supervisor(self) -> Supervisor:
+        assert self.app is not None
+        return self.app.supervisor
+
+    def stop(self) -> None:
+        if self.app is not None:
+            self.run(self.app.stop(grace_s=2.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+async def _wrap(coro: Awaitable[Any]) -> Any:
+    return await coro
+
+
+def bench_config(socket_path: str, owner: str, pool_size: int, flood_mib: int) -> Config:
+    tool = {"image": IMAGE, "command": TRIVIAL,
+            "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}}}
+    doc = {
+        "version": 1,
+        "server": {"listen": f"unix://{socket_path}", "instance": owner, "shutdown_grace": "2s"},
+        # The built-in default profile's hardening; only the timeout is raised for the flood.
+        "profiles": {"default": {"timeout": "60s"}},
+        "tools": [
+            {"name": "bench.cold", "description": "trivial tool, cold", **tool},
+            {"name": "bench.warm", "description": "trivial tool, pooled", **tool,
+             "pool": {"size": pool_size, "ttl": "10m"}},
+            {"name": "bench.flood", "description": f"{flood_mib} MiB of stdout", "image": IMAGE, "command": PYRUN,
+             "input_schema": {"type": "object"}},
+        ],
+    }
+    return parse_config(doc, environ={}, base_dir=Path.cwd())
+
+
+def _engine_write_bytes() -> int:
+    """Bytes the engine's processes sent to the storage layer so far (/proc/<pid>/io write_bytes)."""
+    total = 0
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] in ENGINE_PROCESSES:
+            with contextlib.suppress(psutil.Error):
+                total += proc.io_counters().write_bytes
+    return total
+
+
+class _RssSampler:
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self._proc = psutil.Process()
+        self.base = self._proc.memory_info().rss
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+class Bench:
+    def __init__(self, plan: Plan, progress: tqdm[Any]) -> None:
+        self.plan = plan
+        self.bar = progress
+        self.report = Report()
+        self.owner = "bench-" + secrets.token_hex(5)
+        self._tmp = tempfile.TemporaryDirectory(prefix="toolcell-bench-")
+        self.config = bench_config(os.path.join(self._tmp.name, "s.sock"), self.owner, plan.pool_size,
+                                   plan.flood_mib)
+        self.server = _ServerThread(self.config)
+        self.client: Client | None = None
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _step(self, label: str) -> None:
+        self.bar.set_description(label)
+
+    def _tick(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    async def _call(self, tool: str, args: str = TRIVIAL_ARGS) -> tuple[float, Result]:
+        assert self.client is not None
+        t0 = time.perf_counter()
+        result = await self.client.call(tool, args)
+        elapsed = time.perf_counter() - t0
+        if result.status is not Status.OK:
+            raise RuntimeError(f"{tool}: {result.status.value} {result.message} {result.stderr[-300:]}")
+        return elapsed, result
+
+    async def _query(self, fn: Callable[[], Any]) -> Any:
+        """Read the supervisor's state on its own loop (it is not thread-safe)."""
+        async def read() -> Any:
+            return fn()
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(read(), self.server.loop))
+
+    async def _stats(self) -> Any:
+        return (await self._query(self.server.supervisor.pools.stats))["bench.warm"]
+
+    async def _pool_full(self, timeout: float = 60) -> None:
+        """Wait until the pool is full and idle: requests then come at a rate the pool sustains."""
+        pools = self.server.supervisor.pools
+        deadline = time.monotonic() + timeout
+        while not await self._query(lambda: pools.settled("bench.warm")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the pool did not fill in {timeout:.0f}s: {await self._stats()}")
+            await asyncio.sleep(0.02)
+
+    # -- the six measurements -------------------------------------------------------------------------
+
+    async def noop(self) -> None:
+        self._step("1 no-op gRPC")
+        async with grpc.aio.insecure_channel(self.server.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="")
+            for _ in range(20):
+                await stub.Check(request)
+            samples = []
+            for _ in range(self.plan.noop_n):
+                t0 = time.perf_counter()
+                await stub.Check(request)
+                samples.append(time.perf_counter() - t0)
+                self._tick()
+        self.report.put("noop_grpc", summary(samples))
+
+    def _raw_plan(self) -> Any:
+        config = self.config
+        return compile_step(config, resolve(config, "bench.cold"), "bench-raw-" + secrets.token_hex(4), None)
+
+    def raw_once(self, backend: DockerBackend) -> float:
+        stdin = TRIVIAL_ARGS.encode() + b"\n"
+        t0 = time.perf_counter()
+        code, received = backend.baseline_cycle(self._raw_plan(), stdin)
+        elapsed = time.perf_counter() - t0
+        if code != 0 or received == 0:
+            raise RuntimeError(f"raw baseline cycle failed: exit {code}, {received} bytes")
+        return elapsed
+
+    async def latency(self, backend: DockerBackend) -> None:
+        n = self.plan.latency_n
+        loop = asyncio.get_running_loop()
+        self._step("2 raw docker-py")
+        await self._pool_full()  # the engine is idle: no refill competes with what is measured
+        await loop.run_in_executor(None, self.raw_once, backend)  # warm the engine's caches
+        raw = []
+        for _ in range(n):
+            raw.append(await loop.run_in_executor(None, self.raw_once, backend))
+            self._tick()
+        self.report.put("raw_docker", summary(raw))
+        self._step("3 toolcell cold")
+        await self._call("bench.cold")
+        cold = []
+        for _ in range(n):
+            cold.append((await self._call("bench.cold"))[0])
+            self._tick()
+        self.report.put("cold", summary(cold))
+        self._step("4 toolcell warm")
+        hits0 = (await self._stats()).hits
+        warm = []
+        for _ in range(n):
+            await self._pool_full()
+            warm.append((await self._call("bench.warm"))[0])
+            self._tick()
+        hits = (await self._stats()).hits - hits0
+        self.report.put("warm", {**summary(warm), "warm_hits": hits})
+
+    async def throughput(self, backend: DockerBackend) -> None:
+        rows: dict[str, dict[str, Any]] = {}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(self.plan.levels)) as threads:
+            loop = asyncio.get_running_loop()
+            for c in self.plan.levels:
+                total = self.plan.per_level(c)
+                self._step(f"5 throughput c={c} raw")
+                await self._pool_full()
+                rows[f"raw_c{c}"] = await self._closed_loop(
+                    c, total, lambda: loop.run_in_executor(threads, self.raw_once, backend))
+                self._step(f"5 throughput c={c} cold")
+                rows[f"cold_c{c}"] = await self._closed_loop(c, total, lambda: self._timed_call("bench.cold"))
+                self._step(f"5 throughput c={c} warm")
+                await self._pool_full()
+                before = await self._stats()
+                t0 = time.perf_counter()
+                row = await self._closed_loop(c, total, lambda: self._timed_call("bench.warm"))
+                after = await self._stats()
+                row["warm_hits"] = after.hits - before.hits
+                row["cold_fallbacks"] = after.misses - before.misses
+                row["refill_per_s"] = (after.created - before.created) / (time.perf_counter() - t0)
+                rows[f"warm_c{c}"] = row
+        self.report.put("throughput", rows)
+
+    async def _timed_call(self, tool: str) -> float:
+        return (await self._call(tool))[0]
+
+    async def _closed_loop(self, concurrency: int, total: int, one: Callable[[], Awaitable[float]]) -> dict[str, Any]:
+        """``concurrency`` workers issue ``total`` calls back to back; invocations/s over the wall time."""
+        remaining = total
+        samples: list[float] = []
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                samples.append(await one())
+                self._tick()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return {**summary(samples, time.perf_counter() - t0), "concurrency": concurrency}
+
+    async def flood(self, backend: DockerBackend) -> None:
+        self._step(f"6 {self.plan.flood_mib} MiB flood")
+        assert self.client is not None
+        args = json.dumps({"code": FLOOD_CODE.format(mib=self.plan.flood_mib)})
+        # Control: the same measurement around a trivial call (container metadata the engine writes).
+        disk0 = _engine_write_bytes()
+        await self._call("bench.cold")
+        control = _engine_write_bytes() - disk0
+        log_paths: list[str] = []
+        disk0 = _engine_write_bytes()
+        t0 = time.perf_counter()
+        with _RssSampler() as rss:
+            result: Result | None = None
+            async for event in self.client.execute("bench.flood", args):
+                if isinstance(event, Started):
+                    info = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                        backend.inspect(event.sandbox_id), self.server.loop))
+                    log_paths.append(str(info.get("LogPath") or ""))
+                elif isinstance(event, Result):
+                    result = event
+        elapsed = time.perf_counter() - t0
+        written = _engine_write_bytes() - disk0
+        self._tick()
+        if result is None or result.status is not Status.OK:
+            raise RuntimeError(f"flood failed: {result}")
+        log_bytes = sum(Path(p).stat().st_size for p in log_paths if p and Path(p).exists())  # noqa: ASYNC240
+        self.report.put("flood", {
+            "mib": self.plan.flood_mib, "stdout_bytes_seen": result.stdout_bytes, "kept_bytes": len(result.output),
+            "seconds": elapsed, "mib_per_s": result.stdout_bytes / MiB / elapsed,
+            "rss_growth_mib": (rss.peak - rss.base) / MiB,
+            "engine_disk_write_bytes": written, "engine_disk_write_bytes_trivial_call": control,
+            "log_path": ",".join(log_paths) or "(none: log driver 'none')", "log_bytes": log_bytes,
+        })
+
+    async def run(self) -> dict[str, Any]:
+        self.server.start()
+        self.client = Client(self.server.address)
+        backend = DockerBackend(self.config.docker_host)
+        try:
+            await self.noop()
+            await self.latency(backend)
+            await self.throughput(backend)
+            await self.flood(self.server.backend or backend)
+        finally:
+            await self.client.close()
+            self.server.stop()
+            await backend.remove_orphans(self.owner)
+            await backend.close()
+            self._tmp.cleanup()
+        load = os.getloadavg()
+        self.report.put("machine", {"cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in load],
+                                    "pool_size": self.plan.pool_size})
+        self.report.put("targets", targets(self.report.figures))
+        return self.report.figures
+
+
+def total_ticks(plan: Plan) -> int:
+    return plan.noop_n + 3 * plan.latency_n + 3 * sum(plan.per_level(c) for c in plan.levels) + 1
+
+
+def targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    t = f["throughput"]
+    raw_p50, cold_p50 = f["raw_docker"]["p50_ms"], f["cold"]["p50_ms"]
+    out: dict[str, dict[str, Any]] = {
+        "cold_p50_vs_raw": {"value": cold_p50 / raw_p50, "limit": "<= 1.10", "met": cold_p50 <= 1.10 * raw_p50},
+        "warm_p50_ms": {"value": f["warm"]["p50_ms"], "limit": "<= 5", "met": f["warm"]["p50_ms"] <= 5},
+        "warm_p99_ms": {"value": f["warm"]["p99_ms"], "limit": "<= 20", "met": f["warm"]["p99_ms"] <= 20},
+    }
+    for key in sorted(k for k in t if k.startswith("cold_c")):
+        c = key.removeprefix("cold_c")
+        ratio = t[key]["per_s"] / t[f"raw_c{c}"]["per_s"]
+        out[f"throughput_c{c}_cold_vs_raw"] = {"value": ratio, "limit": ">= 0.9", "met": ratio >= 0.9}
+        wratio = t[f"warm_c{c}"]["per_s"] / t[f"raw_c{c}"]["per_s"]
+        out[f"throughput_c{c}_warm_vs_raw"] = {"value": wratio, "limit": ">= 0.9", "met": wratio >= 0.9}
+    fl = f["flood"]
+    out["flood_rss_growth_mib"] = {"value": fl["rss_growth_mib"], "limit": "<= 32", "met": fl["rss_growth_mib"] <= 32}
+    extra = max(0, fl["engine_disk_write_bytes"] - fl["engine_disk_write_bytes_trivial_call"]) + fl["log_bytes"]
+    out["flood_engine_disk_bytes_beyond_trivial_call"] = {"value": extra, "limit": "== 0 (shared engine: noisy)",
+                                                         "met": extra < MiB}
+    return out
+
+
+def render(f: dict[str, Any]) -> str:
+    lines = []
+    head = f"{'measurement':38} {'n':>5} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'inv/s':>8}"
+    lines += [head, "-" * len(head)]
+
+    def row(name: str, s: dict[str, Any], extra: str = "") -> None:
+        lines.append(f"{name:38} {int(s['n']):>5} {s['p50_ms']:>9.2f} {s['p95_ms']:>9.2f} {s['p99_ms']:>9.2f} "
+                     f"{s['per_s']:>8.2f}{extra}")
+
+    row("1 no-op gRPC (health Check)", f["noop_grpc"])
+    row("2 raw docker-py cycle", f["raw_docker"])
+    row("3 toolcell cold (gRPC, end to end)", f["cold"])
+    row("4 toolcell warm (gRPC, end to end)", f["warm"], f"   warm hits {f['warm']['warm_hits']}/{int(f['warm']['n'])}")
+    for key, s in f["throughput"].items():
+        kind, c = key.split("_c")
+        extra = ""
+        if kind == "warm":
+            extra = (f"   warm {s['warm_hits']}, cold fallback {s['cold_fallbacks']}, "
+                     f"refill {s['refill_per_s']:.1f}/s")
+        row(f"5 throughput {kind:4} c={c}", s, extra)
+    fl = f["flood"]
+    lines += ["", f"6 flood: {fl['mib']} MiB stdout in {fl['seconds']:.2f}s ({fl['mib_per_s']:.0f} MiB/s), "
+                  f"kept {fl['kept_bytes']} bytes; supervisor RSS growth {fl['rss_growth_mib']:.1f} MiB; "
+                  f"engine disk writes {fl['engine_disk_write_bytes']} bytes (a trivial call: "
+                  f"{fl['engine_disk_write_bytes_trivial_call']}); "
+                  f"container log {fl['log_path']}: {fl['log_bytes']} bytes"]
+    lines += ["", f"ratios: cold/raw p50 {f['cold']['p50_ms'] / f['raw_docker']['p50_ms']:.3f}, "
+                  f"warm/no-op p50 {f['warm']['p50_ms'] / f['noop_grpc']['p50_ms']:.1f}, "
+                  f"warm/cold p50 {f['warm']['p50_ms'] / f['cold']['p50_ms']:.3f}"]
+    m = f["machine"]
+    lines += [f"machine: {m['cpus']} cpus, load average {m['loadavg']}, pool size {m['pool_size']}", "", "targets:"]
+    for name, t in f["targets"].items():
+        value = t["value"]
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        lines.append(f"  {'MET ' if t['met'] else 'MISS'} {name:46} {shown:>12}  (target {t['limit']})")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def progress(total: int) -> Iterator[tqdm[Any]]:
+    bar = tqdm(total=total, file=sys.stderr, unit="call", dynamic_ncols=True, mininterval=0.25,
+               bar_format="{desc:28} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def main(quick: bool, json_path: str | None) -> int:
+    plan = Plan.quick() if quick else Plan.full()
+    with progress(total_ticks(plan)) as bar:
+        figures = asyncio.run(Bench(plan, bar).run())
+    print(render(figures))
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"figures written to {json_path}", file=sys.stderr)
+    return 0
