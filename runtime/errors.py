@@ -11,6 +11,7 @@ jsonschema, OS) are translated at the seam where they occur (``raise XError(...)
     ├── InvocationConflict       invocation id already in use                     -> ALREADY_EXISTS
     ├── InvocationNotFound       cancel/lookup of an id that is not running       -> NOT_FOUND
     ├── PermissionDenied         caller may not do this                           -> PERMISSION_DENIED
+    ├── SecretError              a granted secret is missing or can't be opened   -> FAILED_PRECONDITION
     ├── BackendError             the sandbox engine failed                        -> INTERNAL
     │   ├── EngineUnavailable    engine unreachable or restarted mid-call         -> UNAVAILABLE
     │   ├── ImageMissing         the tool's image is not present on the engine    -> FAILED_PRECONDITION
@@ -57,6 +58,10 @@ class InvocationNotFound(ToolcellError):
 
 class PermissionDenied(ToolcellError):
     pass
+
+
+class SecretError(ToolcellError):
+    """A secret is missing, malformed or can't be decrypted. Messages never carry secret values."""
 
 
 class BackendError(ToolcellError):

@@ -18,7 +18,6 @@ or ``install`` it on a server that has tools of its own.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import secrets
 from collections.abc import Iterable
@@ -67,27 +66,34 @@ def _text(text: str) -> types.TextContent:
 
 
 def call_result(tool: Tool | None, result: Result) -> types.CallToolResult:
-    """The supervisor's final ``Result`` as an MCP ``CallToolResult``."""
-    meta = {f"{META_PREFIX}{k}": v for k, v in (
+    """The supervisor's final ``Result`` as an MCP ``CallToolResult``.
+
+    Structured content is the supervisor's (stdout parsed and validated against the tool's output
+    schema); a tool that declares an output schema but produced none is an error, as MCP requires.
+    """
+    meta: dict[str, Any] = {f"{META_PREFIX}{k}": v for k, v in (
         ("status", result.status.value), ("exit_code", result.exit_code), ("invocation_id", result.invocation_id),
         ("trace_id", result.trace_id), ("duration_ms", result.duration_ms), ("truncated", result.truncated))}
+    for key, counts in (("redactions", result.redactions), ("injection_markers", result.injection_markers)):
+        if counts:
+            meta[f"{META_PREFIX}{key}"] = dict(counts)
     note = "\n[output truncated]" if result.truncated else ""
+    name = tool.name if tool else "?"
     if result.status is not Status.OK:
-        lines = [f"Tool {tool.name if tool else ''!s} ended with status {result.status.value}"
-                 f" (exit code {result.exit_code})" + (f": {result.message}" if result.message else "")]
+        lines = [f"Tool {name} ended with status {result.status.value} (exit code {result.exit_code})"
+                 + (f": {result.message}" if result.message else "")]
         if result.output:
             lines.append(f"stdout:\n{result.output}")
         if result.stderr:
             lines.append(f"stderr:\n{result.stderr}")
         return types.CallToolResult(content=[_text("\n".join(lines) + note)], is_error=True, _meta=meta)
+    if result.structured_content is not None:
+        return types.CallToolResult(content=[_text(result.output + note)],
+                                    structured_content=dict(result.structured_content), _meta=meta)
     if tool is not None and tool.output_schema is not None:
-        try:
-            structured = json.loads(result.output)
-        except ValueError:
-            return types.CallToolResult(is_error=True, _meta=meta, content=[_text(
-                f"Tool {tool.name} declares an output schema but its output is not JSON:\n{result.output}{note}")])
-        return types.CallToolResult(content=[_text(result.output + note)], structured_content=structured,
-                                    _meta=meta)
+        return types.CallToolResult(is_error=True, _meta=meta, content=[_text(
+            f"Tool {name} declares an output schema but its output is not a JSON object valid against it:\n"
+            f"{result.output}{note}")])
     return types.CallToolResult(content=[_text(result.output + note)], _meta=meta)
 
 

@@ -13,6 +13,7 @@ STATUS_TABLE: tuple[tuple[type[errors.ToolcellError], grpc.StatusCode], ...] = (
     (errors.InvalidArguments, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.InvocationConflict, grpc.StatusCode.ALREADY_EXISTS),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.SecretError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ImageMissing, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.RuntimeMissing, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.EngineUnavailable, grpc.StatusCode.UNAVAILABLE),
