@@ -79,9 +79,16 @@ def step(name: str, redactor: Redactor, **attributes: Any) -> Iterator[trace.Spa
         try:
             yield span
         except ToolcellError as exc:
-            span.set_status(trace.Status(trace.StatusCode.ERROR, redactor.redact(str(exc))[0]))
+            span.set_status(trace.Status(trace.StatusCode.ERROR, describe(exc, redactor)))
             span.set_attribute("toolcell.error", type(exc).__name__)
             raise
+
+
+def describe(exc: ToolcellError, redactor: Redactor) -> str:
+    """A payload-free description for spans and logs: schema messages quote the offending value."""
+    if isinstance(exc, InvalidArguments):
+        return f"invalid arguments at {exc.path or '$'}"
+    return redactor.redact(str(exc))[0]
 
 
 def resolve(config: Config, name: str) -> ResolvedTool:
