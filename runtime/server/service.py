@@ -30,8 +30,10 @@ def caller_trace(context: grpc.aio.ServicerContext, name: str) -> Iterator[trace
     carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
     token = otel_context.attach(propagate.extract(carrier))
     try:
-        with tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER,
-                                          attributes={"rpc.system": "grpc", "rpc.service": "toolcell.v1.Supervisor",
+        # No automatic exception recording: an abort carries the rejection message, which may quote
+        # the caller's arguments; rejections are recorded as a status code instead.
+        with tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER, record_exception=False,
+                                          set_status_on_exception=False, attributes={"rpc.system": "grpc", "rpc.service": "toolcell.v1.Supervisor",
                                                       "rpc.method": name.rsplit("/", 1)[-1]}) as span:
             yield span
     finally:
