@@ -32,9 +32,10 @@ def caller_trace(context: grpc.aio.ServicerContext, name: str) -> Iterator[trace
     try:
         # No automatic exception recording: an abort carries the rejection message, which may quote
         # the caller's arguments; rejections are recorded as a status code instead.
-        with tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER, record_exception=False,
-                                          set_status_on_exception=False, attributes={"rpc.system": "grpc", "rpc.service": "toolcell.v1.Supervisor",
-                                                      "rpc.method": name.rsplit("/", 1)[-1]}) as span:
+        attributes = {"rpc.system": "grpc", "rpc.service": "toolcell.v1.Supervisor",
+                      "rpc.method": name.rsplit("/", 1)[-1]}
+        with tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER, attributes=attributes,
+                                          record_exception=False, set_status_on_exception=False) as span:
             yield span
     finally:
         otel_context.detach(token)
