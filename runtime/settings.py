@@ -229,7 +229,7 @@ def _check_grants(grants: tuple[SecretGrant, ...], profile: IsolationProfile, ke
                 raise ConfigError(f"environment variable {g.env!r} is set twice", key=f"{key}[{i}].env")
             seen_env.add(g.env)
         if g.file is not None:
-            if g.file in seen_files or g.file == "/" or g.file.startswith("/tmp/"):  # noqa: S108 - sandbox path
+            if g.file in seen_files or g.file == "/" or g.file.startswith("/tmp/"):  # noqa: S108 # nosec B108
                 raise ConfigError(f"file {g.file!r} is reused or inside the scratch tmpfs", key=f"{key}[{i}].file")
             seen_files.add(g.file)
 

@@ -72,7 +72,7 @@ class IsolationProfile:
     # Non-root uid:gid: a container escape starts without root on the host.
     user: str = "10001:10001"
     # Fixed environment for the tool. Nothing of the supervisor's environment is inherited.
-    env: Mapping[str, str] = field(default_factory=lambda: {"LANG": "C.UTF-8", "HOME": "/tmp"})
+    env: Mapping[str, str] = field(default_factory=lambda: {"LANG": "C.UTF-8", "HOME": "/tmp"})  # nosec B108
     # Names copied from the supervisor's environment. Unsafe: anything listed here reaches the tool.
     env_passthrough: tuple[str, ...] = ()
     mounts: tuple[Mount, ...] = ()
