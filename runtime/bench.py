@@ -126,7 +126,8 @@ class _ServerThread:
 
     @property
     def supervisor(self) -> Supervisor:
-        assert self.app is not None
+        if self.app is None:
+            raise RuntimeError("the bench supervisor is not running")
         return self.app.supervisor
 
     def stop(self) -> None:
@@ -211,10 +212,15 @@ class Bench:
     def _tick(self, n: int = 1) -> None:
         self.bar.update(n)
 
+    @property
+    def _client(self) -> Client:
+        if self.client is None:
+            raise RuntimeError("the bench client is not connected")
+        return self.client
+
     async def _call(self, tool: str, args: str = TRIVIAL_ARGS) -> tuple[float, Result]:
-        assert self.client is not None
         t0 = time.perf_counter()
-        result = await self.client.call(tool, args)
+        result = await self._client.call(tool, args)
         elapsed = time.perf_counter() - t0
         if result.status is not Status.OK:
             raise RuntimeError(f"{tool}: {result.status.value} {result.message} {result.stderr[-300:]}")
@@ -342,7 +348,6 @@ class Bench:
 
     async def flood(self, backend: DockerBackend) -> None:
         self._step(f"6 {self.plan.flood_mib} MiB flood")
-        assert self.client is not None
         args = json.dumps({"code": FLOOD_CODE.format(mib=self.plan.flood_mib)})
         # Control: the same measurement around a trivial call (container metadata the engine writes).
         disk0 = _engine_write_bytes()
@@ -353,7 +358,7 @@ class Bench:
         t0 = time.perf_counter()
         with _RssSampler() as rss:
             result: Result | None = None
-            async for event in self.client.execute("bench.flood", args):
+            async for event in self._client.execute("bench.flood", args):
                 if isinstance(event, Started):
                     info = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
                         backend.inspect(event.sandbox_id), self.server.loop))
@@ -472,8 +477,12 @@ def progress(total: int) -> Iterator[tqdm[Any]]:
 
 def main(quick: bool, json_path: str | None) -> int:
     plan = Plan.quick() if quick else Plan.full()
-    with progress(total_ticks(plan)) as bar:
-        figures = asyncio.run(Bench(plan, bar).run())
+    try:
+        with progress(total_ticks(plan)) as bar:
+            figures = asyncio.run(Bench(plan, bar).run())
+    except RuntimeError as exc:  # a measured call failed: say which, after the bench cleaned up
+        print(f"toolcell: bench failed: {exc}", file=sys.stderr)
+        return 1
     print(render(figures))
     if json_path:
         Path(json_path).write_text(json.dumps(figures, indent=2) + "\n")

@@ -20,4 +20,13 @@ bandit -q -c pyproject.toml -r runtime
 step "pytest (unit, integration and security tests against the real engine)"
 pytest -q -p no:cacheprovider "$@"
 step "toolcell bench --quick (smoke check: it must complete and print its table; targets need the full run)"
-toolcell bench --quick --json "${TMPDIR:-/tmp}/toolcell-bench-quick.json"
+bench_json="$(mktemp --suffix=.json)"
+toolcell bench --quick --json "$bench_json"
+python - "$bench_json" <<'EOF'
+import json, sys
+figures = json.load(open(sys.argv[1]))
+missing = {"noop_grpc", "raw_docker", "cold", "warm", "throughput", "flood", "targets"} - set(figures)
+assert not missing, f"bench JSON lacks {missing}"
+assert figures["warm"]["warm_hits"] > 0, "no call was served warm"
+EOF
+rm -f "$bench_json"
