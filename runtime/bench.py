@@ -421,9 +421,12 @@ def targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[f"throughput_c{c}_warm_vs_raw"] = {"value": wratio, "limit": ">= 0.9", "met": wratio >= 0.9}
     fl = f["flood"]
     out["flood_rss_growth_mib"] = {"value": fl["rss_growth_mib"], "limit": "<= 32", "met": fl["rss_growth_mib"] <= 32}
+    # The engine writes container metadata for every container (and other users share it): the flood's
+    # output is on disk only if the flood writes more than a trivial call does, by a share of its size.
     extra = max(0, fl["engine_disk_write_bytes"] - fl["engine_disk_write_bytes_trivial_call"]) + fl["log_bytes"]
-    out["flood_engine_disk_bytes_beyond_trivial_call"] = {"value": extra, "limit": "== 0 (shared engine: noisy)",
-                                                         "met": extra < MiB}
+    out["flood_output_bytes_on_engine_disk"] = {
+        "value": extra, "limit": "0: log file 0 B, writes beyond a trivial call's < 1% of the flood",
+        "met": fl["log_bytes"] == 0 and extra < fl["mib"] * MiB // 100}
     return out
 
 

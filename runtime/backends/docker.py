@@ -309,6 +309,7 @@ class DockerSandbox:
         self._claimed = False
         self._ended = threading.Event()
         self._scanners: dict[StreamName, TrailerScanner] | None = None
+        # The launcher's exit status, or None: the engine decides (no trailer, or an OOM kill was seen).
         self._trailer: concurrent.futures.Future[int | None] = concurrent.futures.Future()
         self._writer: threading.Thread | None = None
 
@@ -390,7 +391,7 @@ class DockerSandbox:
             # The launcher's trailer ends a pooled run without waiting for the engine to process the
             # exit. Only a clean run is decided from it; anything else asks the engine (OOM flag, signal).
             status = await asyncio.wrap_future(self._trailer)
-            if status == 0 and self._probe.oom_kills() == 0:
+            if status == 0:
                 self._exit = ExitInfo(exit_code=0, oom_killed=False)
         if self._exit is None:
             self._exit = await self._backend._call(self._wait_blocking)
@@ -511,7 +512,9 @@ class DockerSandbox:
             return False
         if scanners["stdout"].done and scanners["stderr"].done:
             self._probe.sample()  # the tool has exited; its cgroup is still there for a moment
-            self._trailer.set_result(scanners["stdout"].status)
+            status = scanners["stdout"].status
+            # A clean status is final only if nothing in the sandbox was OOM-killed; else ask the engine.
+            self._trailer.set_result(None if status == 0 and self._probe.oom_kills() else status)
             return False
         return True
 
