@@ -295,10 +295,11 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
             services.on_sandbox(sandbox)
             span.set_attribute("toolcell.sandbox_id", sandbox.id)
             try:
-                await emit(Started(invocation_id=invocation_id, sandbox_id=sandbox.id, profile=resolved.profile.name,
-                                   tool=resolved.tool.name, trace_id=trace_id))
                 with step("toolcell.start", redactor):
                     await sandbox.start(stdin)
+                # After start: telling the caller overlaps with the tool's run (output waits, bounded).
+                await emit(Started(invocation_id=invocation_id, sandbox_id=sandbox.id, profile=resolved.profile.name,
+                                   tool=resolved.tool.name, trace_id=trace_id))
                 collected = Collected.create(policy.stdout_max_bytes, policy.stderr_max_bytes, policy.max_total_bytes,
                                              redactor)
                 with step("toolcell.run", redactor, **{"toolcell.timeout_s": plan.timeout_s}):

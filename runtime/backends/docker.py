@@ -339,7 +339,16 @@ class DockerSandbox:
         # Installed before the envelope is sent, so the reader thread sees them before any trailer.
         self._scanners = {"stdout": TrailerScanner(nonce), "stderr": TrailerScanner(nonce)}
         self._backend._sampler.add(self._probe)
-        self._writer = threading.Thread(target=_write_stdin, args=(self._sock, envelope(nonce, stdin)),
+        data = envelope(nonce, stdin)
+        # The launcher is blocked reading, so a small envelope fits the socket buffer: send it without
+        # blocking (MSG_DONTWAIT, the socket stays blocking for the reader); the rest goes on a thread.
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            data = data[self._sock.send(data, socket.MSG_DONTWAIT):]
+        if not data:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)
+            return
+        self._writer = threading.Thread(target=_write_stdin, args=(self._sock, data),
                                         name=f"toolcell-in-{self._id[:12]}", daemon=True)
         self._writer.start()
 
