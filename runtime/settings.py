@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
+from runtime.access_settings import SecuritySettings, parse_security
 from runtime.errors import ConfigError
 from runtime.model import Tool
 from runtime.policy.arguments import ArgumentLimits, compile_schema
@@ -62,6 +63,7 @@ class Config:
     docker_host: str | None = None
     source: str = "<built-in>"
     environ: Mapping[str, str] = field(default_factory=dict)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
 
 def runtime_dir() -> Path:
@@ -256,6 +258,7 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         docker_host=doc.get("engine", {}).get("docker_host") or env.get("DOCKER_HOST"),
         source=source,
         environ=env,
+        security=parse_security(doc, listen=listen, base_dir=base_dir, runtime_dir=str(runtime_dir())),
     )
 
 
