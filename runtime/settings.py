@@ -29,6 +29,7 @@ from runtime.policy.seccomp import SeccompProfile, load_seccomp
 
 ENV_CONFIG = "TOOLCELL_CONFIG"
 ENV_LISTEN = "TOOLCELL_LISTEN"
+ENV_TOKEN = "TOOLCELL_TOKEN"  # noqa: S105 # nosec B105 - the variable name, not a token
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 1000**2, "mb": 1000**2,
                "mi": 1024**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3}
@@ -78,6 +79,11 @@ def runtime_dir() -> Path:
 
 def default_target() -> str:
     return os.environ.get(ENV_LISTEN) or f"unix://{runtime_dir()}/toolcell.sock"
+
+
+def client_token() -> str | None:
+    """A caller's bearer JWT from the environment (the CLI's default)."""
+    return os.environ.get(ENV_TOKEN) or None
 
 
 def parse_size(value: int | str, key: str) -> int:
