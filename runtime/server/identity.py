@@ -24,7 +24,7 @@ from runtime.server.tokens import JwtVerifier
 _REQUIREMENT_HELP = {
     "peer": "a connection over the supervisor's Unix socket",
     "cert": "a client certificate (mTLS)",
-    "token": "a bearer token (metadata 'authorization: Bearer <JWT>')",
+    "token": "a bearer token (metadata 'authorization: Bearer <JWT>')",  # nosec B105 - help text
 }
 
 

@@ -83,30 +83,32 @@ class JwksCache:
                 return str(resp.read(MAX_JWKS_BYTES + 1).decode())
         return Path(self.source).read_text()
 
-    async def refresh(self) -> None:
-        async with self._lock:
-            self.fetches += 1
+    async def _refresh(self) -> None:
+        """Fetch and parse the JWKS (caller holds the lock); on failure keep the keys we have."""
+        self.fetches += 1
+        try:
+            text = await asyncio.to_thread(self._read)
+            if len(text) > MAX_JWKS_BYTES:
+                raise ValueError("JWKS too large")
+            keyset = PyJWKSet.from_json(text)
+        except Exception as exc:
+            log.warning("cannot load JWKS from %s: %s", self.source, exc)
+            if not self.keys:
+                raise Unauthenticated("cannot verify bearer tokens now: the identity provider's keys are "
+                                      "unavailable") from exc
+            return
+        finally:
             self.fetched_at = self.clock()
-            try:
-                text = await asyncio.to_thread(self._read)
-                if len(text) > MAX_JWKS_BYTES:
-                    raise ValueError("JWKS too large")
-                keyset = PyJWKSet.from_json(text)
-            except Exception as exc:
-                log.warning("cannot load JWKS from %s: %s", self.source, exc)
-                if not self.keys:
-                    raise Unauthenticated("cannot verify bearer tokens now: the identity provider's keys are "
-                                          "unavailable") from exc
-                return  # keep serving with the keys we have
-            self.keys = {k.key_id or "": k for k in keyset.keys}
-            self.raw = {str(k.get("kid", "")): k for k in keyset_dict(text)}
+        self.keys = {k.key_id or "": k for k in keyset.keys}
+        self.raw = {str(k.get("kid", "")): k for k in keyset_dict(text)}
 
     async def key_for(self, kid: str) -> tuple[PyJWK, dict[str, Any]]:
-        now = self.clock()
-        stale = self.fetched_at is None or now - self.fetched_at >= self.refresh_s
-        may_refetch = self.fetched_at is not None and now - self.fetched_at >= self.min_refetch_s
-        if stale or (kid not in self.keys and may_refetch):
-            await self.refresh()
+        async with self._lock:  # concurrent callers wait for one fetch instead of racing it
+            now = self.clock()
+            stale = self.fetched_at is None or now - self.fetched_at >= self.refresh_s
+            may_refetch = self.fetched_at is not None and now - self.fetched_at >= self.min_refetch_s
+            if stale or (kid not in self.keys and may_refetch):
+                await self._refresh()
         if kid not in self.keys:
             raise Unauthenticated("token is signed with an unknown key (kid)" if kid else
                                   "token has no key id (kid)")
