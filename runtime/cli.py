@@ -32,12 +32,14 @@ async def _serve(args: argparse.Namespace) -> int:
     from runtime.server.app import App
     from runtime.settings import load_config
     from runtime.supervisor import Supervisor
-    from runtime.telemetry import setup_tracing
+    from runtime.telemetry import install_log_redaction, setup_tracing
 
     config = load_config(args.config, listen=args.listen)
     provider = setup_tracing(config.telemetry)
     backend = DockerBackend(config.docker_host)
-    app = App(Supervisor(config, backend))
+    supervisor = Supervisor(config, backend)
+    install_log_redaction(supervisor)
+    app = App(supervisor)
     try:
         address = await app.start()
     except BaseException:
@@ -150,6 +152,42 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return _fail(f"audit chain broken at {verdict.describe()}", EXIT_STATUS)
 
 
+def _secrets(args: argparse.Namespace) -> int:
+    """Manage the encrypted store; values are read from stdin or a prompt, never echoed or taken from argv."""
+    import getpass
+
+    from runtime.secretstore import SecretStore, generate_key
+    from runtime.settings import load_config
+
+    if args.subcommand == "keygen":
+        print(generate_key())
+        return EXIT_OK
+    config = load_config(args.config)
+    if config.secrets is None:
+        return _fail(f"{config.source} has no 'secrets' section (store, key_file or key_env)", EXIT_REJECTED)
+    store = SecretStore.open(config.secrets.store, config.environ)
+    if args.subcommand == "list":
+        granted: dict[str, list[str]] = {}
+        for tool in config.tools.values():
+            for grant in tool.secrets:
+                granted.setdefault(grant.name, []).append(tool.name)
+        for name in store.names():
+            print(f"{name:32} granted to: {', '.join(sorted(granted.get(name, []))) or '-'}")
+        return EXIT_OK
+    if args.subcommand == "rm":
+        if not store.remove(args.name):
+            return _fail(f"no secret named {args.name!r}", EXIT_REJECTED)
+        print(f"removed {args.name}")
+        return EXIT_OK
+    value = getpass.getpass(f"value for {args.name}: ") if sys.stdin.isatty() else sys.stdin.read()
+    value = value.removesuffix("\n")
+    if not value:
+        return _fail("empty value; nothing stored", EXIT_USAGE)
+    store.set(args.name, value)
+    print(f"stored {args.name} ({len(value)} characters)")
+    return EXIT_OK
+
+
 def _images_build(args: argparse.Namespace) -> int:
     from runtime.images import build_images
 
@@ -188,6 +226,15 @@ def parser() -> argparse.ArgumentParser:
     im = sub.add_parser("images", help="runner images")
     ims = im.add_subparsers(dest="subcommand", required=True)
     ims.add_parser("build", help="build the runner images offline (debootstrap + docker import/build)")
+    se = sub.add_parser("secrets", help="manage the encrypted secret store (values are never echoed)")
+    ses = se.add_subparsers(dest="subcommand", required=True)
+    for name, text in (("set", "store a secret; the value is read from stdin (or a prompt)"),
+                       ("rm", "remove a secret"), ("list", "list secret names and the tools granted them")):
+        cmd = ses.add_parser(name, help=text)
+        cmd.add_argument("--config", help="YAML config file with the 'secrets' section")
+        if name != "list":
+            cmd.add_argument("name")
+    ses.add_parser("keygen", help="print a new random key (for key_file or the key variable)")
     sub.add_parser("version", help="print the version")
     return p
 
@@ -209,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             return _audit_verify(args)
         if args.command == "images":
             return _images_build(args)
+        if args.command == "secrets":
+            return _secrets(args)
         print(f"toolcell {__version__}")
         return EXIT_OK
     except ConfigError as exc:

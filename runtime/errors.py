@@ -16,6 +16,7 @@ jsonschema, OS) are translated at the seam where they occur (``raise XError(...)
     │   ├── RateLimited          token bucket or concurrency cap
     │   └── HostOverloaded       admission control: host short of memory or CPU
     ├── AuditUnavailable         the audit record could not be written (fail closed) -> UNAVAILABLE
+    ├── SecretError              a granted secret is missing or can't be opened   -> FAILED_PRECONDITION
     ├── BackendError             the sandbox engine failed                        -> INTERNAL
     │   ├── EngineUnavailable    engine unreachable or restarted mid-call         -> UNAVAILABLE
     │   ├── ImageMissing         the tool's image is not present on the engine    -> FAILED_PRECONDITION
@@ -86,6 +87,8 @@ class HostOverloaded(ResourceExhausted):
 
 class AuditUnavailable(ToolcellError):
     pass
+class SecretError(ToolcellError):
+    """A secret is missing, malformed or can't be decrypted. Messages never carry secret values."""
 
 
 class BackendError(ToolcellError):

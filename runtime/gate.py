@@ -128,4 +128,5 @@ def _result_fields(r: Result) -> Mapping[str, Any]:
         "cpu_time_ns": r.usage.cpu_time_ns, "stdout_bytes": r.stdout_bytes, "stderr_bytes": r.stderr_bytes,
         "output_sha256": sha256_text(r.output), "stderr_sha256": sha256_text(r.stderr),
         "truncated": r.truncated, "trace_id": r.trace_id, "sandbox_id": r.sandbox_id,
+        "redactions": dict(r.redactions),
     }

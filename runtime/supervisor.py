@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from runtime.backends.base import Backend, Sandbox
 from runtime.errors import InvocationConflict, InvocationNotFound, ShuttingDown
 from runtime.model import InvocationRequest, Result, Tool
-from runtime.pipeline import Emit, run_invocation
+from runtime.pipeline import Emit, Services, run_invocation
+from runtime.policy.scrub import Redactor
+from runtime.secretdelivery import SecretDelivery
+from runtime.secretstore import SecretStore
 from runtime.settings import Config
 
 log = logging.getLogger("toolcell.supervisor")
@@ -41,20 +44,42 @@ class Supervisor:
     def __init__(self, config: Config, backend: Backend) -> None:
         self.config = config
         self.backend = backend
+        self.secrets: SecretStore | None = None
+        self.delivery: SecretDelivery | None = None
+        # Knows every secret value granted to any tool: used on error messages, spans and logs.
+        self.redactor = Redactor()
         self._running: dict[str, Running] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
         self._closing = False
 
     async def start(self) -> int:
         """Check the engine and remove sandboxes a previous run of this instance left behind."""
+        self._open_secrets(self.config)
         await self.backend.ping()
         removed = await self.backend.remove_orphans(self.config.server.instance)
         if removed:
             log.warning("removed %d sandbox(es) left behind by a previous run", removed)
         return removed
 
+    def _open_secrets(self, config: Config) -> None:
+        """Open the store and check every granted secret opens now, not at the first call."""
+        granted = sorted({g.name for t in config.tools.values() for g in t.secrets})
+        if config.secrets is None:
+            self.secrets, self.redactor = None, Redactor()
+            return
+        self.secrets = SecretStore.open(config.secrets.store, config.environ)
+        values = self.secrets.get_many(granted)
+        self.redactor = Redactor(values)
+        if any(g.file for t in config.tools.values() for g in t.secrets):
+            if self.delivery is None or str(self.delivery.files_dir) != config.secrets.files_dir:
+                self.delivery = SecretDelivery(config.secrets.files_dir)
+            self.delivery.ensure_tmpfs()
+        elif self.delivery is None:
+            self.delivery = SecretDelivery(config.secrets.files_dir)
+
     def reload(self, config: Config) -> None:
         """Swap the config; in-flight invocations finish under the config they started with."""
+        self._open_secrets(config)
         self.config = config
 
     def list_tools(self) -> list[Tool]:
@@ -77,17 +102,16 @@ class Supervisor:
         running = Running(invocation_id=invocation_id, tool=request.tool, owner=owner)
         self._running[invocation_id] = running
 
-        def on_sandbox(sandbox: Sandbox | None) -> None:
+        def on_sandbox(sandbox: Sandbox) -> None:
             if invocation_id in self._running:
                 running.sandbox = sandbox
-            elif sandbox is not None:  # created after the call was abandoned
+            else:  # created after the call was abandoned
                 self._track(sandbox)
 
+        services = Services(config=self.config, backend=self.backend, secrets=self.secrets, delivery=self.delivery,
+                            on_sandbox=on_sandbox, remove=self._remove, redactor=self.redactor)
         try:
-            return await run_invocation(
-                self.config, self.backend, request, invocation_id, emit, running.cancelled,
-                on_sandbox=on_sandbox, remove=self._remove,
-            )
+            return await run_invocation(services, request, invocation_id, emit, running.cancelled)
         finally:
             self._running.pop(invocation_id, None)
 
@@ -124,3 +148,5 @@ class Supervisor:
             await self.backend.remove_orphans(self.config.server.instance)
         except Exception:
             log.exception("final sandbox sweep failed")
+        if self.delivery is not None:
+            self.delivery.close()

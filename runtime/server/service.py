@@ -16,7 +16,9 @@ from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
 from runtime.errors import InvocationNotFound, ResourceExhausted, ToolcellError
 from runtime.gate import Gate
 from runtime.model import Event, Started
+from runtime.pipeline import describe
 from runtime.policy.access import Principal
+from runtime.policy.scrub import Redactor
 from runtime.server.convert import event_to_pb, request_from_pb, tool_to_pb
 from runtime.server.identity import Authenticator
 from runtime.server.status import RETRY_AFTER_KEY, status_for
@@ -32,20 +34,24 @@ def caller_trace(context: grpc.aio.ServicerContext, name: str) -> Iterator[trace
     carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
     token = otel_context.attach(propagate.extract(carrier))
     try:
-        with tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER,
-                                          attributes={"rpc.system": "grpc", "rpc.service": "toolcell.v1.Supervisor",
-                                                      "rpc.method": name.rsplit("/", 1)[-1]}) as span:
+        # No automatic exception recording: an abort carries the rejection message, which may quote
+        # the caller's arguments; rejections are recorded as a status code instead.
+        attributes = {"rpc.system": "grpc", "rpc.service": "toolcell.v1.Supervisor",
+                      "rpc.method": name.rsplit("/", 1)[-1]}
+        with tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER, attributes=attributes,
+                                          record_exception=False, set_status_on_exception=False) as span:
             yield span
     finally:
         otel_context.detach(token)
 
 
-async def _abort(context: grpc.aio.ServicerContext, span: trace.Span, exc: ToolcellError, what: str) -> None:
+async def _abort(context: grpc.aio.ServicerContext, span: trace.Span, exc: ToolcellError, what: str,
+                 redactor: Redactor) -> None:
     """One way out for every refusal: status from the table, retry hint in trailing metadata."""
     code = status_for(exc)
     span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
     span.set_attribute("rpc.grpc.status_code", code.value[0])
-    log.info("%s rejected: %s %s", what, code.name, exc)
+    log.info("%.160s rejected: %s (%s)", what, code.name, describe(exc, redactor))
     if isinstance(exc, ResourceExhausted):
         context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
     await context.abort(code, str(exc))
@@ -69,7 +75,7 @@ class SupervisorService(pb_grpc.SupervisorServicer):
             await self.gate.record(None, "decision", action=action, tool=tool, decision="deny",
                                    status="UNAUTHENTICATED", reason=str(exc), peer=context.peer(),
                                    trace_id=_trace_id(span))
-            await _abort(context, span, exc, action)
+            await _abort(context, span, exc, action, self.supervisor.redactor)
             raise  # unreachable: abort raises
 
     async def Execute(self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext) -> None:
@@ -101,7 +107,7 @@ class SupervisorService(pb_grpc.SupervisorServicer):
                     await self.gate.invocation_end(principal, request.tool, request.arguments_json, result=result,
                                                    profile=profile)
             except ToolcellError as exc:
-                await _abort(context, span, exc, f"Execute {request.tool}")
+                await _abort(context, span, exc, f"Execute {request.tool!r}", self.supervisor.redactor)
                 return
             await context.write(event_to_pb(result))
 
@@ -113,7 +119,7 @@ class SupervisorService(pb_grpc.SupervisorServicer):
             try:
                 shown = await self.gate.visible(principal, tools)
             except ToolcellError as exc:
-                await _abort(context, span, exc, "ListTools")
+                await _abort(context, span, exc, "ListTools", self.supervisor.redactor)
                 raise
             return pb.ListToolsResponse(tools=[tool_to_pb(tools[name]) for name in shown])
 
@@ -129,5 +135,5 @@ class SupervisorService(pb_grpc.SupervisorServicer):
                     raise
                 await self.gate.cancel_decision(principal, request.invocation_id, allowed=True)
             except ToolcellError as exc:
-                await _abort(context, span, exc, "Cancel")
+                await _abort(context, span, exc, "Cancel", self.supervisor.redactor)
             return pb.CancelResponse(cancelled=True)

@@ -16,6 +16,7 @@ STATUS_TABLE: tuple[tuple[type[errors.ToolcellError], grpc.StatusCode], ...] = (
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.AuditUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.SecretError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ImageMissing, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.RuntimeMissing, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.EngineUnavailable, grpc.StatusCode.UNAVAILABLE),
