@@ -6,7 +6,7 @@
   ``x509_subject_alternative_name``).
 - ``authorization: Bearer <JWT>`` metadata, verified by ``tokens.JwtVerifier``.
 
-A presented token must be valid even where none is required (fail closed); the identities the
+Where JWTs are configured, a presented token must be valid even if none is required (fail closed); the identities the
 listener requires (``auth.require``) must all be present. Failures raise ``Unauthenticated`` with a
 reason that helps the caller and reveals nothing about keys, rules or other callers.
 """
@@ -60,13 +60,13 @@ class Authenticator:
     async def principal(self, context: grpc.aio.ServicerContext) -> Principal:
         peer = self.peers.get(context.peer())
         cert_names = _cert_names(context)
-        token = _bearer(context)
+        # Without auth.jwt an authorization header is no credential here: it is ignored (and, like all
+        # caller metadata, never passed on to a tool).
+        token = _bearer(context) if self.verifier is not None else None
         subject = issuer = None
         scopes: frozenset[str] = frozenset()
         groups: frozenset[str] = frozenset()
-        if token is not None:
-            if self.verifier is None:
-                raise Unauthenticated("this listener does not accept bearer tokens")
+        if token is not None and self.verifier is not None:
             ident = await self.verifier.verify(token)
             subject, issuer, scopes, groups = ident.subject, ident.issuer, ident.scopes, ident.groups
         principal = Principal(peer=peer, cert_names=cert_names, subject=subject, issuer=issuer,
