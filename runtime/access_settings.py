@@ -144,7 +144,7 @@ def parse_security(doc: Mapping[str, Any], *, listen: str, base_dir: Path, runti
             queue=int(adm.get("queue", 0)),
             max_wait_s=parse_duration(adm.get("max_wait", "2s"), "admission.max_wait")),
         audit=None if aud is None else AuditSettings(
-            file=aud["file"].replace("{runtime_dir}", runtime_dir),
+            file=str(base_dir / aud["file"].replace("{runtime_dir}", runtime_dir)),
             max_bytes=parse_size(aud.get("max_bytes", "64Mi"), "audit.max_bytes"),
             keep=int(aud.get("keep", 10))),
     )
