@@ -23,8 +23,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from runtime.api.v1 import supervisor_pb2 as pb
+from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
 from runtime.audit import verify
 from runtime.backends.fake import FakeBackend, FakeProcess
 from runtime.client import Client, ClientError, ClientTls
@@ -239,17 +242,23 @@ async def test_bad_tokens_are_unauthenticated_with_a_useful_reason(tmp_path: Pat
         doc = _jwt_doc(f"unix://{tmp_path}/tc.sock", url)
         doc["audit"] = {"file": str(audit)}
         async with serving(doc) as app:
-            client = Client(app.address, token=tokens[case])
-            if case == "not_bearer":
-                client._metadata = lambda: (("authorization", "Basic dXNlcjpwYXNz"),)  # type: ignore[method-assign]
-            async with client:
-                with pytest.raises(ClientError) as err:
-                    await client.call("text.echo", ARGS)
-                assert err.value.code == "UNAUTHENTICATED"
-                assert reason in err.value.details
-                with pytest.raises(ClientError) as err:
-                    await client.list_tools()
-                assert err.value.code == "UNAUTHENTICATED"
+            if case == "not_bearer":  # a raw channel: the client library only ever sends Bearer
+                async with grpc.aio.insecure_channel(app.address) as channel:
+                    stub = pb_grpc.SupervisorStub(channel)
+                    with pytest.raises(grpc.aio.AioRpcError) as raw:
+                        await stub.ListTools(pb.ListToolsRequest(),
+                                             metadata=(("authorization", "Basic dXNlcjpwYXNz"),))
+                    assert raw.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                    assert reason in (raw.value.details() or "")
+            else:
+                async with Client(app.address, token=tokens[case]) as client:
+                    with pytest.raises(ClientError) as err:
+                        await client.call("text.echo", ARGS)
+                    assert err.value.code == "UNAUTHENTICATED"
+                    assert reason in err.value.details
+                    with pytest.raises(ClientError) as err:
+                        await client.list_tools()
+                    assert err.value.code == "UNAUTHENTICATED"
     record = _audit(audit)[0]
     assert record["status"] == "UNAUTHENTICATED" and reason in record["reason"]
     if tokens[case] and len(tokens[case] or "") > 20:
