@@ -65,14 +65,14 @@ def _result_dict(result: Any) -> dict[str, Any]:
 
 
 async def _call(args: argparse.Namespace) -> int:
-    from runtime.client import Client, ClientError
+    from runtime.client import ClientError
     from runtime.model import OutputChunk, Result, Started
 
     try:
         json.loads(args.args)
     except json.JSONDecodeError as exc:
         return _fail(f"--args is not valid JSON: {exc.msg} at column {exc.colno}", EXIT_USAGE)
-    async with Client(args.target) as client:
+    async with _client(args) as client:
         try:
             async for event in client.execute(args.tool, args.args, timeout=args.timeout):
                 if isinstance(event, Started) and not args.json:
@@ -99,9 +99,9 @@ async def _call(args: argparse.Namespace) -> int:
 
 
 async def _tools(args: argparse.Namespace) -> int:
-    from runtime.client import Client, ClientError
+    from runtime.client import ClientError
 
-    async with Client(args.target) as client:
+    async with _client(args) as client:
         try:
             tools = await client.list_tools()
         except ClientError as exc:
@@ -117,7 +117,7 @@ async def _tools(args: argparse.Namespace) -> int:
 
 
 async def _mcp(args: argparse.Namespace) -> int:
-    from runtime.client import Client, ClientError
+    from runtime.client import ClientError
     from runtime.mcp.adapter import SandboxedTools
     from runtime.mcp.bridge import parse_listen, serve_http, serve_stdio
 
@@ -126,7 +126,7 @@ async def _mcp(args: argparse.Namespace) -> int:
             parse_listen(args.listen)
         except ValueError as exc:
             return _fail(f"--listen: {exc}", EXIT_USAGE)
-    async with Client(args.target) as client:
+    async with _client(args) as client:
         try:  # fail fast and clearly, before an MCP client sees a server that cannot work
             names = {t.name for t in await client.list_tools(timeout=10.0)}
         except ClientError as exc:
@@ -153,6 +153,34 @@ def _profiles_check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     print(f"{args.file}: ok ({len(config.profiles)} profiles, {len(config.tools)} tools)")
     return EXIT_OK
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from runtime.client import Client, ClientTls
+    from runtime.settings import client_token
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else client_token()
+    tls = None
+    if args.tls_ca:
+        tls = ClientTls(ca_pem=Path(args.tls_ca).read_bytes(),
+                        cert_pem=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+                        key_pem=Path(args.tls_key).read_bytes() if args.tls_key else None)
+    return Client(args.target, token=token, tls=tls)
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from runtime.audit import verify
+
+    try:
+        verdict = verify(args.files)
+    except OSError as exc:
+        return _fail(f"cannot read {exc.filename}: {exc.strerror}", EXIT_USAGE)
+    if verdict.ok:
+        print(verdict.describe())
+        return EXIT_OK
+    return _fail(f"audit chain broken at {verdict.describe()}", EXIT_STATUS)
 
 
 def _secrets(args: argparse.Namespace) -> int:
@@ -213,6 +241,10 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tools", help="list the tools a caller may use")
     t.add_argument("--target")
     t.add_argument("--json", action="store_true")
+    au = sub.add_parser("audit", help="the audit trail")
+    aus = au.add_subparsers(dest="subcommand", required=True)
+    av = aus.add_parser("verify", help="check the hash chain; report the first broken record")
+    av.add_argument("files", nargs="+", metavar="FILE", help="files in chain order: rotated (FILE.000001 ...) first")
     m = sub.add_parser("mcp", help="run an MCP server (stdio or Streamable HTTP) backed by the supervisor")
     m.add_argument("--target", help="supervisor address (default: the built-in socket)")
     m.add_argument("--transport", choices=("stdio", "http"), default="stdio",
@@ -222,6 +254,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--path", default="/mcp", help="HTTP endpoint path (default /mcp)")
     m.add_argument("--tool", action="append", metavar="NAME", help="serve only this tool (repeatable)")
     m.add_argument("-v", "--verbose", action="store_true")
+    for cmd in (c, t, m):
+        cmd.add_argument("--token-file", help="file with a bearer JWT (default: $TOOLCELL_TOKEN)")
+        cmd.add_argument("--tls-ca", help="PEM CA of the server's certificate (TCP + TLS)")
+        cmd.add_argument("--tls-cert", help="PEM client certificate (mTLS)")
+        cmd.add_argument("--tls-key", help="PEM client key (mTLS)")
     pr = sub.add_parser("profiles", help="isolation profiles")
     prs = pr.add_subparsers(dest="subcommand", required=True)
     chk = prs.add_parser("check", help="validate a config file completely, as the supervisor would")
@@ -260,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_mcp(args))
         if args.command == "profiles":
             return _profiles_check(args)
+        if args.command == "audit":
+            return _audit_verify(args)
         if args.command == "images":
             return _images_build(args)
         if args.command == "secrets":

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
+from runtime.access_settings import SecuritySettings, parse_security
 from runtime.errors import ConfigError
 from runtime.model import SecretGrant, Tool
 from runtime.policy.arguments import ArgumentLimits, compile_schema
@@ -29,6 +30,7 @@ from runtime.secretstore import SecretStoreSettings
 
 ENV_CONFIG = "TOOLCELL_CONFIG"
 ENV_LISTEN = "TOOLCELL_LISTEN"
+ENV_TOKEN = "TOOLCELL_TOKEN"  # noqa: S105 # nosec B105 - the variable name, not a token
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 1000**2, "mb": 1000**2,
                "mi": 1024**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3}
@@ -79,6 +81,7 @@ class Config:
     output_validators: Mapping[str, Draft202012Validator] = field(default_factory=dict)
     source: str = "<built-in>"
     environ: Mapping[str, str] = field(default_factory=dict)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
     # Tool name -> its warm pool (the tool's own ``pool``, else its profile's). Tools granted secrets
     # are never pooled: a pooled container must hold no secret before it is claimed.
     pools: Mapping[str, PoolSpec] = field(default_factory=dict)
@@ -96,6 +99,11 @@ def runtime_dir() -> Path:
 
 def default_target() -> str:
     return os.environ.get(ENV_LISTEN) or f"unix://{runtime_dir()}/toolcell.sock"
+
+
+def client_token() -> str | None:
+    """A caller's bearer JWT from the environment (the CLI's default)."""
+    return os.environ.get(ENV_TOKEN) or None
 
 
 def parse_size(value: int | str, key: str) -> int:
@@ -355,6 +363,7 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         docker_host=doc.get("engine", {}).get("docker_host") or env.get("DOCKER_HOST"),
         source=source,
         environ=env,
+        security=parse_security(doc, listen=listen, base_dir=base_dir, runtime_dir=str(runtime_dir())),
         pools=_build_pools(doc, tools),
     )
 

@@ -38,6 +38,7 @@ def new_invocation_id() -> str:
 class Running:
     invocation_id: str
     tool: str
+    owner: str = ""  # the principal that started it: only it may cancel or look it up
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     sandbox: Sandbox | None = None
 
@@ -96,7 +97,7 @@ class Supervisor:
     def in_flight(self) -> int:
         return len(self._running)
 
-    async def execute(self, request: InvocationRequest, emit: Emit) -> Result:
+    async def execute(self, request: InvocationRequest, emit: Emit, owner: str = "") -> Result:
         if self._closing:
             raise ShuttingDown()
         invocation_id = request.invocation_id or new_invocation_id()
@@ -106,7 +107,7 @@ class Supervisor:
             raise InvalidArguments("must be 8-128 characters of [A-Za-z0-9_.:-]", path="invocation_id")
         if invocation_id in self._running:
             raise InvocationConflict(f"invocation {invocation_id!r} is already running")
-        running = Running(invocation_id=invocation_id, tool=request.tool)
+        running = Running(invocation_id=invocation_id, tool=request.tool, owner=owner)
         self._running[invocation_id] = running
 
         def on_sandbox(sandbox: Sandbox) -> None:
@@ -123,9 +124,10 @@ class Supervisor:
         finally:
             self._running.pop(invocation_id, None)
 
-    async def cancel(self, invocation_id: str) -> None:
+    async def cancel(self, invocation_id: str, owner: str | None = None) -> None:
+        """Cancel a run; with ``owner``, only the owner's (another's run looks exactly like no run)."""
         running = self._running.get(invocation_id)
-        if running is None:
+        if running is None or (owner is not None and running.owner != owner):
             raise InvocationNotFound(f"no running invocation {invocation_id!r}")
         running.cancelled.set()
 
