@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runtime.backends.base import Backend, Sandbox, WarmSandbox
@@ -42,6 +43,7 @@ REFILL_CONCURRENCY = 2
 REFILL_DELAY_S = 0.1
 REMOVAL_CONCURRENCY = 4
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.2, 5.0
+_CAP_POLL_S = 0.25
 
 
 def fingerprint(plan: ContainerPlan) -> int:
@@ -86,9 +88,11 @@ class _Pool:
 
 
 class PoolManager:
-    def __init__(self, backend: Backend, *, refill_concurrency: int = REFILL_CONCURRENCY,
-                 removal_concurrency: int = REMOVAL_CONCURRENCY) -> None:
+    def __init__(self, backend: Backend, *, headroom: Callable[[], int] = lambda: 1 << 30,
+                 refill_concurrency: int = REFILL_CONCURRENCY, removal_concurrency: int = REMOVAL_CONCURRENCY) -> None:
+        """``headroom()``: how many more sandboxes may exist now (the concurrency cap less live and pooled)."""
         self.backend = backend
+        self._headroom = headroom
         self._pools: dict[str, _Pool] = {}
         self._refill = asyncio.Semaphore(refill_concurrency)
         self._removal = asyncio.Semaphore(removal_concurrency)
@@ -141,6 +145,11 @@ class PoolManager:
         pool.stats.misses += 1
         pool.wake.set()
         return None
+
+    def shed(self) -> None:
+        """Live calls need the room: every pool re-checks the cap now."""
+        for pool in self._pools.values():
+            pool.wake.set()
 
     def owns(self, sandbox: Sandbox) -> bool:
         return sandbox.id in self._owned
@@ -216,7 +225,8 @@ class PoolManager:
                     pool.ready.remove(entry)
                     pool.stats.recycled += 1
                     self.retire(entry.sandbox)
-            excess = len(pool.ready) + pool.creating - pool.spec.size
+            # Over the concurrency cap (live calls grew): give idle sandboxes back, newest first.
+            excess = max(len(pool.ready) + pool.creating - pool.spec.size, -self._headroom())
             while excess > 0 and pool.ready:
                 pool.stats.recycled += 1
                 self.retire(pool.ready.pop().sandbox)
@@ -228,13 +238,18 @@ class PoolManager:
                 continue
             if pool.ready:
                 backoff = _BACKOFF_MIN_S
-            # Creations run in parallel up to the shared bound, which is what limits the engine load.
-            while len(pool.ready) + pool.creating < pool.spec.size and pool.creating < REFILL_CONCURRENCY:
+            # Creations run in parallel up to the shared bound, which is what limits the engine load;
+            # pooled sandboxes count against the concurrency cap, so live calls keep their share.
+            while (len(pool.ready) + pool.creating < pool.spec.size and pool.creating < REFILL_CONCURRENCY
+                   and self._headroom() > 0):
                 pool.creating += 1
                 self._spawn(self._create(pool))
             oldest = min((e.created_at for e in pool.ready), default=now)
+            timeout = max(0.05, oldest + pool.spec.ttl_s - now)
+            if len(pool.ready) + pool.creating < pool.spec.size:
+                timeout = min(timeout, _CAP_POLL_S)  # held back by the cap: look again soon
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(pool.wake.wait(), timeout=max(0.05, oldest + pool.spec.ttl_s - now))
+                await asyncio.wait_for(pool.wake.wait(), timeout=timeout)
 
     async def _create(self, pool: _Pool) -> None:
         sandbox: WarmSandbox | None = None

@@ -350,6 +350,12 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
             annotations=t.get("annotations", {}),
             secrets=grants,
         )
+    security = parse_security(doc, listen=listen, base_dir=base_dir, runtime_dir=str(runtime_dir()))
+    pools = _build_pools(doc, tools)
+    cap = security.concurrency.global_max
+    if cap is not None and sum(p.size for p in pools.values()) > cap:
+        raise ConfigError(f"warm pools hold {sum(p.size for p in pools.values())} sandboxes but the global "
+                          f"concurrency cap is {cap}: pooled sandboxes count against it", key="tools")
     return Config(
         server=server,
         telemetry=telemetry,
@@ -363,8 +369,8 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         docker_host=doc.get("engine", {}).get("docker_host") or env.get("DOCKER_HOST"),
         source=source,
         environ=env,
-        security=parse_security(doc, listen=listen, base_dir=base_dir, runtime_dir=str(runtime_dir())),
-        pools=_build_pools(doc, tools),
+        security=security,
+        pools=pools,
     )
 
 

@@ -54,7 +54,7 @@ class Supervisor:
         self._running: dict[str, Running] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
         self._closing = False
-        self.pools = PoolManager(backend)
+        self.pools = PoolManager(backend, headroom=self._headroom)
 
     async def start(self) -> int:
         """Check the engine and remove sandboxes a previous run of this instance left behind."""
@@ -93,6 +93,11 @@ class Supervisor:
         return [dataclasses.replace(t, annotations=tool_annotations(t.annotations, self.config.profiles[t.profile]))
                 for t in sorted(self.config.tools.values(), key=lambda t: t.name)]
 
+    def _headroom(self) -> int:
+        """Sandboxes that may still be started: the global concurrency cap counts live and pooled ones."""
+        cap = self.config.security.concurrency.global_max
+        return 1 << 30 if cap is None else cap - self.in_flight - self.pools.pooled
+
     @property
     def in_flight(self) -> int:
         return len(self._running)
@@ -109,6 +114,8 @@ class Supervisor:
             raise InvocationConflict(f"invocation {invocation_id!r} is already running")
         running = Running(invocation_id=invocation_id, tool=request.tool, owner=owner)
         self._running[invocation_id] = running
+        if self._headroom() < 0:
+            self.pools.shed()
 
         def on_sandbox(sandbox: Sandbox) -> None:
             if invocation_id in self._running:

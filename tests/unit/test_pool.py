@@ -235,3 +235,36 @@ def test_fingerprint_ignores_the_invocation_and_timeout_only() -> None:
     changed = parse_config({**doc(), "profiles": {"default": {"timeout": "2s", "memory": "64Mi"}}})
     assert fingerprint(compile_step(changed, resolve(changed, "echo"), "inv_a", None)) != fingerprint(a)
 
+
+
+async def test_pooled_sandboxes_count_against_the_concurrency_cap() -> None:
+    """Live calls keep their share: with the cap reached, idle pooled sandboxes are given back."""
+    d = doc(size=2)
+    d["tools"][1].pop("pool")  # sleeper: cold
+    d["rate_limits"] = {"concurrency": {"global": 3}}
+    backend = FakeBackend({"echo": echo, "sleeper": sleeper})
+    sup = Supervisor(parse_config(d), backend)
+    await sup.start()
+    await eventually(lambda: sup.pools.ready("echo") == 2)
+
+    async def emit(e: Event) -> None:
+        pass
+
+    sleepers = [asyncio.ensure_future(sup.execute(InvocationRequest(tool="sleeper", arguments_json="{}"), emit))
+                for _ in range(2)]
+    await eventually(lambda: sup.in_flight == 2)
+    await eventually(lambda: len(backend.live) <= 3 and sup.pools.ready("echo") == 1)
+    await asyncio.sleep(0.6)  # the pool does not grow back while the cap is reached
+    assert len(backend.live) <= 3 and sup.pools.ready("echo") == 1
+    for task in sleepers:  # the sleepers time out (2s); then the pool refills
+        await task
+    await eventually(lambda: sup.pools.ready("echo") == 2)
+    await sup.shutdown()
+    assert backend.live == []
+
+
+def test_pools_larger_than_the_concurrency_cap_are_refused() -> None:
+    d = doc(size=3)
+    d["rate_limits"] = {"concurrency": {"global": 3}}
+    with pytest.raises(ConfigError, match="count against it"):
+        parse_config(d)
