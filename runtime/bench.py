@@ -421,12 +421,14 @@ def targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[f"throughput_c{c}_warm_vs_raw"] = {"value": wratio, "limit": ">= 0.9", "met": wratio >= 0.9}
     fl = f["flood"]
     out["flood_rss_growth_mib"] = {"value": fl["rss_growth_mib"], "limit": "<= 32", "met": fl["rss_growth_mib"] <= 32}
-    # The engine writes container metadata for every container (and other users share it): the flood's
-    # output is on disk only if the flood writes more than a trivial call does, by a share of its size.
-    extra = max(0, fl["engine_disk_write_bytes"] - fl["engine_disk_write_bytes_trivial_call"]) + fl["log_bytes"]
+    # The engine writes a few KiB of metadata per container, and other users share it: the flood's output
+    # reached the disk only if there is a log file, or the engine wrote a share of the flood's size more
+    # than around a trivial call (a logging driver writes at least the whole flood).
+    extra = max(0, fl["engine_disk_write_bytes"] - fl["engine_disk_write_bytes_trivial_call"])
     out["flood_output_bytes_on_engine_disk"] = {
-        "value": extra, "limit": "0: log file 0 B, writes beyond a trivial call's < 1% of the flood",
-        "met": fl["log_bytes"] == 0 and extra < fl["mib"] * MiB // 100}
+        "value": fl["log_bytes"] + extra,
+        "limit": "0: no log file; engine writes beyond a trivial call's < 10% of the flood",
+        "met": fl["log_bytes"] == 0 and extra < fl["mib"] * MiB // 10}
     return out
 
 
