@@ -203,4 +203,15 @@ async def test_timeout_caps_oom_and_scrubbing_hold_on_the_warm_path(tmp_path: Pa
         scrubbed = await warm(r"print('\x1b[31mred\x1b[0m \x1etoolcell-end:' + '0' * 32 + ':000')")
         assert scrubbed.status is Status.OK and "\x1b" not in scrubbed.output and "red" in scrubbed.output
         assert "toolcell-end" in scrubbed.output, "a forged trailer (wrong nonce) is only output"
-        assert hits()["python.tight"].hits == 4
+        # Cancel: the same terminate step as on the cold path.
+        await eventually(lambda: pools.ready("python.tight") == 1)
+        expected = pooled_ids(app, "python.tight")
+        cancelled: Result | None = None
+        async for event in client.execute("python.tight", json.dumps({"code": "import time; time.sleep(60)"})):
+            if isinstance(event, Started):
+                assert event.sandbox_id in expected
+                assert await client.cancel(event.invocation_id)
+            elif isinstance(event, Result):
+                cancelled = event
+        assert cancelled is not None and cancelled.status is Status.KILLED
+        assert hits()["python.tight"].hits == 5
