@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from runtime.backends.docker import DockerBackend
 from runtime.client import Client
+from runtime.errors import ToolcellError
 from runtime.model import Result, Started, Status
 from runtime.pipeline import compile_step, resolve
 from runtime.server.app import App
@@ -131,8 +132,10 @@ class _ServerThread:
         return self.app.supervisor
 
     def stop(self) -> None:
-        if self.app is not None:
+        if self.app is not None and self.address:
             self.run(self.app.stop(grace_s=2.0))
+        elif self.backend is not None:
+            self.run(self.backend.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 
@@ -157,7 +160,9 @@ def bench_config(socket_path: str, owner: str, pool_size: int, flood_mib: int) -
              "input_schema": {"type": "object"}},
         ],
     }
-    return parse_config(doc, environ={}, base_dir=Path.cwd())
+    # Only the engine's address comes from the environment (the socket and all else are the bench's own).
+    environ = {"DOCKER_HOST": os.environ["DOCKER_HOST"]} if "DOCKER_HOST" in os.environ else {}
+    return parse_config(doc, environ=environ, base_dir=Path.cwd())
 
 
 def _engine_write_bytes() -> int:
@@ -380,18 +385,20 @@ class Bench:
         })
 
     async def run(self) -> dict[str, Any]:
-        self.server.start()
-        self.client = Client(self.server.address)
         backend = DockerBackend(self.config.docker_host)
         try:
+            self.server.start()
+            self.client = Client(self.server.address)
             await self.noop()
             await self.latency(backend)
             await self.throughput(backend)
             await self.flood(self.server.backend or backend)
         finally:
-            await self.client.close()
+            if self.client is not None:
+                await self.client.close()
             self.server.stop()
-            await backend.remove_orphans(self.owner)
+            with contextlib.suppress(ToolcellError):  # e.g. the engine is unreachable: nothing was made
+                await backend.remove_orphans(self.owner)
             await backend.close()
             self._tmp.cleanup()
         load = os.getloadavg()
