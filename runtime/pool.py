@@ -41,6 +41,8 @@ REFILL_CONCURRENCY = 2
 # A claim's refill starts when its invocation ends, or after this long, whichever is first: the
 # engine's CPU-heavy container start then does not compete with a short warm invocation.
 REFILL_DELAY_S = 0.1
+# After a claimed sandbox's invocation ends: its removal and refill start this much later.
+AFTER_CALL_S = 0.05
 REMOVAL_CONCURRENCY = 4
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.2, 5.0
 _CAP_POLL_S = 0.25
@@ -155,11 +157,17 @@ class PoolManager:
         return sandbox.id in self._owned
 
     def retire(self, sandbox: Sandbox) -> asyncio.Task[None]:
-        """Remove a pooled sandbox in the background (bounded); returns the removal task."""
+        """Remove a pooled sandbox in the background (bounded); returns the removal task.
+
+        A claimed sandbox is retired as its invocation ends, before the result is sent: its removal and
+        the refill wait ``AFTER_CALL_S`` so the engine's work does not compete with sending the result.
+        (Its tool has exited; what could linger is capped and has no network, and goes with it.)
+        """
         pool = self._claimed_from.pop(sandbox.id, None)
-        if pool is not None:
-            pool.wake.set()  # its invocation is over: refill now
-        return self._spawn(self._remove(sandbox))
+        if pool is None:
+            return self._spawn(self._remove(sandbox))
+        asyncio.get_running_loop().call_later(AFTER_CALL_S, pool.wake.set)
+        return self._spawn(self._remove(sandbox, delay=AFTER_CALL_S))
 
     # -- introspection -------------------------------------------------------------------------------
 
@@ -274,8 +282,10 @@ class PoolManager:
             pool.creating -= 1
             pool.wake.set()
 
-    async def _remove(self, sandbox: Sandbox) -> None:
+    async def _remove(self, sandbox: Sandbox, delay: float = 0.0) -> None:
         try:
+            if delay and not self._closed:
+                await asyncio.sleep(delay)
             async with self._removal:
                 await sandbox.remove()
         except Exception:  # the shutdown/start-up sweep by label is the backstop
