@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -16,10 +17,14 @@ from grpc_reflection.v1alpha import reflection
 from runtime.api.v1 import supervisor_pb2 as pb
 from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
 from runtime.errors import ConfigError
+from runtime.server.healthcheck import HealthMonitor
 from runtime.server.service import SupervisorService
 from runtime.supervisor import Supervisor
 
 log = logging.getLogger("toolcell.server")
+
+# After the grace period, cancelled calls get this long (plus their kill grace) to report "killed".
+CANCEL_ALLOWANCE_S = 3.0
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Supervisor"].full_name
 
@@ -69,6 +74,7 @@ class App:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
+        self.monitor = HealthMonitor(supervisor, self._set_health)
         self.address = ""
 
     async def _set_health(self, serving: bool) -> None:
@@ -99,16 +105,25 @@ class App:
                 raise ConfigError(f"cannot listen on {listen}: {exc}", key="server.listen") from exc
             host = listen.rsplit(":", 1)[0]
             self.address = f"{host}:{port}"
+        await self._set_health(False)
         await self.server.start()
-        await self._set_health(True)
+        await self.monitor.check_now()
+        self.monitor.start()
         log.info("serving on %s", self.address)
         return self.address
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING, stop accepting, let calls finish within grace, then clean every sandbox."""
+        """NOT_SERVING, stop accepting, let calls finish within grace, cancel the rest, clean every sandbox."""
+        await self.monitor.stop()
         await self._set_health(False)
         grace = self.supervisor.config.server.shutdown_grace_s if grace_s is None else grace_s
-        await self.server.stop(grace)
+        kill_grace = max((p.kill_grace_s for p in self.supervisor.config.profiles.values()), default=0.0)
+        # New RPCs are refused at once; running handlers get until grace + allowance before gRPC cuts them.
+        stopping = asyncio.ensure_future(self.server.stop(grace + kill_grace + CANCEL_ALLOWANCE_S))
+        if not await self.supervisor.drain(grace):
+            log.warning("shutdown grace (%gs) over: cancelling %d running call(s)", grace,
+                        self.supervisor.cancel_all())
+        await stopping
         await self.supervisor.shutdown()
         with contextlib.suppress(Exception):
             await self.supervisor.backend.close()

@@ -55,7 +55,10 @@ class SupervisorService(pb_grpc.SupervisorServicer):
                 code = status_for(exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
-                log.info("Execute %s rejected: %s %s", request.tool, code.name, exc)
+                # The message may quote argument values: the log gets the class and field only.
+                log.info("Execute rejected: %s %s", code.name, type(exc).__name__,
+                         extra={"code": code.name, "error": type(exc).__name__,
+                                "field": getattr(exc, "path", "") or getattr(exc, "key", "")})
                 await context.abort(code, str(exc))
                 return
             await context.write(event_to_pb(result))
