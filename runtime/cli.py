@@ -34,7 +34,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    """Exit 0 SERVING, 1 anything else (NOT_SERVING ...), 4 unreachable: fit for HEALTHCHECK and probes."""
+    """Exit 0 SERVING (--live: or NOT_SERVING), 1 otherwise, 4 unreachable: for HEALTHCHECK and probes."""
     from runtime.control import ControlError, check_health
     from runtime.settings import default_target
 
@@ -43,7 +43,7 @@ def _health(args: argparse.Namespace) -> int:
     except ControlError as exc:
         return _fail(f"health: {exc}", EXIT_UNAVAILABLE)
     print(status)
-    return EXIT_OK if status == "SERVING" else EXIT_STATUS
+    return EXIT_OK if status == "SERVING" or (args.live and status == "NOT_SERVING") else EXIT_STATUS
 
 
 def _reload(args: argparse.Namespace) -> int:
@@ -235,6 +235,7 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--target", help="supervisor address (default: the built-in socket)")
     h.add_argument("--service", default="", help="health service name (default: the whole server)")
     h.add_argument("--timeout", type=float, default=5.0)
+    h.add_argument("--live", action="store_true", help="liveness: any answer (also NOT_SERVING) counts as alive")
     r = sub.add_parser("reload", help="make a running supervisor reload its config file (SIGHUP) and report")
     r.add_argument("--target", help="the supervisor's socket; its state file is <socket>.state")
     r.add_argument("--state-file", help="the supervisor's state file (server.state_file)")
