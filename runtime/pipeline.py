@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from opentelemetry import trace
 
 from runtime.backends.base import Backend, ExitInfo, Sandbox
-from runtime.errors import InvalidArguments, ToolcellError, ToolNotFound
+from runtime.errors import InvalidArguments, SecretError, ToolcellError, ToolNotFound
 from runtime.model import Event, InvocationRequest, OutputChunk, ResolvedTool, Result, Started, Status, Usage
 from runtime.output import Collected
 from runtime.policy.arguments import ArgumentLimits, parse_arguments, validate_arguments
@@ -79,9 +79,16 @@ def step(name: str, redactor: Redactor, **attributes: Any) -> Iterator[trace.Spa
         try:
             yield span
         except ToolcellError as exc:
-            span.set_status(trace.Status(trace.StatusCode.ERROR, redactor.redact(str(exc))[0]))
+            span.set_status(trace.Status(trace.StatusCode.ERROR, describe(exc, redactor)))
             span.set_attribute("toolcell.error", type(exc).__name__)
             raise
+
+
+def describe(exc: ToolcellError, redactor: Redactor) -> str:
+    """A payload-free description for spans and logs: schema messages quote the offending value."""
+    if isinstance(exc, InvalidArguments):
+        return f"invalid arguments at {exc.path or '$'}"
+    return redactor.redact(str(exc))[0]
 
 
 def resolve(config: Config, name: str) -> ResolvedTool:
@@ -122,7 +129,7 @@ def inject_secrets(services: Services, resolved: ResolvedTool, plan: ContainerPl
     if not grants:
         return plan, services.redactor, None
     if services.secrets is None or services.delivery is None:
-        raise ToolcellError("tool is granted secrets but the supervisor has no secret store")
+        raise SecretError("tool is granted secrets but the supervisor has no secret store")
     values = services.secrets.get_many(sorted({g.name for g in grants}))
     delivered = services.delivery.prepare(invocation_id, grants, values, plan.user)
     plan = dataclasses.replace(plan, env={**plan.env, **delivered.env}, mounts=plan.mounts + delivered.mounts)

@@ -15,6 +15,7 @@ from runtime.api.v1 import supervisor_pb2 as pb
 from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
 from runtime.errors import ToolcellError
 from runtime.model import Event
+from runtime.pipeline import describe
 from runtime.server.convert import event_to_pb, request_from_pb, tool_to_pb
 from runtime.server.status import status_for
 from runtime.supervisor import Supervisor
@@ -29,9 +30,12 @@ def caller_trace(context: grpc.aio.ServicerContext, name: str) -> Iterator[trace
     carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
     token = otel_context.attach(propagate.extract(carrier))
     try:
-        with tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER,
-                                          attributes={"rpc.system": "grpc", "rpc.service": "toolcell.v1.Supervisor",
-                                                      "rpc.method": name.rsplit("/", 1)[-1]}) as span:
+        # No automatic exception recording: an abort carries the rejection message, which may quote
+        # the caller's arguments; rejections are recorded as a status code instead.
+        attributes = {"rpc.system": "grpc", "rpc.service": "toolcell.v1.Supervisor",
+                      "rpc.method": name.rsplit("/", 1)[-1]}
+        with tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER, attributes=attributes,
+                                          record_exception=False, set_status_on_exception=False) as span:
             yield span
     finally:
         otel_context.detach(token)
@@ -55,10 +59,9 @@ class SupervisorService(pb_grpc.SupervisorServicer):
                 code = status_for(exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
-                # The message may quote argument values: the log gets the class and field only.
-                log.info("Execute rejected: %s %s", code.name, type(exc).__name__,
-                         extra={"code": code.name, "error": type(exc).__name__,
-                                "field": getattr(exc, "path", "") or getattr(exc, "key", "")})
+                log.info("Execute %.128r rejected: %s (%s)", request.tool, code.name,
+                         describe(exc, self.supervisor.redactor),
+                         extra={"code": code.name, "error": type(exc).__name__})
                 await context.abort(code, str(exc))
                 return
             await context.write(event_to_pb(result))

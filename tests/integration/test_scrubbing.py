@@ -211,3 +211,20 @@ print("env", hits, "files", found)
     assert result.status == pb.STATUS_OK
     assert result.output.strip() == "env [] files []"
     assert token not in json.dumps([str(e) for e in events])
+
+
+async def test_rejected_arguments_are_not_quoted_in_spans_or_logs(setup: tuple[dict[str, Any], dict[str, str]],
+                                                                 tmp_path: Path) -> None:
+    from runtime.client import ClientError
+    from tests.conftest import LOGS, SPANS
+
+    doc, environ = setup
+    marker = "payload-" + uuid.uuid4().hex
+    async with running_supervisor(tmp_path, doc, environ) as (_, client):
+        with pytest.raises(ClientError) as info:
+            await client.call("text.wordcount", json.dumps({"text": [marker]}))
+    assert info.value.code == "INVALID_ARGUMENT" and info.value.details.startswith("text:")
+    spans = [s.to_json() for s in SPANS.get_finished_spans()]
+    assert any("invalid arguments at text" in s for s in spans)
+    leaks = [s for s in spans if marker in s] + [line for line in LOGS.lines if marker in line]
+    assert leaks == []
