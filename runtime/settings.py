@@ -43,6 +43,10 @@ class ServerSettings:
     instance: str = "default"
     shutdown_grace_s: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
+    # How often the engine and the tools' images are checked for the gRPC health status (0: never).
+    health_interval_s: float = 10.0
+    # Where `toolcell reload` finds the pid and the outcome of the last reload.
+    state_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,9 @@ class TelemetrySettings:
     otlp_endpoint: str | None = None
     span_file: str | None = None
     console: bool = False
+    log_format: str = "json"
+    metrics_interval_s: float = 10.0
+    prometheus_listen: str | None = None
 
 
 @dataclass(frozen=True)
@@ -228,6 +235,15 @@ def _build_secrets(raw: Mapping[str, Any] | None, base_dir: Path) -> SecretsSett
     )
 
 
+def _state_file(raw: str | None, listen: str) -> str:
+    """Explicit path, else next to the Unix socket, else in the runtime dir."""
+    if raw:
+        return raw.replace("{runtime_dir}", str(runtime_dir()))
+    if listen.startswith("unix:"):
+        return listen.removeprefix("unix://").removeprefix("unix:") + ".state"
+    return str(runtime_dir() / "toolcell.state")
+
+
 def _check_grants(grants: tuple[SecretGrant, ...], profile: IsolationProfile, key: str) -> None:
     seen_env: set[str] = set()
     seen_files: set[str] = set()
@@ -259,6 +275,8 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         instance=server_raw.get("instance", "default"),
         shutdown_grace_s=parse_duration(server_raw.get("shutdown_grace", 10), "server.shutdown_grace"),
         max_message_bytes=int(server_raw.get("max_message_bytes", 4 * 1024 * 1024)),
+        health_interval_s=parse_duration(server_raw.get("health_interval", 10), "server.health_interval"),
+        state_file=_state_file(server_raw.get("state_file"), listen),
     )
     tel = doc.get("telemetry", {})
     telemetry = TelemetrySettings(
@@ -266,6 +284,9 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         otlp_endpoint=tel.get("otlp_endpoint") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
         span_file=(tel.get("span_file") or "").replace("{runtime_dir}", str(runtime_dir())) or None,
         console=bool(tel.get("console", False)),
+        log_format=tel.get("log_format", "json"),
+        metrics_interval_s=parse_duration(tel.get("metrics_interval", 10), "telemetry.metrics_interval"),
+        prometheus_listen=tel.get("prometheus_listen") or env.get("TOOLCELL_PROMETHEUS_LISTEN") or None,
     )
     lim = doc.get("limits", {})
     limits = ArgumentLimits(**{k: int(v) for k, v in lim.items()})

@@ -7,12 +7,15 @@ and the backend, and runs each invocation through ``pipeline.run_invocation``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 
+from runtime import metrics
 from runtime.backends.base import Backend, Sandbox
 from runtime.errors import InvocationConflict, InvocationNotFound, ShuttingDown
 from runtime.model import InvocationRequest, Result, Tool
@@ -53,6 +56,8 @@ class Supervisor:
         self._running: dict[str, Running] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def start(self) -> int:
         """Check the engine and remove sandboxes a previous run of this instance left behind."""
@@ -64,23 +69,29 @@ class Supervisor:
         return removed
 
     def _open_secrets(self, config: Config) -> None:
-        """Open the store and check every granted secret opens now, not at the first call."""
+        """Open the store and check every granted secret opens now, not at the first call.
+
+        All or nothing: on any error the current store, redactor and delivery stay as they were.
+        """
         granted = sorted({g.name for t in config.tools.values() for g in t.secrets})
         if config.secrets is None:
             self.secrets, self.redactor = None, Redactor()
             return
-        self.secrets = SecretStore.open(config.secrets.store, config.environ)
-        values = self.secrets.get_many(granted)
-        self.redactor = Redactor(values)
+        store = SecretStore.open(config.secrets.store, config.environ)
+        redactor = Redactor(store.get_many(granted))
+        delivery = self.delivery
+        if delivery is None or str(delivery.files_dir) != config.secrets.files_dir:
+            delivery = SecretDelivery(config.secrets.files_dir)
         if any(g.file for t in config.tools.values() for g in t.secrets):
-            if self.delivery is None or str(self.delivery.files_dir) != config.secrets.files_dir:
-                self.delivery = SecretDelivery(config.secrets.files_dir)
-            self.delivery.ensure_tmpfs()
-        elif self.delivery is None:
-            self.delivery = SecretDelivery(config.secrets.files_dir)
+            delivery.ensure_tmpfs()
+        self.secrets, self.redactor, self.delivery = store, redactor, delivery
 
     def reload(self, config: Config) -> None:
-        """Swap the config; in-flight invocations finish under the config they started with."""
+        """Swap the config; in-flight invocations finish under the config they started with.
+
+        ``config`` is already validated (``load_config``); secrets are opened before the swap, so a
+        failure leaves the running config in place.
+        """
         self._open_secrets(config)
         self.config = config
 
@@ -105,8 +116,10 @@ class Supervisor:
             raise InvocationConflict(f"invocation {invocation_id!r} is already running")
         running = Running(invocation_id=invocation_id, tool=request.tool, owner=owner)
         self._running[invocation_id] = running
+        self._idle.clear()
 
         def on_sandbox(sandbox: Sandbox) -> None:
+            metrics.active_sandboxes.add(1)
             if invocation_id in self._running:
                 running.sandbox = sandbox
             else:  # created after the call was abandoned
@@ -114,10 +127,18 @@ class Supervisor:
 
         services = Services(config=self.config, backend=self.backend, secrets=self.secrets, delivery=self.delivery,
                             on_sandbox=on_sandbox, remove=self._remove, redactor=self.redactor)
+        started = time.monotonic()
         try:
-            return await run_invocation(services, request, invocation_id, emit, running.cancelled)
+            result = await run_invocation(services, request, invocation_id, emit, running.cancelled)
         finally:
             self._running.pop(invocation_id, None)
+            if not self._running:
+                self._idle.set()
+        metrics.record_result(request.tool, result.status.value, time.monotonic() - started, result.redactions)
+        log.info("invocation finished", extra={
+            "tool": request.tool, "invocation_id": invocation_id, "status": result.status.value,
+            "exit_code": result.exit_code, "duration_ms": result.duration_ms})
+        return result
 
     async def cancel(self, invocation_id: str, owner: str | None = None) -> None:
         """Cancel a run; with ``owner``, only the owner's (another's run looks exactly like no run)."""
@@ -137,15 +158,29 @@ class Supervisor:
             await sandbox.remove()
         except Exception:  # the shutdown/start-up sweep by label is the backstop
             log.exception("failed to remove sandbox %s", sandbox.id)
+        finally:
+            metrics.active_sandboxes.add(-1)
 
     async def _remove(self, sandbox: Sandbox) -> None:
         await self._track(sandbox)
 
-    async def shutdown(self) -> None:
-        """Cancel what is still running, wait for removals, then sweep by label."""
+    async def drain(self, grace_s: float) -> bool:
+        """Refuse new invocations; wait up to ``grace_s`` for the running ones. True when none is left."""
+        self._closing = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        return not self._running
+
+    def cancel_all(self) -> int:
+        """Cancel every running invocation (each ends with status ``killed``); returns how many."""
         self._closing = True
         for running in list(self._running.values()):
             running.cancelled.set()
+        return len(self._running)
+
+    async def shutdown(self) -> None:
+        """Cancel what is still running, wait for removals, then sweep by label."""
+        self.cancel_all()
         if self._cleanups:
             await asyncio.gather(*list(self._cleanups), return_exceptions=True)
         try:

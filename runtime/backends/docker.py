@@ -134,6 +134,13 @@ class DockerBackend:
     async def ping(self) -> None:
         await self._call(self._api.ping)
 
+    async def has_image(self, image: str) -> bool:
+        try:
+            await self._call(functools.partial(self._api.inspect_image, image), image=image)
+        except ImageMissing:
+            return False
+        return True
+
     async def inspect(self, sandbox_id: str) -> dict[str, Any]:
         """The engine's raw view of one sandbox (for diagnostics and tests; not part of ``Backend``)."""
         result: dict[str, Any] = await self._call(functools.partial(self._api.inspect_container, sandbox_id))
