@@ -86,11 +86,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def probe_tool(name: str, profile: str) -> dict[str, Any]:
+    """A python.run-style tool: the probe's source arrives as the ``code`` argument."""
     return {"name": name, "description": f"hostile probe ({profile})", "image": RUNNER_IMAGE,
-            "command": ["python3", "-I", "-u", "/opt/probes/probe.py"], "profile": profile,
-            "input_schema": {"type": "object", "properties": {"probe": {"type": "string"},
-                                                              "params": {"type": "object"}},
-                             "required": ["probe"]}}
+            "command": ["python3", "-I", "-u", "/opt/toolcell/tools/pyrun.py"], "profile": profile,
+            "input_schema": {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}}
 
 
 def hostile_config(owner: str, socket_path: str, runtime: str) -> dict[str, Any]:
@@ -100,7 +99,9 @@ def hostile_config(owner: str, socket_path: str, runtime: str) -> dict[str, Any]
         "server": {"listen": f"unix://{socket_path}", "instance": owner, "shutdown_grace": "2s"},
         "profiles": {
             "default": {"memory": "128Mi", "timeout": "20s", "kill_grace": "1s", "pids": 64, "nofile": 256,
-                        "tmpfs_size": "16Mi", "runtime": runtime, "mounts": [mount]},
+                        "tmpfs_size": "16Mi", "runtime": runtime,
+                        # A read-only host mount (the probes' own directory); unusable under runsc here.
+                        **({"mounts": [mount]} if runtime == "runc" else {})},
             # The same sandbox with seccomp relaxed to allow-all, and one variable passed through.
             "relaxed": {"extends": "default", "seccomp": str(PERMISSIVE_SECCOMP),
                         "env_passthrough": [PASSED_NAME]},
@@ -136,8 +137,13 @@ async def sup(tmp_path: Path, runtime: str) -> AsyncIterator[tuple[App, Client]]
         yield pair
 
 
+PROBE_SOURCE = (TOOLS_DIR / "probe.py").read_text()
+
+
 def args(probe: str, **params: Any) -> str:
-    return json.dumps({"probe": probe, "params": params})
+    """Arguments for a probe tool: the probe's source with its own arguments prepended."""
+    preamble = f"import json as _json\nPROBE_ARGS = _json.loads({json.dumps({'probe': probe, 'params': params})!r})\n"
+    return json.dumps({"code": preamble + PROBE_SOURCE})
 
 
 def observations(result: Result) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""Hostile probe: one tool, many attacks.  Mounted read-only into the sandbox at /opt/probes.
+"""Hostile probe: one tool, many attacks.  Sent as the code of a ``python.run``-style tool (pyrun.py).
 
-Contract (a normal toolcell tool): one JSON object on stdin, ``{"probe": NAME, "params": {...}}``.
+The test prepends ``PROBE_ARGS = {"probe": NAME, "params": {...}}`` to this source (profile mounts, the
+other way to ship it, do not work under this host's gVisor build: see docs/security.md).
 Observing probes print ONE JSON object (their observations) as the last line of stdout and exit 0;
 abusive probes (bombs, floods, spinners) do what their name says and let the sandbox stop them.
 Only the standard library: this runs in ``toolcell/python:bookworm`` under any runtime.
@@ -8,8 +9,6 @@ Only the standard library: this runs in ``toolcell/python:bookworm`` under any r
 Every observation is a plain value: ``"ok"`` / ``"ok <n>"`` when the attempt succeeded, otherwise the
 errno name (``"EPERM"``), so the test on the host can assert the exact failure.
 """
-
-from __future__ import annotations
 
 import ctypes
 import errno
@@ -428,7 +427,7 @@ PROBES = {name[len("probe_"):]: fn for name, fn in globals().items() if name.sta
 
 
 def main() -> int:
-    args = json.loads(sys.stdin.buffer.read() or b"{}")
+    args = globals()["PROBE_ARGS"]
     obs = PROBES[args["probe"]](args.get("params", {}))
     if obs:
         emit(obs)
