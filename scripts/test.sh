@@ -17,5 +17,9 @@ step "mypy --strict runtime/"
 mypy runtime
 step "bandit"
 bandit -q -c pyproject.toml -r runtime
-step "pytest (unit, integration and security tests against the real engine)"
-pytest -q -p no:cacheprovider "$@"
+step "pytest (unit, integration, security and fault tests against the real engine)"
+pytest -q -p no:cacheprovider -m "not engine_restart" "$@"
+# Restarting the engine disturbs everything else using it: last, on its own (runs when CI=true, or when
+# TOOLCELL_ALLOW_ENGINE_RESTART=1; skipped otherwise).
+step "pytest: engine restart mid-run"
+pytest -q -p no:cacheprovider -m engine_restart -rs tests/faults
