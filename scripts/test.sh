@@ -11,6 +11,8 @@ step() { printf '\n== %s\n' "$*" >&2; }
 
 step "generated protobuf code is current"
 python scripts/gen_protos.py --check
+step "docs/security.md table matches docs/security-observations.json"
+python scripts/gen_security_table.py --check
 step "ruff"
 ruff check runtime tests scripts
 step "mypy --strict runtime/"
