@@ -1,4 +1,4 @@
-"""Command line: ``toolcell serve | call | tools | profiles check | images build | version``.
+"""Command line: ``toolcell serve | call | tools | mcp | profiles check | images build | version``.
 
 Exit codes: 0 ok; 1 the tool ran and its status is not ok; 2 usage error; 3 rejected (bad config,
 bad arguments, unknown tool ...); 4 the supervisor or the engine is unreachable.
@@ -32,12 +32,14 @@ async def _serve(args: argparse.Namespace) -> int:
     from runtime.server.app import App
     from runtime.settings import load_config
     from runtime.supervisor import Supervisor
-    from runtime.telemetry import setup_tracing
+    from runtime.telemetry import install_log_redaction, setup_tracing
 
     config = load_config(args.config, listen=args.listen)
     provider = setup_tracing(config.telemetry)
     backend = DockerBackend(config.docker_host)
-    app = App(Supervisor(config, backend))
+    supervisor = Supervisor(config, backend)
+    install_log_redaction(supervisor)
+    app = App(supervisor)
     try:
         address = await app.start()
     except BaseException:
@@ -63,14 +65,14 @@ def _result_dict(result: Any) -> dict[str, Any]:
 
 
 async def _call(args: argparse.Namespace) -> int:
-    from runtime.client import Client, ClientError
+    from runtime.client import ClientError
     from runtime.model import OutputChunk, Result, Started
 
     try:
         json.loads(args.args)
     except json.JSONDecodeError as exc:
         return _fail(f"--args is not valid JSON: {exc.msg} at column {exc.colno}", EXIT_USAGE)
-    async with Client(args.target) as client:
+    async with _client(args) as client:
         try:
             async for event in client.execute(args.tool, args.args, timeout=args.timeout):
                 if isinstance(event, Started) and not args.json:
@@ -97,9 +99,9 @@ async def _call(args: argparse.Namespace) -> int:
 
 
 async def _tools(args: argparse.Namespace) -> int:
-    from runtime.client import Client, ClientError
+    from runtime.client import ClientError
 
-    async with Client(args.target) as client:
+    async with _client(args) as client:
         try:
             tools = await client.list_tools()
         except ClientError as exc:
@@ -111,6 +113,37 @@ async def _tools(args: argparse.Namespace) -> int:
     else:
         for t in tools:
             print(f"{t.name:24} {t.description}")
+    return EXIT_OK
+
+
+async def _mcp(args: argparse.Namespace) -> int:
+    from runtime.client import ClientError
+    from runtime.mcp.adapter import SandboxedTools
+    from runtime.mcp.bridge import parse_listen, serve_http, serve_stdio
+
+    if args.transport == "http":
+        try:
+            parse_listen(args.listen)
+        except ValueError as exc:
+            return _fail(f"--listen: {exc}", EXIT_USAGE)
+    async with _client(args) as client:
+        try:  # fail fast and clearly, before an MCP client sees a server that cannot work
+            names = {t.name for t in await client.list_tools(timeout=10.0)}
+        except ClientError as exc:
+            code = EXIT_UNAVAILABLE if exc.code in UNAVAILABLE_CODES else EXIT_REJECTED
+            return _fail(f"supervisor at {client.target}: {exc.code}: {exc.details}", code)
+        unknown = sorted(set(args.tool or ()) - names)
+        if unknown:
+            return _fail(f"unknown tool(s) {', '.join(unknown)}; the supervisor has {', '.join(sorted(names))}",
+                         EXIT_REJECTED)
+        tools = SandboxedTools(client, tools=args.tool or None)
+        if args.transport == "stdio":
+            await serve_stdio(tools)
+        else:
+            try:
+                await serve_http(tools, args.listen, args.path)
+            except OSError as exc:
+                return _fail(f"cannot listen on {args.listen}: {exc.strerror}", EXIT_USAGE)
     return EXIT_OK
 
 
@@ -142,6 +175,70 @@ async def _doctor(args: argparse.Namespace) -> int:
     return EXIT_STATUS if any(f.level is Level.FAIL for f in findings) else EXIT_OK
 
 
+def _client(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from runtime.client import Client, ClientTls
+    from runtime.settings import client_token
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else client_token()
+    tls = None
+    if args.tls_ca:
+        tls = ClientTls(ca_pem=Path(args.tls_ca).read_bytes(),
+                        cert_pem=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+                        key_pem=Path(args.tls_key).read_bytes() if args.tls_key else None)
+    return Client(args.target, token=token, tls=tls)
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from runtime.audit import verify
+
+    try:
+        verdict = verify(args.files)
+    except OSError as exc:
+        return _fail(f"cannot read {exc.filename}: {exc.strerror}", EXIT_USAGE)
+    if verdict.ok:
+        print(verdict.describe())
+        return EXIT_OK
+    return _fail(f"audit chain broken at {verdict.describe()}", EXIT_STATUS)
+
+
+def _secrets(args: argparse.Namespace) -> int:
+    """Manage the encrypted store; values are read from stdin or a prompt, never echoed or taken from argv."""
+    import getpass
+
+    from runtime.secretstore import SecretStore, generate_key
+    from runtime.settings import load_config
+
+    if args.subcommand == "keygen":
+        print(generate_key())
+        return EXIT_OK
+    config = load_config(args.config)
+    if config.secrets is None:
+        return _fail(f"{config.source} has no 'secrets' section (store, key_file or key_env)", EXIT_REJECTED)
+    store = SecretStore.open(config.secrets.store, config.environ)
+    if args.subcommand == "list":
+        granted: dict[str, list[str]] = {}
+        for tool in config.tools.values():
+            for grant in tool.secrets:
+                granted.setdefault(grant.name, []).append(tool.name)
+        for name in store.names():
+            print(f"{name:32} granted to: {', '.join(sorted(granted.get(name, []))) or '-'}")
+        return EXIT_OK
+    if args.subcommand == "rm":
+        if not store.remove(args.name):
+            return _fail(f"no secret named {args.name!r}", EXIT_REJECTED)
+        print(f"removed {args.name}")
+        return EXIT_OK
+    value = getpass.getpass(f"value for {args.name}: ") if sys.stdin.isatty() else sys.stdin.read()
+    value = value.removesuffix("\n")
+    if not value:
+        return _fail("empty value; nothing stored", EXIT_USAGE)
+    store.set(args.name, value)
+    print(f"stored {args.name} ({len(value)} characters)")
+    return EXIT_OK
+
+
 def _images_build(args: argparse.Namespace) -> int:
     from runtime.images import build_images
 
@@ -164,6 +261,24 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tools", help="list the tools a caller may use")
     t.add_argument("--target")
     t.add_argument("--json", action="store_true")
+    au = sub.add_parser("audit", help="the audit trail")
+    aus = au.add_subparsers(dest="subcommand", required=True)
+    av = aus.add_parser("verify", help="check the hash chain; report the first broken record")
+    av.add_argument("files", nargs="+", metavar="FILE", help="files in chain order: rotated (FILE.000001 ...) first")
+    m = sub.add_parser("mcp", help="run an MCP server (stdio or Streamable HTTP) backed by the supervisor")
+    m.add_argument("--target", help="supervisor address (default: the built-in socket)")
+    m.add_argument("--transport", choices=("stdio", "http"), default="stdio",
+                   help="stdio (default; for MCP clients that start the server) or Streamable HTTP")
+    m.add_argument("--listen", default="127.0.0.1:8765",
+                   help="HTTP address HOST:PORT (default 127.0.0.1:8765; port 0 picks a free one)")
+    m.add_argument("--path", default="/mcp", help="HTTP endpoint path (default /mcp)")
+    m.add_argument("--tool", action="append", metavar="NAME", help="serve only this tool (repeatable)")
+    m.add_argument("-v", "--verbose", action="store_true")
+    for cmd in (c, t, m):
+        cmd.add_argument("--token-file", help="file with a bearer JWT (default: $TOOLCELL_TOKEN)")
+        cmd.add_argument("--tls-ca", help="PEM CA of the server's certificate (TCP + TLS)")
+        cmd.add_argument("--tls-cert", help="PEM client certificate (mTLS)")
+        cmd.add_argument("--tls-key", help="PEM client key (mTLS)")
     pr = sub.add_parser("profiles", help="isolation profiles")
     prs = pr.add_subparsers(dest="subcommand", required=True)
     chk = prs.add_parser("check", help="validate a config file completely, as the supervisor would")
@@ -174,6 +289,15 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="check the host: engine, seccomp, cgroups, runtimes, socket, sysctls")
     d.add_argument("--config", help="YAML config file (its engine address and profiles' runtimes)")
     d.add_argument("--json", action="store_true")
+    se = sub.add_parser("secrets", help="manage the encrypted secret store (values are never echoed)")
+    ses = se.add_subparsers(dest="subcommand", required=True)
+    for name, text in (("set", "store a secret; the value is read from stdin (or a prompt)"),
+                       ("rm", "remove a secret"), ("list", "list secret names and the tools granted them")):
+        cmd = ses.add_parser(name, help=text)
+        cmd.add_argument("--config", help="YAML config file with the 'secrets' section")
+        if name != "list":
+            cmd.add_argument("name")
+    ses.add_parser("keygen", help="print a new random key (for key_file or the key variable)")
     sub.add_parser("version", help="print the version")
     return p
 
@@ -189,12 +313,18 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_call(args))
         if args.command == "tools":
             return asyncio.run(_tools(args))
+        if args.command == "mcp":
+            return asyncio.run(_mcp(args))
         if args.command == "profiles":
             return _profiles_check(args)
         if args.command == "doctor":
             return asyncio.run(_doctor(args))
+        if args.command == "audit":
+            return _audit_verify(args)
         if args.command == "images":
             return _images_build(args)
+        if args.command == "secrets":
+            return _secrets(args)
         print(f"toolcell {__version__}")
         return EXIT_OK
     except ConfigError as exc:

@@ -23,6 +23,15 @@ class Status(enum.Enum):
 
 
 @dataclass(frozen=True)
+class SecretGrant:
+    """One secret a tool may have, delivered as an environment variable or a read-only file."""
+
+    name: str
+    env: str | None = None
+    file: str | None = None
+
+
+@dataclass(frozen=True)
 class Tool:
     """A tool as the admin declared it. Callers can only name it; everything else is fixed here."""
 
@@ -35,6 +44,7 @@ class Tool:
     input_schema: Mapping[str, Any] = field(default_factory=lambda: {"type": "object"})
     output_schema: Mapping[str, Any] | None = None
     annotations: Mapping[str, Any] = field(default_factory=dict)
+    secrets: tuple[SecretGrant, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,12 @@ class Result:
     stdout_bytes: int = 0
     stderr_bytes: int = 0
     sandbox_id: str = ""
+    # What scrubbing did, by kind (counts only, never the values).
+    redactions: Mapping[str, int] = field(default_factory=dict)
+    sanitized: Mapping[str, int] = field(default_factory=dict)
+    injection_markers: Mapping[str, int] = field(default_factory=dict)
+    # The tool's stdout parsed as JSON, when it is an object valid against the tool's output schema.
+    structured_content: Mapping[str, Any] | None = None
 
 
 Event = Started | OutputChunk | Result

@@ -1,33 +1,38 @@
 """One invocation, as a short sequence of steps that fail closed.
 
-    resolve -> validate -> compile -> create -> start(stdin) -> supervise -> collect -> remove
+    resolve -> validate -> compile -> inject secrets -> create -> start(stdin) -> supervise
+            -> collect -> remove -> finalize (scrub verdict, structured content)
 
-Every step before ``create`` is pure and rejects the call with no sandbox in existence. From
-``create`` on, the sandbox is removed in a ``finally`` that is shielded from cancellation, so it goes
-on success, error, timeout, cancel, client disconnect and supervisor shutdown alike. Status is
-decided from what the engine reports (exit code, OOM flag) and what the supervisor did (timeout,
-cancel), never from what the tool printed.
+Every step before ``create`` rejects the call with no sandbox in existence. From ``create`` on, the
+sandbox is removed in a ``finally`` shielded from cancellation, so it goes on success, error,
+timeout, cancel, client disconnect and supervisor shutdown alike; delivered secret files go with it.
+Status is decided from what the engine reports (exit code, OOM flag) and what the supervisor did
+(timeout, cancel, blocked output), never from what the tool printed. Output is scrubbed before it
+leaves (``output.py``): nothing the tool printed reaches the caller, a span or a log unscrubbed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import trace
 
 from runtime.backends.base import Backend, ExitInfo, Sandbox
-from runtime.errors import ToolNotFound
+from runtime.errors import InvalidArguments, SecretError, ToolcellError, ToolNotFound
 from runtime.model import Event, InvocationRequest, OutputChunk, ResolvedTool, Result, Started, Status, Usage
-from runtime.output import StreamBuffer
-from runtime.policy.arguments import validate_arguments
+from runtime.output import Collected
+from runtime.policy.arguments import ArgumentLimits, parse_arguments, validate_arguments
 from runtime.policy.plan import ContainerPlan, compile_plan
+from runtime.policy.scrub import Redactor, detect_injection, wrap_untrusted
+from runtime.secretdelivery import Delivered, SecretDelivery
 from runtime.settings import Config
 
 tracer = trace.get_tracer("toolcell.pipeline")
@@ -40,12 +45,50 @@ DEADLINE_MARGIN_S = 0.25
 DRAIN_TIMEOUT_S = 5.0
 
 
+class SecretSource(Protocol):
+    def get_many(self, names: list[str]) -> dict[str, str]: ...
+
+
+@dataclass
+class Services:
+    """What one invocation needs from the long-lived supervisor."""
+
+    config: Config
+    backend: Backend
+    secrets: SecretSource | None = None
+    delivery: SecretDelivery | None = None
+    # Called with the sandbox once created (and with late sandboxes created after abandonment).
+    on_sandbox: Callable[[Sandbox], None] = lambda s: None
+    remove: Callable[[Sandbox], Awaitable[None]] = lambda s: s.remove()
+    # Redacts everything the supervisor knows as secret (for error messages and span status).
+    redactor: Redactor = dataclasses.field(default_factory=Redactor)
+
+
 @dataclass
 class Outcome:
     exit: ExitInfo
     reason: str  # "" | "timeout" | "killed"
-    stdout: StreamBuffer
-    stderr: StreamBuffer
+    collected: Collected
+
+
+@contextlib.contextmanager
+def step(name: str, redactor: Redactor, **attributes: Any) -> Iterator[trace.Span]:
+    """A child span per step; a failure's message is redacted before it is recorded."""
+    with tracer.start_as_current_span(name, attributes=attributes, record_exception=False,
+                                      set_status_on_exception=False) as span:
+        try:
+            yield span
+        except ToolcellError as exc:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, describe(exc, redactor)))
+            span.set_attribute("toolcell.error", type(exc).__name__)
+            raise
+
+
+def describe(exc: ToolcellError, redactor: Redactor) -> str:
+    """A payload-free description for spans and logs: schema messages quote the offending value."""
+    if isinstance(exc, InvalidArguments):
+        return f"invalid arguments at {exc.path or '$'}"
+    return redactor.redact(str(exc))[0]
 
 
 def resolve(config: Config, name: str) -> ResolvedTool:
@@ -79,6 +122,21 @@ def compile_step(config: Config, resolved: ResolvedTool, invocation_id: str, tim
     )
 
 
+def inject_secrets(services: Services, resolved: ResolvedTool, plan: ContainerPlan,
+                   invocation_id: str) -> tuple[ContainerPlan, Redactor, Delivered | None]:
+    """Add the tool's granted secrets to the plan; the redactor learns every injected value."""
+    grants = resolved.tool.secrets
+    if not grants:
+        return plan, services.redactor, None
+    if services.secrets is None or services.delivery is None:
+        raise SecretError("tool is granted secrets but the supervisor has no secret store")
+    values = services.secrets.get_many(sorted({g.name for g in grants}))
+    delivered = services.delivery.prepare(invocation_id, grants, values, plan.user)
+    plan = dataclasses.replace(plan, env={**plan.env, **delivered.env}, mounts=plan.mounts + delivered.mounts)
+    redactor = Redactor({**services.redactor.secrets, **values})
+    return plan, redactor, delivered
+
+
 async def create(backend: Backend, plan: ContainerPlan, on_orphan: Callable[[Sandbox], None]) -> Sandbox:
     """Create the sandbox; if we are cancelled mid-create, hand the late sandbox to ``on_orphan``."""
     task = asyncio.ensure_future(backend.create(plan))
@@ -98,23 +156,22 @@ async def terminate(sandbox: Sandbox, waiter: asyncio.Future[ExitInfo], grace_s:
         await sandbox.signal(signal.SIGKILL)
 
 
-async def pump(sandbox: Sandbox, out: StreamBuffer, err: StreamBuffer, emit: Emit) -> None:
-    """Forward output as it happens, keeping at most each stream's cap."""
-    async for stream, data in sandbox.output():
-        buf = out if stream == "stdout" else err
-        text = buf.feed(data)
-        if text:
-            await emit(OutputChunk(stream=stream, text=text))
-    for stream, buf in (("stdout", out), ("stderr", err)):
-        tail = buf.finish()
-        if tail:
-            await emit(OutputChunk(stream=stream, text=tail))
+async def pump(sandbox: Sandbox, collected: Collected, emit: Emit, stream_live: bool) -> None:
+    """Forward scrubbed output as it happens, keeping at most each stream's cap."""
+    async for name, data in sandbox.output():
+        text = collected.stream(name).feed(data)
+        if text and stream_live:
+            await emit(OutputChunk(stream=name, text=text))
+    for name in ("stdout", "stderr"):
+        tail = collected.stream(name).finish()
+        if tail and stream_live:
+            await emit(OutputChunk(stream=name, text=tail))
 
 
-async def supervise(sandbox: Sandbox, plan: ContainerPlan, emit: Emit, cancelled: asyncio.Event) -> Outcome:
+async def supervise(sandbox: Sandbox, plan: ContainerPlan, collected: Collected, emit: Emit,
+                    cancelled: asyncio.Event, stream_live: bool) -> Outcome:
     """Stream output while enforcing the timeout and honouring cancellation."""
-    out, err = StreamBuffer(plan.stdout_max_bytes), StreamBuffer(plan.stderr_max_bytes)
-    pumping = asyncio.ensure_future(pump(sandbox, out, err, emit))
+    pumping = asyncio.ensure_future(pump(sandbox, collected, emit, stream_live))
     waiter = asyncio.ensure_future(sandbox.wait())
     cancel_wait = asyncio.ensure_future(cancelled.wait())
     reason = ""
@@ -127,7 +184,7 @@ async def supervise(sandbox: Sandbox, plan: ContainerPlan, emit: Emit, cancelled
         exit_info = await waiter
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(pumping), timeout=DRAIN_TIMEOUT_S)
-        return Outcome(exit=exit_info, reason=reason, stdout=out, stderr=err)
+        return Outcome(exit=exit_info, reason=reason, collected=collected)
     finally:
         for task in (pumping, waiter, cancel_wait):
             task.cancel()
@@ -149,6 +206,42 @@ def decide(outcome: Outcome) -> tuple[Status, str]:
     return Status.ERROR, f"exited with status {code}"
 
 
+def structured(config: Config, resolved: ResolvedTool, stdout: str) -> tuple[Mapping[str, Any] | None, str]:
+    """The tool's (scrubbed) stdout as structured content, when it is a JSON object that validates."""
+    policy = resolved.profile.output
+    text = stdout.strip()
+    if not text.startswith("{") or len(text.encode()) > policy.structured_max_bytes:
+        return None, "none"
+    limits = ArgumentLimits(max_argument_bytes=policy.structured_max_bytes, max_depth=policy.structured_max_depth,
+                            max_string_length=policy.structured_max_bytes, max_array_length=100_000)
+    try:
+        value = parse_arguments(text, limits)
+    except InvalidArguments:
+        return None, "unparsable"
+    validator = config.output_validators.get(resolved.tool.name)
+    if validator is not None and next(validator.iter_errors(value), None) is not None:
+        return None, "invalid"
+    return value, "valid"
+
+
+def finalize(config: Config, resolved: ResolvedTool, outcome: Outcome) -> dict[str, Any]:
+    """Prompt-injection verdict and structured content, on scrubbed output only."""
+    status, message = decide(outcome)
+    output, stderr = outcome.collected.stdout.text, outcome.collected.stderr.text
+    markers = detect_injection(output) + detect_injection(stderr)
+    action = resolved.profile.output.injection
+    content, _ = structured(config, resolved, output)
+    if markers and action == "block":
+        kinds = ", ".join(sorted(markers))
+        status, message = Status.DENIED, f"output withheld: prompt-injection markers found ({kinds})"
+        output, stderr, content = "", "", None
+    elif markers and action == "wrap":
+        output = wrap_untrusted(output, markers)
+        content = None
+    return {"status": status, "message": message, "output": output, "stderr": stderr,
+            "injection_markers": dict(markers), "structured_content": content}
+
+
 def _set_result_attributes(span: trace.Span, result: Result) -> None:
     span.set_attributes({
         "toolcell.status": result.status.value,
@@ -159,69 +252,76 @@ def _set_result_attributes(span: trace.Span, result: Result) -> None:
         "toolcell.truncated": result.truncated,
         "toolcell.peak_memory_bytes": result.usage.peak_memory_bytes,
         "toolcell.cpu_time_ns": result.usage.cpu_time_ns,
+        "toolcell.redactions": sum(result.redactions.values()),
+        "toolcell.redaction_kinds": sorted(result.redactions),
+        "toolcell.sanitized": sum(result.sanitized.values()),
+        "toolcell.injection_markers": sorted(result.injection_markers),
+        "toolcell.structured_content": result.structured_content is not None,
     })
 
 
-async def run_invocation(
-    config: Config,
-    backend: Backend,
-    request: InvocationRequest,
-    invocation_id: str,
-    emit: Emit,
-    cancelled: asyncio.Event,
-    on_sandbox: Callable[[Sandbox | None], None] = lambda s: None,
-    remove: Callable[[Sandbox], Awaitable[None]] | None = None,
-) -> Result:
+async def run_invocation(services: Services, request: InvocationRequest, invocation_id: str, emit: Emit,
+                         cancelled: asyncio.Event) -> Result:
     """Run one invocation end to end. Raises ToolcellError for rejections before any sandbox."""
+    config, backend = services.config, services.backend
     started_at = time.monotonic()
-    with tracer.start_as_current_span("toolcell.invocation", kind=trace.SpanKind.INTERNAL) as span:
+    with step("toolcell.invocation", services.redactor, **{
+            "toolcell.tool": request.tool, "toolcell.invocation_id": invocation_id,
+            "toolcell.argument_bytes": len(request.arguments_json.encode())}) as span:
         trace_id = format(span.get_span_context().trace_id, "032x")
-        span.set_attributes({"toolcell.tool": request.tool, "toolcell.invocation_id": invocation_id,
-                             "toolcell.argument_bytes": len(request.arguments_json.encode())})
-        with tracer.start_as_current_span("toolcell.resolve"):
+        with step("toolcell.resolve", services.redactor):
             resolved = resolve(config, request.tool)
         span.set_attribute("toolcell.profile", resolved.profile.name)
-        with tracer.start_as_current_span("toolcell.validate"):
+        with step("toolcell.validate", services.redactor):
             arguments = validate(config, resolved, request.arguments_json)
-        with tracer.start_as_current_span("toolcell.compile"):
+        with step("toolcell.compile", services.redactor):
             plan = compile_step(config, resolved, invocation_id,
                                 effective_timeout(resolved, request.deadline_s, time.monotonic()))
         stdin = json.dumps(arguments, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        removal = remove or (lambda s: s.remove())
-        with tracer.start_as_current_span("toolcell.create", attributes={"toolcell.image": plan.image,
-                                                                          "toolcell.runtime": plan.runtime}):
-            sandbox = await create(backend, plan, on_orphan=lambda s: on_sandbox(s))
-        on_sandbox(sandbox)
-        span.set_attribute("toolcell.sandbox_id", sandbox.id)
+        with step("toolcell.inject_secrets", services.redactor, **{"toolcell.secrets": len(resolved.tool.secrets)}):
+            plan, redactor, delivered = inject_secrets(services, resolved, plan, invocation_id)
+        policy = resolved.profile.output
+        # In block mode nothing streams: the verdict needs the whole output first.
+        stream_live = policy.injection != "block"
         try:
-            await emit(Started(invocation_id=invocation_id, sandbox_id=sandbox.id, profile=resolved.profile.name,
-                               tool=resolved.tool.name, trace_id=trace_id))
-            with tracer.start_as_current_span("toolcell.start"):
-                await sandbox.start(stdin)
-            with tracer.start_as_current_span("toolcell.run", attributes={"toolcell.timeout_s": plan.timeout_s}):
-                outcome = await supervise(sandbox, plan, emit, cancelled)
-            with tracer.start_as_current_span("toolcell.collect"):
-                usage: Usage = await sandbox.usage()
+            with step("toolcell.create", redactor, **{"toolcell.image": plan.image, "toolcell.runtime": plan.runtime}):
+                sandbox = await create(backend, plan, on_orphan=services.on_sandbox)
+            services.on_sandbox(sandbox)
+            span.set_attribute("toolcell.sandbox_id", sandbox.id)
+            try:
+                await emit(Started(invocation_id=invocation_id, sandbox_id=sandbox.id, profile=resolved.profile.name,
+                                   tool=resolved.tool.name, trace_id=trace_id))
+                with step("toolcell.start", redactor):
+                    await sandbox.start(stdin)
+                collected = Collected.create(policy.stdout_max_bytes, policy.stderr_max_bytes, policy.max_total_bytes,
+                                             redactor)
+                with step("toolcell.run", redactor, **{"toolcell.timeout_s": plan.timeout_s}):
+                    outcome = await supervise(sandbox, plan, collected, emit, cancelled, stream_live)
+                with step("toolcell.collect", redactor):
+                    usage: Usage = await sandbox.usage()
+            finally:
+                with step("toolcell.remove", redactor):
+                    await asyncio.shield(asyncio.ensure_future(services.remove(sandbox)))
         finally:
-            with tracer.start_as_current_span("toolcell.remove"):
-                await asyncio.shield(asyncio.ensure_future(removal(sandbox)))
-        status, message = decide(outcome)
+            if delivered is not None and services.delivery is not None:
+                services.delivery.cleanup(delivered)
+        with step("toolcell.finalize", redactor):
+            verdict = finalize(config, resolved, outcome)
         result = Result(
-            status=status,
             exit_code=outcome.exit.exit_code,
-            output=outcome.stdout.text,
-            stderr=outcome.stderr.text,
-            truncated=outcome.stdout.truncated or outcome.stderr.truncated,
+            truncated=collected.truncated,
             duration_ms=int((time.monotonic() - started_at) * 1000),
             usage=usage,
             trace_id=trace_id,
             invocation_id=invocation_id,
-            message=message,
-            stdout_bytes=outcome.stdout.seen,
-            stderr_bytes=outcome.stderr.seen,
+            stdout_bytes=collected.stdout.buffer.seen,
+            stderr_bytes=collected.stderr.buffer.seen,
             sandbox_id=sandbox.id,
+            redactions=dict(collected.redactions),
+            sanitized=dict(collected.sanitized),
+            **verdict,
         )
         _set_result_attributes(span, result)
-        if status is not Status.OK:
-            span.set_status(trace.Status(trace.StatusCode.ERROR, message))
+        if result.status is not Status.OK:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, result.message))
         return result

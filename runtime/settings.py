@@ -20,14 +20,17 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
+from runtime.access_settings import SecuritySettings, parse_security
 from runtime.errors import ConfigError
-from runtime.model import Tool
+from runtime.model import SecretGrant, Tool
 from runtime.policy.arguments import ArgumentLimits, compile_schema
 from runtime.policy.profile import IsolationProfile, Mount, OutputPolicy
 from runtime.policy.seccomp import SeccompProfile, load_seccomp
+from runtime.secretstore import SecretStoreSettings
 
 ENV_CONFIG = "TOOLCELL_CONFIG"
 ENV_LISTEN = "TOOLCELL_LISTEN"
+ENV_TOKEN = "TOOLCELL_TOKEN"  # noqa: S105 # nosec B105 - the variable name, not a token
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 1000**2, "mb": 1000**2,
                "mi": 1024**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3}
@@ -51,6 +54,12 @@ class TelemetrySettings:
 
 
 @dataclass(frozen=True)
+class SecretsSettings:
+    store: SecretStoreSettings
+    files_dir: str
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerSettings
     telemetry: TelemetrySettings
@@ -60,8 +69,11 @@ class Config:
     validators: Mapping[str, Draft202012Validator]
     seccomp: Mapping[str, SeccompProfile]
     docker_host: str | None = None
+    secrets: SecretsSettings | None = None
+    output_validators: Mapping[str, Draft202012Validator] = field(default_factory=dict)
     source: str = "<built-in>"
     environ: Mapping[str, str] = field(default_factory=dict)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
 
 def runtime_dir() -> Path:
@@ -76,6 +88,11 @@ def runtime_dir() -> Path:
 
 def default_target() -> str:
     return os.environ.get(ENV_LISTEN) or f"unix://{runtime_dir()}/toolcell.sock"
+
+
+def client_token() -> str | None:
+    """A caller's bearer JWT from the environment (the CLI's default)."""
+    return os.environ.get(ENV_TOKEN) or None
 
 
 def parse_size(value: int | str, key: str) -> int:
@@ -151,18 +168,24 @@ def _build_profile(name: str, raw: Mapping[str, Any], base: IsolationProfile, ba
     if "env_passthrough" in raw:
         changes["env_passthrough"] = tuple(raw["env_passthrough"])
     if "output" in raw:
-        out = raw["output"]
-        changes["output"] = OutputPolicy(
-            stdout_max_bytes=parse_size(out.get("stdout_max_bytes", p.output.stdout_max_bytes),
-                                        f"{key}.output.stdout_max_bytes"),
-            stderr_max_bytes=parse_size(out.get("stderr_max_bytes", p.output.stderr_max_bytes),
-                                        f"{key}.output.stderr_max_bytes"),
-        )
+        changes["output"] = _build_output(raw["output"], p.output, f"{key}.output")
     if changes:
         p = dataclasses.replace(p, **changes)
     if p.memory_bytes < 6 * 1024 * 1024:
         raise ConfigError("must be at least 6Mi (the engine's minimum)", key=f"{key}.memory")
     return p
+
+
+def _build_output(raw: Mapping[str, Any], base: OutputPolicy, key: str) -> OutputPolicy:
+    sizes: dict[str, Any] = {name: parse_size(raw[name], f"{key}.{name}")
+             for name in ("stdout_max_bytes", "stderr_max_bytes", "max_total_bytes", "structured_max_bytes")
+             if name in raw}
+    if "max_total_bytes" not in raw and ("stdout_max_bytes" in raw or "stderr_max_bytes" in raw):
+        # An explicit per-stream cap sets the default total to their sum.
+        sizes["max_total_bytes"] = (sizes.get("stdout_max_bytes", base.stdout_max_bytes)
+                                    + sizes.get("stderr_max_bytes", base.stderr_max_bytes))
+    other = {name: raw[name] for name in ("injection", "structured_max_depth") if name in raw}
+    return dataclasses.replace(base, **sizes, **other)
 
 
 def _build_profiles(raw: Mapping[str, Any], base_dir: Path) -> dict[str, IsolationProfile]:
@@ -185,6 +208,38 @@ def _build_profiles(raw: Mapping[str, Any], base_dir: Path) -> dict[str, Isolati
     for name in raw:
         build(name, ())
     return built
+
+
+def _build_secrets(raw: Mapping[str, Any] | None, base_dir: Path) -> SecretsSettings | None:
+    if raw is None:
+        return None
+
+    def resolve(path: str) -> str:
+        path = path.replace("{runtime_dir}", str(runtime_dir()))
+        return path if Path(path).is_absolute() else str(base_dir / path)
+
+    return SecretsSettings(
+        store=SecretStoreSettings(
+            store=resolve(raw["store"]),
+            key_file=resolve(raw["key_file"]) if raw.get("key_file") else None,
+            key_env=raw.get("key_env", "TOOLCELL_SECRETS_KEY"),
+        ),
+        files_dir=resolve(raw.get("files_dir", "{runtime_dir}/secrets")),
+    )
+
+
+def _check_grants(grants: tuple[SecretGrant, ...], profile: IsolationProfile, key: str) -> None:
+    seen_env: set[str] = set()
+    seen_files: set[str] = set()
+    for i, g in enumerate(grants):
+        if g.env is not None:
+            if g.env in seen_env or g.env in profile.env or g.env in profile.env_passthrough:
+                raise ConfigError(f"environment variable {g.env!r} is set twice", key=f"{key}[{i}].env")
+            seen_env.add(g.env)
+        if g.file is not None:
+            if g.file in seen_files or g.file == "/" or g.file.startswith("/tmp/"):  # noqa: S108 # nosec B108
+                raise ConfigError(f"file {g.file!r} is reused or inside the scratch tmpfs", key=f"{key}[{i}].file")
+            seen_files.add(g.file)
 
 
 def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None = None,
@@ -223,6 +278,8 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
             raise ConfigError(str(exc), key=f"profiles.{name}.seccomp") from exc
     tools: dict[str, Tool] = {}
     validators: dict[str, Draft202012Validator] = {}
+    output_validators: dict[str, Draft202012Validator] = {}
+    secrets = _build_secrets(doc.get("secrets"), base_dir)
     for i, t in enumerate(doc.get("tools", [])):
         key = f"tools[{i}]"
         if t["name"] in tools:
@@ -233,7 +290,13 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         input_schema = t.get("input_schema", {"type": "object"})
         validators[t["name"]] = compile_schema(input_schema, key=f"{key}.input_schema")
         if "output_schema" in t:
-            compile_schema(t["output_schema"], key=f"{key}.output_schema")
+            output_validators[t["name"]] = compile_schema(t["output_schema"], key=f"{key}.output_schema")
+        grants = tuple(SecretGrant(name=g["name"], env=g.get("env"), file=g.get("file"))
+                       for g in t.get("secrets", []))
+        if grants and secrets is None:
+            raise ConfigError("the tool is granted secrets but no secrets store is configured",
+                              key=f"{key}.secrets")
+        _check_grants(grants, profiles[profile_name], key=f"{key}.secrets")
         tools[t["name"]] = Tool(
             name=t["name"],
             title=t.get("title", ""),
@@ -244,6 +307,7 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
             input_schema=input_schema,
             output_schema=t.get("output_schema"),
             annotations=t.get("annotations", {}),
+            secrets=grants,
         )
     return Config(
         server=server,
@@ -252,10 +316,13 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         profiles=profiles,
         tools=tools,
         validators=validators,
+        output_validators=output_validators,
+        secrets=secrets,
         seccomp=seccomp,
         docker_host=doc.get("engine", {}).get("docker_host") or env.get("DOCKER_HOST"),
         source=source,
         environ=env,
+        security=parse_security(doc, listen=listen, base_dir=base_dir, runtime_dir=str(runtime_dir())),
     )
 
 

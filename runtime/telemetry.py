@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -19,6 +21,7 @@ from opentelemetry.sdk.trace.export import (
 )
 
 from runtime import __version__
+from runtime.policy.scrub import Redactor
 from runtime.settings import TelemetrySettings
 
 
@@ -35,6 +38,33 @@ class JsonLinesSpanExporter(SpanExporter):
         with self._lock, open(self._path, "a", opener=lambda p, f: __import__("os").open(p, f, 0o600)) as fh:
             fh.write("".join(line + "\n" for line in lines))
         return SpanExportResult.SUCCESS
+
+
+class RedactingFilter(logging.Filter):
+    """Scrubs every log record: token shapes and every secret value the supervisor holds."""
+
+    def __init__(self, redactor: Callable[[], Redactor]) -> None:
+        super().__init__()
+        self._redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        redactor = self._redactor()
+        clean, counts = redactor.redact(message)
+        if counts:
+            record.msg, record.args = clean, ()
+        if record.exc_text:
+            record.exc_text = redactor.redact(record.exc_text)[0]
+        return True
+
+
+def install_log_redaction(holder: Any) -> None:
+    """Attach the filter to every root handler; ``holder.redactor`` is read per record (reload-safe)."""
+    filt = RedactingFilter(lambda: holder.redactor)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(filt)
 
 
 def setup_tracing(settings: TelemetrySettings) -> TracerProvider:

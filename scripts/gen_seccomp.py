@@ -28,7 +28,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "runtime" / "data" / "seccomp-default.json"
-REFERENCE = Path("/work/shared/reference/moby-seccomp-default.json")
+# Vendored copy of moby/profiles seccomp/default.json (June 2026), the engine's current upstream default.
+REFERENCE = Path(__file__).resolve().parent / "data" / "moby-seccomp-default.json"
 
 EPERM = 1
 ENOSYS = 38

@@ -92,13 +92,20 @@ have_systemd() { [[ -d /run/systemd/system ]]; }
 
 engine_up() { docker info >/dev/null 2>&1; }
 
+STARTED_PID=""  # dockerd started by this script (no systemd), so a crash is noticed at once
+
 wait_engine() {
   local i
   for ((i = 0; i < 120; i++)); do
     engine_up && return 0
+    if [[ -n "$STARTED_PID" ]] && ! kill -0 "$STARTED_PID" 2>/dev/null; then
+      tail -n 20 "$DOCKERD_LOG" >&2 || true
+      die "dockerd exited during start-up (last lines of $DOCKERD_LOG above)"
+    fi
     sleep 0.5
   done
-  die "the Docker engine did not come up within 60 s; see $DOCKERD_LOG"
+  tail -n 20 "$DOCKERD_LOG" >&2 || true
+  die "the Docker engine did not come up within 60 s (last lines of $DOCKERD_LOG above)"
 }
 
 start_dockerd() {
@@ -107,6 +114,7 @@ start_dockerd() {
   else
     # Detached from this shell so it outlives the script (and CI steps).
     setsid nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
+    STARTED_PID=$!
   fi
 }
 

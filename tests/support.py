@@ -20,6 +20,8 @@ from runtime.settings import parse_config
 from runtime.supervisor import Supervisor
 
 RUNNER_IMAGE = os.environ.get("TOOLCELL_TEST_IMAGE", "toolcell/python:bookworm")
+# Granted to test tools that print it; must never appear in any output, span or log of the run.
+CANARY = "tc-canary-" + uuid.uuid4().hex
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -66,10 +68,11 @@ def config_doc(owner: str, socket_path: str, **profiles: dict[str, Any]) -> dict
 
 
 @contextlib.asynccontextmanager
-async def running_supervisor(tmp_path: Path, doc: dict[str, Any] | None = None) -> AsyncIterator[tuple[App, Client]]:
+async def running_supervisor(tmp_path: Path, doc: dict[str, Any] | None = None,
+                             environ: dict[str, str] | None = None) -> AsyncIterator[tuple[App, Client]]:
     owner = f"test-{uuid.uuid4().hex[:10]}"
     sock = tmp_path / "toolcell.sock"
-    config = parse_config(doc or config_doc(owner, str(sock)), environ={})
+    config = parse_config(doc or config_doc(owner, str(sock)), environ=environ or {}, base_dir=tmp_path)
     backend = DockerBackend(config.docker_host)
     app = App(Supervisor(config, backend))
     address = await app.start()

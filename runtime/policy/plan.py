@@ -47,7 +47,7 @@ class ContainerPlan:
     ipc_mode: str = "private"
     cgroupns_mode: str = "private"
     log_driver: str = "none"
-    working_dir: str = "/tmp"
+    working_dir: str = "/tmp"  # nosec B108 - inside the sandbox: its private, capped tmpfs
     hostname: str = "sandbox"
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -74,7 +74,7 @@ def compile_plan(
     effective_timeout = profile.timeout_s if timeout_s is None else min(profile.timeout_s, timeout_s)
     # /tmp is the only writable path. noexec: a dropped binary can't be run from it; nosuid/nodev:
     # no privilege via files; size: the tool can't fill host memory through tmpfs.
-    tmpfs = {"/tmp": f"rw,noexec,nosuid,nodev,size={profile.tmpfs_bytes},mode=1777"}
+    tmpfs = {"/tmp": f"rw,noexec,nosuid,nodev,size={profile.tmpfs_bytes},mode=1777"}  # nosec B108
     return ContainerPlan(
         image=tool.image,
         command=tuple(tool.command),

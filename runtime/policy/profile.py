@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 MiB = 1024 * 1024
 
@@ -27,12 +27,23 @@ class Mount:
     target: str
 
 
+InjectionAction = Literal["flag", "wrap", "block"]
+
+
 @dataclass(frozen=True)
 class OutputPolicy:
     # Per-stream caps bound what a flooding tool can make the supervisor hold in memory and what
-    # reaches the model's context.
+    # reaches the model's context; the total cap bounds both streams together.
     stdout_max_bytes: int = 1 * MiB
     stderr_max_bytes: int = 256 * 1024
+    max_total_bytes: int = 1 * MiB + 256 * 1024
+    # Prompt-injection markers in output: "flag" reports them; "wrap" delivers the output as clearly
+    # delimited untrusted data; "block" withholds it (status denied). Secrets are always redacted and
+    # escapes/controls always removed: those have no off switch.
+    injection: InjectionAction = "flag"
+    # Largest stdout that is parsed as structured (JSON) content, and its nesting limit.
+    structured_max_bytes: int = 256 * 1024
+    structured_max_depth: int = 32
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,7 @@ class IsolationProfile:
     # Non-root uid:gid: a container escape starts without root on the host.
     user: str = "10001:10001"
     # Fixed environment for the tool. Nothing of the supervisor's environment is inherited.
-    env: Mapping[str, str] = field(default_factory=lambda: {"LANG": "C.UTF-8", "HOME": "/tmp"})
+    env: Mapping[str, str] = field(default_factory=lambda: {"LANG": "C.UTF-8", "HOME": "/tmp"})  # nosec B108
     # Names copied from the supervisor's environment. Unsafe: anything listed here reaches the tool.
     env_passthrough: tuple[str, ...] = ()
     mounts: tuple[Mount, ...] = ()
@@ -95,8 +106,10 @@ class IsolationProfile:
     def with_env(self, **env: str) -> IsolationProfile:
         return dataclasses.replace(self, env={**self.env, **env})
 
-    def with_output(self, stdout_max_bytes: int, stderr_max_bytes: int) -> IsolationProfile:
-        return dataclasses.replace(self, output=OutputPolicy(stdout_max_bytes, stderr_max_bytes))
+    def with_output(self, stdout_max_bytes: int, stderr_max_bytes: int, **more: Any) -> IsolationProfile:
+        output = dataclasses.replace(self.output, stdout_max_bytes=stdout_max_bytes,
+                                     stderr_max_bytes=stderr_max_bytes, **more)
+        return dataclasses.replace(self, output=output)
 
     def named(self, name: str) -> IsolationProfile:
         return dataclasses.replace(self, name=name)

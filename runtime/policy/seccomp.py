@@ -480,7 +480,8 @@ def _action_value(action: str, err: int | None) -> int:
     if action == "SCMP_ACT_ERRNO":
         return int(pyseccomp.ERRNO(err if err is not None else errno.EPERM))
     value = _ACTIONS[action]
-    assert value is not None
+    if value is None:  # only ERRNO needs an argument; _ACTIONS maps every other action to a value
+        raise ConfigError(f"seccomp action {action} has no value")
     return int(value)
 
 

@@ -44,6 +44,11 @@ def result_to_pb(result: Result) -> pb.Result:
         stdout_bytes=result.stdout_bytes,
         stderr_bytes=result.stderr_bytes,
         sandbox_id=result.sandbox_id,
+        redactions=dict(result.redactions),
+        sanitized=dict(result.sanitized),
+        injection_markers=dict(result.injection_markers),
+        structured_content_json=(json.dumps(result.structured_content, ensure_ascii=False)
+                                 if result.structured_content is not None else ""),
     )
 
 
@@ -92,6 +97,10 @@ def result_from_pb(msg: pb.Result) -> Result:
         stdout_bytes=msg.stdout_bytes,
         stderr_bytes=msg.stderr_bytes,
         sandbox_id=msg.sandbox_id,
+        redactions=dict(msg.redactions),
+        sanitized=dict(msg.sanitized),
+        injection_markers=dict(msg.injection_markers),
+        structured_content=json.loads(msg.structured_content_json) if msg.structured_content_json else None,
     )
 
 
@@ -111,6 +120,8 @@ def event_from_pb(msg: pb.ExecuteEvent) -> Event:
 def tool_from_pb(msg: pb.Tool) -> Tool:
     annotations: dict[str, object] = {}
     a = msg.annotations
+    if a.title:
+        annotations["title"] = a.title
     for key, field in (("readOnlyHint", "read_only_hint"), ("destructiveHint", "destructive_hint"),
                        ("idempotentHint", "idempotent_hint"), ("openWorldHint", "open_world_hint")):
         if a.HasField(field):

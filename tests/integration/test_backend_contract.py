@@ -443,7 +443,10 @@ async def test_50_mib_streams_through_in_bounded_memory(docker: Harness) -> None
 
 @pytest.mark.docker
 async def test_usage_reports_peak_memory_and_cpu(docker: Harness) -> None:
-    code = "import time\nt = time.time()\nx = b'x' * (40 << 20)\nwhile time.time() - t < 1.0:\n    pass"
+    # Spin on CPU time, not wall time: on a loaded machine wall time buys less CPU. Then idle briefly
+    # so the 50 ms sampler sees the final figures before the cgroup disappears at exit.
+    code = ("import time\nx = b'x' * (40 << 20)\nwhile time.process_time() < 1.0:\n    pass\n"
+            "time.sleep(0.3)")
     sandbox = await docker.backend.create(docker.plan("busy", code=code))
     try:
         _, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b""), 30)

@@ -86,7 +86,28 @@ class Usage(_message.Message):
     def __init__(self, peak_memory_bytes: _Optional[int] = ..., cpu_time_ns: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("status", "exit_code", "output", "stderr", "truncated", "duration_ms", "usage", "trace_id", "invocation_id", "message", "stdout_bytes", "stderr_bytes", "sandbox_id")
+    __slots__ = ("status", "exit_code", "output", "stderr", "truncated", "duration_ms", "usage", "trace_id", "invocation_id", "message", "stdout_bytes", "stderr_bytes", "sandbox_id", "redactions", "sanitized", "injection_markers", "structured_content_json")
+    class RedactionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class SanitizedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class InjectionMarkersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     STATUS_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +121,10 @@ class Result(_message.Message):
     STDOUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     STDERR_BYTES_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    REDACTIONS_FIELD_NUMBER: _ClassVar[int]
+    SANITIZED_FIELD_NUMBER: _ClassVar[int]
+    INJECTION_MARKERS_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_CONTENT_JSON_FIELD_NUMBER: _ClassVar[int]
     status: Status
     exit_code: int
     output: str
@@ -113,7 +138,11 @@ class Result(_message.Message):
     stdout_bytes: int
     stderr_bytes: int
     sandbox_id: str
-    def __init__(self, status: _Optional[_Union[Status, str]] = ..., exit_code: _Optional[int] = ..., output: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., duration_ms: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., trace_id: _Optional[str] = ..., invocation_id: _Optional[str] = ..., message: _Optional[str] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., sandbox_id: _Optional[str] = ...) -> None: ...
+    redactions: _containers.ScalarMap[str, int]
+    sanitized: _containers.ScalarMap[str, int]
+    injection_markers: _containers.ScalarMap[str, int]
+    structured_content_json: str
+    def __init__(self, status: _Optional[_Union[Status, str]] = ..., exit_code: _Optional[int] = ..., output: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., duration_ms: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., trace_id: _Optional[str] = ..., invocation_id: _Optional[str] = ..., message: _Optional[str] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., sandbox_id: _Optional[str] = ..., redactions: _Optional[_Mapping[str, int]] = ..., sanitized: _Optional[_Mapping[str, int]] = ..., injection_markers: _Optional[_Mapping[str, int]] = ..., structured_content_json: _Optional[str] = ...) -> None: ...
 
 class ListToolsRequest(_message.Message):
     __slots__ = ("cursor",)
