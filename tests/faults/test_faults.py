@@ -224,7 +224,9 @@ def rss_mib() -> float:
 
 
 async def test_64_concurrent_mixed_calls_none_lost(tmp_path: Path) -> None:
-    async with running_supervisor(tmp_path) as (app, client):
+    doc = config_doc(f"load-{uuid.uuid4().hex[:10]}", str(tmp_path / "toolcell.sock"))
+    doc["rate_limits"] = {"concurrency": {"global": 64}}  # the default admits 32 at once
+    async with running_supervisor(tmp_path, doc) as (app, client):
         owner = app.supervisor.config.server.instance
         await client.call("text.wordcount", json.dumps({"text": "warm up"}))
         cold = rss_mib()
