@@ -186,6 +186,26 @@ def _profiles_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _doctor(args: argparse.Namespace) -> int:
+    from runtime.backends.docker import DEFAULT_BASE_URL, DockerBackend
+    from runtime.doctor import Level, render, run_doctor
+    from runtime.settings import load_config
+
+    config = load_config(args.config)
+    address = config.docker_host or DEFAULT_BASE_URL
+    backend = DockerBackend(address, timeout_s=10.0)
+    try:
+        findings = await run_doctor(address, backend.info, {p.runtime for p in config.profiles.values()})
+    finally:
+        await backend.close()
+    if args.json:
+        print(json.dumps([{"check": f.check, "level": f.level.value.lower(), "detail": f.detail, "fix": f.fix}
+                          for f in findings]))
+    else:
+        print(render(findings))
+    return EXIT_STATUS if any(f.level is Level.FAIL for f in findings) else EXIT_OK
+
+
 def _client(args: argparse.Namespace) -> Any:
     from pathlib import Path
 
@@ -297,6 +317,9 @@ def parser() -> argparse.ArgumentParser:
     im = sub.add_parser("images", help="runner images")
     ims = im.add_subparsers(dest="subcommand", required=True)
     ims.add_parser("build", help="build the runner images offline (debootstrap + docker import/build)")
+    d = sub.add_parser("doctor", help="check the host: engine, seccomp, cgroups, runtimes, socket, sysctls")
+    d.add_argument("--config", help="YAML config file (its engine address and profiles' runtimes)")
+    d.add_argument("--json", action="store_true")
     se = sub.add_parser("secrets", help="manage the encrypted secret store (values are never echoed)")
     ses = se.add_subparsers(dest="subcommand", required=True)
     for name, text in (("set", "store a secret; the value is read from stdin (or a prompt)"),
@@ -340,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_mcp(args))
         if args.command == "profiles":
             return _profiles_check(args)
+        if args.command == "doctor":
+            return asyncio.run(_doctor(args))
         if args.command == "audit":
             return _audit_verify(args)
         if args.command == "images":

@@ -14,10 +14,11 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from runtime import metrics
 from runtime.backends.base import Backend, Sandbox
-from runtime.errors import InvocationConflict, InvocationNotFound, ShuttingDown
+from runtime.errors import EngineUnavailable, InvocationConflict, InvocationNotFound, ShuttingDown
 from runtime.model import InvocationRequest, Result, Tool
 from runtime.pipeline import Emit, Services, run_invocation
 from runtime.policy.annotations import tool_annotations
@@ -27,6 +28,9 @@ from runtime.secretstore import SecretStore
 from runtime.settings import Config
 
 log = logging.getLogger("toolcell.supervisor")
+
+# Removal retries while the engine is unreachable: 0.25 s doubling to 5 s, about two minutes in all.
+REMOVE_RETRIES = 30
 
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{8,128}$")
 
@@ -147,22 +151,54 @@ class Supervisor:
             raise InvocationNotFound(f"no running invocation {invocation_id!r}")
         running.cancelled.set()
 
-    def _track(self, sandbox: Sandbox) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(self._remove_quietly(sandbox))
+    def _track(self, sandbox: Sandbox, first: asyncio.Future[EngineUnavailable | None] | None = None
+               ) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(self._remove_quietly(sandbox, first))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
         return task
 
-    async def _remove_quietly(self, sandbox: Sandbox) -> None:
+    async def _remove_quietly(self, sandbox: Sandbox,
+                              first: asyncio.Future[EngineUnavailable | None] | None = None) -> None:
+        """Remove; while the engine is unreachable (e.g. restarting), keep retrying with backoff.
+
+        ``first`` gets the outcome of the first try (None, or the EngineUnavailable it met), so a call
+        can end without waiting for the engine to come back.
+        """
         try:
-            await sandbox.remove()
-        except Exception:  # the shutdown/start-up sweep by label is the backstop
-            log.exception("failed to remove sandbox %s", sandbox.id)
+            await self._remove_with_retries(sandbox, first)
         finally:
             metrics.active_sandboxes.add(-1)
 
+    async def _remove_with_retries(self, sandbox: Sandbox, first: asyncio.Future[EngineUnavailable | None] | None,
+                                   ) -> None:
+        delay = 0.25
+        for attempt in range(REMOVE_RETRIES):
+            outcome: EngineUnavailable | None = None
+            try:
+                await sandbox.remove()
+                return
+            except EngineUnavailable as exc:
+                outcome = exc
+                log.warning("engine unavailable; retrying removal of sandbox %s in %.1f s", sandbox.id, delay)
+            except Exception:  # the shutdown/start-up sweep by label is the backstop
+                log.exception("failed to remove sandbox %s", sandbox.id)
+                return
+            finally:
+                if attempt == 0 and first is not None and not first.done():
+                    first.set_result(outcome)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        log.error("gave up removing sandbox %s; the next start-up sweep removes it", sandbox.id)
+
     async def _remove(self, sandbox: Sandbox) -> None:
-        await self._track(sandbox)
+        """Wait for the first removal attempt; if the engine was unreachable, say so (retries go on)."""
+        first: asyncio.Future[EngineUnavailable | None] = asyncio.get_running_loop().create_future()
+        task = self._track(sandbox, first)
+        pending: set[asyncio.Future[Any]] = {task, first}
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if first.done() and first.result() is not None:
+            raise EngineUnavailable(f"{first.result()}; the sandbox will be removed when the engine is back")
 
     async def drain(self, grace_s: float) -> bool:
         """Refuse new invocations; wait up to ``grace_s`` for the running ones. True when none is left."""
@@ -181,8 +217,8 @@ class Supervisor:
     async def shutdown(self) -> None:
         """Cancel what is still running, wait for removals, then sweep by label."""
         self.cancel_all()
-        if self._cleanups:
-            await asyncio.gather(*list(self._cleanups), return_exceptions=True)
+        if self._cleanups:  # bounded: an unreachable engine must not hold shutdown for minutes
+            await asyncio.wait(list(self._cleanups), timeout=self.config.server.shutdown_grace_s + 5.0)
         try:
             await self.backend.remove_orphans(self.config.server.instance)
         except Exception:

@@ -146,6 +146,11 @@ class DockerBackend:
         result: dict[str, Any] = await self._call(functools.partial(self._api.inspect_container, sandbox_id))
         return result
 
+    async def info(self) -> dict[str, Any]:
+        """The engine's ``docker info`` (for ``toolcell doctor``; not part of ``Backend``)."""
+        result: dict[str, Any] = await self._call(self._api.info)
+        return result
+
     async def close(self) -> None:
         if self._closed:
             return
