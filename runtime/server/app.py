@@ -26,7 +26,8 @@ log = logging.getLogger("toolcell.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Supervisor"].full_name
 # After the grace period, cancelled calls get this long (plus their kill grace) to report "killed".
-CANCEL_ALLOWANCE_S = 3.0
+# Generous on purpose: it only matters when the engine is slow, and then a cut-off call loses its result.
+CANCEL_ALLOWANCE_S = 10.0
 
 
 class App:

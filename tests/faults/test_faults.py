@@ -238,7 +238,9 @@ async def test_64_concurrent_mixed_calls_none_lost(tmp_path: Path) -> None:
         after = rss_mib()
         print(f"64 mixed calls: {first:.1f} s, again {second:.1f} s; RSS {cold:.0f} -> {warm:.0f} -> {after:.0f} MiB")
         assert warm - cold < 96, f"first batch grew RSS by {warm - cold:.1f} MiB"
-        assert after - warm < 16, f"a second batch grew RSS by {after - warm:.1f} MiB more: a per-call leak"
+        # 0.5 MiB per call: well under what a leaked output buffer or sandbox handle per call would cost,
+        # above what malloc arena growth on a loaded 2-core machine shows.
+        assert after - warm < 32, f"a second batch grew RSS by {after - warm:.1f} MiB more: a per-call leak"
 
 
 # -- engine restart (shared engine: opt-in outside CI) --------------------------------------------

@@ -396,7 +396,8 @@ async def test_double_forked_daemons_gone_after_result(sup, checks: Checks, runt
     seen_during: list[int] = []
     call = asyncio.ensure_future(client.call("probe", args("linger", marker=marker, daemons=3, hold=3)))
     while not call.done():
-        seen_during = seen_during or host_processes_with(marker)
+        seen = host_processes_with(marker)  # keep the fullest sample: daemons appear one by one
+        seen_during = seen if len(seen) > len(seen_during) else seen_during
         await asyncio.sleep(0.2)
     held_result = call.result()
     quick = await client.call("probe", args("linger", marker=f"{marker}-quick", daemons=3, hold=0))
