@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import docker
 import pytest
 
 from runtime.model import EgressDestination, Result, Status
@@ -172,7 +171,7 @@ def lines(result: Result) -> dict[str, str]:
     assert result.status is Status.OK, (result.message, result.stderr, result.output, result.duration_ms)
     out = {}
     for line in result.output.splitlines():
-        kind, target, rest = (line.split(" ", 2) + ["", ""])[:3]
+        kind, target, rest = [*line.split(" ", 2), "", ""][:3]
         out[f"{kind} {target}"] = rest
     return out
 
@@ -190,7 +189,7 @@ async def host_listeners(upstream: Upstream) -> AsyncIterator[tuple[list[tuple[s
         seen.append(str(writer.get_extra_info("peername")))
         writer.close()
 
-    servers = [await asyncio.start_server(accept, "127.0.0.1", 0), await asyncio.start_server(accept, upstream.gateway, 0)]
+    servers = [await asyncio.start_server(accept, host, 0) for host in ("127.0.0.1", upstream.gateway)]
     try:
         yield [s.sockets[0].getsockname()[:2] for s in servers], seen
     finally:
@@ -290,7 +289,3 @@ async def test_egress_objects_are_removed_and_spans_carry_the_accounting(tmp_pat
     assert attrs["toolcell.egress.denied"] == ("denied.test:443 not-granted",)
     assert attrs["toolcell.egress.bytes_up"] == 5 and attrs["toolcell.egress.bytes_down"] == 10
     assert attrs["toolcell.egress.connections"] == 1 and attrs["toolcell.egress.refused"] == 1
-
-
-def _unused(_: docker.DockerClient) -> None:  # keep the import for type checkers of fixtures
-    return None

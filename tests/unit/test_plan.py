@@ -2,7 +2,6 @@
 
 import pytest
 
-from runtime.errors import ConfigError
 from runtime.model import Tool
 from runtime.policy.network import parse_grant
 from runtime.policy.plan import LABEL_MANAGED, LABEL_OWNER, compile_plan
