@@ -121,7 +121,7 @@ def compile_proxy_plan(
         image=settings.image,
         command=("python3", "-I", "-u", "-"),  # the program arrives on stdin (runtime/egress/proxy.py)
         user="10001:10001",
-        env={"LANG": "C.UTF-8", "HOME": "/tmp", "TOOLCELL_EGRESS_POLICY": policy_json},
+        env={"LANG": "C.UTF-8", "HOME": "/tmp", "TOOLCELL_EGRESS_POLICY": policy_json},  # nosec B108 - the sidecar's own tmpfs
         labels={
             LABEL_MANAGED: "true",
             LABEL_OWNER: owner,
@@ -135,7 +135,7 @@ def compile_proxy_plan(
         nano_cpus=500_000_000,
         pids_limit=16,
         nofile=512,
-        tmpfs={"/tmp": "rw,noexec,nosuid,nodev,size=1048576,mode=1777"},
+        tmpfs={"/tmp": "rw,noexec,nosuid,nodev,size=1048576,mode=1777"},  # nosec B108 - inside the sidecar
         mounts=(),
         timeout_s=0.0,  # lives as long as its invocation; the pipeline stops it
         kill_grace_s=1.0,
