@@ -84,7 +84,7 @@ def is_ip_literal(host: str) -> bool:
     else:
         return True
     # Forms inet_aton accepts and some clients resolve as addresses: "127.1", "0x7f000001", "2130706433".
-    if re.fullmatch(r"[0-9x.]+", text):
+    if re.fullmatch(r"[0-9a-fA-FxX.]+", text):
         with contextlib.suppress(OSError):
             socket.inet_aton(text)
             return True
@@ -258,9 +258,11 @@ async def system_resolver(host: str, port: int) -> list[str]:
 
 
 class Proxy:
-    def __init__(self, grants: Sequence[Grant], resolver: Resolver = system_resolver) -> None:
+    def __init__(self, grants: Sequence[Grant], resolver: Resolver = system_resolver,
+                 verdict: Callable[[str, bool], str] = address_verdict) -> None:
         self.grants = tuple(grants)
         self.resolver = resolver
+        self.verdict = verdict
         self.ledger = Ledger()
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
@@ -324,7 +326,7 @@ class Proxy:
             addresses = await asyncio.wait_for(self.resolver(host, port), RESOLVE_TIMEOUT_S)
         except (OSError, TimeoutError) as exc:
             raise Denied(502, "dns-failed") from exc
-        verdicts = [(a, address_verdict(a, grant.allow_private)) for a in addresses]
+        verdicts = [(a, self.verdict(a, grant.allow_private)) for a in addresses]
         usable = [a for a, why in verdicts if not why]
         if not usable:
             raise Denied(403, verdicts[0][1] if verdicts else "dns-failed")
