@@ -1,4 +1,4 @@
-"""Command line: ``toolcell serve | call | tools | profiles check | images build | version``.
+"""Command line: ``toolcell serve | call | tools | mcp | profiles check | images build | version``.
 
 Exit codes: 0 ok; 1 the tool ran and its status is not ok; 2 usage error; 3 rejected (bad config,
 bad arguments, unknown tool ...); 4 the supervisor or the engine is unreachable.
@@ -116,6 +116,37 @@ async def _tools(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _mcp(args: argparse.Namespace) -> int:
+    from runtime.client import Client, ClientError
+    from runtime.mcp.adapter import SandboxedTools
+    from runtime.mcp.bridge import parse_listen, serve_http, serve_stdio
+
+    if args.transport == "http":
+        try:
+            parse_listen(args.listen)
+        except ValueError as exc:
+            return _fail(f"--listen: {exc}", EXIT_USAGE)
+    async with Client(args.target) as client:
+        try:  # fail fast and clearly, before an MCP client sees a server that cannot work
+            names = {t.name for t in await client.list_tools(timeout=10.0)}
+        except ClientError as exc:
+            code = EXIT_UNAVAILABLE if exc.code in UNAVAILABLE_CODES else EXIT_REJECTED
+            return _fail(f"supervisor at {client.target}: {exc.code}: {exc.details}", code)
+        unknown = sorted(set(args.tool or ()) - names)
+        if unknown:
+            return _fail(f"unknown tool(s) {', '.join(unknown)}; the supervisor has {', '.join(sorted(names))}",
+                         EXIT_REJECTED)
+        tools = SandboxedTools(client, tools=args.tool or None)
+        if args.transport == "stdio":
+            await serve_stdio(tools)
+        else:
+            try:
+                await serve_http(tools, args.listen, args.path)
+            except OSError as exc:
+                return _fail(f"cannot listen on {args.listen}: {exc.strerror}", EXIT_USAGE)
+    return EXIT_OK
+
+
 def _profiles_check(args: argparse.Namespace) -> int:
     from runtime.settings import load_config
 
@@ -182,6 +213,15 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tools", help="list the tools a caller may use")
     t.add_argument("--target")
     t.add_argument("--json", action="store_true")
+    m = sub.add_parser("mcp", help="run an MCP server (stdio or Streamable HTTP) backed by the supervisor")
+    m.add_argument("--target", help="supervisor address (default: the built-in socket)")
+    m.add_argument("--transport", choices=("stdio", "http"), default="stdio",
+                   help="stdio (default; for MCP clients that start the server) or Streamable HTTP")
+    m.add_argument("--listen", default="127.0.0.1:8765",
+                   help="HTTP address HOST:PORT (default 127.0.0.1:8765; port 0 picks a free one)")
+    m.add_argument("--path", default="/mcp", help="HTTP endpoint path (default /mcp)")
+    m.add_argument("--tool", action="append", metavar="NAME", help="serve only this tool (repeatable)")
+    m.add_argument("-v", "--verbose", action="store_true")
     pr = sub.add_parser("profiles", help="isolation profiles")
     prs = pr.add_subparsers(dest="subcommand", required=True)
     chk = prs.add_parser("check", help="validate a config file completely, as the supervisor would")
@@ -213,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_call(args))
         if args.command == "tools":
             return asyncio.run(_tools(args))
+        if args.command == "mcp":
+            return asyncio.run(_mcp(args))
         if args.command == "profiles":
             return _profiles_check(args)
         if args.command == "images":

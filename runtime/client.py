@@ -1,46 +1,236 @@
-"""Async client for the supervisor's gRPC API (used by the CLI; the full library is issue 7).
+"""Clients for the supervisor's gRPC API: ``Client`` (asyncio) and ``SyncClient`` (blocking).
 
-Propagates the caller's OpenTelemetry context (W3C traceparent) in gRPC metadata, so the
-supervisor's spans join the caller's trace. gRPC errors become ``ClientError`` with the status code.
+    async with Client() as client:                        with SyncClient() as client:
+        result = await client.call("text.wordcount",          result = client.call("text.wordcount",
+                                   {"text": "a b"})                                {"text": "a b"})
+        async for event in client.execute(...): ...           for event in client.execute(...): ...
+
+Deadlines
+    Every RPC has one: ``timeout=`` on the call, else the client's ``default_timeout`` (ListTools, Cancel)
+    or ``execute_timeout`` (Execute; ``None`` by default, so the tool's own timeout applies). The deadline
+    covers retries. A deadline shorter than the tool's timeout wins at the supervisor: the sandbox is
+    killed early enough for the ``timeout`` result to arrive.
+Retries
+    Only on ``UNAVAILABLE``, with capped exponential backoff and full jitter, inside the deadline.
+    ListTools and Cancel are always safe to retry. Execute is retried only before the supervisor sent
+    any event for it, and only when re-running the tool is known to change nothing: ``idempotent=True``
+    from the caller, or the supervisor lists the tool as read-only or idempotent (``safe_to_retry``).
+    A tool that is not known to be idempotent is never re-run silently: the caller gets
+    ``UnavailableError`` and decides.
+Errors
+    Every gRPC status becomes one ``ClientError`` subclass, from one table (``STATUS_ERRORS``).
+Tracing
+    Each RPC runs under a CLIENT span (OpenTelemetry API only) whose context is injected as W3C
+    ``traceparent`` into the gRPC metadata, so the supervisor's spans are children of the caller's span.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import json
+import random
+import time
+from collections.abc import AsyncGenerator, Generator, Mapping
+from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import grpc
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 
 from runtime.api.v1 import supervisor_pb2 as pb
 from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
-from runtime.model import Event, Result, Tool
+from runtime.errors import ToolcellError
+from runtime.model import Event, Result, Started, Tool
+from runtime.policy.annotations import safe_to_retry
 from runtime.server.convert import event_from_pb, tool_from_pb
 from runtime.settings import default_target
 
+tracer = trace.get_tracer("toolcell.client")
+_SERVICE = "toolcell.v1.Supervisor"
 
-class ClientError(Exception):
+
+# ---------------------------------------------------------------------------------------------- errors
+
+class ClientError(ToolcellError):
+    """An RPC failed. ``code`` is the gRPC status name (``"NOT_FOUND"``), ``details`` the server's message.
+
+        ClientError                     any other status (UNIMPLEMENTED, DATA_LOSS, ...)
+        ├── NotFoundError               NOT_FOUND: unknown tool, or no such running invocation
+        ├── InvalidArgumentError        INVALID_ARGUMENT: arguments break the tool's schema (names the field)
+        ├── AlreadyExistsError          ALREADY_EXISTS: invocation id in use
+        ├── PermissionDeniedError       PERMISSION_DENIED
+        ├── UnauthenticatedError        UNAUTHENTICATED
+        ├── FailedPreconditionError     FAILED_PRECONDITION: image or OCI runtime missing
+        ├── ResourceExhaustedError      RESOURCE_EXHAUSTED: rate or capacity limit
+        ├── UnavailableError            UNAVAILABLE: supervisor or engine unreachable, or shutting down
+        ├── DeadlineExceededError       DEADLINE_EXCEEDED
+        ├── RpcCancelledError           CANCELLED
+        └── InternalError               INTERNAL, UNKNOWN
+    """
+
     def __init__(self, code: str, details: str) -> None:
         self.code = code
         self.details = details
         super().__init__(f"{code}: {details}")
 
 
-def _metadata() -> tuple[tuple[str, str], ...]:
+class NotFoundError(ClientError):
+    pass
+
+
+class InvalidArgumentError(ClientError):
+    pass
+
+
+class AlreadyExistsError(ClientError):
+    pass
+
+
+class PermissionDeniedError(ClientError):
+    pass
+
+
+class UnauthenticatedError(ClientError):
+    pass
+
+
+class FailedPreconditionError(ClientError):
+    pass
+
+
+class ResourceExhaustedError(ClientError):
+    pass
+
+
+class UnavailableError(ClientError):
+    pass
+
+
+class DeadlineExceededError(ClientError):
+    pass
+
+
+class RpcCancelledError(ClientError):
+    pass
+
+
+class InternalError(ClientError):
+    pass
+
+
+# The one table from gRPC status codes to client exceptions; anything not listed is a plain ClientError.
+STATUS_ERRORS: Mapping[grpc.StatusCode, type[ClientError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.CANCELLED: RpcCancelledError,
+    grpc.StatusCode.INTERNAL: InternalError,
+    grpc.StatusCode.UNKNOWN: InternalError,
+}
+
+
+def error_from_status(code: grpc.StatusCode, details: str | None) -> ClientError:
+    return STATUS_ERRORS.get(code, ClientError)(code.name, details or "")
+
+
+def _translate(exc: grpc.RpcError) -> ClientError:
+    """grpc.aio.AioRpcError and the sync client's errors both carry code() and details()."""
+    return error_from_status(exc.code(), exc.details())
+
+
+# ---------------------------------------------------------------------------------------------- retries
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries on UNAVAILABLE: capped exponential backoff with full jitter. ``max_attempts=1``: never."""
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+
+    def backoff(self, retry: int) -> float:
+        """Delay before retry number ``retry`` (0-based): uniform in [0, min(cap, initial * multiplier**retry)]."""
+        cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** retry)
+        return _jitter.uniform(0.0, cap)
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+_jitter = random.SystemRandom()
+
+
+class _Budget:
+    """One call's deadline and attempts, shared by every retry of it."""
+
+    def __init__(self, timeout: float | None, policy: RetryPolicy) -> None:
+        self.deadline = time.monotonic() + timeout if timeout is not None else None
+        self.policy = policy
+        self.attempts = 0
+
+    def remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    def retry_delay(self, error: ClientError) -> float | None:
+        """Seconds to wait before retrying after ``error``, or None to give up."""
+        if not isinstance(error, UnavailableError) or self.attempts >= self.policy.max_attempts:
+            return None
+        delay = self.policy.backoff(self.attempts - 1)
+        remaining = self.remaining()
+        if remaining is not None and delay >= remaining:
+            return None
+        return delay
+
+
+def _arguments_json(arguments: Mapping[str, Any] | str | None) -> str:
+    if arguments is None:
+        return "{}"
+    if isinstance(arguments, str):
+        return arguments
+    return json.dumps(dict(arguments), separators=(",", ":"))
+
+
+def _span(method: str, **attributes: str) -> trace.Span:
+    return tracer.start_span(f"{_SERVICE}/{method}", kind=trace.SpanKind.CLIENT, attributes={
+        "rpc.system": "grpc", "rpc.service": _SERVICE, "rpc.method": method, **attributes})
+
+
+def _metadata(span: trace.Span) -> tuple[tuple[str, str], ...]:
+    """W3C trace context of ``span`` (a child of whatever span is current in the caller)."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
     return tuple(carrier.items())
 
 
-def _translate(exc: grpc.aio.AioRpcError) -> ClientError:
-    return ClientError(exc.code().name, exc.details() or "")
+def _end(span: trace.Span, error: ClientError | None) -> None:
+    if error is not None:
+        span.set_attribute("rpc.grpc.status_code", error.code)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, error.code))
+    span.end()
 
+
+# ---------------------------------------------------------------------------------------------- asyncio
 
 class Client:
-    def __init__(self, target: str | None = None) -> None:
+    """Asyncio client. One gRPC channel; safe to share between tasks; close it (or use ``async with``)."""
+
+    def __init__(self, target: str | None = None, *, default_timeout: float | None = 30.0,
+                 execute_timeout: float | None = None, retry: RetryPolicy = RetryPolicy()) -> None:
         self.target = target or default_target()
+        self.default_timeout = default_timeout
+        self.execute_timeout = execute_timeout
+        self.retry = retry
         self._channel = grpc.aio.insecure_channel(self.target)
         self._stub = pb_grpc.SupervisorStub(self._channel)  # type: ignore[no-untyped-call]
+        self._annotations: dict[str, Mapping[str, Any]] | None = None
 
     async def __aenter__(self) -> Client:
         return self
@@ -52,36 +242,210 @@ class Client:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def execute(self, tool: str, arguments_json: str = "{}", *, invocation_id: str = "",
-                      timeout: float | None = None) -> AsyncIterator[Event]:
-        """Yield Started, output chunks, and the final Result."""
-        request = pb.ExecuteRequest(tool=tool, arguments_json=arguments_json, invocation_id=invocation_id)
-        call = self._stub.Execute(request, timeout=timeout, metadata=_metadata())
+    async def execute(self, tool: str, arguments: Mapping[str, Any] | str | None = None, *,
+                      invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None,
+                      caller_metadata: Mapping[str, str] | None = None) -> AsyncGenerator[Event, None]:
+        """Run ``tool``; yield ``Started``, output chunks as they happen, and the final ``Result``.
+
+        ``arguments``: a mapping, or the JSON text of one. Closing the iterator early (or cancelling the
+        task) cancels the RPC, and the supervisor removes the sandbox.
+        """
+        request = pb.ExecuteRequest(tool=tool, arguments_json=_arguments_json(arguments),
+                                    invocation_id=invocation_id, caller_metadata=dict(caller_metadata or {}))
+        budget = _Budget(timeout if timeout is not None else self.execute_timeout, self.retry)
+        span = _span("Execute", **{"toolcell.tool": tool})
+        error: ClientError | None = None
         try:
-            async for msg in call:
-                yield event_from_pb(msg)
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from exc
+            while True:
+                budget.attempts += 1
+                got_event = False
+                call = self._stub.Execute(request, timeout=budget.remaining(), metadata=_metadata(span))
+                try:
+                    async for msg in call:
+                        got_event = True
+                        event = event_from_pb(msg)
+                        if isinstance(event, Started):
+                            span.set_attribute("toolcell.invocation_id", event.invocation_id)
+                        yield event
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    error = _translate(exc)
+                finally:
+                    call.cancel()
+                delay = None if got_event else budget.retry_delay(error)
+                if delay is None or not await self._safe_to_rerun(tool, idempotent):
+                    raise error
+                span.add_event("retry", {"attempt": budget.attempts + 1, "status": error.code})
+                await asyncio.sleep(delay)
+                error = None
         finally:
-            call.cancel()
+            _end(span, error)
 
-    async def call(self, tool: str, arguments_json: str = "{}", *, timeout: float | None = None) -> Result:
-        """Run a tool and return only its final Result."""
-        async for event in self.execute(tool, arguments_json, timeout=timeout):
-            if isinstance(event, Result):
-                return event
-        raise ClientError("INTERNAL", "stream ended without a result")
-
-    async def list_tools(self) -> list[Tool]:
+    async def call(self, tool: str, arguments: Mapping[str, Any] | str | None = None, *,
+                   invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None) -> Result:
+        """Run ``tool`` and return only its final ``Result`` (output is in ``result.output``)."""
+        events = self.execute(tool, arguments, invocation_id=invocation_id, timeout=timeout, idempotent=idempotent)
         try:
-            resp = await self._stub.ListTools(pb.ListToolsRequest(), metadata=_metadata())
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from exc
-        return [tool_from_pb(t) for t in resp.tools]
+            async for event in events:
+                if isinstance(event, Result):
+                    return event
+        finally:
+            await events.aclose()
+        raise InternalError("INTERNAL", "stream ended without a result")
 
-    async def cancel(self, invocation_id: str) -> bool:
-        try:
-            resp = await self._stub.Cancel(pb.CancelRequest(invocation_id=invocation_id), metadata=_metadata())
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from exc
+    async def list_tools(self, *, timeout: float | None = None) -> list[Tool]:
+        """The tools this caller may use, with their MCP annotations (derived from the profile)."""
+        resp = await self._unary("ListTools", self._stub.ListTools, pb.ListToolsRequest(), timeout)
+        tools = [tool_from_pb(t) for t in resp.tools]
+        self._annotations = {t.name: t.annotations for t in tools}
+        return tools
+
+    async def cancel(self, invocation_id: str, *, timeout: float | None = None) -> bool:
+        """Kill a running invocation's sandbox; its Execute stream ends with status ``killed``."""
+        resp = await self._unary("Cancel", self._stub.Cancel, pb.CancelRequest(invocation_id=invocation_id), timeout)
         return bool(resp.cancelled)
+
+    async def _unary(self, method: str, rpc: Any, request: Any, timeout: float | None) -> Any:
+        budget = _Budget(timeout if timeout is not None else self.default_timeout, self.retry)
+        span = _span(method)
+        error: ClientError | None = None
+        try:
+            while True:
+                budget.attempts += 1
+                try:
+                    return await rpc(request, timeout=budget.remaining(), metadata=_metadata(span))
+                except grpc.aio.AioRpcError as exc:
+                    error = _translate(exc)
+                delay = budget.retry_delay(error)
+                if delay is None:
+                    raise error
+                span.add_event("retry", {"attempt": budget.attempts + 1, "status": error.code})
+                await asyncio.sleep(delay)
+                error = None
+        finally:
+            _end(span, error)
+
+    async def _safe_to_rerun(self, tool: str, idempotent: bool | None) -> bool:
+        if idempotent is not None:
+            return idempotent
+        if self._annotations is None or tool not in self._annotations:
+            try:
+                await self.list_tools(timeout=self.default_timeout)
+            except ClientError:
+                return False
+        return safe_to_retry((self._annotations or {}).get(tool, {}))
+
+
+# ---------------------------------------------------------------------------------------------- blocking
+
+class SyncClient:
+    """Blocking client with the same API and semantics as ``Client`` (thread-safe; ``cancel`` may be
+    called from another thread while ``execute`` is being iterated)."""
+
+    def __init__(self, target: str | None = None, *, default_timeout: float | None = 30.0,
+                 execute_timeout: float | None = None, retry: RetryPolicy = RetryPolicy()) -> None:
+        self.target = target or default_target()
+        self.default_timeout = default_timeout
+        self.execute_timeout = execute_timeout
+        self.retry = retry
+        self._channel = grpc.insecure_channel(self.target)
+        self._stub = pb_grpc.SupervisorStub(self._channel)  # type: ignore[no-untyped-call]
+        self._annotations: dict[str, Mapping[str, Any]] | None = None
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def execute(self, tool: str, arguments: Mapping[str, Any] | str | None = None, *,
+                invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None,
+                caller_metadata: Mapping[str, str] | None = None) -> Generator[Event, None, None]:
+        """See ``Client.execute``."""
+        request = pb.ExecuteRequest(tool=tool, arguments_json=_arguments_json(arguments),
+                                    invocation_id=invocation_id, caller_metadata=dict(caller_metadata or {}))
+        budget = _Budget(timeout if timeout is not None else self.execute_timeout, self.retry)
+        span = _span("Execute", **{"toolcell.tool": tool})
+        error: ClientError | None = None
+        try:
+            while True:
+                budget.attempts += 1
+                got_event = False
+                call = self._stub.Execute(request, timeout=budget.remaining(), metadata=_metadata(span))
+                try:
+                    for msg in call:
+                        got_event = True
+                        event = event_from_pb(msg)
+                        if isinstance(event, Started):
+                            span.set_attribute("toolcell.invocation_id", event.invocation_id)
+                        yield event
+                    return
+                except grpc.RpcError as exc:
+                    error = _translate(exc)
+                finally:
+                    call.cancel()
+                delay = None if got_event else budget.retry_delay(error)
+                if delay is None or not self._safe_to_rerun(tool, idempotent):
+                    raise error
+                span.add_event("retry", {"attempt": budget.attempts + 1, "status": error.code})
+                time.sleep(delay)
+                error = None
+        finally:
+            _end(span, error)
+
+    def call(self, tool: str, arguments: Mapping[str, Any] | str | None = None, *,
+             invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None) -> Result:
+        """See ``Client.call``."""
+        events = self.execute(tool, arguments, invocation_id=invocation_id, timeout=timeout, idempotent=idempotent)
+        try:
+            for event in events:
+                if isinstance(event, Result):
+                    return event
+        finally:
+            events.close()
+        raise InternalError("INTERNAL", "stream ended without a result")
+
+    def list_tools(self, *, timeout: float | None = None) -> list[Tool]:
+        """See ``Client.list_tools``."""
+        resp = self._unary("ListTools", self._stub.ListTools, pb.ListToolsRequest(), timeout)
+        tools = [tool_from_pb(t) for t in resp.tools]
+        self._annotations = {t.name: t.annotations for t in tools}
+        return tools
+
+    def cancel(self, invocation_id: str, *, timeout: float | None = None) -> bool:
+        """See ``Client.cancel``."""
+        resp = self._unary("Cancel", self._stub.Cancel, pb.CancelRequest(invocation_id=invocation_id), timeout)
+        return bool(resp.cancelled)
+
+    def _unary(self, method: str, rpc: Any, request: Any, timeout: float | None) -> Any:
+        budget = _Budget(timeout if timeout is not None else self.default_timeout, self.retry)
+        span = _span(method)
+        error: ClientError | None = None
+        try:
+            while True:
+                budget.attempts += 1
+                try:
+                    return rpc(request, timeout=budget.remaining(), metadata=_metadata(span))
+                except grpc.RpcError as exc:
+                    error = _translate(exc)
+                delay = budget.retry_delay(error)
+                if delay is None:
+                    raise error
+                span.add_event("retry", {"attempt": budget.attempts + 1, "status": error.code})
+                time.sleep(delay)
+                error = None
+        finally:
+            _end(span, error)
+
+    def _safe_to_rerun(self, tool: str, idempotent: bool | None) -> bool:
+        if idempotent is not None:
+            return idempotent
+        if self._annotations is None or tool not in self._annotations:
+            try:
+                self.list_tools(timeout=self.default_timeout)
+            except ClientError:
+                return False
+        return safe_to_retry((self._annotations or {}).get(tool, {}))

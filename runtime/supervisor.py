@@ -7,6 +7,7 @@ and the backend, and runs each invocation through ``pipeline.run_invocation``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import secrets
@@ -16,6 +17,7 @@ from runtime.backends.base import Backend, Sandbox
 from runtime.errors import InvocationConflict, InvocationNotFound, ShuttingDown
 from runtime.model import InvocationRequest, Result, Tool
 from runtime.pipeline import Emit, Services, run_invocation
+from runtime.policy.annotations import tool_annotations
 from runtime.policy.scrub import Redactor
 from runtime.secretdelivery import SecretDelivery
 from runtime.secretstore import SecretStore
@@ -82,7 +84,9 @@ class Supervisor:
         self.config = config
 
     def list_tools(self) -> list[Tool]:
-        return sorted(self.config.tools.values(), key=lambda t: t.name)
+        """Tools with MCP annotations derived from their profile, the admin's overrides on top."""
+        return [dataclasses.replace(t, annotations=tool_annotations(t.annotations, self.config.profiles[t.profile]))
+                for t in sorted(self.config.tools.values(), key=lambda t: t.name)]
 
     @property
     def in_flight(self) -> int:

@@ -126,6 +126,8 @@ def event_from_pb(msg: pb.ExecuteEvent) -> Event:
 def tool_from_pb(msg: pb.Tool) -> Tool:
     annotations: dict[str, object] = {}
     a = msg.annotations
+    if a.title:
+        annotations["title"] = a.title
     for key, field in (("readOnlyHint", "read_only_hint"), ("destructiveHint", "destructive_hint"),
                        ("idempotentHint", "idempotent_hint"), ("openWorldHint", "open_world_hint")):
         if a.HasField(field):

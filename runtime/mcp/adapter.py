@@ -1,0 +1,219 @@
+"""Serve the supervisor's tools on an MCP server (the official ``mcp`` SDK, low-level ``Server``).
+
+``SandboxedTools`` supplies the two handlers an MCP server needs for tools:
+
+- ``list_tools``: every tool the supervisor lists (or the chosen subset) with its name, title,
+  description, input/output schema and annotations (derived from the tool's isolation profile by the
+  supervisor, the admin's overrides on top);
+- ``call_tool``: runs the tool through the supervisor, so it executes in a fresh sandbox. Streamed
+  stdout becomes MCP progress notifications (which also keeps client-side timeouts alive); MCP
+  cancellation sends ``Cancel`` for the invocation and closes the stream (the sandbox is removed); the
+  final result becomes a ``CallToolResult``: text content, structured content when the tool declares an
+  output schema, ``isError`` with the status and a readable message when the status is not ok.
+
+Use it as the handlers of a new server (``Server(name, on_list_tools=t.list_tools, on_call_tool=t.call_tool)``)
+or ``install`` it on a server that has tools of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+import anyio
+import mcp_types as types
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel import Server
+from mcp.shared.exceptions import MCPError
+from mcp_types.jsonrpc import INVALID_PARAMS
+
+from runtime.client import Client, ClientError, InvalidArgumentError, NotFoundError
+from runtime.model import OutputChunk, Result, Started, Status, Tool
+
+log = logging.getLogger("toolcell.mcp")
+
+META_PREFIX = "io.toolcell/"
+PROGRESS_MESSAGE_MAX = 2000  # characters of a stdout chunk carried in one progress notification
+CANCEL_GRACE_S = 5.0
+
+
+def mcp_tool(tool: Tool) -> types.Tool:
+    """A supervisor tool as an MCP ``Tool`` (the image, command and profile are never exposed)."""
+    ann = dict(tool.annotations)
+    annotations = types.ToolAnnotations(
+        title=ann.get("title") or tool.title or None,
+        read_only_hint=ann.get("readOnlyHint"),
+        destructive_hint=ann.get("destructiveHint"),
+        idempotent_hint=ann.get("idempotentHint"),
+        open_world_hint=ann.get("openWorldHint"),
+    )
+    return types.Tool(
+        name=tool.name,
+        title=tool.title or None,
+        description=tool.description,
+        input_schema=dict(tool.input_schema),
+        output_schema=dict(tool.output_schema) if tool.output_schema else None,
+        annotations=annotations,
+    )
+
+
+def _text(text: str) -> types.TextContent:
+    return types.TextContent(type="text", text=text)
+
+
+def call_result(tool: Tool | None, result: Result) -> types.CallToolResult:
+    """The supervisor's final ``Result`` as an MCP ``CallToolResult``.
+
+    Structured content is the supervisor's (stdout parsed and validated against the tool's output
+    schema); a tool that declares an output schema but produced none is an error, as MCP requires.
+    """
+    meta: dict[str, Any] = {f"{META_PREFIX}{k}": v for k, v in (
+        ("status", result.status.value), ("exit_code", result.exit_code), ("invocation_id", result.invocation_id),
+        ("trace_id", result.trace_id), ("duration_ms", result.duration_ms), ("truncated", result.truncated))}
+    for key, counts in (("redactions", result.redactions), ("injection_markers", result.injection_markers)):
+        if counts:
+            meta[f"{META_PREFIX}{key}"] = dict(counts)
+    note = "\n[output truncated]" if result.truncated else ""
+    name = tool.name if tool else "?"
+    if result.status is not Status.OK:
+        lines = [f"Tool {name} ended with status {result.status.value} (exit code {result.exit_code})"
+                 + (f": {result.message}" if result.message else "")]
+        if result.output:
+            lines.append(f"stdout:\n{result.output}")
+        if result.stderr:
+            lines.append(f"stderr:\n{result.stderr}")
+        return types.CallToolResult(content=[_text("\n".join(lines) + note)], is_error=True, _meta=meta)
+    if result.structured_content is not None:
+        return types.CallToolResult(content=[_text(result.output + note)],
+                                    structured_content=dict(result.structured_content), _meta=meta)
+    if tool is not None and tool.output_schema is not None:
+        return types.CallToolResult(is_error=True, _meta=meta, content=[_text(
+            f"Tool {name} declares an output schema but its output is not a JSON object valid against it:\n"
+            f"{result.output}{note}")])
+    return types.CallToolResult(content=[_text(result.output + note)], _meta=meta)
+
+
+def error_result(message: str) -> types.CallToolResult:
+    return types.CallToolResult(content=[_text(message)], is_error=True)
+
+
+class SandboxedTools:
+    """MCP tool handlers backed by the supervisor. ``tools``: serve only these names (default: all)."""
+
+    def __init__(self, client: Client | None = None, *, target: str | None = None,
+                 tools: Iterable[str] | None = None) -> None:
+        self._owns_client = client is None
+        self.client = client or Client(target)
+        self.only = frozenset(tools) if tools is not None else None
+        self._tools: dict[str, Tool] = {}
+
+    async def __aenter__(self) -> SandboxedTools:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_client:
+            await self.client.close()
+
+    async def tools(self) -> list[Tool]:
+        """The supervisor's tools (the chosen subset), refreshed on every call: a reload shows up."""
+        listed = [t for t in await self.client.list_tools() if self.only is None or t.name in self.only]
+        self._tools = {t.name: t for t in listed}
+        return listed
+
+    # -------------------------------------------------------------------------- MCP handlers
+
+    async def list_tools(self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+                         ) -> types.ListToolsResult:
+        try:
+            tools = await self.tools()
+        except ClientError as exc:
+            raise MCPError(types.INTERNAL_ERROR, f"toolcell supervisor: {exc}") from exc
+        return types.ListToolsResult(tools=[mcp_tool(t) for t in tools])
+
+    async def call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
+                        ) -> types.CallToolResult:
+        name = params.name
+        if self.only is not None and name not in self.only:
+            raise MCPError(INVALID_PARAMS, f"Unknown tool: {name}")
+        if name not in self._tools:
+            with contextlib.suppress(ClientError):
+                await self.tools()
+        tool = self._tools.get(name)
+        # Chosen here, so a cancellation that arrives before the sandbox started can still name it.
+        invocation_id = "mcp_" + secrets.token_hex(16)
+        caller = {"mcp.request_id": str(ctx.request_id)} if ctx.request_id is not None else {}
+        events = self.client.execute(name, dict(params.arguments or {}), invocation_id=invocation_id,
+                                     caller_metadata=caller)
+        sent = 0
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, Started):
+                        await ctx.session.report_progress(0, message=f"running in sandbox (profile {event.profile})")
+                    elif isinstance(event, OutputChunk) and event.stream == "stdout" and event.text:
+                        sent += len(event.text)
+                        await ctx.session.report_progress(sent, message=event.text[-PROGRESS_MESSAGE_MAX:])
+                    elif isinstance(event, Result):
+                        return call_result(tool, event)
+        except anyio.get_cancelled_exc_class():
+            await self._cancel(invocation_id)
+            raise
+        except NotFoundError as exc:
+            raise MCPError(INVALID_PARAMS, f"Unknown tool: {name}") from exc
+        except InvalidArgumentError as exc:
+            return error_result(f"Invalid arguments for tool {name}: {exc.details}")
+        except ClientError as exc:
+            return error_result(f"Tool {name} could not run: {exc.code}: {exc.details}")
+        return error_result(f"Tool {name}: the supervisor ended the stream without a result")
+
+    async def _cancel(self, invocation_id: str) -> None:
+        """The MCP request was cancelled: kill the sandbox (shielded: we are inside a cancelled scope)."""
+        with anyio.move_on_after(CANCEL_GRACE_S, shield=True):
+            try:
+                await self.client.cancel(invocation_id, timeout=CANCEL_GRACE_S)
+                log.info("cancelled %s on MCP request cancellation", invocation_id)
+            except ClientError as exc:  # NOT_FOUND: not started yet, or already finished
+                log.info("cancel %s: %s", invocation_id, exc)
+
+    # -------------------------------------------------------------------------- installing
+
+    def install(self, server: Server[Any]) -> None:
+        """Add the sandboxed tools to ``server``, keeping the tools it already serves (they win on a name clash)."""
+        own_list = server.get_request_handler("tools/list")
+        own_call = server.get_request_handler("tools/call")
+
+        async def own_tools(ctx: ServerRequestContext[Any]) -> list[types.Tool]:
+            if own_list is None:
+                return []
+            return types.ListToolsResult.model_validate(await own_list.handler(ctx, None)).tools
+
+        async def list_tools(ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+                             ) -> types.ListToolsResult:
+            mine = await own_tools(ctx)
+            taken = {t.name for t in mine}
+            ours = (await self.list_tools(ctx, params)).tools
+            return types.ListToolsResult(tools=[*mine, *(t for t in ours if t.name not in taken)])
+
+        async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
+                            ) -> types.CallToolResult:
+            if own_call is not None and any(t.name == params.name for t in await own_tools(ctx)):
+                return types.CallToolResult.model_validate(await own_call.handler(ctx, params))
+            return await self.call_tool(ctx, params)
+
+        server.add_request_handler("tools/list", types.PaginatedRequestParams, list_tools)
+        server.add_request_handler("tools/call", types.CallToolRequestParams, call_tool)
+
+def server(tools: SandboxedTools, name: str = "toolcell", **kwargs: Any) -> Server[Any]:
+    """A low-level MCP ``Server`` serving exactly ``tools``."""
+    from runtime import __version__
+
+    return Server(name, version=__version__, on_list_tools=tools.list_tools, on_call_tool=tools.call_tool,
+                  **kwargs)
