@@ -312,6 +312,10 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
                 grants = {"toolcell.egress.grants": len(resolved.profile.network)}
                 with step("toolcell.egress.open", redactor, **grants):
                     plan = await egress.open(plan)
+                # Setting up the network took time out of the caller's deadline, if there is one.
+                remaining = effective_timeout(resolved, request.deadline_s, time.monotonic())
+                if remaining is not None and remaining < plan.timeout_s:
+                    plan = dataclasses.replace(plan, timeout_s=remaining)
             with step("toolcell.create", redactor, **{"toolcell.image": plan.image, "toolcell.runtime": plan.runtime}):
                 sandbox = await create(backend, plan, on_orphan=services.on_sandbox)
             services.on_sandbox(sandbox)

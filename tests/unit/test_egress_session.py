@@ -54,7 +54,7 @@ def config(**egress: Any) -> Any:
         "version": 1,
         "server": {"instance": "unit-egress"},
         "egress": egress,
-        "profiles": {"default": {"timeout": "2s"},
+        "profiles": {"default": {"timeout": "5s", "kill_grace": "100ms"},
                      "a": {"network": ["allowed.test"]},
                      "b": {"network": [{"host": "*.other.test", "ports": [80]}]}},
         "tools": [{**probe, "name": "plain"}, {**probe, "name": "a", "profile": "a"},
@@ -142,3 +142,28 @@ async def test_an_admin_named_upstream_network_is_not_swept() -> None:
     await run(sup, "a")
     await sup.shutdown()
     assert list(backend.networks) == ["corp-egress"]
+
+
+async def slow_proxy(proc: FakeProcess) -> int:
+    await asyncio.sleep(0.6)
+    return await fake_proxy(proc)
+
+
+async def sleeper(proc: FakeProcess) -> int:
+    await asyncio.sleep(3600)
+    return 0
+
+
+async def test_network_set_up_time_comes_out_of_the_callers_deadline() -> None:
+    import time
+
+    backend = FakeBackend({PROXY_IMAGE: slow_proxy, "tool": sleeper})
+    sup = Supervisor(config(), backend)
+
+    async def emit(_: Event) -> None:
+        return None
+
+    t0 = time.monotonic()
+    result = await sup.execute(InvocationRequest(tool="a", arguments_json="{}", deadline_s=t0 + 1.5), emit)
+    assert result.status is Status.TIMEOUT and time.monotonic() - t0 < 1.5
+    assert backend.live == []
