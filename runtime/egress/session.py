@@ -63,6 +63,7 @@ class EgressSession:
         self._proxy_task: asyncio.Future[Sandbox] | None = None
         self._reader: asyncio.Future[None] | None = None
         self._ready = asyncio.Event()
+        self._summarized = asyncio.Event()
         self._summary: list[dict[str, Any]] | None = None
         self._stderr = bytearray()
         self.layout: EgressLayout | None = None
@@ -138,19 +139,17 @@ class EgressSession:
         return tuple(found)
 
     async def _stop(self, proxy: Sandbox) -> None:
+        """SIGTERM, then wait for the summary line (not for the exit: removal kills what is left)."""
         if self._reader is None:
             return
-        waiter = asyncio.ensure_future(proxy.wait())
+        summarized: asyncio.Future[Any] = asyncio.ensure_future(self._summarized.wait())
+        reader: asyncio.Future[Any] = self._reader
         try:
             await proxy.signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter), timeout=_STOP_GRACE_S)
-            except TimeoutError:
-                await proxy.signal(signal.SIGKILL)
-            with contextlib.suppress(TimeoutError, BackendError):
-                await asyncio.wait_for(asyncio.shield(self._reader), timeout=_STOP_GRACE_S)
+            await asyncio.wait({summarized, reader}, timeout=_STOP_GRACE_S,
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
-            waiter.cancel()
+            summarized.cancel()
             self._reader.cancel()
 
     async def _read(self, proxy: Sandbox) -> None:
@@ -177,6 +176,7 @@ class EgressSession:
             self._ready.set()
         elif message.get("event") == "summary" and isinstance(message.get("destinations"), list):
             self._summary = message["destinations"]
+            self._summarized.set()
 
 
 async def _settled(task: asyncio.Future[Any]) -> Any:

@@ -119,7 +119,7 @@ def compile_proxy_plan(
     """The egress proxy's sidecar: contained like a tool (it parses what a hostile tool sends)."""
     return ContainerPlan(
         image=settings.image,
-        command=("python3", "-I", "-u", "-"),  # the program arrives on stdin (runtime/egress/proxy.py)
+        command=("python3", "-I", "-S", "-u", "-"),  # the program arrives on stdin (runtime/egress/proxy.py)
         user="10001:10001",
         env={"LANG": "C.UTF-8", "HOME": "/tmp", "TOOLCELL_EGRESS_POLICY": policy_json},  # nosec B108 - the sidecar's own tmpfs
         labels={
