@@ -54,6 +54,7 @@ threading.Event().wait()
 # environment's HTTP_PROXY); prints one line per probe.
 PROBE = r"""
 import errno, json, os, socket, sys, urllib.request
+os.environ["RES_OPTIONS"] = "timeout:1 attempts:1"  # a failing lookup fails fast (read at first use)
 args = json.load(sys.stdin)
 proxy = os.environ.get("HTTPS_PROXY", "")
 phost, _, pport = proxy.removeprefix("http://").partition(":")
@@ -75,7 +76,7 @@ def connect(target):
     return f"200 {reply}"
 def direct(host, port):
     s = socket.socket()
-    s.settimeout(2)
+    s.settimeout(1)
     try:
         s.connect((host, port))
         return "connected"
@@ -203,9 +204,12 @@ async def test_granted_tool_reaches_only_granted_names_and_ports(
     args = {
         "connect": ["allowed.test:443", "denied.test:443", "allowed.test:8443", f"{upstream.server_ip}:443",
                     "a.wild.test:443", "deep.a.wild.test:443", "evilwild.test:443", "wild.test:443",
-                    f"127.0.0.1:{loopback[1]}", "localhost:443"],
-        "http": ["http://allowed.test/granted?q=1", "http://denied.test/refused"],
-        "direct": [(upstream.server_ip, 443), (upstream.server_ip, 80), list(loopback), list(gateway)],
+                    f"127.0.0.1:{loopback[1]}", "localhost:443", "169.254.169.254:80"],
+        "http": ["http://allowed.test/granted?q=1", "http://denied.test/refused", "http://allowed.test:8443/"],
+        # The metadata address can't be reached and nothing leaves: the network is internal, its bridge
+        # has no address, and the sandbox's default route points at an address no one holds.
+        "direct": [(upstream.server_ip, 443), (upstream.server_ip, 80), list(loopback), list(gateway),
+                   ("169.254.169.254", 80)],
         "dns": ["allowed.test", "denied.test"],
     }
     async with running_supervisor(tmp_path, egress_doc(tmp_path, upstream)) as (_, client):
@@ -225,6 +229,9 @@ async def test_granted_tool_reaches_only_granted_names_and_ports(
     assert out[f"connect 127.0.0.1:{loopback[1]}"] == "403"
     assert out["connect localhost:443"] == "403"
     assert out["http http://denied.test/refused"] == "403 denied; reason=not-granted"
+    assert out["http http://allowed.test:8443/"] == "403 denied; reason=not-granted"
+    assert out["connect 169.254.169.254:80"] == "403"
+    assert out["direct 169.254.169.254:80"] in UNREACHABLE
     # No direct route anywhere: not to the server by IP, not to the host (loopback is the sandbox's own).
     assert out[f"direct {upstream.server_ip}:443"] in UNREACHABLE
     assert out[f"direct {upstream.server_ip}:80"] in UNREACHABLE
@@ -244,6 +251,7 @@ async def test_granted_tool_reaches_only_granted_names_and_ports(
     assert (egress["denied.test:443"].allowed, egress["denied.test:443"].reason) == (False, "not-granted")
     assert egress["allowed.test:8443"].reason == "not-granted"
     assert egress[f"{upstream.server_ip}:443"].reason == "ip-literal"
+    assert egress["169.254.169.254:80"].reason == "ip-literal"
     assert egress["evilwild.test:443"].reason == "not-granted" and egress["wild.test:443"].reason == "not-granted"
     assert egress["denied.test:80"].reason == "not-granted"
     assert egress["a.wild.test:443"].allowed and egress["deep.a.wild.test:443"].allowed
