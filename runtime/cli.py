@@ -1,4 +1,5 @@
-"""Command line: ``toolcell serve | call | tools | mcp | profiles check | images build | version``.
+"""Command line: ``toolcell serve | call | tools | mcp | profiles check | images build | secrets | health |
+reload | config show | version``.
 
 Exit codes: 0 ok; 1 the tool ran and its status is not ok; 2 usage error; 3 rejected (bad config,
 bad arguments, unknown tool ...); 4 the supervisor or the engine is unreachable.
@@ -11,7 +12,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import signal
 import sys
 from typing import Any
 
@@ -28,33 +28,64 @@ def _fail(message: str, code: int) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from runtime.backends.docker import DockerBackend
-    from runtime.server.app import App
-    from runtime.settings import load_config
-    from runtime.supervisor import Supervisor
-    from runtime.telemetry import install_log_redaction, setup_tracing
+    from runtime.server.lifecycle import serve
 
-    config = load_config(args.config, listen=args.listen)
-    provider = setup_tracing(config.telemetry)
-    backend = DockerBackend(config.docker_host)
-    supervisor = Supervisor(config, backend)
-    install_log_redaction(supervisor)
-    app = App(supervisor)
+    return await serve(args.config, args.listen, verbose=args.verbose)
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 SERVING (--live: or NOT_SERVING), 1 otherwise, 4 unreachable: for HEALTHCHECK and probes."""
+    from runtime.control import ControlError, check_health
+    from runtime.settings import default_target
+
     try:
-        address = await app.start()
-    except BaseException:
-        await backend.close()
-        raise
-    print(f"toolcell: serving on {address} (config {config.source}, {len(config.tools)} tools)",
-          file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("toolcell: shutting down", file=sys.stderr, flush=True)
-    await app.stop()
-    provider.shutdown()
+        status = check_health(args.target or default_target(), args.service, args.timeout)
+    except ControlError as exc:
+        return _fail(f"health: {exc}", EXIT_UNAVAILABLE)
+    print(status)
+    return EXIT_OK if status == "SERVING" or (args.live and status == "NOT_SERVING") else EXIT_STATUS
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from runtime.control import ControlError, request_reload
+    from runtime.settings import default_target
+
+    state_file = args.state_file
+    if state_file is None:
+        target = args.target or default_target()
+        if not target.startswith("unix:"):
+            return _fail("--state-file is needed when the supervisor is not on a Unix socket", EXIT_USAGE)
+        state_file = target.removeprefix("unix://").removeprefix("unix:") + ".state"
+    try:
+        state = request_reload(state_file, args.timeout)
+    except ControlError as exc:
+        return _fail(f"reload: {exc}", EXIT_UNAVAILABLE)
+    if not state.last_reload_ok:
+        return _fail(f"reload refused, the running config stays: {state.last_reload_error}", EXIT_REJECTED)
+    print(f"reloaded {state.config} (reload #{state.reloads}, pid {state.pid})")
+    return EXIT_OK
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from runtime.configview import effective
+    from runtime.settings import load_config
+
+    view = effective(load_config(args.config))
+    print(json.dumps(view, indent=2) if args.json else yaml.safe_dump(view, sort_keys=False), end="\n")
+    return EXIT_OK
+
+
+def _version(args: argparse.Namespace) -> int:
+    if not args.json:
+        print(f"toolcell {__version__}")
+        return EXIT_OK
+    import platform
+    from importlib.metadata import version
+
+    print(json.dumps({"toolcell": __version__, "python": platform.python_version(),
+                      **{name: version(name) for name in ("grpcio", "opentelemetry-sdk", "docker", "protobuf")}}))
     return EXIT_OK
 
 
@@ -65,14 +96,14 @@ def _result_dict(result: Any) -> dict[str, Any]:
 
 
 async def _call(args: argparse.Namespace) -> int:
-    from runtime.client import Client, ClientError
+    from runtime.client import ClientError
     from runtime.model import OutputChunk, Result, Started
 
     try:
         json.loads(args.args)
     except json.JSONDecodeError as exc:
         return _fail(f"--args is not valid JSON: {exc.msg} at column {exc.colno}", EXIT_USAGE)
-    async with Client(args.target) as client:
+    async with _client(args) as client:
         try:
             async for event in client.execute(args.tool, args.args, timeout=args.timeout):
                 if isinstance(event, Started) and not args.json:
@@ -99,9 +130,9 @@ async def _call(args: argparse.Namespace) -> int:
 
 
 async def _tools(args: argparse.Namespace) -> int:
-    from runtime.client import Client, ClientError
+    from runtime.client import ClientError
 
-    async with Client(args.target) as client:
+    async with _client(args) as client:
         try:
             tools = await client.list_tools()
         except ClientError as exc:
@@ -117,7 +148,7 @@ async def _tools(args: argparse.Namespace) -> int:
 
 
 async def _mcp(args: argparse.Namespace) -> int:
-    from runtime.client import Client, ClientError
+    from runtime.client import ClientError
     from runtime.mcp.adapter import SandboxedTools
     from runtime.mcp.bridge import parse_listen, serve_http, serve_stdio
 
@@ -126,7 +157,7 @@ async def _mcp(args: argparse.Namespace) -> int:
             parse_listen(args.listen)
         except ValueError as exc:
             return _fail(f"--listen: {exc}", EXIT_USAGE)
-    async with Client(args.target) as client:
+    async with _client(args) as client:
         try:  # fail fast and clearly, before an MCP client sees a server that cannot work
             names = {t.name for t in await client.list_tools(timeout=10.0)}
         except ClientError as exc:
@@ -153,6 +184,54 @@ def _profiles_check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     print(f"{args.file}: ok ({len(config.profiles)} profiles, {len(config.tools)} tools)")
     return EXIT_OK
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    from runtime.backends.docker import DEFAULT_BASE_URL, DockerBackend
+    from runtime.doctor import Level, render, run_doctor
+    from runtime.settings import load_config
+
+    config = load_config(args.config)
+    address = config.docker_host or DEFAULT_BASE_URL
+    backend = DockerBackend(address, timeout_s=10.0)
+    try:
+        findings = await run_doctor(address, backend.info, {p.runtime for p in config.profiles.values()})
+    finally:
+        await backend.close()
+    if args.json:
+        print(json.dumps([{"check": f.check, "level": f.level.value.lower(), "detail": f.detail, "fix": f.fix}
+                          for f in findings]))
+    else:
+        print(render(findings))
+    return EXIT_STATUS if any(f.level is Level.FAIL for f in findings) else EXIT_OK
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from runtime.client import Client, ClientTls
+    from runtime.settings import client_token
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else client_token()
+    tls = None
+    if args.tls_ca:
+        tls = ClientTls(ca_pem=Path(args.tls_ca).read_bytes(),
+                        cert_pem=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+                        key_pem=Path(args.tls_key).read_bytes() if args.tls_key else None)
+    return Client(args.target, token=token, tls=tls)
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from runtime.audit import verify
+
+    try:
+        verdict = verify(args.files)
+    except OSError as exc:
+        return _fail(f"cannot read {exc.filename}: {exc.strerror}", EXIT_USAGE)
+    if verdict.ok:
+        print(verdict.describe())
+        return EXIT_OK
+    return _fail(f"audit chain broken at {verdict.describe()}", EXIT_STATUS)
 
 
 def _secrets(args: argparse.Namespace) -> int:
@@ -213,6 +292,10 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tools", help="list the tools a caller may use")
     t.add_argument("--target")
     t.add_argument("--json", action="store_true")
+    au = sub.add_parser("audit", help="the audit trail")
+    aus = au.add_subparsers(dest="subcommand", required=True)
+    av = aus.add_parser("verify", help="check the hash chain; report the first broken record")
+    av.add_argument("files", nargs="+", metavar="FILE", help="files in chain order: rotated (FILE.000001 ...) first")
     m = sub.add_parser("mcp", help="run an MCP server (stdio or Streamable HTTP) backed by the supervisor")
     m.add_argument("--target", help="supervisor address (default: the built-in socket)")
     m.add_argument("--transport", choices=("stdio", "http"), default="stdio",
@@ -222,6 +305,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--path", default="/mcp", help="HTTP endpoint path (default /mcp)")
     m.add_argument("--tool", action="append", metavar="NAME", help="serve only this tool (repeatable)")
     m.add_argument("-v", "--verbose", action="store_true")
+    for cmd in (c, t, m):
+        cmd.add_argument("--token-file", help="file with a bearer JWT (default: $TOOLCELL_TOKEN)")
+        cmd.add_argument("--tls-ca", help="PEM CA of the server's certificate (TCP + TLS)")
+        cmd.add_argument("--tls-cert", help="PEM client certificate (mTLS)")
+        cmd.add_argument("--tls-key", help="PEM client key (mTLS)")
     pr = sub.add_parser("profiles", help="isolation profiles")
     prs = pr.add_subparsers(dest="subcommand", required=True)
     chk = prs.add_parser("check", help="validate a config file completely, as the supervisor would")
@@ -229,6 +317,9 @@ def parser() -> argparse.ArgumentParser:
     im = sub.add_parser("images", help="runner images")
     ims = im.add_subparsers(dest="subcommand", required=True)
     ims.add_parser("build", help="build the runner images offline (debootstrap + docker import/build)")
+    d = sub.add_parser("doctor", help="check the host: engine, seccomp, cgroups, runtimes, socket, sysctls")
+    d.add_argument("--config", help="YAML config file (its engine address and profiles' runtimes)")
+    d.add_argument("--json", action="store_true")
     se = sub.add_parser("secrets", help="manage the encrypted secret store (values are never echoed)")
     ses = se.add_subparsers(dest="subcommand", required=True)
     for name, text in (("set", "store a secret; the value is read from stdin (or a prompt)"),
@@ -238,7 +329,22 @@ def parser() -> argparse.ArgumentParser:
         if name != "list":
             cmd.add_argument("name")
     ses.add_parser("keygen", help="print a new random key (for key_file or the key variable)")
-    sub.add_parser("version", help="print the version")
+    v = sub.add_parser("version", help="print the version")
+    v.add_argument("--json", action="store_true", help="also the versions of the main dependencies")
+    h = sub.add_parser("health", help="ask a running supervisor for its gRPC health (exit 0 when SERVING)")
+    h.add_argument("--target", help="supervisor address (default: the built-in socket)")
+    h.add_argument("--service", default="", help="health service name (default: the whole server)")
+    h.add_argument("--timeout", type=float, default=5.0)
+    h.add_argument("--live", action="store_true", help="liveness: any answer (also NOT_SERVING) counts as alive")
+    r = sub.add_parser("reload", help="make a running supervisor reload its config file (SIGHUP) and report")
+    r.add_argument("--target", help="the supervisor's socket; its state file is <socket>.state")
+    r.add_argument("--state-file", help="the supervisor's state file (server.state_file)")
+    r.add_argument("--timeout", type=float, default=15.0)
+    cf = sub.add_parser("config", help="configuration")
+    cfs = cf.add_subparsers(dest="subcommand", required=True)
+    show = cfs.add_parser("show", help="print the effective configuration, secrets masked")
+    show.add_argument("--config", help="YAML config file (default: $TOOLCELL_CONFIG or built-in)")
+    show.add_argument("--json", action="store_true")
     return p
 
 
@@ -257,12 +363,21 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_mcp(args))
         if args.command == "profiles":
             return _profiles_check(args)
+        if args.command == "doctor":
+            return asyncio.run(_doctor(args))
+        if args.command == "audit":
+            return _audit_verify(args)
         if args.command == "images":
             return _images_build(args)
         if args.command == "secrets":
             return _secrets(args)
-        print(f"toolcell {__version__}")
-        return EXIT_OK
+        if args.command == "health":
+            return _health(args)
+        if args.command == "reload":
+            return _reload(args)
+        if args.command == "config":
+            return _config_show(args)
+        return _version(args)
     except ConfigError as exc:
         return _fail(f"invalid configuration: {exc}", EXIT_REJECTED)
     except EngineUnavailable as exc:

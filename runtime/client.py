@@ -31,7 +31,7 @@ import json
 import random
 import time
 from collections.abc import AsyncGenerator, Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -69,10 +69,17 @@ class ClientError(ToolcellError):
         └── InternalError               INTERNAL, UNKNOWN
     """
 
-    def __init__(self, code: str, details: str) -> None:
+    def __init__(self, code: str, details: str, trailers: Mapping[str, str] | None = None) -> None:
         self.code = code
         self.details = details
+        self.trailers = dict(trailers or {})
         super().__init__(f"{code}: {details}")
+
+    @property
+    def retry_after_ms(self) -> int | None:
+        """The server's retry hint (trailing metadata ``retry-after-ms``) on RESOURCE_EXHAUSTED, if any."""
+        value = self.trailers.get("retry-after-ms")
+        return int(value) if value and value.isdigit() else None
 
 
 class NotFoundError(ClientError):
@@ -136,13 +143,33 @@ STATUS_ERRORS: Mapping[grpc.StatusCode, type[ClientError]] = {
 }
 
 
-def error_from_status(code: grpc.StatusCode, details: str | None) -> ClientError:
-    return STATUS_ERRORS.get(code, ClientError)(code.name, details or "")
+def error_from_status(code: grpc.StatusCode, details: str | None,
+                      trailers: Mapping[str, str] | None = None) -> ClientError:
+    return STATUS_ERRORS.get(code, ClientError)(code.name, details or "", trailers)
 
 
 def _translate(exc: grpc.RpcError) -> ClientError:
-    """grpc.aio.AioRpcError and the sync client's errors both carry code() and details()."""
-    return error_from_status(exc.code(), exc.details())
+    """grpc.aio.AioRpcError and the sync client's errors both carry code(), details(), trailing_metadata()."""
+    trailers = {k: v for k, v in (exc.trailing_metadata() or ()) if isinstance(v, str)}
+    return error_from_status(exc.code(), exc.details(), trailers)
+
+
+# ---------------------------------------------------------------------------------------------- credentials
+
+@dataclass(frozen=True)
+class ClientTls:
+    """TLS to a TCP listener: the CA that signed the server's certificate; cert/key for mTLS."""
+
+    ca_pem: bytes
+    cert_pem: bytes | None = None
+    key_pem: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None  # override the name checked against the server's certificate
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.ca_pem, self.key_pem, self.cert_pem)
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
 # ---------------------------------------------------------------------------------------------- retries
@@ -203,10 +230,12 @@ def _span(method: str, **attributes: str) -> trace.Span:
         "rpc.system": "grpc", "rpc.service": _SERVICE, "rpc.method": method, **attributes})
 
 
-def _metadata(span: trace.Span) -> tuple[tuple[str, str], ...]:
-    """W3C trace context of ``span`` (a child of whatever span is current in the caller)."""
+def _metadata(span: trace.Span, token: str | None = None) -> tuple[tuple[str, str], ...]:
+    """W3C trace context of ``span`` (a child of whatever span is current in the caller); the bearer token."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace.set_span_in_context(span))
+    if token:
+        carrier["authorization"] = f"Bearer {token}"
     return tuple(carrier.items())
 
 
@@ -223,12 +252,15 @@ class Client:
     """Asyncio client. One gRPC channel; safe to share between tasks; close it (or use ``async with``)."""
 
     def __init__(self, target: str | None = None, *, default_timeout: float | None = 30.0,
-                 execute_timeout: float | None = None, retry: RetryPolicy = RetryPolicy()) -> None:
+                 execute_timeout: float | None = None, retry: RetryPolicy = RetryPolicy(),
+                 token: str | None = None, tls: ClientTls | None = None) -> None:
         self.target = target or default_target()
         self.default_timeout = default_timeout
         self.execute_timeout = execute_timeout
         self.retry = retry
-        self._channel = grpc.aio.insecure_channel(self.target)
+        self.token = token
+        self._channel = grpc.aio.secure_channel(self.target, tls.credentials(), options=tls.options()) \
+            if tls is not None else grpc.aio.insecure_channel(self.target)
         self._stub = pb_grpc.SupervisorStub(self._channel)  # type: ignore[no-untyped-call]
         self._annotations: dict[str, Mapping[str, Any]] | None = None
 
@@ -259,7 +291,7 @@ class Client:
             while True:
                 budget.attempts += 1
                 got_event = False
-                call = self._stub.Execute(request, timeout=budget.remaining(), metadata=_metadata(span))
+                call = self._stub.Execute(request, timeout=budget.remaining(), metadata=_metadata(span, self.token))
                 try:
                     async for msg in call:
                         got_event = True
@@ -313,7 +345,7 @@ class Client:
             while True:
                 budget.attempts += 1
                 try:
-                    return await rpc(request, timeout=budget.remaining(), metadata=_metadata(span))
+                    return await rpc(request, timeout=budget.remaining(), metadata=_metadata(span, self.token))
                 except grpc.aio.AioRpcError as exc:
                     error = _translate(exc)
                 delay = budget.retry_delay(error)
@@ -343,12 +375,15 @@ class SyncClient:
     called from another thread while ``execute`` is being iterated)."""
 
     def __init__(self, target: str | None = None, *, default_timeout: float | None = 30.0,
-                 execute_timeout: float | None = None, retry: RetryPolicy = RetryPolicy()) -> None:
+                 execute_timeout: float | None = None, retry: RetryPolicy = RetryPolicy(),
+                 token: str | None = None, tls: ClientTls | None = None) -> None:
         self.target = target or default_target()
         self.default_timeout = default_timeout
         self.execute_timeout = execute_timeout
         self.retry = retry
-        self._channel = grpc.insecure_channel(self.target)
+        self.token = token
+        self._channel = grpc.secure_channel(self.target, tls.credentials(), options=tls.options()) \
+            if tls is not None else grpc.insecure_channel(self.target)
         self._stub = pb_grpc.SupervisorStub(self._channel)  # type: ignore[no-untyped-call]
         self._annotations: dict[str, Mapping[str, Any]] | None = None
 
@@ -374,7 +409,7 @@ class SyncClient:
             while True:
                 budget.attempts += 1
                 got_event = False
-                call = self._stub.Execute(request, timeout=budget.remaining(), metadata=_metadata(span))
+                call = self._stub.Execute(request, timeout=budget.remaining(), metadata=_metadata(span, self.token))
                 try:
                     for msg in call:
                         got_event = True
@@ -428,7 +463,7 @@ class SyncClient:
             while True:
                 budget.attempts += 1
                 try:
-                    return rpc(request, timeout=budget.remaining(), metadata=_metadata(span))
+                    return rpc(request, timeout=budget.remaining(), metadata=_metadata(span, self.token))
                 except grpc.RpcError as exc:
                     error = _translate(exc)
                 delay = budget.retry_delay(error)

@@ -10,7 +10,12 @@ jsonschema, OS) are translated at the seam where they occur (``raise XError(...)
     ├── InvalidArguments         arguments are not JSON or break the schema       -> INVALID_ARGUMENT
     ├── InvocationConflict       invocation id already in use                     -> ALREADY_EXISTS
     ├── InvocationNotFound       cancel/lookup of an id that is not running       -> NOT_FOUND
+    ├── Unauthenticated          no or bad credentials (reason safe to show)      -> UNAUTHENTICATED
     ├── PermissionDenied         caller may not do this                           -> PERMISSION_DENIED
+    ├── ResourceExhausted        over a limit; ``retry_after_ms`` is the hint      -> RESOURCE_EXHAUSTED
+    │   ├── RateLimited          token bucket or concurrency cap
+    │   └── HostOverloaded       admission control: host short of memory or CPU
+    ├── AuditUnavailable         the audit record could not be written (fail closed) -> UNAVAILABLE
     ├── SecretError              a granted secret is missing or can't be opened   -> FAILED_PRECONDITION
     ├── BackendError             the sandbox engine failed                        -> INTERNAL
     │   ├── EngineUnavailable    engine unreachable or restarted mid-call         -> UNAVAILABLE
@@ -56,10 +61,32 @@ class InvocationNotFound(ToolcellError):
     pass
 
 
+class Unauthenticated(ToolcellError):
+    """The caller did not prove who it is. The message helps the caller and names no secret."""
+
+
 class PermissionDenied(ToolcellError):
     pass
 
 
+class ResourceExhausted(ToolcellError):
+    """Over a limit; the caller may retry after ``retry_after_ms`` (sent as trailing metadata)."""
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        self.retry_after_ms = retry_after_ms
+        super().__init__(message)
+
+
+class RateLimited(ResourceExhausted):
+    pass
+
+
+class HostOverloaded(ResourceExhausted):
+    pass
+
+
+class AuditUnavailable(ToolcellError):
+    pass
 class SecretError(ToolcellError):
     """A secret is missing, malformed or can't be decrypted. Messages never carry secret values."""
 

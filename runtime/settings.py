@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
+from runtime.access_settings import SecuritySettings, parse_security
 from runtime.errors import ConfigError
 from runtime.model import SecretGrant, Tool
 from runtime.policy.arguments import ArgumentLimits, compile_schema
@@ -30,6 +31,7 @@ from runtime.secretstore import SecretStoreSettings
 
 ENV_CONFIG = "TOOLCELL_CONFIG"
 ENV_LISTEN = "TOOLCELL_LISTEN"
+ENV_TOKEN = "TOOLCELL_TOKEN"  # noqa: S105 # nosec B105 - the variable name, not a token
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 1000**2, "mb": 1000**2,
                "mi": 1024**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3}
@@ -42,6 +44,10 @@ class ServerSettings:
     instance: str = "default"
     shutdown_grace_s: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
+    # How often the engine and the tools' images are checked for the gRPC health status (0: never).
+    health_interval_s: float = 10.0
+    # Where `toolcell reload` finds the pid and the outcome of the last reload.
+    state_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ class TelemetrySettings:
     otlp_endpoint: str | None = None
     span_file: str | None = None
     console: bool = False
+    log_format: str = "json"
+    metrics_interval_s: float = 10.0
+    prometheus_listen: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ class Config:
     source: str = "<built-in>"
     environ: Mapping[str, str] = field(default_factory=dict)
     egress: EgressSettings = field(default_factory=EgressSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
 
 def runtime_dir() -> Path:
@@ -87,6 +97,11 @@ def runtime_dir() -> Path:
 
 def default_target() -> str:
     return os.environ.get(ENV_LISTEN) or f"unix://{runtime_dir()}/toolcell.sock"
+
+
+def client_token() -> str | None:
+    """A caller's bearer JWT from the environment (the CLI's default)."""
+    return os.environ.get(ENV_TOKEN) or None
 
 
 def parse_size(value: int | str, key: str) -> int:
@@ -255,6 +270,15 @@ def _build_secrets(raw: Mapping[str, Any] | None, base_dir: Path) -> SecretsSett
     )
 
 
+def _state_file(raw: str | None, listen: str) -> str:
+    """Explicit path, else next to the Unix socket, else in the runtime dir."""
+    if raw:
+        return raw.replace("{runtime_dir}", str(runtime_dir()))
+    if listen.startswith("unix:"):
+        return listen.removeprefix("unix://").removeprefix("unix:") + ".state"
+    return str(runtime_dir() / "toolcell.state")
+
+
 def _check_grants(grants: tuple[SecretGrant, ...], profile: IsolationProfile, key: str) -> None:
     seen_env: set[str] = set()
     seen_files: set[str] = set()
@@ -286,6 +310,8 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         instance=server_raw.get("instance", "default"),
         shutdown_grace_s=parse_duration(server_raw.get("shutdown_grace", 10), "server.shutdown_grace"),
         max_message_bytes=int(server_raw.get("max_message_bytes", 4 * 1024 * 1024)),
+        health_interval_s=parse_duration(server_raw.get("health_interval", 10), "server.health_interval"),
+        state_file=_state_file(server_raw.get("state_file"), listen),
     )
     tel = doc.get("telemetry", {})
     telemetry = TelemetrySettings(
@@ -293,6 +319,9 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         otlp_endpoint=tel.get("otlp_endpoint") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
         span_file=(tel.get("span_file") or "").replace("{runtime_dir}", str(runtime_dir())) or None,
         console=bool(tel.get("console", False)),
+        log_format=tel.get("log_format", "json"),
+        metrics_interval_s=parse_duration(tel.get("metrics_interval", 10), "telemetry.metrics_interval"),
+        prometheus_listen=tel.get("prometheus_listen") or env.get("TOOLCELL_PROMETHEUS_LISTEN") or None,
     )
     lim = doc.get("limits", {})
     limits = ArgumentLimits(**{k: int(v) for k, v in lim.items()})
@@ -350,6 +379,7 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         source=source,
         environ=env,
         egress=_build_egress(doc.get("egress", {})),
+        security=parse_security(doc, listen=listen, base_dir=base_dir, runtime_dir=str(runtime_dir())),
     )
 
 

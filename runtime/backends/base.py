@@ -73,4 +73,7 @@ class Backend(Protocol):
     async def ping(self) -> None:
         """Raise EngineUnavailable when the engine cannot be reached."""
 
+    async def has_image(self, image: str) -> bool:
+        """Whether ``image`` is present on the engine (never pulled). Raises EngineUnavailable."""
+
     async def close(self) -> None: ...

@@ -149,9 +149,21 @@ class DockerBackend:
     async def ping(self) -> None:
         await self._call(self._api.ping)
 
+    async def has_image(self, image: str) -> bool:
+        try:
+            await self._call(functools.partial(self._api.inspect_image, image), image=image)
+        except ImageMissing:
+            return False
+        return True
+
     async def inspect(self, sandbox_id: str) -> dict[str, Any]:
         """The engine's raw view of one sandbox (for diagnostics and tests; not part of ``Backend``)."""
         result: dict[str, Any] = await self._call(functools.partial(self._api.inspect_container, sandbox_id))
+        return result
+
+    async def info(self) -> dict[str, Any]:
+        """The engine's ``docker info`` (for ``toolcell doctor``; not part of ``Backend``)."""
+        result: dict[str, Any] = await self._call(self._api.info)
         return result
 
     async def close(self) -> None:

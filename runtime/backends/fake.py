@@ -270,6 +270,10 @@ class FakeBackend:
     async def ping(self) -> None:
         self._check_available()
 
+    async def has_image(self, image: str) -> bool:
+        self._check_available()
+        return image in self.behaviours
+
     async def close(self) -> None:
         for sandbox in list(self._live.values()):
             if sandbox.running and sandbox._task is not None:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-import os
-import socket
-import stat
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,60 +12,47 @@ from grpc_reflection.v1alpha import reflection
 
 from runtime.api.v1 import supervisor_pb2 as pb
 from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
-from runtime.errors import ConfigError
+from runtime.audit import AuditLog
+from runtime.gate import Gate, Sampler
+from runtime.hostload import HostSampler
+from runtime.server.healthcheck import HealthMonitor
+from runtime.server.identity import Authenticator
 from runtime.server.service import SupervisorService
+from runtime.server.tokens import JwtVerifier
+from runtime.server.transport import Transport, server_options
 from runtime.supervisor import Supervisor
 
 log = logging.getLogger("toolcell.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Supervisor"].full_name
-
-
-def unix_path(address: str) -> Path | None:
-    if address.startswith("unix://"):
-        return Path(address[len("unix://"):])
-    if address.startswith("unix:"):
-        return Path(address[len("unix:"):])
-    return None
-
-
-def _prepare_socket_path(path: Path) -> None:
-    """Create the parent dir (0700 if new) and clear a stale socket; refuse to steal a live one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not path.exists() and not path.is_symlink():
-        return
-    if not stat.S_ISSOCK(path.lstat().st_mode):
-        raise ConfigError(f"{path} exists and is not a socket", key="server.listen")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink()  # stale: nobody listens
-        return
-    finally:
-        probe.close()
-    raise ConfigError(f"another process is already listening on {path}", key="server.listen")
+# After the grace period, cancelled calls get this long (plus their kill grace) to report "killed".
+CANCEL_ALLOWANCE_S = 3.0
 
 
 class App:
     """One supervisor behind one gRPC server."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: Supervisor, *, sampler: Sampler | None = None) -> None:
         self.supervisor = supervisor
         cfg = supervisor.config.server
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ])
+        security = supervisor.config.security
+        self.server = grpc.aio.server(options=server_options(security, cfg.max_message_bytes))
         self.health = health.aio.HealthServicer()
+        self.transport = Transport(security, cfg.listen, cfg.socket_mode)
+        self.audit = AuditLog(security.audit.file, max_bytes=security.audit.max_bytes, keep=security.audit.keep) \
+            if security.audit is not None else None
+        self.gate = Gate(security, audit=self.audit,
+                         sampler=sampler or (HostSampler() if security.admission.enabled else None))
+        verifier = JwtVerifier(security.jwt) if security.jwt is not None else None
+        self.authenticator = Authenticator(security.policy, verifier, self.transport.peers)
         pb_grpc.add_SupervisorServicer_to_server(  # type: ignore[no-untyped-call]
-            SupervisorService(supervisor), self.server)
+            SupervisorService(supervisor, self.gate, self.authenticator), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
+        self.monitor = HealthMonitor(supervisor, self._set_health)
         self.address = ""
 
     async def _set_health(self, serving: bool) -> None:
@@ -79,43 +63,35 @@ class App:
     async def start(self) -> str:
         """Sweep leftovers, bind, start serving; returns the bound address."""
         await self.supervisor.start()
-        cfg = self.supervisor.config.server
-        listen = cfg.listen
-        path = unix_path(listen)
-        if path is not None:
-            _prepare_socket_path(path)
-            old = os.umask(0o177)  # the socket is born 0600: no window where others can connect
-            try:
-                self.server.add_insecure_port(f"unix://{path}")
-            finally:
-                os.umask(old)
-            os.chmod(path, cfg.socket_mode)
-            self.address = f"unix://{path}"
-        else:
-            log.warning("listening on plain TCP %s: no transport security; prefer a Unix socket", listen)
-            try:
-                port = self.server.add_insecure_port(listen)
-            except RuntimeError as exc:
-                raise ConfigError(f"cannot listen on {listen}: {exc}", key="server.listen") from exc
-            host = listen.rsplit(":", 1)[0]
-            self.address = f"{host}:{port}"
+        self.transport.bind(self.server)
+        self.authenticator.peers = self.transport.peers
+        self.address = self.transport.address
+        await self._set_health(False)
         await self.server.start()
-        await self._set_health(True)
+        await self.transport.start()
+        await self.monitor.check_now()
+        self.monitor.start()
         log.info("serving on %s", self.address)
         return self.address
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING, stop accepting, let calls finish within grace, then clean every sandbox."""
+        """NOT_SERVING, stop accepting, let calls finish within grace, cancel the rest, clean every sandbox."""
+        await self.monitor.stop()
         await self._set_health(False)
         grace = self.supervisor.config.server.shutdown_grace_s if grace_s is None else grace_s
-        await self.server.stop(grace)
+        kill_grace = max((p.kill_grace_s for p in self.supervisor.config.profiles.values()), default=0.0)
+        # New RPCs are refused at once; running handlers get until grace + allowance before gRPC cuts them.
+        stopping = asyncio.ensure_future(self.server.stop(grace + kill_grace + CANCEL_ALLOWANCE_S))
+        if not await self.supervisor.drain(grace):
+            log.warning("shutdown grace (%gs) over: cancelling %d running call(s)", grace,
+                        self.supervisor.cancel_all())
+        await stopping
         await self.supervisor.shutdown()
         with contextlib.suppress(Exception):
             await self.supervisor.backend.close()
-        path = unix_path(self.address)
-        if path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        await self.transport.close()
+        if self.audit is not None:
+            self.audit.close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

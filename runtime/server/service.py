@@ -11,13 +11,18 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
+from runtime import metrics
 from runtime.api.v1 import supervisor_pb2 as pb
 from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
-from runtime.errors import ToolcellError
-from runtime.model import Event
+from runtime.errors import InvocationNotFound, ResourceExhausted, ToolcellError
+from runtime.gate import Gate
+from runtime.model import Event, Started
 from runtime.pipeline import describe
+from runtime.policy.access import Principal
+from runtime.policy.scrub import Redactor
 from runtime.server.convert import event_to_pb, request_from_pb, tool_to_pb
-from runtime.server.status import status_for
+from runtime.server.identity import Authenticator
+from runtime.server.status import RETRY_AFTER_KEY, status_for
 from runtime.supervisor import Supervisor
 
 log = logging.getLogger("toolcell.server")
@@ -41,40 +46,97 @@ def caller_trace(context: grpc.aio.ServicerContext, name: str) -> Iterator[trace
         otel_context.detach(token)
 
 
+async def _abort(context: grpc.aio.ServicerContext, span: trace.Span, exc: ToolcellError, what: str,
+                 redactor: Redactor) -> None:
+    """One way out for every refusal: status from the table, retry hint in trailing metadata."""
+    code = status_for(exc)
+    metrics.record_rejection(exc)
+    span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    log.info("%.160s rejected: %s (%s)", what, code.name, describe(exc, redactor),
+             extra={"code": code.name, "error": type(exc).__name__})
+    if isinstance(exc, ResourceExhausted):
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
+    await context.abort(code, str(exc))
+
+
+def _trace_id(span: trace.Span) -> str:
+    return format(span.get_span_context().trace_id, "032x")
+
+
 class SupervisorService(pb_grpc.SupervisorServicer):
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: Supervisor, gate: Gate, authenticator: Authenticator) -> None:
         self.supervisor = supervisor
+        self.gate = gate
+        self.auth = authenticator
+
+    async def _principal(self, context: grpc.aio.ServicerContext, span: trace.Span, action: str,
+                         tool: str = "") -> Principal:
+        try:
+            return await self.auth.principal(context)
+        except ToolcellError as exc:
+            await self.gate.record(None, "decision", action=action, tool=tool, decision="deny",
+                                   status="UNAUTHENTICATED", reason=str(exc), peer=context.peer(),
+                                   trace_id=_trace_id(span))
+            await _abort(context, span, exc, action, self.supervisor.redactor)
+            raise  # unreachable: abort raises
 
     async def Execute(self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext) -> None:
         remaining = context.time_remaining()
         deadline_s = time.monotonic() + remaining if remaining is not None else None
+        profile = ""
 
         async def emit(event: Event) -> None:
+            nonlocal profile
+            if isinstance(event, Started):
+                profile = event.profile
             await context.write(event_to_pb(event))
 
         with caller_trace(context, "toolcell.v1.Supervisor/Execute") as span:
+            principal = await self._principal(context, span, "call", request.tool)
+            started = time.monotonic()
             try:
-                result = await self.supervisor.execute(request_from_pb(request, deadline_s), emit)
+                await self.gate.authorize(principal, "call", request.tool, _trace_id(span))
+                async with self.gate.admit(principal, request.tool, _trace_id(span)):
+                    try:
+                        result = await self.supervisor.execute(request_from_pb(request, deadline_s), emit,
+                                                               owner=principal.id)
+                    except ToolcellError as exc:
+                        await self.gate.invocation_end(
+                            principal, request.tool, request.arguments_json, status=status_for(exc).name,
+                            duration_ms=int((time.monotonic() - started) * 1000), trace_id=_trace_id(span))
+                        raise
+                    # On disk before the caller sees the result.
+                    await self.gate.invocation_end(principal, request.tool, request.arguments_json, result=result,
+                                                   profile=profile)
             except ToolcellError as exc:
-                code = status_for(exc)
-                span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
-                span.set_attribute("rpc.grpc.status_code", code.value[0])
-                log.info("Execute %.128r rejected: %s (%s)", request.tool, code.name,
-                         describe(exc, self.supervisor.redactor))
-                await context.abort(code, str(exc))
+                await _abort(context, span, exc, f"Execute {request.tool!r}", self.supervisor.redactor)
                 return
             await context.write(event_to_pb(result))
 
     async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext
                         ) -> pb.ListToolsResponse:
-        with caller_trace(context, "toolcell.v1.Supervisor/ListTools"):
-            return pb.ListToolsResponse(tools=[tool_to_pb(t) for t in self.supervisor.list_tools()])
+        with caller_trace(context, "toolcell.v1.Supervisor/ListTools") as span:
+            principal = await self._principal(context, span, "list")
+            tools = {t.name: t for t in self.supervisor.list_tools()}
+            try:
+                shown = await self.gate.visible(principal, tools)
+            except ToolcellError as exc:
+                await _abort(context, span, exc, "ListTools", self.supervisor.redactor)
+                raise
+            return pb.ListToolsResponse(tools=[tool_to_pb(tools[name]) for name in shown])
 
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
                      ) -> pb.CancelResponse:
-        with caller_trace(context, "toolcell.v1.Supervisor/Cancel"):
+        with caller_trace(context, "toolcell.v1.Supervisor/Cancel") as span:
+            principal = await self._principal(context, span, "cancel")
             try:
-                await self.supervisor.cancel(request.invocation_id)
+                try:
+                    await self.supervisor.cancel(request.invocation_id, owner=principal.id)
+                except InvocationNotFound:
+                    await self.gate.cancel_decision(principal, request.invocation_id, allowed=False)
+                    raise
+                await self.gate.cancel_decision(principal, request.invocation_id, allowed=True)
             except ToolcellError as exc:
-                await context.abort(status_for(exc), str(exc))
+                await _abort(context, span, exc, "Cancel", self.supervisor.redactor)
             return pb.CancelResponse(cancelled=True)

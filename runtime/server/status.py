@@ -12,7 +12,10 @@ STATUS_TABLE: tuple[tuple[type[errors.ToolcellError], grpc.StatusCode], ...] = (
     (errors.InvocationNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.InvalidArguments, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.InvocationConflict, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.AuditUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.SecretError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ImageMissing, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.RuntimeMissing, grpc.StatusCode.FAILED_PRECONDITION),
@@ -22,6 +25,10 @@ STATUS_TABLE: tuple[tuple[type[errors.ToolcellError], grpc.StatusCode], ...] = (
     (errors.BackendError, grpc.StatusCode.INTERNAL),
     (errors.ToolcellError, grpc.StatusCode.INTERNAL),
 )
+
+
+# Trailing metadata key carrying the retry hint of a RESOURCE_EXHAUSTED error, in milliseconds.
+RETRY_AFTER_KEY = "retry-after-ms"
 
 
 def status_for(exc: errors.ToolcellError) -> grpc.StatusCode:
