@@ -167,3 +167,17 @@ async def test_network_set_up_time_comes_out_of_the_callers_deadline() -> None:
     result = await sup.execute(InvocationRequest(tool="a", arguments_json="{}", deadline_s=t0 + 1.5), emit)
     assert result.status is Status.TIMEOUT and time.monotonic() - t0 < 1.5
     assert backend.live == []
+
+
+def test_the_audit_record_carries_the_egress_accounting() -> None:
+    from runtime.gate import _result_fields
+    from runtime.model import EgressDestination, Usage
+
+    base = Result(status=Status.OK, exit_code=0, output="", stderr="", truncated=False, duration_ms=1,
+                  usage=Usage(), trace_id="t", invocation_id="inv_x")
+    import dataclasses
+
+    granted = dataclasses.replace(base, egress=(EgressDestination("allowed.test", 443, True, "", 1, 5, 10),))
+    assert "egress" not in _result_fields(base)
+    assert _result_fields(granted)["egress"] == [{"host": "allowed.test", "port": 443, "allowed": True, "reason": "",
+                                                  "connections": 1, "bytes_up": 5, "bytes_down": 10}]
