@@ -24,6 +24,7 @@ from runtime.access_settings import SecuritySettings, parse_security
 from runtime.errors import ConfigError
 from runtime.model import SecretGrant, Tool
 from runtime.policy.arguments import ArgumentLimits, compile_schema
+from runtime.policy.network import EgressSettings, GrantError, candidate_subnets, parse_grant
 from runtime.policy.profile import IsolationProfile, Mount, OutputPolicy
 from runtime.policy.seccomp import SeccompProfile, load_seccomp
 from runtime.secretstore import SecretStoreSettings
@@ -80,6 +81,7 @@ class Config:
     output_validators: Mapping[str, Draft202012Validator] = field(default_factory=dict)
     source: str = "<built-in>"
     environ: Mapping[str, str] = field(default_factory=dict)
+    egress: EgressSettings = field(default_factory=EgressSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
 
 
@@ -174,6 +176,8 @@ def _build_profile(name: str, raw: Mapping[str, Any], base: IsolationProfile, ba
         changes["user"] = raw["user"] if ":" in raw["user"] else f"{raw['user']}:{raw['user']}"
     if "env_passthrough" in raw:
         changes["env_passthrough"] = tuple(raw["env_passthrough"])
+    if "network" in raw:
+        p = p.with_network(*_build_grants(raw["network"], f"{key}.network"))
     if "output" in raw:
         changes["output"] = _build_output(raw["output"], p.output, f"{key}.output")
     if changes:
@@ -181,6 +185,37 @@ def _build_profile(name: str, raw: Mapping[str, Any], base: IsolationProfile, ba
     if p.memory_bytes < 6 * 1024 * 1024:
         raise ConfigError("must be at least 6Mi (the engine's minimum)", key=f"{key}.memory")
     return p
+
+
+def _build_grants(raw: str | list[Any], key: str) -> list[Any]:
+    if raw == "none":
+        return []
+    grants = []
+    for i, item in enumerate(raw):
+        try:
+            grants.append(parse_grant(item))
+        except GrantError as exc:
+            raise ConfigError(str(exc), key=f"{key}[{i}]") from exc
+    return grants
+
+
+def _build_egress(raw: Mapping[str, Any]) -> EgressSettings:
+    settings = EgressSettings(
+        network=raw.get("network", ""),
+        image=raw.get("image", EgressSettings.image),
+        subnet_pool=raw.get("subnet_pool", EgressSettings.subnet_pool),
+        proxy_memory_bytes=parse_size(raw.get("proxy_memory", EgressSettings.proxy_memory_bytes),
+                                      "egress.proxy_memory"),
+        ready_timeout_s=parse_duration(raw.get("ready_timeout", EgressSettings.ready_timeout_s),
+                                       "egress.ready_timeout"),
+    )
+    try:
+        candidate_subnets(settings.subnet_pool, 1)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="egress.subnet_pool") from exc
+    if settings.proxy_memory_bytes < 16 * 1024 * 1024:
+        raise ConfigError("must be at least 16Mi", key="egress.proxy_memory")
+    return settings
 
 
 def _build_output(raw: Mapping[str, Any], base: OutputPolicy, key: str) -> OutputPolicy:
@@ -343,6 +378,7 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         docker_host=doc.get("engine", {}).get("docker_host") or env.get("DOCKER_HOST"),
         source=source,
         environ=env,
+        egress=_build_egress(doc.get("egress", {})),
         security=parse_security(doc, listen=listen, base_dir=base_dir, runtime_dir=str(runtime_dir())),
     )
 

@@ -7,11 +7,12 @@ timeouts, caps and status decisions live in ``pipeline``. Backend methods raise 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from runtime.model import Usage
+from runtime.policy.network import NetworkSpec
 from runtime.policy.plan import ContainerPlan
 
 StreamName = Literal["stdout", "stderr"]
@@ -55,7 +56,16 @@ class Backend(Protocol):
         """Create (not start) a sandbox for ``plan``. Raises ImageMissing/RuntimeMissing/EngineUnavailable."""
 
     async def remove_orphans(self, owner: str) -> int:
-        """Remove every sandbox labelled as ``owner``'s; returns how many were removed."""
+        """Remove every sandbox, then every network, labelled as ``owner``'s; returns how many sandboxes."""
+
+    async def create_network(self, spec: NetworkSpec) -> str:
+        """Create ``spec`` with the first of its subnets that is free; returns that subnet."""
+
+    async def ensure_network(self, name: str, labels: Mapping[str, str]) -> None:
+        """Make sure the routable bridge network ``name`` exists (created with ``labels`` if missing)."""
+
+    async def remove_network(self, name: str) -> None:
+        """Remove a network; no error if it is already gone."""
 
     async def list_sandboxes(self, owner: str) -> list[str]:
         """Ids of live sandboxes labelled as ``owner``'s."""
