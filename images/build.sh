@@ -3,6 +3,9 @@
 #
 #   toolcell/debian:bookworm  debootstrap --variant=minbase rootfs, cleaned, `docker import`ed
 #   toolcell/python:bookworm  images/python/Dockerfile on top: user tool (10001), no setuid/setgid, tools
+#   toolcell/supervisor:<ver> images/supervisor/Dockerfile on the base: the supervisor (toolcell serve) in a
+#                             venv, installed --no-index from wheels built on the host (pinned by
+#                             images/supervisor/requirements.lock; pip on the host may use PyPI), user 10002
 #
 # Each image carries the label io.toolcell.inputs-hash=<sha256 of its inputs>; a build is skipped when the
 # existing image's label matches.  The debootstrap tarball is cached under $TOOLCELL_CACHE_DIR keyed by
@@ -22,6 +25,13 @@ readonly CACHE_DIR="${TOOLCELL_CACHE_DIR:-/var/cache/toolcell}"
 readonly FORCE="${TOOLCELL_FORCE_REBUILD:-0}"
 readonly BASE_IMAGE=toolcell/debian:bookworm
 readonly PYTHON_IMAGE=toolcell/python:bookworm
+REPO="$(cd "$HERE/.." && pwd)"
+readonly REPO
+VERSION="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO/pyproject.toml" | head -n 1)"
+readonly VERSION
+readonly SUPERVISOR_IMAGE="toolcell/supervisor:$VERSION"
+# The Python that builds the wheels (pip wheel); scripts/setup.sh creates it before running this script.
+readonly BUILD_PYTHON="${TOOLCELL_BUILD_PYTHON:-$REPO/.venv/bin/python}"
 readonly LABEL=io.toolcell.inputs-hash
 
 # What the runner needs: Python 3 with the whole standard library as Debian splits it.  No compilers, no
@@ -105,6 +115,49 @@ python_hash() {  # base_hash -> hash of base + Dockerfile + every file under ima
   } | sha256
 }
 
+supervisor_hash() {  # base_hash -> hash of base + images/supervisor + pyproject + runtime sources
+  {
+    printf 'base=%s\nversion=%s\n' "$1" "$VERSION"
+    (cd "$REPO" && find images/supervisor runtime pyproject.toml -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
+      -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
+  } | sha256
+}
+
+build_supervisor() {  # hash
+  local hash="$1"
+  if [[ "$FORCE" != 1 && "$(image_label "$SUPERVISOR_IMAGE")" == "$hash" ]]; then
+    report "$SUPERVISOR_IMAGE" "up-to-date"
+    return
+  fi
+  [[ -x "$BUILD_PYTHON" ]] || die "no Python to build wheels with at $BUILD_PYTHON (run scripts/setup.sh first)"
+  log "docker build $SUPERVISOR_IMAGE (wheels from requirements.lock) ..."
+  local ctx out
+  ctx="$(mktemp -d "$CACHE_DIR/supervisor.XXXXXX")"
+  # shellcheck disable=SC2064  # expand now: $ctx is local
+  trap "rm -rf '$ctx'" EXIT
+  cp "$HERE/supervisor/Dockerfile" "$HERE/supervisor/toolcell.yaml" "$HERE/supervisor/requirements.lock" "$ctx/"
+  # Build from a clean copy of the sources, so nothing (build/, *.egg-info) lands in the checkout.
+  mkdir -p "$ctx/src" "$ctx/wheels"
+  cp "$REPO/pyproject.toml" "$ctx/src/"
+  (cd "$REPO" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - runtime) | tar -C "$ctx/src" -xf -
+  if ! out="$("$BUILD_PYTHON" -m pip wheel --disable-pip-version-check --quiet --wheel-dir "$ctx/wheels" \
+    -c "$HERE/supervisor/requirements.lock" "$ctx/src" 2>&1)"; then
+    printf '%s\n' "$out" >&2
+    die "pip wheel for $SUPERVISOR_IMAGE failed"
+  fi
+  rm -rf "$ctx/src"
+  if ! out="$(DOCKER_BUILDKIT=0 docker build --network=none --rm --force-rm \
+    --label "$LABEL=$hash" --label org.opencontainers.image.title=toolcell-supervisor \
+    --label "org.opencontainers.image.version=$VERSION" \
+    --tag "$SUPERVISOR_IMAGE" "$ctx" 2>&1)"; then
+    printf '%s\n' "$out" >&2
+    die "docker build $SUPERVISOR_IMAGE failed"
+  fi
+  rm -rf "$ctx"
+  trap - EXIT
+  report "$SUPERVISOR_IMAGE" "built"
+}
+
 build_base() {  # hash
   local hash="$1" tarball="$CACHE_DIR/debian-$SUITE-$1.tar"
   if [[ "$FORCE" != 1 && "$(image_label "$BASE_IMAGE")" == "$hash" ]]; then
@@ -171,6 +224,7 @@ main() {
   phash="$(python_hash "$bhash")"
   build_base "$bhash"
   build_python "$phash"
+  build_supervisor "$(supervisor_hash "$bhash")"
   # Superseded builds of our images are left dangling; drop them (only ours: they carry the label).
   docker image prune --force --filter "label=$LABEL" >/dev/null 2>&1 || true
 }

@@ -1,4 +1,5 @@
-"""Command line: ``toolcell serve | call | tools | mcp | profiles check | images build | secrets | bench | version``.
+"""Command line: ``toolcell serve | call | tools | mcp | profiles check | images build | secrets | health |
+reload | config show | bench | version``.
 
 Exit codes: 0 ok; 1 the tool ran and its status is not ok; 2 usage error; 3 rejected (bad config,
 bad arguments, unknown tool ...); 4 the supervisor or the engine is unreachable.
@@ -11,7 +12,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import signal
 import sys
 from typing import Any
 
@@ -28,33 +28,64 @@ def _fail(message: str, code: int) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from runtime.backends.docker import DockerBackend
-    from runtime.server.app import App
-    from runtime.settings import load_config
-    from runtime.supervisor import Supervisor
-    from runtime.telemetry import install_log_redaction, setup_tracing
+    from runtime.server.lifecycle import serve
 
-    config = load_config(args.config, listen=args.listen)
-    provider = setup_tracing(config.telemetry)
-    backend = DockerBackend(config.docker_host)
-    supervisor = Supervisor(config, backend)
-    install_log_redaction(supervisor)
-    app = App(supervisor)
+    return await serve(args.config, args.listen, verbose=args.verbose)
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 SERVING (--live: or NOT_SERVING), 1 otherwise, 4 unreachable: for HEALTHCHECK and probes."""
+    from runtime.control import ControlError, check_health
+    from runtime.settings import default_target
+
     try:
-        address = await app.start()
-    except BaseException:
-        await backend.close()
-        raise
-    print(f"toolcell: serving on {address} (config {config.source}, {len(config.tools)} tools)",
-          file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("toolcell: shutting down", file=sys.stderr, flush=True)
-    await app.stop()
-    provider.shutdown()
+        status = check_health(args.target or default_target(), args.service, args.timeout)
+    except ControlError as exc:
+        return _fail(f"health: {exc}", EXIT_UNAVAILABLE)
+    print(status)
+    return EXIT_OK if status == "SERVING" or (args.live and status == "NOT_SERVING") else EXIT_STATUS
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from runtime.control import ControlError, request_reload
+    from runtime.settings import default_target
+
+    state_file = args.state_file
+    if state_file is None:
+        target = args.target or default_target()
+        if not target.startswith("unix:"):
+            return _fail("--state-file is needed when the supervisor is not on a Unix socket", EXIT_USAGE)
+        state_file = target.removeprefix("unix://").removeprefix("unix:") + ".state"
+    try:
+        state = request_reload(state_file, args.timeout)
+    except ControlError as exc:
+        return _fail(f"reload: {exc}", EXIT_UNAVAILABLE)
+    if not state.last_reload_ok:
+        return _fail(f"reload refused, the running config stays: {state.last_reload_error}", EXIT_REJECTED)
+    print(f"reloaded {state.config} (reload #{state.reloads}, pid {state.pid})")
+    return EXIT_OK
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from runtime.configview import effective
+    from runtime.settings import load_config
+
+    view = effective(load_config(args.config))
+    print(json.dumps(view, indent=2) if args.json else yaml.safe_dump(view, sort_keys=False), end="\n")
+    return EXIT_OK
+
+
+def _version(args: argparse.Namespace) -> int:
+    if not args.json:
+        print(f"toolcell {__version__}")
+        return EXIT_OK
+    import platform
+    from importlib.metadata import version
+
+    print(json.dumps({"toolcell": __version__, "python": platform.python_version(),
+                      **{name: version(name) for name in ("grpcio", "opentelemetry-sdk", "docker", "protobuf")}}))
     return EXIT_OK
 
 
@@ -153,6 +184,26 @@ def _profiles_check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     print(f"{args.file}: ok ({len(config.profiles)} profiles, {len(config.tools)} tools)")
     return EXIT_OK
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    from runtime.backends.docker import DEFAULT_BASE_URL, DockerBackend
+    from runtime.doctor import Level, render, run_doctor
+    from runtime.settings import load_config
+
+    config = load_config(args.config)
+    address = config.docker_host or DEFAULT_BASE_URL
+    backend = DockerBackend(address, timeout_s=10.0)
+    try:
+        findings = await run_doctor(address, backend.info, {p.runtime for p in config.profiles.values()})
+    finally:
+        await backend.close()
+    if args.json:
+        print(json.dumps([{"check": f.check, "level": f.level.value.lower(), "detail": f.detail, "fix": f.fix}
+                          for f in findings]))
+    else:
+        print(render(findings))
+    return EXIT_STATUS if any(f.level is Level.FAIL for f in findings) else EXIT_OK
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -266,6 +317,9 @@ def parser() -> argparse.ArgumentParser:
     im = sub.add_parser("images", help="runner images")
     ims = im.add_subparsers(dest="subcommand", required=True)
     ims.add_parser("build", help="build the runner images offline (debootstrap + docker import/build)")
+    d = sub.add_parser("doctor", help="check the host: engine, seccomp, cgroups, runtimes, socket, sysctls")
+    d.add_argument("--config", help="YAML config file (its engine address and profiles' runtimes)")
+    d.add_argument("--json", action="store_true")
     se = sub.add_parser("secrets", help="manage the encrypted secret store (values are never echoed)")
     ses = se.add_subparsers(dest="subcommand", required=True)
     for name, text in (("set", "store a secret; the value is read from stdin (or a prompt)"),
@@ -278,7 +332,22 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure no-op gRPC, raw docker-py, cold, warm, throughput and a stdout flood")
     b.add_argument("--quick", action="store_true", help="a small iteration count (the CI smoke check)")
     b.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
-    sub.add_parser("version", help="print the version")
+    v = sub.add_parser("version", help="print the version")
+    v.add_argument("--json", action="store_true", help="also the versions of the main dependencies")
+    h = sub.add_parser("health", help="ask a running supervisor for its gRPC health (exit 0 when SERVING)")
+    h.add_argument("--target", help="supervisor address (default: the built-in socket)")
+    h.add_argument("--service", default="", help="health service name (default: the whole server)")
+    h.add_argument("--timeout", type=float, default=5.0)
+    h.add_argument("--live", action="store_true", help="liveness: any answer (also NOT_SERVING) counts as alive")
+    r = sub.add_parser("reload", help="make a running supervisor reload its config file (SIGHUP) and report")
+    r.add_argument("--target", help="the supervisor's socket; its state file is <socket>.state")
+    r.add_argument("--state-file", help="the supervisor's state file (server.state_file)")
+    r.add_argument("--timeout", type=float, default=15.0)
+    cf = sub.add_parser("config", help="configuration")
+    cfs = cf.add_subparsers(dest="subcommand", required=True)
+    show = cfs.add_parser("show", help="print the effective configuration, secrets masked")
+    show.add_argument("--config", help="YAML config file (default: $TOOLCELL_CONFIG or built-in)")
+    show.add_argument("--json", action="store_true")
     return p
 
 
@@ -297,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_mcp(args))
         if args.command == "profiles":
             return _profiles_check(args)
+        if args.command == "doctor":
+            return asyncio.run(_doctor(args))
         if args.command == "audit":
             return _audit_verify(args)
         if args.command == "images":
@@ -307,8 +378,13 @@ def main(argv: list[str] | None = None) -> int:
             from runtime.bench import main as bench
 
             return bench(args.quick, args.json)
-        print(f"toolcell {__version__}")
-        return EXIT_OK
+        if args.command == "health":
+            return _health(args)
+        if args.command == "reload":
+            return _reload(args)
+        if args.command == "config":
+            return _config_show(args)
+        return _version(args)
     except ConfigError as exc:
         return _fail(f"invalid configuration: {exc}", EXIT_REJECTED)
     except EngineUnavailable as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
@@ -122,7 +123,8 @@ class Gate:
 
 
 def _result_fields(r: Result) -> Mapping[str, Any]:
-    return {
+    egress = {"egress": [dataclasses.asdict(d) for d in r.egress]} if r.egress else {}
+    return {**egress,
         "invocation_id": r.invocation_id, "status": r.status.value, "exit_code": r.exit_code,
         "duration_ms": r.duration_ms, "peak_memory_bytes": r.usage.peak_memory_bytes,
         "cpu_time_ns": r.usage.cpu_time_ns, "stdout_bytes": r.stdout_bytes, "stderr_bytes": r.stderr_bytes,

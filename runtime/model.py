@@ -87,6 +87,23 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class EgressDestination:
+    """One destination a granted sandbox asked its proxy for, as the proxy accounted it.
+
+    ``bytes_up`` flowed from the sandbox to the destination, ``bytes_down`` back. ``reason`` says why a
+    refused request was refused (``not-granted``, ``ip-literal``, ``private-address`` ...).
+    """
+
+    host: str
+    port: int
+    allowed: bool
+    reason: str = ""
+    connections: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+@dataclass(frozen=True)
 class Result:
     status: Status
     exit_code: int
@@ -107,6 +124,8 @@ class Result:
     injection_markers: Mapping[str, int] = field(default_factory=dict)
     # The tool's stdout parsed as JSON, when it is an object valid against the tool's output schema.
     structured_content: Mapping[str, Any] | None = None
+    # Network grants: every destination the sandbox asked for (empty when the tool has no grant).
+    egress: tuple[EgressDestination, ...] = ()
 
 
 Event = Started | OutputChunk | Result

@@ -26,8 +26,19 @@ from typing import Any, Protocol
 from opentelemetry import trace
 
 from runtime.backends.base import Backend, ExitInfo, Sandbox
+from runtime.egress.session import EgressSession, egress_attributes
 from runtime.errors import InvalidArguments, SecretError, ToolcellError, ToolNotFound
-from runtime.model import Event, InvocationRequest, OutputChunk, ResolvedTool, Result, Started, Status, Usage
+from runtime.model import (
+    EgressDestination,
+    Event,
+    InvocationRequest,
+    OutputChunk,
+    ResolvedTool,
+    Result,
+    Started,
+    Status,
+    Usage,
+)
 from runtime.output import Collected
 from runtime.policy.arguments import ArgumentLimits, parse_arguments, validate_arguments
 from runtime.policy.plan import ContainerPlan, compile_plan
@@ -137,6 +148,17 @@ def inject_secrets(services: Services, resolved: ResolvedTool, plan: ContainerPl
     plan = dataclasses.replace(plan, env={**plan.env, **delivered.env}, mounts=plan.mounts + delivered.mounts)
     redactor = Redactor({**services.redactor.secrets, **values})
     return plan, redactor, delivered
+
+
+def open_egress(services: Services, resolved: ResolvedTool, invocation_id: str,
+                redactor: Redactor) -> EgressSession | None:
+    """The invocation's own network and proxy when its profile grants egress; None means no network."""
+    if not resolved.profile.network:
+        return None
+    config = services.config
+    return EgressSession(services.backend, config.egress, resolved.profile.network, invocation_id=invocation_id,
+                         tool=resolved.tool.name, owner=config.server.instance,
+                         seccomp_json=config.seccomp["default"].json_text, redact=lambda s: redactor.redact(s)[0])
 
 
 async def create(backend: Backend, plan: ContainerPlan, on_orphan: Callable[[Sandbox], None]) -> Sandbox:
@@ -285,11 +307,22 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
         policy = resolved.profile.output
         # In block mode nothing streams: the verdict needs the whole output first.
         stream_live = policy.injection != "block"
+        egress = open_egress(services, resolved, invocation_id, redactor)
+        destinations: tuple[EgressDestination, ...] = ()
         try:
+            if egress is not None:
+                grants = {"toolcell.egress.grants": len(resolved.profile.network)}
+                with step("toolcell.egress.open", redactor, **grants):
+                    plan = await egress.open(plan)
+                # Setting up the network took time out of the caller's deadline, if there is one.
+                remaining = effective_timeout(resolved, request.deadline_s, time.monotonic())
+                if remaining is not None and remaining < plan.timeout_s:
+                    plan = dataclasses.replace(plan, timeout_s=remaining)
             with step("toolcell.create", redactor, **{"toolcell.image": plan.image,
                                                       "toolcell.runtime": plan.runtime}) as create_span:
-                # Warm: already started, waiting for its input; start() below delivers it. Never with secrets.
-                warm = services.claim(plan) if delivered is None else None
+                # Warm: already started, waiting for its input; start() below delivers it. Never with secrets
+                # or egress (settings keeps such tools out of pools; checked here again).
+                warm = services.claim(plan) if delivered is None and egress is None else None
                 create_span.set_attribute("toolcell.warm", warm is not None)
                 sandbox = warm if warm is not None else await create(backend, plan, on_orphan=services.on_sandbox)
             services.on_sandbox(sandbox)
@@ -310,6 +343,9 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
                 with step("toolcell.remove", redactor):
                     await asyncio.shield(asyncio.ensure_future(services.remove(sandbox)))
         finally:
+            if egress is not None:
+                with step("toolcell.egress.close", redactor):
+                    destinations = await asyncio.shield(asyncio.ensure_future(egress.close()))
             if delivered is not None and services.delivery is not None:
                 services.delivery.cleanup(delivered)
         with step("toolcell.finalize", redactor):
@@ -326,9 +362,12 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
             sandbox_id=sandbox.id,
             redactions=dict(collected.redactions),
             sanitized=dict(collected.sanitized),
+            egress=destinations,
             **verdict,
         )
         _set_result_attributes(span, result)
+        if egress is not None:
+            span.set_attributes(egress_attributes(resolved.profile.network, destinations))
         if result.status is not Status.OK:
             span.set_status(trace.Status(trace.StatusCode.ERROR, result.message))
         return result

@@ -24,6 +24,7 @@ from runtime.access_settings import SecuritySettings, parse_security
 from runtime.errors import ConfigError
 from runtime.model import SecretGrant, Tool
 from runtime.policy.arguments import ArgumentLimits, compile_schema
+from runtime.policy.network import EgressSettings, GrantError, candidate_subnets, parse_grant
 from runtime.policy.profile import IsolationProfile, Mount, OutputPolicy
 from runtime.policy.seccomp import SeccompProfile, load_seccomp
 from runtime.secretstore import SecretStoreSettings
@@ -43,6 +44,10 @@ class ServerSettings:
     instance: str = "default"
     shutdown_grace_s: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
+    # How often the engine and the tools' images are checked for the gRPC health status (0: never).
+    health_interval_s: float = 10.0
+    # Where `toolcell reload` finds the pid and the outcome of the last reload.
+    state_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ class TelemetrySettings:
     otlp_endpoint: str | None = None
     span_file: str | None = None
     console: bool = False
+    log_format: str = "json"
+    metrics_interval_s: float = 10.0
+    prometheus_listen: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ class Config:
     output_validators: Mapping[str, Draft202012Validator] = field(default_factory=dict)
     source: str = "<built-in>"
     environ: Mapping[str, str] = field(default_factory=dict)
+    egress: EgressSettings = field(default_factory=EgressSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     # Tool name -> its warm pool (the tool's own ``pool``, else its profile's). Tools granted secrets
     # are never pooled: a pooled container must hold no secret before it is claimed.
@@ -145,8 +154,13 @@ def _pool_spec(raw: Mapping[str, Any], base: PoolSpec | None, key: str) -> PoolS
     return PoolSpec(size=int(raw.get("size", base.size if base else 0)), ttl_s=ttl)
 
 
-def _build_pools(doc: Mapping[str, Any], tools: Mapping[str, Tool]) -> dict[str, PoolSpec]:
-    """Resolve each tool's pool: its own, else its profile's (inherited through ``extends``)."""
+def _build_pools(doc: Mapping[str, Any], tools: Mapping[str, Tool],
+                 profiles: Mapping[str, IsolationProfile]) -> dict[str, PoolSpec]:
+    """Resolve each tool's pool: its own, else its profile's (inherited through ``extends``).
+
+    Never pooled (always the cold path): tools granted secrets (a pooled container must hold none before
+    its claim) and tools whose profile grants egress (their network is made per invocation).
+    """
     raw_profiles = doc.get("profiles", {})
 
     def profile_pool(name: str, depth: int = 0) -> PoolSpec | None:
@@ -158,13 +172,15 @@ def _build_pools(doc: Mapping[str, Any], tools: Mapping[str, Tool]) -> dict[str,
     pools: dict[str, PoolSpec] = {}
     for i, raw in enumerate(doc.get("tools", [])):
         tool = tools[raw["name"]]
+        unpoolable = tool.secrets or profiles[tool.profile].network
         if "pool" in raw:
-            if tool.secrets and raw["pool"].get("size", 0) > 0:
-                raise ConfigError("a tool granted secrets cannot be pooled: a pooled container must hold no "
-                                  "secret before it is claimed", key=f"tools[{i}].pool")
+            if unpoolable and raw["pool"].get("size", 0) > 0:
+                why = ("granted secrets: a pooled container must hold no secret before it is claimed" if tool.secrets
+                       else "granted egress: its network is made for each invocation")
+                raise ConfigError(f"this tool cannot be pooled: it is {why}", key=f"tools[{i}].pool")
             spec: PoolSpec | None = _pool_spec(raw["pool"], profile_pool(tool.profile), f"tools[{i}].pool")
         else:
-            spec = None if tool.secrets else profile_pool(tool.profile)  # secrets: always the cold path
+            spec = None if unpoolable else profile_pool(tool.profile)
         if spec is not None and spec.size > 0:
             pools[tool.name] = spec
     return pools
@@ -208,6 +224,8 @@ def _build_profile(name: str, raw: Mapping[str, Any], base: IsolationProfile, ba
         changes["user"] = raw["user"] if ":" in raw["user"] else f"{raw['user']}:{raw['user']}"
     if "env_passthrough" in raw:
         changes["env_passthrough"] = tuple(raw["env_passthrough"])
+    if "network" in raw:
+        p = p.with_network(*_build_grants(raw["network"], f"{key}.network"))
     if "output" in raw:
         changes["output"] = _build_output(raw["output"], p.output, f"{key}.output")
     if changes:
@@ -215,6 +233,37 @@ def _build_profile(name: str, raw: Mapping[str, Any], base: IsolationProfile, ba
     if p.memory_bytes < 6 * 1024 * 1024:
         raise ConfigError("must be at least 6Mi (the engine's minimum)", key=f"{key}.memory")
     return p
+
+
+def _build_grants(raw: str | list[Any], key: str) -> list[Any]:
+    if raw == "none":
+        return []
+    grants = []
+    for i, item in enumerate(raw):
+        try:
+            grants.append(parse_grant(item))
+        except GrantError as exc:
+            raise ConfigError(str(exc), key=f"{key}[{i}]") from exc
+    return grants
+
+
+def _build_egress(raw: Mapping[str, Any]) -> EgressSettings:
+    settings = EgressSettings(
+        network=raw.get("network", ""),
+        image=raw.get("image", EgressSettings.image),
+        subnet_pool=raw.get("subnet_pool", EgressSettings.subnet_pool),
+        proxy_memory_bytes=parse_size(raw.get("proxy_memory", EgressSettings.proxy_memory_bytes),
+                                      "egress.proxy_memory"),
+        ready_timeout_s=parse_duration(raw.get("ready_timeout", EgressSettings.ready_timeout_s),
+                                       "egress.ready_timeout"),
+    )
+    try:
+        candidate_subnets(settings.subnet_pool, 1)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="egress.subnet_pool") from exc
+    if settings.proxy_memory_bytes < 16 * 1024 * 1024:
+        raise ConfigError("must be at least 16Mi", key="egress.proxy_memory")
+    return settings
 
 
 def _build_output(raw: Mapping[str, Any], base: OutputPolicy, key: str) -> OutputPolicy:
@@ -269,6 +318,15 @@ def _build_secrets(raw: Mapping[str, Any] | None, base_dir: Path) -> SecretsSett
     )
 
 
+def _state_file(raw: str | None, listen: str) -> str:
+    """Explicit path, else next to the Unix socket, else in the runtime dir."""
+    if raw:
+        return raw.replace("{runtime_dir}", str(runtime_dir()))
+    if listen.startswith("unix:"):
+        return listen.removeprefix("unix://").removeprefix("unix:") + ".state"
+    return str(runtime_dir() / "toolcell.state")
+
+
 def _check_grants(grants: tuple[SecretGrant, ...], profile: IsolationProfile, key: str) -> None:
     seen_env: set[str] = set()
     seen_files: set[str] = set()
@@ -300,6 +358,8 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         instance=server_raw.get("instance", "default"),
         shutdown_grace_s=parse_duration(server_raw.get("shutdown_grace", 10), "server.shutdown_grace"),
         max_message_bytes=int(server_raw.get("max_message_bytes", 4 * 1024 * 1024)),
+        health_interval_s=parse_duration(server_raw.get("health_interval", 10), "server.health_interval"),
+        state_file=_state_file(server_raw.get("state_file"), listen),
     )
     tel = doc.get("telemetry", {})
     telemetry = TelemetrySettings(
@@ -307,6 +367,9 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         otlp_endpoint=tel.get("otlp_endpoint") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
         span_file=(tel.get("span_file") or "").replace("{runtime_dir}", str(runtime_dir())) or None,
         console=bool(tel.get("console", False)),
+        log_format=tel.get("log_format", "json"),
+        metrics_interval_s=parse_duration(tel.get("metrics_interval", 10), "telemetry.metrics_interval"),
+        prometheus_listen=tel.get("prometheus_listen") or env.get("TOOLCELL_PROMETHEUS_LISTEN") or None,
     )
     lim = doc.get("limits", {})
     limits = ArgumentLimits(**{k: int(v) for k, v in lim.items()})
@@ -351,7 +414,7 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
             secrets=grants,
         )
     security = parse_security(doc, listen=listen, base_dir=base_dir, runtime_dir=str(runtime_dir()))
-    pools = _build_pools(doc, tools)
+    pools = _build_pools(doc, tools, profiles)
     cap = security.concurrency.global_max
     if cap is not None and sum(p.size for p in pools.values()) > cap:
         raise ConfigError(f"warm pools hold {sum(p.size for p in pools.values())} sandboxes but the global "
@@ -369,6 +432,7 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         docker_host=doc.get("engine", {}).get("docker_host") or env.get("DOCKER_HOST"),
         source=source,
         environ=env,
+        egress=_build_egress(doc.get("egress", {})),
         security=security,
         pools=pools,
     )

@@ -7,14 +7,18 @@ and the backend, and runs each invocation through ``pipeline.run_invocation``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
+from runtime import metrics
 from runtime.backends.base import Backend, Sandbox
-from runtime.errors import InvocationConflict, InvocationNotFound, ShuttingDown
+from runtime.errors import EngineUnavailable, InvocationConflict, InvocationNotFound, ShuttingDown
 from runtime.model import InvocationRequest, Result, Tool
 from runtime.pipeline import Emit, Services, run_invocation
 from runtime.policy.annotations import tool_annotations
@@ -25,6 +29,9 @@ from runtime.secretstore import SecretStore
 from runtime.settings import Config
 
 log = logging.getLogger("toolcell.supervisor")
+
+# Removal retries while the engine is unreachable: 0.25 s doubling to 5 s, about two minutes in all.
+REMOVE_RETRIES = 30
 
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{8,128}$")
 
@@ -55,6 +62,8 @@ class Supervisor:
         self._cleanups: set[asyncio.Task[None]] = set()
         self._closing = False
         self.pools = PoolManager(backend, headroom=self._headroom)
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def start(self) -> int:
         """Check the engine and remove sandboxes a previous run of this instance left behind."""
@@ -67,23 +76,29 @@ class Supervisor:
         return removed
 
     def _open_secrets(self, config: Config) -> None:
-        """Open the store and check every granted secret opens now, not at the first call."""
+        """Open the store and check every granted secret opens now, not at the first call.
+
+        All or nothing: on any error the current store, redactor and delivery stay as they were.
+        """
         granted = sorted({g.name for t in config.tools.values() for g in t.secrets})
         if config.secrets is None:
             self.secrets, self.redactor = None, Redactor()
             return
-        self.secrets = SecretStore.open(config.secrets.store, config.environ)
-        values = self.secrets.get_many(granted)
-        self.redactor = Redactor(values)
+        store = SecretStore.open(config.secrets.store, config.environ)
+        redactor = Redactor(store.get_many(granted))
+        delivery = self.delivery
+        if delivery is None or str(delivery.files_dir) != config.secrets.files_dir:
+            delivery = SecretDelivery(config.secrets.files_dir)
         if any(g.file for t in config.tools.values() for g in t.secrets):
-            if self.delivery is None or str(self.delivery.files_dir) != config.secrets.files_dir:
-                self.delivery = SecretDelivery(config.secrets.files_dir)
-            self.delivery.ensure_tmpfs()
-        elif self.delivery is None:
-            self.delivery = SecretDelivery(config.secrets.files_dir)
+            delivery.ensure_tmpfs()
+        self.secrets, self.redactor, self.delivery = store, redactor, delivery
 
     def reload(self, config: Config) -> None:
-        """Swap the config; in-flight invocations finish under the config they started with."""
+        """Swap the config; in-flight invocations finish under the config they started with.
+
+        ``config`` is already validated (``load_config``); secrets are opened before the swap, so a
+        failure leaves the running config in place.
+        """
         self._open_secrets(config)
         self.config = config
         self.pools.configure(config)
@@ -116,8 +131,10 @@ class Supervisor:
         self._running[invocation_id] = running
         if self._headroom() < 0:
             self.pools.shed()
+        self._idle.clear()
 
         def on_sandbox(sandbox: Sandbox) -> None:
+            metrics.active_sandboxes.add(1)
             if invocation_id in self._running:
                 running.sandbox = sandbox
             else:  # created after the call was abandoned
@@ -126,10 +143,18 @@ class Supervisor:
         services = Services(config=self.config, backend=self.backend, secrets=self.secrets, delivery=self.delivery,
                             on_sandbox=on_sandbox, remove=self._remove, redactor=self.redactor,
                             claim=self.pools.claim)
+        started = time.monotonic()
         try:
-            return await run_invocation(services, request, invocation_id, emit, running.cancelled)
+            result = await run_invocation(services, request, invocation_id, emit, running.cancelled)
         finally:
             self._running.pop(invocation_id, None)
+            if not self._running:
+                self._idle.set()
+        metrics.record_result(request.tool, result.status.value, time.monotonic() - started, result.redactions)
+        log.info("invocation finished", extra={
+            "tool": request.tool, "invocation_id": invocation_id, "status": result.status.value,
+            "exit_code": result.exit_code, "duration_ms": result.duration_ms})
+        return result
 
     async def cancel(self, invocation_id: str, owner: str | None = None) -> None:
         """Cancel a run; with ``owner``, only the owner's (another's run looks exactly like no run)."""
@@ -138,31 +163,77 @@ class Supervisor:
             raise InvocationNotFound(f"no running invocation {invocation_id!r}")
         running.cancelled.set()
 
-    def _track(self, sandbox: Sandbox) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(self._remove_quietly(sandbox))
+    def _track(self, sandbox: Sandbox, first: asyncio.Future[EngineUnavailable | None] | None = None
+               ) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(self._remove_quietly(sandbox, first))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
         return task
 
-    async def _remove_quietly(self, sandbox: Sandbox) -> None:
+    async def _remove_quietly(self, sandbox: Sandbox,
+                              first: asyncio.Future[EngineUnavailable | None] | None = None) -> None:
+        """Remove; while the engine is unreachable (e.g. restarting), keep retrying with backoff.
+
+        ``first`` gets the outcome of the first try (None, or the EngineUnavailable it met), so a call
+        can end without waiting for the engine to come back.
+        """
         try:
-            await sandbox.remove()
-        except Exception:  # the shutdown/start-up sweep by label is the backstop
-            log.exception("failed to remove sandbox %s", sandbox.id)
+            await self._remove_with_retries(sandbox, first)
+        finally:
+            metrics.active_sandboxes.add(-1)
+
+    async def _remove_with_retries(self, sandbox: Sandbox, first: asyncio.Future[EngineUnavailable | None] | None,
+                                   ) -> None:
+        delay = 0.25
+        for attempt in range(REMOVE_RETRIES):
+            outcome: EngineUnavailable | None = None
+            try:
+                await sandbox.remove()
+                return
+            except EngineUnavailable as exc:
+                outcome = exc
+                log.warning("engine unavailable; retrying removal of sandbox %s in %.1f s", sandbox.id, delay)
+            except Exception:  # the shutdown/start-up sweep by label is the backstop
+                log.exception("failed to remove sandbox %s", sandbox.id)
+                return
+            finally:
+                if attempt == 0 and first is not None and not first.done():
+                    first.set_result(outcome)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        log.error("gave up removing sandbox %s; the next start-up sweep removes it", sandbox.id)
 
     async def _remove(self, sandbox: Sandbox) -> None:
         if self.pools.owns(sandbox):  # warm path: removal is off the critical path (bounded, tracked)
+            metrics.active_sandboxes.add(-1)
             self.pools.retire(sandbox)
             return
-        await self._track(sandbox)
+        first: asyncio.Future[EngineUnavailable | None] = asyncio.get_running_loop().create_future()
+        task = self._track(sandbox, first)
+        pending: set[asyncio.Future[Any]] = {task, first}
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if first.done() and first.result() is not None:
+            raise EngineUnavailable(f"{first.result()}; the sandbox will be removed when the engine is back")
 
-    async def shutdown(self) -> None:
-        """Cancel what is still running, wait for removals, then sweep by label."""
+    async def drain(self, grace_s: float) -> bool:
+        """Refuse new invocations; wait up to ``grace_s`` for the running ones. True when none is left."""
+        self._closing = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        return not self._running
+
+    def cancel_all(self) -> int:
+        """Cancel every running invocation (each ends with status ``killed``); returns how many."""
         self._closing = True
         for running in list(self._running.values()):
             running.cancelled.set()
-        if self._cleanups:
-            await asyncio.gather(*list(self._cleanups), return_exceptions=True)
+        return len(self._running)
+
+    async def shutdown(self) -> None:
+        """Cancel what is still running, wait for removals, then sweep by label."""
+        self.cancel_all()
+        if self._cleanups:  # bounded: an unreachable engine must not hold shutdown for minutes
+            await asyncio.wait(list(self._cleanups), timeout=self.config.server.shutdown_grace_s + 5.0)
         await self.pools.close()
         try:
             await self.backend.remove_orphans(self.config.server.instance)

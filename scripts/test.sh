@@ -11,14 +11,20 @@ step() { printf '\n== %s\n' "$*" >&2; }
 
 step "generated protobuf code is current"
 python scripts/gen_protos.py --check
+step "docs/security.md table matches docs/security-observations.json"
+python scripts/gen_security_table.py --check
 step "ruff"
 ruff check runtime tests scripts
 step "mypy --strict runtime/"
 mypy runtime
 step "bandit"
 bandit -q -c pyproject.toml -r runtime
-step "pytest (unit, integration and security tests against the real engine)"
-pytest -q -p no:cacheprovider "$@"
+step "pytest (unit, integration, security and fault tests against the real engine)"
+pytest -q -p no:cacheprovider -m "not engine_restart" "$@"
+# Restarting the engine disturbs everything else using it: last, on its own (runs when CI=true, or when
+# TOOLCELL_ALLOW_ENGINE_RESTART=1; skipped otherwise).
+step "pytest: engine restart mid-run"
+pytest -q -p no:cacheprovider -m engine_restart -rs tests/faults
 step "toolcell bench --quick (smoke check: it must complete and print its table; targets need the full run)"
 bench_json="$(mktemp --suffix=.json)"
 toolcell bench --quick --json "$bench_json"

@@ -7,11 +7,12 @@ timeouts, caps and status decisions live in ``pipeline``. Backend methods raise 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from runtime.model import Usage
+from runtime.policy.network import NetworkSpec
 from runtime.policy.plan import ContainerPlan
 
 StreamName = Literal["stdout", "stderr"]
@@ -73,12 +74,24 @@ class Backend(Protocol):
         """
 
     async def remove_orphans(self, owner: str) -> int:
-        """Remove every sandbox labelled as ``owner``'s; returns how many were removed."""
+        """Remove every sandbox, then every network, labelled as ``owner``'s; returns how many sandboxes."""
+
+    async def create_network(self, spec: NetworkSpec) -> str:
+        """Create ``spec`` with the first of its subnets that is free; returns that subnet."""
+
+    async def ensure_network(self, name: str, labels: Mapping[str, str]) -> None:
+        """Make sure the routable bridge network ``name`` exists (created with ``labels`` if missing)."""
+
+    async def remove_network(self, name: str) -> None:
+        """Remove a network; no error if it is already gone."""
 
     async def list_sandboxes(self, owner: str) -> list[str]:
         """Ids of live sandboxes labelled as ``owner``'s."""
 
     async def ping(self) -> None:
         """Raise EngineUnavailable when the engine cannot be reached."""
+
+    async def has_image(self, image: str) -> bool:
+        """Whether ``image`` is present on the engine (never pulled). Raises EngineUnavailable."""
 
     async def close(self) -> None: ...

@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -37,13 +37,14 @@ from typing import Any, Final, TypeVar
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import LogConfig, Ulimit
+from docker.types import IPAMConfig, IPAMPool, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
 from runtime.backends.base import ExitInfo, StreamName
 from runtime.backends.launcher import TrailerScanner, envelope, launch_command, new_nonce
 from runtime.errors import BackendError, EngineUnavailable, ImageMissing, RuntimeMissing
 from runtime.model import Usage
+from runtime.policy.network import NetworkSpec
 from runtime.policy.plan import LABEL_MANAGED, LABEL_OWNER, ContainerPlan
 
 __all__ = ["DEFAULT_BASE_URL", "DockerBackend", "DockerSandbox"]
@@ -110,6 +111,7 @@ class DockerBackend:
         self._sampler = _UsageSampler(sample_interval_s)
         self._cgroups = _CgroupLayout(Path(cgroup_root))
         self._closed = False
+        self._network_lock = asyncio.Lock()
 
     @property
     def address(self) -> str:
@@ -148,14 +150,39 @@ class DockerBackend:
     async def remove_orphans(self, owner: str) -> int:
         ids = await self.list_sandboxes(owner)
         removed = await asyncio.gather(*(self._remove(cid) for cid in ids))
+        filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={owner}"]}
+        networks = await self._call(functools.partial(self._api.networks, filters=filters))
+        await asyncio.gather(*(self.remove_network(str(n["Id"])) for n in networks))
         return sum(removed)
+
+    async def create_network(self, spec: NetworkSpec) -> str:
+        return await self._call(functools.partial(self._create_network_blocking, spec))
+
+    async def ensure_network(self, name: str, labels: Mapping[str, str]) -> None:
+        async with self._network_lock:  # the engine does not stop two concurrent creates of one name
+            await self._call(functools.partial(self._ensure_network_blocking, name, dict(labels)))
+
+    async def remove_network(self, name: str) -> None:
+        await self._call(functools.partial(self._remove_network_blocking, name))
 
     async def ping(self) -> None:
         await self._call(self._api.ping)
 
+    async def has_image(self, image: str) -> bool:
+        try:
+            await self._call(functools.partial(self._api.inspect_image, image), image=image)
+        except ImageMissing:
+            return False
+        return True
+
     async def inspect(self, sandbox_id: str) -> dict[str, Any]:
         """The engine's raw view of one sandbox (for diagnostics and tests; not part of ``Backend``)."""
         result: dict[str, Any] = await self._call(functools.partial(self._api.inspect_container, sandbox_id))
+        return result
+
+    async def info(self) -> dict[str, Any]:
+        """The engine's ``docker info`` (for ``toolcell doctor``; not part of ``Backend``)."""
+        result: dict[str, Any] = await self._call(self._api.info)
         return result
 
     async def close(self) -> None:
@@ -192,6 +219,37 @@ class DockerBackend:
         return int(status.get("StatusCode", -1)), received
 
     # -- blocking helpers, run in the executor --------------------------------------------------
+
+    def _create_network_blocking(self, spec: NetworkSpec) -> str:
+        # inhibit_ipv4: the bridge gets no address, so the host is no peer and no route to the subnet is
+        # added on the host. internal: no masquerading, no route out.
+        options = {"com.docker.network.bridge.inhibit_ipv4": "true"} if spec.host_isolated else {}
+        for subnet in spec.subnets:
+            try:
+                self._api.create_network(
+                    spec.name, driver="bridge", internal=spec.internal, labels=dict(spec.labels), options=options,
+                    ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=subnet)]), check_duplicate=True,
+                )
+            except docker.errors.APIError as exc:
+                if "overlap" in _explain(exc).lower():
+                    continue  # another network holds this range: try the next candidate
+                raise
+            return subnet
+        raise BackendError(f"no free subnet for network {spec.name!r} among {len(spec.subnets)} candidates")
+
+    def _ensure_network_blocking(self, name: str, labels: dict[str, str]) -> None:
+        try:
+            self._api.inspect_network(name)
+            return
+        except docker.errors.NotFound:
+            pass
+        # icc off: proxies of different invocations share this network but never talk to each other.
+        self._api.create_network(name, driver="bridge", labels=labels, check_duplicate=True,
+                                 options={"com.docker.network.bridge.enable_icc": "false"})
+
+    def _remove_network_blocking(self, name: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            self._api.remove_network(name)
 
     def _create_container(self, plan: ContainerPlan) -> str:
         api = self._api
@@ -232,10 +290,19 @@ class DockerBackend:
             stdin_open=True,  # with detach=False this also sets StdinOnce and the Attach* flags
             tty=False,
             host_config=host_config,
+            networking_config=_networking_config(api, plan),
             # Otherwise docker-py copies proxy settings from ~/.docker/config.json into the tool's env.
             use_config_proxy=False,
         )
-        return str(created["Id"])
+        container_id = str(created["Id"])
+        try:
+            for network in plan.extra_networks:
+                api.connect_container_to_network(container_id, network)
+        except BaseException:
+            with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
+                api.remove_container(container_id, force=True, v=True)
+            raise
+        return container_id
 
     async def _remove(self, container_id: str) -> bool:
         """Force-remove; False when it was already gone."""
@@ -740,6 +807,15 @@ def _read_usage_usec(path: Path) -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def _networking_config(api: docker.APIClient, plan: ContainerPlan) -> dict[str, Any] | None:
+    """A fixed address on the plan's network (egress: the proxy's and the sandbox's), else the engine's pick."""
+    if not plan.network_ip:
+        return None
+    config: dict[str, Any] = api.create_networking_config(
+        {plan.network_mode: api.create_endpoint_config(ipv4_address=plan.network_ip)})
+    return config
 
 
 def _explain(exc: docker.errors.APIError) -> str:

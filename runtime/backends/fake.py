@@ -29,6 +29,7 @@ from typing import Final
 from runtime.backends.base import ExitInfo, StreamName
 from runtime.errors import BackendError, EngineUnavailable, ImageMissing, RuntimeMissing
 from runtime.model import Usage
+from runtime.policy.network import NetworkSpec
 from runtime.policy.plan import LABEL_MANAGED, LABEL_OWNER, ContainerPlan
 
 __all__ = ["Behaviour", "FakeBackend", "FakeProcess", "FakeSandbox"]
@@ -228,6 +229,8 @@ class FakeBackend:
         self.signals: list[tuple[str, int]] = []
         self.plans: dict[str, ContainerPlan] = {}
         self.warm_created: list[str] = []
+        # Networks by name -> labels (what a leak check asserts empty, with ``live``).
+        self.networks: dict[str, Mapping[str, str]] = {}
         self._live: dict[str, FakeSandbox] = {}
         self._ids = itertools.count(1)
 
@@ -246,6 +249,9 @@ class FakeBackend:
             raise ImageMissing(plan.image)
         if plan.runtime not in self.runtimes:
             raise RuntimeMissing(plan.runtime)
+        for network in (plan.network_mode, *plan.extra_networks):
+            if network != "none" and network not in self.networks:
+                raise BackendError(f"network {network!r} not found")
         sandbox_id = f"fake-{next(self._ids):06d}"
         sandbox = FakeSandbox(self, sandbox_id, plan, behaviour)
         self._live[sandbox_id] = sandbox
@@ -268,10 +274,32 @@ class FakeBackend:
         ids = await self.list_sandboxes(owner)
         for sid in ids:
             await self._live[sid].remove()
+        for name, labels in list(self.networks.items()):
+            if labels.get(LABEL_MANAGED) == "true" and labels.get(LABEL_OWNER) == owner:
+                del self.networks[name]
         return len(ids)
+
+    async def create_network(self, spec: NetworkSpec) -> str:
+        self._check_available()
+        if spec.name in self.networks or not spec.subnets:
+            raise BackendError(f"cannot create network {spec.name!r}")
+        self.networks[spec.name] = dict(spec.labels)
+        return spec.subnets[0]
+
+    async def ensure_network(self, name: str, labels: Mapping[str, str]) -> None:
+        self._check_available()
+        self.networks.setdefault(name, dict(labels))
+
+    async def remove_network(self, name: str) -> None:
+        self._check_available()
+        self.networks.pop(name, None)
 
     async def ping(self) -> None:
         self._check_available()
+
+    async def has_image(self, image: str) -> bool:
+        self._check_available()
+        return image in self.behaviours
 
     async def close(self) -> None:
         for sandbox in list(self._live.values()):

@@ -26,7 +26,7 @@ HINTS = ("readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint")
 
 def derived_annotations(profile: IsolationProfile) -> dict[str, bool]:
     """The hints ``profile`` makes true; empty when the profile grants network access."""
-    if profile.network != "none":
+    if profile.network:
         return {}
     return {"openWorldHint": False, "readOnlyHint": True, "destructiveHint": False, "idempotentHint": True}
 

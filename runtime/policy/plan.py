@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from runtime.errors import ConfigError
 from runtime.model import Tool
+from runtime.policy.network import LABEL_ROLE, ROLE_PROXY, EgressLayout, EgressSettings
 from runtime.policy.profile import IsolationProfile, Mount
 
 LABEL_MANAGED = "io.toolcell.managed"
@@ -39,7 +40,11 @@ class ContainerPlan:
     kill_grace_s: float
     stdout_max_bytes: int
     stderr_max_bytes: int
+    # "none", or the name of the invocation's internal egress network (see ``policy/network.py``).
     network_mode: str = "none"
+    # Fixed address on ``network_mode``'s network ("" = the engine picks); more networks joined before start.
+    network_ip: str = ""
+    extra_networks: tuple[str, ...] = ()
     read_only_rootfs: bool = True
     cap_drop: tuple[str, ...] = ("ALL",)
     no_new_privileges: bool = True
@@ -63,8 +68,6 @@ def compile_plan(
     timeout_s: float | None = None,
 ) -> ContainerPlan:
     """Build the plan for one invocation; ``timeout_s`` (from a caller deadline) can only shorten."""
-    if profile.network != "none":
-        raise ConfigError("network grants are not supported yet; use 'none'", key="network")
     if not tool.command:
         raise ConfigError("command must not be empty", key=f"tools.{tool.name}.command")
     env = dict(profile.env)
@@ -99,4 +102,47 @@ def compile_plan(
         kill_grace_s=profile.kill_grace_s,
         stdout_max_bytes=profile.output.stdout_max_bytes,
         stderr_max_bytes=profile.output.stderr_max_bytes,
+    )
+
+
+def compile_proxy_plan(
+    settings: EgressSettings,
+    layout: EgressLayout,
+    *,
+    policy_json: str,
+    upstream_network: str,
+    invocation_id: str,
+    tool: str,
+    owner: str,
+    seccomp_json: str,
+) -> ContainerPlan:
+    """The egress proxy's sidecar: contained like a tool (it parses what a hostile tool sends)."""
+    return ContainerPlan(
+        image=settings.image,
+        command=("python3", "-I", "-S", "-u", "-"),  # the program arrives on stdin (runtime/egress/proxy.py)
+        user="10001:10001",
+        env={"LANG": "C.UTF-8", "HOME": "/tmp", "TOOLCELL_EGRESS_POLICY": policy_json},  # nosec B108 - the sidecar's own tmpfs
+        labels={
+            LABEL_MANAGED: "true",
+            LABEL_OWNER: owner,
+            LABEL_INVOCATION: invocation_id,
+            LABEL_TOOL: tool,
+            LABEL_ROLE: ROLE_PROXY,
+        },
+        runtime="runc",
+        seccomp_json=seccomp_json,
+        memory_bytes=settings.proxy_memory_bytes,
+        nano_cpus=500_000_000,
+        pids_limit=16,
+        nofile=512,
+        tmpfs={"/tmp": "rw,noexec,nosuid,nodev,size=1048576,mode=1777"},  # nosec B108 - inside the sidecar
+        mounts=(),
+        timeout_s=0.0,  # lives as long as its invocation; the pipeline stops it
+        kill_grace_s=1.0,
+        stdout_max_bytes=1024 * 1024,
+        stderr_max_bytes=64 * 1024,
+        network_mode=layout.network,
+        network_ip=layout.proxy_ip,
+        extra_networks=(upstream_network,),
+        hostname="egress",
     )

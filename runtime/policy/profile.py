@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-MiB = 1024 * 1024
+from runtime.policy.network import EgressGrant
 
-NetworkMode = Literal["none"]
+MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,8 @@ class IsolationProfile:
     env_passthrough: tuple[str, ...] = ()
     mounts: tuple[Mount, ...] = ()
     # No network by default: a prompt-injected tool cannot exfiltrate or reach internal services.
-    network: NetworkMode = "none"
+    # Grants open named destinations only, through a per-invocation filtering proxy (policy/network.py).
+    network: tuple[EgressGrant, ...] = ()
     output: OutputPolicy = field(default_factory=OutputPolicy)
 
     def with_memory(self, memory_bytes: int) -> IsolationProfile:
@@ -102,6 +103,10 @@ class IsolationProfile:
     def with_mounts(self, *mounts: Mount) -> IsolationProfile:
         """Add read-only host mounts. Each one widens what the tool can read."""
         return dataclasses.replace(self, mounts=self.mounts + tuple(mounts))
+
+    def with_network(self, *grants: EgressGrant) -> IsolationProfile:
+        """Replace the egress grants. Each grant lets the tool send data to that destination."""
+        return dataclasses.replace(self, network=tuple(grants))
 
     def with_env(self, **env: str) -> IsolationProfile:
         return dataclasses.replace(self, env={**self.env, **env})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -14,6 +15,7 @@ from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
 from runtime.audit import AuditLog
 from runtime.gate import Gate, Sampler
 from runtime.hostload import HostSampler
+from runtime.server.healthcheck import HealthMonitor
 from runtime.server.identity import Authenticator
 from runtime.server.service import SupervisorService
 from runtime.server.tokens import JwtVerifier
@@ -23,6 +25,9 @@ from runtime.supervisor import Supervisor
 log = logging.getLogger("toolcell.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Supervisor"].full_name
+# After the grace period, cancelled calls get this long (plus their kill grace) to report "killed".
+# Generous on purpose: it only matters when the engine is slow, and then a cut-off call loses its result.
+CANCEL_ALLOWANCE_S = 10.0
 
 
 class App:
@@ -48,6 +53,7 @@ class App:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
+        self.monitor = HealthMonitor(supervisor, self._set_health)
         self.address = ""
 
     async def _set_health(self, serving: bool) -> None:
@@ -61,17 +67,26 @@ class App:
         self.transport.bind(self.server)
         self.authenticator.peers = self.transport.peers
         self.address = self.transport.address
+        await self._set_health(False)
         await self.server.start()
         await self.transport.start()
-        await self._set_health(True)
+        await self.monitor.check_now()
+        self.monitor.start()
         log.info("serving on %s", self.address)
         return self.address
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING, stop accepting, let calls finish within grace, then clean every sandbox."""
+        """NOT_SERVING, stop accepting, let calls finish within grace, cancel the rest, clean every sandbox."""
+        await self.monitor.stop()
         await self._set_health(False)
         grace = self.supervisor.config.server.shutdown_grace_s if grace_s is None else grace_s
-        await self.server.stop(grace)
+        kill_grace = max((p.kill_grace_s for p in self.supervisor.config.profiles.values()), default=0.0)
+        # New RPCs are refused at once; running handlers get until grace + allowance before gRPC cuts them.
+        stopping = asyncio.ensure_future(self.server.stop(grace + kill_grace + CANCEL_ALLOWANCE_S))
+        if not await self.supervisor.drain(grace):
+            log.warning("shutdown grace (%gs) over: cancelling %d running call(s)", grace,
+                        self.supervisor.cancel_all())
+        await stopping
         await self.supervisor.shutdown()
         with contextlib.suppress(Exception):
             await self.supervisor.backend.close()

@@ -49,6 +49,9 @@ def result_to_pb(result: Result) -> pb.Result:
         injection_markers=dict(result.injection_markers),
         structured_content_json=(json.dumps(result.structured_content, ensure_ascii=False)
                                  if result.structured_content is not None else ""),
+        egress=[pb.EgressDestination(host=d.host, port=d.port, allowed=d.allowed, reason=d.reason,
+                                     connections=d.connections, bytes_up=d.bytes_up, bytes_down=d.bytes_down)
+                for d in result.egress],
     )
 
 
@@ -81,7 +84,7 @@ def tool_to_pb(tool: Tool) -> pb.Tool:
 
 
 def result_from_pb(msg: pb.Result) -> Result:
-    from runtime.model import Usage
+    from runtime.model import EgressDestination, Usage
 
     return Result(
         status=PB_TO_STATUS.get(msg.status, Status.ERROR),
@@ -101,6 +104,9 @@ def result_from_pb(msg: pb.Result) -> Result:
         sanitized=dict(msg.sanitized),
         injection_markers=dict(msg.injection_markers),
         structured_content=json.loads(msg.structured_content_json) if msg.structured_content_json else None,
+        egress=tuple(EgressDestination(host=d.host, port=d.port, allowed=d.allowed, reason=d.reason,
+                                       connections=d.connections, bytes_up=d.bytes_up, bytes_down=d.bytes_down)
+                     for d in msg.egress),
     )
 
 

@@ -11,6 +11,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
+from runtime import metrics
 from runtime.api.v1 import supervisor_pb2 as pb
 from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
 from runtime.errors import InvocationNotFound, ResourceExhausted, ToolcellError
@@ -49,9 +50,11 @@ async def _abort(context: grpc.aio.ServicerContext, span: trace.Span, exc: Toolc
                  redactor: Redactor) -> None:
     """One way out for every refusal: status from the table, retry hint in trailing metadata."""
     code = status_for(exc)
+    metrics.record_rejection(exc)
     span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
     span.set_attribute("rpc.grpc.status_code", code.value[0])
-    log.info("%.160s rejected: %s (%s)", what, code.name, describe(exc, redactor))
+    log.info("%.160s rejected: %s (%s)", what, code.name, describe(exc, redactor),
+             extra={"code": code.name, "error": type(exc).__name__})
     if isinstance(exc, ResourceExhausted):
         context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
     await context.abort(code, str(exc))

@@ -7,6 +7,7 @@ labelled container remains; the engine is required (these tests fail, never skip
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import stat
@@ -231,6 +232,14 @@ async def test_health_reflection_and_socket_mode(tmp_path: Path) -> None:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         async with grpc.aio.insecure_channel(app.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
+            resp = await health.Check(health_pb2.HealthCheckRequest(service="toolcell.v1.Supervisor"))
+            # The test config has a tool whose image is missing ("ghost"): NOT_SERVING until it is gone.
+            assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert "toolcell-test/missing:never" in app.monitor.reason
+            config = app.supervisor.config
+            app.supervisor.reload(dataclasses.replace(
+                config, tools={k: v for k, v in config.tools.items() if k != "ghost"}))
+            await app.monitor.check_now()
             resp = await health.Check(health_pb2.HealthCheckRequest(service="toolcell.v1.Supervisor"))
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
             refl = reflection_pb2_grpc.ServerReflectionStub(channel)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from runtime.errors import ConfigError
 from runtime.model import Tool
+from runtime.policy.network import parse_grant
 from runtime.policy.plan import LABEL_MANAGED, LABEL_OWNER, compile_plan
 from runtime.policy.profile import IsolationProfile, Mount
 
@@ -60,8 +60,8 @@ def test_builders_return_new_values() -> None:
     assert (p.memory_bytes, p.pids_limit, p.mounts) == (64 * 1024 * 1024, 8, (Mount("/src", "/opt/tool"),))
 
 
-def test_network_grant_is_rejected_for_now() -> None:
-    import dataclasses
-
-    with pytest.raises(ConfigError, match="network"):
-        plan(dataclasses.replace(IsolationProfile(), network="bridge"))
+def test_a_granted_profile_still_compiles_without_network() -> None:
+    """The plan alone never opens a network: only the egress session joins it to its internal one."""
+    p = plan(IsolationProfile().with_network(parse_grant("allowed.test")))
+    assert (p.network_mode, p.network_ip, p.extra_networks) == ("none", "", ())
+    assert not any(k.lower().endswith("_proxy") for k in p.env)

@@ -221,7 +221,7 @@ def test_pool_config_tool_overrides_profile_and_secret_tools_are_never_pooled() 
     assert config.pools["cold"] == PoolSpec(size=4, ttl_s=30.0), "the profile's pool applies"
     assert "secretive" not in config.pools, "a tool granted secrets always takes the cold path"
     d["tools"][-1]["pool"] = {"size": 1}
-    with pytest.raises(ConfigError, match="granted secrets cannot be pooled") as err:
+    with pytest.raises(ConfigError, match="cannot be pooled: it is granted secrets") as err:
         parse_config(d)
     assert err.value.key == "tools[3].pool"
 

@@ -85,8 +85,26 @@ class Usage(_message.Message):
     cpu_time_ns: int
     def __init__(self, peak_memory_bytes: _Optional[int] = ..., cpu_time_ns: _Optional[int] = ...) -> None: ...
 
+class EgressDestination(_message.Message):
+    __slots__ = ("host", "port", "allowed", "reason", "connections", "bytes_up", "bytes_down")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    port: int
+    allowed: bool
+    reason: str
+    connections: int
+    bytes_up: int
+    bytes_down: int
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., allowed: _Optional[bool] = ..., reason: _Optional[str] = ..., connections: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ...) -> None: ...
+
 class Result(_message.Message):
-    __slots__ = ("status", "exit_code", "output", "stderr", "truncated", "duration_ms", "usage", "trace_id", "invocation_id", "message", "stdout_bytes", "stderr_bytes", "sandbox_id", "redactions", "sanitized", "injection_markers", "structured_content_json")
+    __slots__ = ("status", "exit_code", "output", "stderr", "truncated", "duration_ms", "usage", "trace_id", "invocation_id", "message", "stdout_bytes", "stderr_bytes", "sandbox_id", "redactions", "sanitized", "injection_markers", "structured_content_json", "egress")
     class RedactionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +143,7 @@ class Result(_message.Message):
     SANITIZED_FIELD_NUMBER: _ClassVar[int]
     INJECTION_MARKERS_FIELD_NUMBER: _ClassVar[int]
     STRUCTURED_CONTENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_FIELD_NUMBER: _ClassVar[int]
     status: Status
     exit_code: int
     output: str
@@ -142,7 +161,8 @@ class Result(_message.Message):
     sanitized: _containers.ScalarMap[str, int]
     injection_markers: _containers.ScalarMap[str, int]
     structured_content_json: str
-    def __init__(self, status: _Optional[_Union[Status, str]] = ..., exit_code: _Optional[int] = ..., output: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., duration_ms: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., trace_id: _Optional[str] = ..., invocation_id: _Optional[str] = ..., message: _Optional[str] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., sandbox_id: _Optional[str] = ..., redactions: _Optional[_Mapping[str, int]] = ..., sanitized: _Optional[_Mapping[str, int]] = ..., injection_markers: _Optional[_Mapping[str, int]] = ..., structured_content_json: _Optional[str] = ...) -> None: ...
+    egress: _containers.RepeatedCompositeFieldContainer[EgressDestination]
+    def __init__(self, status: _Optional[_Union[Status, str]] = ..., exit_code: _Optional[int] = ..., output: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., duration_ms: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., trace_id: _Optional[str] = ..., invocation_id: _Optional[str] = ..., message: _Optional[str] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., sandbox_id: _Optional[str] = ..., redactions: _Optional[_Mapping[str, int]] = ..., sanitized: _Optional[_Mapping[str, int]] = ..., injection_markers: _Optional[_Mapping[str, int]] = ..., structured_content_json: _Optional[str] = ..., egress: _Optional[_Iterable[_Union[EgressDestination, _Mapping]]] = ...) -> None: ...
 
 class ListToolsRequest(_message.Message):
     __slots__ = ("cursor",)

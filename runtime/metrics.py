@@ -1,0 +1,56 @@
+"""The supervisor's metrics, through the OpenTelemetry metrics API (the SDK is set up in ``telemetry``).
+
+Attributes are bounded sets only: the tool (a name from the admin's config: unknown names are never
+recorded), the status, the rejection reason (an error class), the redaction kind. Nothing from a
+payload becomes an attribute.
+
+    toolcell.invocations             counter        tool, status      calls that ran a sandbox
+    toolcell.invocation.duration     histogram (s)  tool, status
+    toolcell.sandboxes.active        up-down        -                 sandboxes created and not yet removed
+    toolcell.rejections              counter        reason            calls refused or failed before a result
+    toolcell.redactions              counter        tool, kind        secrets replaced in output
+    toolcell.config.reloads          counter        outcome           ok | error
+    toolcell.health.serving          up-down        -                 1 while health is SERVING
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from opentelemetry import metrics
+
+_meter = metrics.get_meter("toolcell")
+
+invocations = _meter.create_counter(
+    "toolcell.invocations", unit="{invocation}", description="Invocations that ran a sandbox, by tool and status")
+duration = _meter.create_histogram(
+    "toolcell.invocation.duration", unit="s", description="Wall time of an invocation, from request to result",
+    explicit_bucket_boundaries_advisory=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120])
+active_sandboxes = _meter.create_up_down_counter(
+    "toolcell.sandboxes.active", unit="{sandbox}", description="Sandboxes created and not yet removed")
+rejections = _meter.create_counter(
+    "toolcell.rejections", unit="{invocation}", description="Invocations refused or failed without a result")
+redactions = _meter.create_counter(
+    "toolcell.redactions", unit="{redaction}", description="Secrets replaced in tool output, by kind")
+reloads = _meter.create_counter(
+    "toolcell.config.reloads", unit="{reload}", description="Configuration reloads by outcome")
+serving = _meter.create_up_down_counter(
+    "toolcell.health.serving", unit="1", description="1 while the gRPC health status is SERVING")
+
+
+def reason_of(exc: BaseException) -> str:
+    """``ImageMissing`` -> ``image_missing``: a bounded label from the error class."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
+def record_result(tool: str, status: str, duration_s: float, redacted: Mapping[str, int]) -> None:
+    attrs = {"tool": tool, "status": status}
+    invocations.add(1, attrs)
+    duration.record(duration_s, attrs)
+    for kind, count in redacted.items():
+        redactions.add(count, {"tool": tool, "kind": kind})
+
+
+def record_rejection(exc: BaseException) -> None:
+    rejections.add(1, {"reason": reason_of(exc)})

@@ -1,0 +1,172 @@
+"""Deployment files as data: the security settings every pattern must carry, and the operations helpers."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+from runtime import metrics
+from runtime.configview import MASK, effective
+from runtime.errors import ImageMissing, InvalidArguments
+from runtime.settings import load_config, parse_config
+from runtime.telemetry import JsonFormatter, RedactingFilter
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+
+
+def k8s_docs() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def workloads() -> list[dict[str, Any]]:
+    return [d for d in k8s_docs() if d["kind"] in {"Deployment", "DaemonSet"}]
+
+
+def test_both_patterns_and_the_configmap_exist() -> None:
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in k8s_docs()}
+    assert ("Deployment", "mcp-server") in kinds and ("DaemonSet", "toolcell") in kinds
+    assert ("ConfigMap", "toolcell-config") in kinds
+
+
+def test_configmap_holds_a_valid_config() -> None:
+    cm = next(d for d in k8s_docs() if d["kind"] == "ConfigMap")
+    config = parse_config(yaml.safe_load(cm["data"]["toolcell.yaml"]), environ={})
+    assert config.server.listen == "unix:///run/toolcell/toolcell.sock" and config.server.socket_mode == 0o660
+    assert {"text.wordcount", "python.run"} <= set(config.tools)
+
+
+@pytest.mark.parametrize("workload", workloads(), ids=lambda w: f"{w['kind']}/{w['metadata']['name']}")
+def test_every_container_is_locked_down(workload: dict[str, Any]) -> None:
+    spec = workload["spec"]["template"]["spec"]
+    pod_sc = spec["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] != 0
+    assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert spec["automountServiceAccountToken"] is False
+    assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+    for c in spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), c["name"]
+        assert not sc.get("privileged"), c["name"]
+        assert sc.get("runAsUser", pod_sc["runAsUser"]) != 0
+        res = c["resources"]
+        assert {"cpu", "memory"} <= set(res["requests"]) and {"cpu", "memory"} <= set(res["limits"]), c["name"]
+
+
+@pytest.mark.parametrize("workload", workloads(), ids=lambda w: f"{w['kind']}/{w['metadata']['name']}")
+def test_toolcell_container_has_grpc_health_probes_and_grace(workload: dict[str, Any]) -> None:
+    spec = workload["spec"]["template"]["spec"]
+    tc = next(c for c in spec["containers"] if c["name"] == "toolcell")
+    assert tc["image"].startswith("toolcell/supervisor:")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = tc[probe]["exec"]["command"]
+        assert command[:2] == ["toolcell", "health"], probe
+    assert "--live" in tc["livenessProbe"]["exec"]["command"]
+    assert "--live" not in tc["readinessProbe"]["exec"]["command"]
+    # The pod must outlive the supervisor's drain (shutdown_grace in the ConfigMap: 20s).
+    assert spec["terminationGracePeriodSeconds"] > 20
+    mounts = {m["mountPath"]: m for m in tc["volumeMounts"]}
+    assert mounts["/etc/toolcell"]["readOnly"] is True and "/run/toolcell" in mounts
+    # The MCP server side never gets the engine socket.
+    for other in (c for c in spec["containers"] if c["name"] != "toolcell"):
+        assert all("docker.sock" not in m["mountPath"] for m in other.get("volumeMounts", []))
+
+
+def test_compose_file_is_locked_down_and_v1_compatible() -> None:
+    doc = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    assert doc["version"] == "2.4"  # group_add, init, healthcheck conditions: supported by compose v1 in 2.4
+    for name, svc in doc["services"].items():
+        assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in svc["security_opt"], name
+        assert svc["network_mode"] == "none", name
+        assert not svc["user"].startswith("0"), name
+    tc = doc["services"]["toolcell"]
+    assert tc["healthcheck"]["test"] == ["CMD", "toolcell", "health"]
+    assert tc["mem_limit"] and tc["pids_limit"] and tc["cpus"]
+    caller = doc["services"]["example-caller"]
+    assert all("docker.sock" not in v for v in caller["volumes"])
+    parse_config(yaml.safe_load((DEPLOY / "compose" / "config" / "toolcell.yaml").read_text()), environ={})
+
+
+def test_systemd_unit_sandboxing() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(DEPLOY / "systemd" / "toolcell.service")
+    svc = unit["Service"]
+    assert svc["User"] == "toolcell" and svc["NoNewPrivileges"] == "yes"
+    assert svc["CapabilityBoundingSet"] == "" and svc["ProtectSystem"] == "strict"
+    for key in ("ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernelTunables", "RestrictSUIDSGID",
+                "LockPersonality", "RestrictNamespaces"):
+        assert svc[key] == "yes", key
+    assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID" and svc["KillSignal"] == "SIGTERM"
+    assert int(svc["TimeoutStopSec"]) > 10
+    if shutil.which("systemd-analyze"):
+        out = subprocess.run(["systemd-analyze", "verify", str(DEPLOY / "systemd" / "toolcell.service")],
+                             capture_output=True, text=True)
+        problems = [line for line in out.stderr.splitlines() if "is not executable" not in line and line.strip()]
+        assert problems == [], problems
+
+
+def test_image_config_is_valid() -> None:
+    config = load_config(REPO / "images" / "supervisor" / "toolcell.yaml")
+    assert config.server.listen == "unix:///run/toolcell/toolcell.sock"
+
+
+def test_config_show_masks_secrets(tmp_path: Path) -> None:
+    doc = {"version": 1, "telemetry": {"otlp_endpoint": "https://user:hunter2@collector:4317"},
+           "profiles": {"default": {"env": {"API_TOKEN": "plain-value", "GREETING": "hello",
+                                            "NOTE": "ghp_" + "a" * 36}}},
+           "tools": [{"name": "t", "description": "d", "image": "i", "command": ["c"]}]}
+    view = effective(parse_config(doc, environ={}, base_dir=tmp_path))
+    text = json.dumps(view)
+    assert "hunter2" not in text and "plain-value" not in text and "ghp_" not in text
+    env = view["profiles"]["default"]["env"]
+    assert env["API_TOKEN"] == MASK and env["NOTE"] == MASK and env["GREETING"] == "hello"
+    assert view["telemetry"]["otlp_endpoint"] == f"https://{MASK}@collector:4317"
+    assert view["profiles"]["default"]["memory_bytes"] == 256 * 1024 * 1024  # defaults filled in
+
+
+def test_json_log_lines_carry_trace_ids_and_are_redacted() -> None:
+    from runtime.policy.scrub import Redactor
+
+    record_out: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            record_out.append(self.format(record))
+
+    handler = Keep()
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactingFilter(lambda: Redactor({"s": "sekret-value-123"})))
+    logger = logging.getLogger("toolcell.test.json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    tracer = TracerProvider().get_tracer("t")
+    with tracer.start_as_current_span("x") as span:
+        logger.warning("leaked %s here", "sekret-value-123", extra={"tool": "a.b", "payload": "nope"})
+    logger.removeHandler(handler)
+    doc = json.loads(record_out[0])
+    assert doc["trace_id"] == format(span.get_span_context().trace_id, "032x")
+    assert "sekret-value-123" not in record_out[0] and doc["tool"] == "a.b" and "payload" not in doc
+    assert doc["level"] == "WARNING" and doc["logger"] == "toolcell.test.json"
+    assert trace.get_current_span().get_span_context().is_valid is False
+
+
+def test_rejection_reasons_are_bounded_labels() -> None:
+    assert metrics.reason_of(ImageMissing("x")) == "image_missing"
+    assert metrics.reason_of(InvalidArguments("bad", path="text")) == "invalid_arguments"
