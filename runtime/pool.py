@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runtime.backends.base import Backend, Sandbox, WarmSandbox
+from runtime.errors import EngineUnavailable
 from runtime.pipeline import compile_step, resolve
 from runtime.policy.plan import LABEL_INVOCATION, LABEL_TOOL, ContainerPlan
 from runtime.settings import Config, PoolSpec
@@ -46,6 +47,7 @@ AFTER_CALL_S = 0.05
 REMOVAL_CONCURRENCY = 4
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.2, 5.0
 _CAP_POLL_S = 0.25
+_REMOVE_TRIES = 12  # with back-off: about a minute for the engine to come back
 
 
 def fingerprint(plan: ContainerPlan) -> int:
@@ -197,14 +199,20 @@ class PoolManager:
 
     # -- shutdown ------------------------------------------------------------------------------------
 
-    async def close(self) -> None:
-        """Stop every pool, wait for creations in flight, remove every pooled sandbox."""
+    async def close(self, timeout_s: float = 15.0) -> None:
+        """Stop every pool, wait for creations in flight, remove every pooled sandbox.
+
+        Bounded: with the engine away, what is not removed by then is left to the sweep by label.
+        """
         self._closed = True
         for pool in self._pools.values():
             self._stop(pool)
         self._pools.clear()
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        deadline = time.monotonic() + timeout_s
+        while self._tasks and time.monotonic() < deadline:
+            await asyncio.wait(list(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
+        for task in list(self._tasks):
+            task.cancel()
 
     # -- background work -----------------------------------------------------------------------------
 
@@ -283,12 +291,21 @@ class PoolManager:
             pool.wake.set()
 
     async def _remove(self, sandbox: Sandbox, delay: float = 0.0) -> None:
+        """Remove, retrying while the engine is away (a restart kills the pool); the sweeps are the backstop."""
         try:
             if delay and not self._closed:
                 await asyncio.sleep(delay)
-            async with self._removal:
-                await sandbox.remove()
-        except Exception:  # the shutdown/start-up sweep by label is the backstop
+            backoff = _BACKOFF_MIN_S
+            for _ in range(_REMOVE_TRIES):
+                try:
+                    async with self._removal:
+                        await sandbox.remove()
+                    return
+                except EngineUnavailable:
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX_S)
+            log.error("gave up removing pooled sandbox %s; the next sweep removes it", sandbox.id)
+        except Exception:
             log.exception("failed to remove pooled sandbox %s", sandbox.id)
         finally:
             self._owned.discard(sandbox.id)
