@@ -60,6 +60,8 @@ _RECV_BYTES: Final = 64 * 1024
 # the engine, in turn, blocks the tool's writes. Bounds what one sandbox can make us hold (~1 MiB).
 _QUEUE_CHUNKS: Final = 16
 _FRAME_HEADER: Final = 8
+# A claimed pooled sandbox joins the periodic usage sampler this long after its claim.
+_WARM_SAMPLE_DELAY_S: Final = 0.02
 _STREAM_IDS: Final[dict[int, StreamName]] = {1: "stdout", 2: "stderr"}
 _ATTACH_PARAMS: Final = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
 # Messages of 5xx answers that mean "the engine went away under us", not "the request was wrong".
@@ -405,7 +407,9 @@ class DockerSandbox:
         nonce = new_nonce()
         # Installed before the envelope is sent, so the reader thread sees them before any trailer.
         self._scanners = {"stdout": TrailerScanner(nonce), "stderr": TrailerScanner(nonce)}
-        self._backend._sampler.add(self._probe)
+        # Periodic sampling from a little later: waking the sampler thread now would compete with a short
+        # run (whose end is sampled anyway, when its trailer arrives).
+        asyncio.get_running_loop().call_later(_WARM_SAMPLE_DELAY_S, self._sample_from_now_on)
         data = envelope(nonce, stdin)
         # The launcher is blocked reading, so a small envelope fits the socket buffer: send it without
         # blocking (MSG_DONTWAIT, the socket stays blocking for the reader); the rest goes on a thread.
@@ -418,6 +422,10 @@ class DockerSandbox:
         self._writer = threading.Thread(target=_write_stdin, args=(self._sock, data),
                                         name=f"toolcell-in-{self._id[:12]}", daemon=True)
         self._writer.start()
+
+    def _sample_from_now_on(self) -> None:
+        if not self._removed and not self._closing.is_set() and not self._ended.is_set():
+            self._backend._sampler.add(self._probe)
 
     async def _launch(self, stdin: bytes | None = None) -> None:
         if self._started:
