@@ -37,7 +37,8 @@ def engine() -> docker.DockerClient:
 
 
 def leftovers(client: docker.DockerClient, owner: str) -> list[str]:
-    return [c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={owner}"})]
+    # The low-level list: containers.list() inspects each one, which races a removal in progress (404).
+    return [c["Id"] for c in client.api.containers(all=True, filters={"label": f"{LABEL_OWNER}={owner}"})]
 
 
 def config_doc(owner: str, socket_path: str, **profiles: dict[str, Any]) -> dict[str, Any]:
