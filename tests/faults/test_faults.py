@@ -226,6 +226,9 @@ def rss_mib() -> float:
 async def test_64_concurrent_mixed_calls_none_lost(tmp_path: Path) -> None:
     doc = config_doc(f"load-{uuid.uuid4().hex[:10]}", str(tmp_path / "toolcell.sock"))
     doc["rate_limits"] = {"concurrency": {"global": 64}}  # the default admits 32 at once
+    # 64 containers starting at once on 2 cores: calls that should succeed must not hit the 10 s default
+    # before their turn on the CPU (the ones meant to time out use the 3 s "tight" profile).
+    doc["profiles"]["default"]["timeout"] = "90s"
     async with running_supervisor(tmp_path, doc) as (app, client):
         owner = app.supervisor.config.server.instance
         await client.call("text.wordcount", json.dumps({"text": "warm up"}))
