@@ -19,12 +19,6 @@ step "mypy --strict runtime/"
 mypy runtime
 step "bandit"
 bandit -q -c pyproject.toml -r runtime
-step "pytest (unit, integration, security and fault tests against the real engine)"
-pytest -q -p no:cacheprovider -m "not engine_restart" "$@"
-# Restarting the engine disturbs everything else using it: last, on its own (runs when CI=true, or when
-# TOOLCELL_ALLOW_ENGINE_RESTART=1; skipped otherwise).
-step "pytest: engine restart mid-run"
-pytest -q -p no:cacheprovider -m engine_restart -rs tests/faults
 step "toolcell bench --quick (smoke check: it must complete and print its table; targets need the full run)"
 bench_json="$(mktemp --suffix=.json)"
 toolcell bench --quick --json "$bench_json"
@@ -36,3 +30,10 @@ assert not missing, f"bench JSON lacks {missing}"
 assert figures["warm"]["warm_hits"] > 0, "no call was served warm"
 EOF
 rm -f "$bench_json"
+# Restarting the engine disturbs everything else using it: on its own, nothing else running (runs when
+# CI=true, or when TOOLCELL_ALLOW_ENGINE_RESTART=1; skipped otherwise).
+step "pytest: engine restart mid-run"
+pytest -q -p no:cacheprovider -m engine_restart -rs tests/faults
+# The whole suite last, so its summary is the run's closing line.
+step "pytest (unit, integration, security and fault tests against the real engine)"
+pytest -q -p no:cacheprovider -m "not engine_restart" "$@"
