@@ -11,14 +11,19 @@ payload becomes an attribute.
     toolcell.redactions              counter        tool, kind        secrets replaced in output
     toolcell.config.reloads          counter        outcome           ok | error
     toolcell.health.serving          up-down        -                 1 while health is SERVING
+    toolcell.pool.sandboxes          gauge          tool, state       warm pools: target | ready | creating
+    toolcell.pool.claims             counter        tool, outcome     pooled tools' calls: hit (warm) | miss (cold)
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 
 _meter = metrics.get_meter("toolcell")
 
@@ -37,6 +42,40 @@ reloads = _meter.create_counter(
     "toolcell.config.reloads", unit="{reload}", description="Configuration reloads by outcome")
 serving = _meter.create_up_down_counter(
     "toolcell.health.serving", unit="1", description="1 while the gRPC health status is SERVING")
+
+
+# Pool managers being observed (weak: a stopped supervisor's pools drop out by themselves).
+_pool_sources: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _pool_stats() -> Iterable[tuple[str, Any]]:
+    for source in list(_pool_sources):
+        yield from source.stats().items()
+
+
+def _observe_pool_sizes(options: CallbackOptions) -> Iterable[Observation]:
+    for tool, s in _pool_stats():
+        for state, value in (("target", s.size), ("ready", s.ready), ("creating", s.creating)):
+            yield Observation(value, {"tool": tool, "state": state})
+
+
+def _observe_pool_claims(options: CallbackOptions) -> Iterable[Observation]:
+    for tool, s in _pool_stats():
+        yield Observation(s.hits, {"tool": tool, "outcome": "hit"})
+        yield Observation(s.misses, {"tool": tool, "outcome": "miss"})
+
+
+pool_sandboxes = _meter.create_observable_gauge(
+    "toolcell.pool.sandboxes", callbacks=[_observe_pool_sizes], unit="{sandbox}",
+    description="Warm pool sandboxes by state: target size, ready, being created")
+pool_claims = _meter.create_observable_counter(
+    "toolcell.pool.claims", callbacks=[_observe_pool_claims], unit="{invocation}",
+    description="Calls of pooled tools served warm (hit) or cold because the pool was empty (miss)")
+
+
+def watch_pools(manager: Any) -> None:
+    """Report ``manager.stats()`` (tool -> PoolStats) through the pool instruments."""
+    _pool_sources.add(manager)
 
 
 def reason_of(exc: BaseException) -> str:

@@ -62,6 +62,7 @@ class Supervisor:
         self._cleanups: set[asyncio.Task[None]] = set()
         self._closing = False
         self.pools = PoolManager(backend, headroom=self._headroom)
+        metrics.watch_pools(self.pools)
         self._idle = asyncio.Event()
         self._idle.set()
 

@@ -346,6 +346,11 @@ def prom_value(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+def prometheus_address(serve: Any) -> str:
+    line = next(m["message"] for m in serve.lines() if "Prometheus metrics on" in m["message"])
+    return re.search(r"http://(\S+)/metrics", line).group(1)  # type: ignore[union-attr]
+
+
 async def test_metrics_on_prometheus_and_at_an_otlp_receiver(tmp_path: Path, make_serve: Any) -> None:
     receiver = MetricsReceiver()
     server = grpc.aio.server()
@@ -358,19 +363,29 @@ async def test_metrics_on_prometheus_and_at_an_otlp_receiver(tmp_path: Path, mak
                             "prometheus_listen": "127.0.0.1:0", "log_format": "json"}
         doc["tools"].append({"name": "leaky", "description": "prints a token", "image": doc["tools"][0]["image"],
                              "command": ["python3", "-c", "print('ghp_' + 'x' * 36)"]})
+        doc["tools"].append({"name": "warm.cat", "description": "pooled", "image": doc["tools"][0]["image"],
+                             "command": ["cat"], "pool": {"size": 1}})
         serve = make_serve(doc)
         async with Client(serve.target) as client:
             ok = await client.call("text.wordcount", json.dumps({"text": "one two"}))
             leaked = await client.call("leaky", "{}")
+            for _ in range(100):  # wait for the pool to fill, then take its sandbox
+                text = await asyncio.to_thread(lambda: urllib.request.urlopen(
+                    f"http://{prometheus_address(serve)}/metrics", timeout=10).read().decode())
+                if prom_value(text, "toolcell_pool_sandboxes", tool="warm.cat", state="ready") == 1:
+                    break
+                await asyncio.sleep(0.2)
+            warm = await client.call("warm.cat", json.dumps({"x": 1}))
             with pytest.raises(ClientError):
                 await client.call("no.such.tool", "{}")
             with pytest.raises(ClientError):
                 await client.call("text.wordcount", json.dumps({"text": 5}))
-        assert ok.status is Status.OK and "ghp_" not in leaked.output
-        line = next(m["message"] for m in serve.lines() if "Prometheus metrics on" in m["message"])
-        address = re.search(r"http://(\S+)/metrics", line).group(1)  # type: ignore[union-attr]
+        assert ok.status is Status.OK and "ghp_" not in leaked.output and warm.status is Status.OK
+        address = prometheus_address(serve)
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://{address}/metrics", timeout=10)
                                        .read().decode())
+        assert prom_value(text, "toolcell_pool_claims_total", tool="warm.cat", outcome="hit") == 1
+        assert prom_value(text, "toolcell_pool_sandboxes", tool="warm.cat", state="target") == 1
         assert prom_value(text, "toolcell_invocations_total", tool="text.wordcount", status="ok") == 1
         assert prom_value(text, "toolcell_invocation_duration_seconds_count", tool="text.wordcount") == 1
         assert prom_value(text, "toolcell_rejections_total", reason="tool_not_found") == 1
@@ -387,14 +402,14 @@ async def test_metrics_on_prometheus_and_at_an_otlp_receiver(tmp_path: Path, mak
         assert want <= set(receiver.points), sorted(receiver.points)
         last = receiver.points["toolcell.invocations"][-1]
         tools = {kv.value.string_value for p in last.sum.data_points for kv in p.attributes if kv.key == "tool"}
-        assert tools == {"text.wordcount", "leaky"}
+        assert tools == {"text.wordcount", "leaky", "warm.cat"}
 
         # Logs: JSON lines, trace ids on the invocation lines, no argument or output text anywhere.
         serve.close()
         log = serve.log.read_text()
         finished = [m for m in serve.lines() if m["message"] == "invocation finished"]
-        assert len(finished) == 2 and all(len(m["trace_id"]) == 32 for m in finished)
-        assert {m["trace_id"] for m in finished} == {ok.trace_id, leaked.trace_id}
+        assert len(finished) == 3 and all(len(m["trace_id"]) == 32 for m in finished)
+        assert {m["trace_id"] for m in finished} == {ok.trace_id, leaked.trace_id, warm.trace_id}
         assert "one two" not in log and "ghp_" not in log and "is not of type" not in log
     finally:
         await server.stop(None)

@@ -93,8 +93,12 @@ def test_compose_file_is_locked_down_and_v1_compatible() -> None:
     for name, svc in doc["services"].items():
         assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in svc["security_opt"], name
-        assert svc["network_mode"] == "none", name
         assert not svc["user"].startswith("0"), name
+        if name == "mcp":  # the MCP bridge serves HTTP: its port is published on the host's loopback only
+            assert svc["ports"] == ["127.0.0.1:8765:8765"] and "network_mode" not in svc
+            assert all("docker.sock" not in v for v in svc["volumes"])
+        else:
+            assert svc["network_mode"] == "none", name
     tc = doc["services"]["toolcell"]
     assert tc["healthcheck"]["test"] == ["CMD", "toolcell", "health"]
     assert tc["mem_limit"] and tc["pids_limit"] and tc["cpus"]
