@@ -148,15 +148,41 @@ async def _tools(args: argparse.Namespace) -> int:
 
 
 async def _mcp(args: argparse.Namespace) -> int:
-    from runtime.client import ClientError
-    from runtime.mcp.adapter import SandboxedTools
-    from runtime.mcp.bridge import parse_listen, serve_http, serve_stdio
+    from runtime.mcp.bridge import parse_listen
 
     if args.transport == "http":
         try:
             parse_listen(args.listen)
         except ValueError as exc:
             return _fail(f"--listen: {exc}", EXIT_USAGE)
+    provider = _bridge_tracing(args)
+    try:
+        return await _serve_mcp(args)
+    finally:
+        if provider is not None:
+            provider.shutdown()
+
+
+def _bridge_tracing(args: argparse.Namespace) -> Any:
+    """The bridge's own spans (its gRPC client spans parent the supervisor's): OTLP from the standard
+    OTEL_EXPORTER_OTLP_ENDPOINT variable, and/or a JSON-lines file."""
+    import os
+
+    from runtime.settings import TelemetrySettings
+    from runtime.telemetry import setup_tracing
+
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not endpoint and not args.span_file:
+        return None
+    return setup_tracing(TelemetrySettings(service_name="toolcell-mcp", otlp_endpoint=endpoint,
+                                           span_file=args.span_file))
+
+
+async def _serve_mcp(args: argparse.Namespace) -> int:
+    from runtime.client import ClientError
+    from runtime.mcp.adapter import SandboxedTools
+    from runtime.mcp.bridge import serve_http, serve_stdio
+
     async with _client(args) as client:
         try:  # fail fast and clearly, before an MCP client sees a server that cannot work
             names = {t.name for t in await client.list_tools(timeout=10.0)}
@@ -304,6 +330,8 @@ def parser() -> argparse.ArgumentParser:
                    help="HTTP address HOST:PORT (default 127.0.0.1:8765; port 0 picks a free one)")
     m.add_argument("--path", default="/mcp", help="HTTP endpoint path (default /mcp)")
     m.add_argument("--tool", action="append", metavar="NAME", help="serve only this tool (repeatable)")
+    m.add_argument("--span-file", help="also write the bridge's spans as JSON lines here "
+                                       "(OTLP export: set OTEL_EXPORTER_OTLP_ENDPOINT)")
     m.add_argument("-v", "--verbose", action="store_true")
     for cmd in (c, t, m):
         cmd.add_argument("--token-file", help="file with a bearer JWT (default: $TOOLCELL_TOKEN)")

@@ -85,10 +85,11 @@ async def http_bridge(args: list[str], errlog: Path, cwd: Path = REPO,
 
 
 @contextlib.asynccontextmanager
-async def mcp_session(transport: str, target: str, errlog: Path) -> AsyncIterator[ClientSession]:
+async def mcp_session(transport: str, target: str, errlog: Path,
+                      extra: tuple[str, ...] = ()) -> AsyncIterator[ClientSession]:
     """An initialized SDK ClientSession to `toolcell mcp --target TARGET` over ``transport``."""
     if transport == "stdio":
-        params = StdioServerParameters(command=TOOLCELL[0], args=[*TOOLCELL[1:], "mcp", "--target", target],
+        params = StdioServerParameters(command=TOOLCELL[0], args=[*TOOLCELL[1:], "mcp", "--target", target, *extra],
                                        cwd=str(REPO))
         with errlog.open("w") as err:
             async with stdio_client(params, errlog=err) as (read, write), ClientSession(read, write) as session:
@@ -239,7 +240,9 @@ async def test_mcp_callers_trace_id_is_on_the_supervisors_spans(tmp_path: Path) 
     try:
         # The MCP client's own span: the SDK sends its context as _meta.traceparent.
         caller = TracerProvider().get_tracer("mcp-client")
-        async with mcp_session("stdio", doc["server"]["listen"], tmp_path / "bridge.log") as session:
+        bridge_spans = tmp_path / "bridge-spans.jsonl"
+        async with mcp_session("stdio", doc["server"]["listen"], tmp_path / "bridge.log",
+                               ("--span-file", str(bridge_spans))) as session:
             with caller.start_as_current_span("agent.step") as span:
                 trace_id = format(span.get_span_context().trace_id, "032x")
                 result = await session.call_tool("text.wordcount", {"text": "traced"})
@@ -251,4 +254,17 @@ async def test_mcp_callers_trace_id_is_on_the_supervisors_spans(tmp_path: Path) 
     ours = {s["name"] for s in spans if s["context"]["trace_id"].removeprefix("0x") == trace_id}
     assert {"toolcell.v1.Supervisor/Execute", "toolcell.invocation", "toolcell.create", "toolcell.run",
             "toolcell.remove"} <= ours
+    # The bridge's own client span sits between the MCP client's span and the supervisor's server span.
+    bridge = [json.loads(line) for line in bridge_spans.read_text().splitlines()]
+    client_span = next(s for s in bridge if s["name"] == "toolcell.v1.Supervisor/Execute"
+                       and s["context"]["trace_id"].removeprefix("0x") == trace_id)
+    assert client_span["kind"] == "SpanKind.CLIENT"
+    assert client_span["resource"]["attributes"]["service.name"] == "toolcell-mcp"
+    # ... and the MCP SDK's server span for the request is its parent, in the caller's trace.
+    request_span = next(s for s in bridge if s["name"] == "tools/call text.wordcount")
+    assert request_span["context"]["trace_id"].removeprefix("0x") == trace_id
+    assert client_span["parent_id"] == request_span["context"]["span_id"]
+    server_span = next(s for s in spans if s["name"] == "toolcell.v1.Supervisor/Execute"
+                       and s["context"]["trace_id"].removeprefix("0x") == trace_id)
+    assert server_span["parent_id"] == client_span["context"]["span_id"]
     assert leftovers(engine(), owner) == []
