@@ -18,7 +18,13 @@ from typing import Any
 
 from runtime import metrics
 from runtime.backends.base import Backend, Sandbox
-from runtime.errors import EngineUnavailable, InvocationConflict, InvocationNotFound, ShuttingDown
+from runtime.errors import (
+    EngineUnavailable,
+    InvalidArguments,
+    InvocationConflict,
+    InvocationNotFound,
+    ShuttingDown,
+)
 from runtime.model import InvocationRequest, Result, Tool
 from runtime.pipeline import Emit, Services, run_invocation
 from runtime.policy.annotations import tool_annotations
@@ -123,8 +129,6 @@ class Supervisor:
             raise ShuttingDown()
         invocation_id = request.invocation_id or new_invocation_id()
         if not _ID_PATTERN.match(invocation_id):
-            from runtime.errors import InvalidArguments
-
             raise InvalidArguments("must be 8-128 characters of [A-Za-z0-9_.:-]", path="invocation_id")
         if invocation_id in self._running:
             raise InvocationConflict(f"invocation {invocation_id!r} is already running")
