@@ -34,6 +34,8 @@ class StreamBuffer:
 
     cap: int
     budget: Budget | None = None
+    # Keep the decoded text (``text``)? Off when a scrubber keeps what matters: no clear-text copy.
+    keep_text: bool = True
     seen: int = 0
     kept: int = 0
     truncated: bool = False
@@ -58,14 +60,14 @@ class StreamBuffer:
         if self.budget is not None:
             self.budget.remaining -= len(data)
         text = self._decoder.decode(data)
-        if text:
+        if text and self.keep_text:
             self._parts.append(text)
         return text
 
     def finish(self) -> str:
         """Flush a dangling partial UTF-8 sequence; return what it decoded to."""
         tail = self._decoder.decode(b"", final=True)
-        if tail:
+        if tail and self.keep_text:
             self._parts.append(tail)
         return tail
 
@@ -111,8 +113,8 @@ class Collected:
     def create(cls, stdout_cap: int, stderr_cap: int, total_cap: int, redactor: Redactor) -> Collected:
         budget = Budget(total_cap)
         return cls(
-            stdout=ScrubbedStream(StreamBuffer(stdout_cap, budget), StreamScrubber(redactor)),
-            stderr=ScrubbedStream(StreamBuffer(stderr_cap, budget), StreamScrubber(redactor)),
+            stdout=ScrubbedStream(StreamBuffer(stdout_cap, budget, keep_text=False), StreamScrubber(redactor)),
+            stderr=ScrubbedStream(StreamBuffer(stderr_cap, budget, keep_text=False), StreamScrubber(redactor)),
         )
 
     def stream(self, name: StreamName) -> ScrubbedStream:

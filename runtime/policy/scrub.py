@@ -162,6 +162,8 @@ class Redactor:
     """Replaces known token shapes and the given secret values with ``[REDACTED:<kind>]``."""
 
     secrets: Mapping[str, str] = field(default_factory=dict)  # name -> value injected into this sandbox
+    # Longest text one match can cover outside a key block (set from the secrets in __post_init__).
+    max_match: int = field(init=False, default=MAX_TOKEN_CHARS)
 
     def __post_init__(self) -> None:
         literal: list[tuple[str, str]] = []
@@ -172,6 +174,7 @@ class Redactor:
         combined = re.compile("|".join(re.escape(v) for v, _ in literal)) if literal else None
         object.__setattr__(self, "_literal", combined)
         object.__setattr__(self, "_literal_names", dict(literal))
+        object.__setattr__(self, "max_match", max([MAX_TOKEN_CHARS, *(len(v) for v, _ in literal)]))
 
     def spans(self, text: str) -> list[tuple[int, int, str]]:
         """Non-overlapping (start, end, kind) of everything to redact, in order."""
@@ -272,11 +275,15 @@ class StreamScrubber:
         if block < cut:
             cut = block if len(pending) - block <= 64 * 1024 else len(pending)
         if cut == 0 and len(pending) > self.hold_chars:
-            cut = len(pending) - MAX_TOKEN_CHARS
+            cut = len(pending) - self.redactor.max_match  # a secret still arriving fits in what is held
         if 0 < cut < len(pending):
-            for start, end, _ in self.redactor.spans(pending):
-                if start < cut < end:
-                    cut = start  # never cut through a secret
+            # Only a match starting within max_match before the cut can cross it: scan that window, not
+            # the whole buffer (which _release scans again anyway).
+            window = max(0, cut - self.redactor.max_match)
+            for start, end, _ in self.redactor.spans(pending[window:]):
+                if start + window < cut < end + window:
+                    cut = start + window  # never cut through a secret
+                    break
         return cut
 
     def _release(self, cut: int) -> str:

@@ -177,3 +177,11 @@ def test_wrap_delimits_with_an_unforgeable_tag() -> None:
     assert wrapped.startswith('<untrusted-tool-output id="n0nce" injection-markers="ignore_instructions">')
     assert wrapped.endswith('</untrusted-tool-output id="n0nce">')
     assert wrap_untrusted("x", {}) != wrap_untrusted("x", {})  # a fresh random tag each time
+
+
+def test_injected_secret_longer_than_a_token_is_caught_inside_a_giant_line() -> None:
+    secret = "k" + "".join(f"{i:05d}" for i in range(1200))  # 6001 characters, longer than MAX_TOKEN_CHARS
+    scrubber = StreamScrubber(Redactor({"blob": secret}), hold_chars=8000)
+    text = "x" * 9000 + secret + "y" * 9000
+    out = "".join(scrubber.feed(text[i:i + 1000]) for i in range(0, len(text), 1000)) + scrubber.finish()
+    assert out == "x" * 9000 + "[REDACTED:injected_secret]" + "y" * 9000
