@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -518,8 +519,16 @@ class DockerSandbox:
         status = self._api.wait(self._id, timeout=None)
         self._backend._sampler.discard(self._probe)
         self._probe.sample()  # usually too late (the cgroup goes with the process), but free
-        state = self._api.inspect_container(self._id).get("State", {})
-        return ExitInfo(exit_code=int(status.get("StatusCode", -1)), oom_killed=bool(state.get("OOMKilled")))
+        exit_code = int(status.get("StatusCode", -1))
+        oom = bool(self._api.inspect_container(self._id).get("State", {}).get("OOMKilled"))
+        # The engine records the kernel's OOM event separately from the exit; with many containers dying at
+        # once it can land after the exit. A SIGKILL death not (yet) flagged gets two short second looks.
+        for _ in range(2 if exit_code == 128 + 9 and not oom else 0):
+            time.sleep(0.1)
+            oom = bool(self._api.inspect_container(self._id).get("State", {}).get("OOMKilled"))
+            if oom:
+                break
+        return ExitInfo(exit_code=exit_code, oom_killed=oom)
 
     def _signal_blocking(self, signum: int) -> None:
         try:
