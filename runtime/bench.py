@@ -123,7 +123,7 @@ class _ServerThread:
         self._thread.start()
 
         async def boot() -> str:
-            self.backend = DockerBackend(self.config.docker_host)
+            self.backend = DockerBackend(self.config.docker_host, channel_dir=self.config.pool_channel_dir)
             self.app = App(Supervisor(self.config, self.backend))
             return await self.app.start()
 
@@ -415,8 +415,9 @@ class Bench:
             await backend.close()
             self._tmp.cleanup()
         load = os.getloadavg()
+        transport = self.server.backend.pool_transport if self.server.backend is not None else "attach"
         self.report.put("machine", {"cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in load],
-                                    "pool_size": self.plan.pool_size})
+                                    "pool_size": self.plan.pool_size, "pool_transport": transport})
         self.report.put("targets", targets(self.report.figures))
         return self.report.figures
 
@@ -483,7 +484,8 @@ def render(f: dict[str, Any]) -> str:
                   f"warm/no-op p50 {f['warm']['p50_ms'] / f['noop_grpc']['p50_ms']:.1f}, "
                   f"warm/cold p50 {f['warm']['p50_ms'] / f['cold']['p50_ms']:.3f}"]
     m = f["machine"]
-    lines += [f"machine: {m['cpus']} cpus, load average {m['loadavg']}, pool size {m['pool_size']}", "", "targets:"]
+    lines += [f"machine: {m['cpus']} cpus, load average {m['loadavg']}, pool size {m['pool_size']}, "
+              f"pooled sandboxes over the {m['pool_transport']} transport", "", "targets:"]
     for name, t in f["targets"].items():
         value = t["value"]
         shown = f"{value:.3f}" if isinstance(value, float) else str(value)

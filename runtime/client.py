@@ -43,7 +43,7 @@ from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
 from runtime.errors import ToolcellError
 from runtime.model import Event, Result, Started, Tool
 from runtime.policy.annotations import safe_to_retry
-from runtime.server.convert import event_from_pb, tool_from_pb
+from runtime.server.convert import event_from_pb, result_from_pb, tool_from_pb
 from runtime.settings import default_target
 
 tracer = trace.get_tracer("toolcell.client")
@@ -217,6 +217,28 @@ class _Budget:
         return delay
 
 
+def _request(tool: str, arguments: Mapping[str, Any] | str | None, invocation_id: str,
+             caller_metadata: Mapping[str, str] | None) -> pb.ExecuteRequest:
+    return pb.ExecuteRequest(tool=tool, arguments_json=_arguments_json(arguments), invocation_id=invocation_id,
+                             caller_metadata=dict(caller_metadata or {}))
+
+
+def _called(span: trace.Span, msg: pb.Result) -> Result:
+    result = result_from_pb(msg)
+    span.set_attribute("toolcell.invocation_id", result.invocation_id)
+    return result
+
+
+async def _last_result(events: AsyncGenerator[Event, None]) -> Result:
+    try:
+        async for event in events:
+            if isinstance(event, Result):
+                return event
+    finally:
+        await events.aclose()
+    raise InternalError("INTERNAL", "stream ended without a result")
+
+
 def _arguments_json(arguments: Mapping[str, Any] | str | None) -> str:
     if arguments is None:
         return "{}"
@@ -282,8 +304,7 @@ class Client:
         ``arguments``: a mapping, or the JSON text of one. Closing the iterator early (or cancelling the
         task) cancels the RPC, and the supervisor removes the sandbox.
         """
-        request = pb.ExecuteRequest(tool=tool, arguments_json=_arguments_json(arguments),
-                                    invocation_id=invocation_id, caller_metadata=dict(caller_metadata or {}))
+        request = _request(tool, arguments, invocation_id, caller_metadata)
         budget = _Budget(timeout if timeout is not None else self.execute_timeout, self.retry)
         span = _span("Execute", **{"toolcell.tool": tool})
         error: ClientError | None = None
@@ -315,15 +336,37 @@ class Client:
 
     async def call(self, tool: str, arguments: Mapping[str, Any] | str | None = None, *,
                    invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None) -> Result:
-        """Run ``tool`` and return only its final ``Result`` (output is in ``result.output``)."""
-        events = self.execute(tool, arguments, invocation_id=invocation_id, timeout=timeout, idempotent=idempotent)
+        """Run ``tool`` and return only its final ``Result`` (output is in ``result.output``).
+
+        One unary ``Call`` RPC (nothing streams, so nothing extra is written or read on the way); a
+        supervisor without ``Call`` is asked with ``Execute`` instead. Retried on UNAVAILABLE only when
+        re-running the tool is known to be harmless: a unary call gives no sign of whether it started.
+        """
+        request = _request(tool, arguments, invocation_id, None)
+        budget = _Budget(timeout if timeout is not None else self.execute_timeout, self.retry)
+        span = _span("Call", **{"toolcell.tool": tool})
+        error: ClientError | None = None
         try:
-            async for event in events:
-                if isinstance(event, Result):
-                    return event
+            while True:
+                budget.attempts += 1
+                try:
+                    msg = await self._stub.Call(request, timeout=budget.remaining(),
+                                                metadata=_metadata(span, self.token))
+                    return _called(span, msg)
+                except grpc.aio.AioRpcError as exc:
+                    error = _translate(exc)
+                if error.code == "UNIMPLEMENTED":  # an older supervisor: the same call, streamed
+                    error = None
+                    return await _last_result(self.execute(tool, arguments, invocation_id=invocation_id,
+                                                           timeout=budget.remaining(), idempotent=idempotent))
+                delay = budget.retry_delay(error)
+                if delay is None or not await self._safe_to_rerun(tool, idempotent):
+                    raise error
+                span.add_event("retry", {"attempt": budget.attempts + 1, "status": error.code})
+                await asyncio.sleep(delay)
+                error = None
         finally:
-            await events.aclose()
-        raise InternalError("INTERNAL", "stream ended without a result")
+            _end(span, error)
 
     async def list_tools(self, *, timeout: float | None = None) -> list[Tool]:
         """The tools this caller may use, with their MCP annotations (derived from the profile)."""
@@ -400,8 +443,7 @@ class SyncClient:
                 invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None,
                 caller_metadata: Mapping[str, str] | None = None) -> Generator[Event, None, None]:
         """See ``Client.execute``."""
-        request = pb.ExecuteRequest(tool=tool, arguments_json=_arguments_json(arguments),
-                                    invocation_id=invocation_id, caller_metadata=dict(caller_metadata or {}))
+        request = _request(tool, arguments, invocation_id, caller_metadata)
         budget = _Budget(timeout if timeout is not None else self.execute_timeout, self.retry)
         span = _span("Execute", **{"toolcell.tool": tool})
         error: ClientError | None = None
@@ -434,14 +476,37 @@ class SyncClient:
     def call(self, tool: str, arguments: Mapping[str, Any] | str | None = None, *,
              invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None) -> Result:
         """See ``Client.call``."""
-        events = self.execute(tool, arguments, invocation_id=invocation_id, timeout=timeout, idempotent=idempotent)
+        request = _request(tool, arguments, invocation_id, None)
+        budget = _Budget(timeout if timeout is not None else self.execute_timeout, self.retry)
+        span = _span("Call", **{"toolcell.tool": tool})
+        error: ClientError | None = None
         try:
-            for event in events:
-                if isinstance(event, Result):
-                    return event
+            while True:
+                budget.attempts += 1
+                try:
+                    msg = self._stub.Call(request, timeout=budget.remaining(), metadata=_metadata(span, self.token))
+                    return _called(span, msg)
+                except grpc.RpcError as exc:
+                    error = _translate(exc)
+                if error.code == "UNIMPLEMENTED":  # an older supervisor: the same call, streamed
+                    error = None
+                    events = self.execute(tool, arguments, invocation_id=invocation_id, timeout=budget.remaining(),
+                                          idempotent=idempotent)
+                    try:
+                        for event in events:
+                            if isinstance(event, Result):
+                                return event
+                    finally:
+                        events.close()
+                    raise InternalError("INTERNAL", "stream ended without a result")
+                delay = budget.retry_delay(error)
+                if delay is None or not self._safe_to_rerun(tool, idempotent):
+                    raise error
+                span.add_event("retry", {"attempt": budget.attempts + 1, "status": error.code})
+                time.sleep(delay)
+                error = None
         finally:
-            events.close()
-        raise InternalError("INTERNAL", "stream ended without a result")
+            _end(span, error)
 
     def list_tools(self, *, timeout: float | None = None) -> list[Tool]:
         """See ``Client.list_tools``."""

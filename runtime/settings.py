@@ -85,6 +85,8 @@ class Config:
     validators: Mapping[str, Draft202012Validator]
     seccomp: Mapping[str, SeccompProfile]
     docker_host: str | None = None
+    # Pooled sandboxes' private channels live under this directory (None: the engine's attach relay).
+    pool_channel_dir: str | None = None
     secrets: SecretsSettings | None = None
     output_validators: Mapping[str, Draft202012Validator] = field(default_factory=dict)
     source: str = "<built-in>"
@@ -104,6 +106,11 @@ def runtime_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/run/toolcell")
     return Path(f"/tmp/toolcell-{os.geteuid()}")  # noqa: S108 # nosec B108 - per-user dir, created 0700
+
+
+def _pool_channel_dir(engine: Mapping[str, Any]) -> str | None:
+    raw = engine.get("pool_channel", "{runtime_dir}/channels")
+    return raw.replace("{runtime_dir}", str(runtime_dir())) if raw else None
 
 
 def default_target() -> str:
@@ -430,6 +437,7 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         secrets=secrets,
         seccomp=seccomp,
         docker_host=doc.get("engine", {}).get("docker_host") or env.get("DOCKER_HOST"),
+        pool_channel_dir=_pool_channel_dir(doc.get("engine", {})),
         source=source,
         environ=env,
         egress=_build_egress(doc.get("egress", {})),

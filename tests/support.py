@@ -74,7 +74,7 @@ async def running_supervisor(tmp_path: Path, doc: dict[str, Any] | None = None,
     owner = f"test-{uuid.uuid4().hex[:10]}"
     sock = tmp_path / "toolcell.sock"
     config = parse_config(doc or config_doc(owner, str(sock)), environ=environ or {}, base_dir=tmp_path)
-    backend = DockerBackend(config.docker_host)
+    backend = DockerBackend(config.docker_host, channel_dir=config.pool_channel_dir)
     app = App(Supervisor(config, backend))
     address = await app.start()
     client = Client(address)

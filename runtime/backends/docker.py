@@ -11,24 +11,25 @@ One sandbox's life, and the engine round trips it costs::
     start       POST /containers/{id}/attach (hijacked socket, before start: no output is lost)
                 POST /containers/{id}/start
                 then stdin is written and half-closed (SHUT_WR) so the tool sees EOF
-    output      a reader thread demultiplexes the attach stream (8-byte frame headers) into
+    output      the attach stream is read on the event loop (``attach.py``): demultiplexed into
                 (stream, bytes) chunks; bounded, so a slow consumer blocks the socket, not memory
     wait        POST /containers/{id}/wait, then one GET /containers/{id}/json for OOMKilled
     remove      DELETE /containers/{id}?force=1&v=1
 
-Usage (peak memory, CPU time) is sampled from the host's cgroup files while the container runs;
-the cgroup disappears when the container exits, so the last sample is the best-known value.
+Usage (peak memory, CPU time) is sampled from the host's cgroup files while the container runs
+(``cgroup.py``); the cgroup disappears when the container exits, so the last sample is the best-known value.
+A pooled sandbox (``create_warm``) runs the launcher (``launcher.py``) and is claimed by ``start``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import logging
+import signal
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -41,12 +42,16 @@ import requests.exceptions
 from docker.types import IPAMConfig, IPAMPool, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
+from runtime.backends.attach import RECV_BYTES, AttachStream, SandboxStream
 from runtime.backends.base import ExitInfo, StreamName
-from runtime.backends.launcher import TrailerScanner, envelope, launch_command, new_nonce
+from runtime.backends.cgroup import CgroupLayout, CgroupProbe, UsageSampler
+from runtime.backends.channel import CHANNEL_DIR, ChannelListener, ChannelStream
+from runtime.backends.launcher import envelope, launch_command, new_nonce
 from runtime.errors import BackendError, EngineUnavailable, ImageMissing, RuntimeMissing
 from runtime.model import Usage
 from runtime.policy.network import NetworkSpec
 from runtime.policy.plan import LABEL_MANAGED, LABEL_OWNER, ContainerPlan
+from runtime.policy.profile import Mount
 
 __all__ = ["DEFAULT_BASE_URL", "DockerBackend", "DockerSandbox"]
 
@@ -55,15 +60,15 @@ DEFAULT_BASE_URL: Final = "unix:///var/run/docker.sock"
 DEFAULT_API_VERSION: Final = "1.41"
 
 _T = TypeVar("_T")
+log = logging.getLogger("toolcell.docker")
 
-_RECV_BYTES: Final = 64 * 1024
-# At most this many chunks (each <= _RECV_BYTES) wait for the consumer; then the reader blocks and
-# the engine, in turn, blocks the tool's writes. Bounds what one sandbox can make us hold (~1 MiB).
-_QUEUE_CHUNKS: Final = 16
-_FRAME_HEADER: Final = 8
+# Second looks at the OOM flag of a SIGKILL exit (see _wait_blocking).
+_OOM_LOOKS: Final = 10
+_OOM_LOOK_S: Final = 0.1
+# How long a pooled sandbox's launcher may take to connect its channel.
+_CHANNEL_TIMEOUT_S: Final = 20.0
 # A claimed pooled sandbox joins the periodic usage sampler this long after its claim.
 _WARM_SAMPLE_DELAY_S: Final = 0.02
-_STREAM_IDS: Final[dict[int, StreamName]] = {1: "stdout", 2: "stderr"}
 _ATTACH_PARAMS: Final = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
 # Messages of 5xx answers that mean "the engine went away under us", not "the request was wrong".
 _ENGINE_GONE_HINTS: Final = ("connection reset", "broken pipe", "transport is closing", "unexpected eof")
@@ -76,12 +81,8 @@ _UNREACHABLE: Final = (
 )
 
 
-class _Eof:
-    """End of the output stream (queued by the reader thread)."""
-
-
-_EOF: Final = _Eof()
-_QueueItem = tuple[StreamName, bytes] | _Eof | BaseException
+class _ChannelDown(BackendError):
+    """The private channel cannot work with this engine (it cannot mount our directory, or nobody came)."""
 
 
 class DockerBackend:
@@ -102,8 +103,13 @@ class DockerBackend:
         max_workers: int = 64,
         sample_interval_s: float = 0.05,
         cgroup_root: str = "/sys/fs/cgroup",
+        channel_dir: str | None = None,
     ) -> None:
         self._address = base_url or DEFAULT_BASE_URL
+        # Pooled sandboxes talk over a private channel under this directory (``channel.py``) when the
+        # engine can mount it; None: always through the engine's attach relay.
+        self._channel_dir = Path(channel_dir) if channel_dir else None
+        self._channel_works: bool | None = None  # unknown until the first pooled sandbox
         try:
             self._api = docker.APIClient(
                 base_url=self._address, version=api_version, timeout=timeout_s, max_pool_size=max_workers
@@ -111,14 +117,21 @@ class DockerBackend:
         except docker.errors.DockerException as exc:
             raise BackendError(f"invalid Docker engine address {self._address!r}: {exc}") from exc
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="toolcell-docker")
-        self._sampler = _UsageSampler(sample_interval_s)
-        self._cgroups = _CgroupLayout(Path(cgroup_root))
+        self._sampler = UsageSampler(sample_interval_s)
+        self._cgroups = CgroupLayout(Path(cgroup_root))
         self._closed = False
         self._network_lock = asyncio.Lock()
 
     @property
     def address(self) -> str:
         return self._address
+
+    @property
+    def pool_transport(self) -> str:
+        """How pooled sandboxes talk to us: "channel", "attach", or "channel?" before the first one."""
+        if self._channel_dir is None or self._channel_works is False:
+            return "attach"
+        return "channel" if self._channel_works else "channel?"
 
     async def create(self, plan: ContainerPlan) -> DockerSandbox:
         if not plan.seccomp_json.strip():
@@ -133,7 +146,19 @@ class DockerBackend:
         """Create and start a pooled sandbox: the launcher in front of the tool, both waiting for a claim.
 
         ``on_exit`` is called (on the event loop) if the sandbox's output ends before it is claimed.
+        Over the private channel where it works (runc, an engine that sees our filesystem), else attach.
         """
+        if self._channel_dir is not None and plan.runtime == "runc" and self._channel_works is not False:
+            try:
+                sandbox = await self._create_warm_channel(plan, self._channel_dir, on_exit)
+            except _ChannelDown as exc:
+                if self._channel_works:
+                    raise BackendError(str(exc)) from exc
+                self._channel_works = False
+                log.warning("pooled sandboxes use the engine's attach relay: %s", exc)
+            else:
+                self._channel_works = True
+                return sandbox
         warm_plan = dataclasses.replace(plan, command=launch_command(plan.command))
         sandbox = await self.create(warm_plan)
         sandbox._warm = True
@@ -143,6 +168,37 @@ class DockerBackend:
         except BaseException:
             await asyncio.shield(asyncio.ensure_future(sandbox.remove()))
             raise
+        return sandbox
+
+    async def _create_warm_channel(self, plan: ContainerPlan, base: Path, on_exit: Callable[[], None]
+                                   ) -> DockerSandbox:
+        listener = ChannelListener(base)
+        warm_plan = dataclasses.replace(
+            plan, command=launch_command(plan.command, channel=f"{CHANNEL_DIR}/c.sock"),
+            mounts=(*plan.mounts, Mount(source=str(listener.directory), target=CHANNEL_DIR)))
+        try:
+            container_id = await self._call(functools.partial(self._create_container, warm_plan, attach=False),
+                                            image=plan.image, runtime=plan.runtime)
+        except BackendError as exc:
+            listener.close()
+            if "bind source path does not exist" in str(exc) or "invalid mount config" in str(exc):
+                raise _ChannelDown(f"the engine cannot mount {base}: {exc}") from exc
+            raise
+        sandbox = DockerSandbox(self, container_id)
+        sandbox._warm, sandbox._on_exit, sandbox._started = True, on_exit, True
+        try:
+            await self._call(functools.partial(self._api.start, container_id))
+            try:
+                conns = await listener.accept(_CHANNEL_TIMEOUT_S)
+            except BackendError as exc:
+                if self._channel_works is None:  # never came up on this engine: not a passing hiccup
+                    raise _ChannelDown(str(exc)) from exc
+                raise
+        except BaseException:
+            listener.close()
+            await asyncio.shield(asyncio.ensure_future(sandbox.remove()))
+            raise
+        sandbox._stream = ChannelStream(conns, on_end=sandbox._stream_ended)
         return sandbox
 
     async def list_sandboxes(self, owner: str) -> list[str]:
@@ -212,7 +268,7 @@ class DockerBackend:
                 sock.sendall(stdin)
                 sock.shutdown(socket.SHUT_WR)
                 received = 0
-                while chunk := sock.recv(_RECV_BYTES):
+                while chunk := sock.recv(RECV_BYTES):
                     received += len(chunk)
             finally:
                 sock.close()
@@ -254,7 +310,7 @@ class DockerBackend:
         with contextlib.suppress(docker.errors.NotFound):
             self._api.remove_network(name)
 
-    def _create_container(self, plan: ContainerPlan) -> str:
+    def _create_container(self, plan: ContainerPlan, attach: bool = True) -> str:
         api = self._api
         security_opt = [f"seccomp={plan.seccomp_json}"]
         if plan.no_new_privileges:
@@ -290,7 +346,7 @@ class DockerBackend:
             labels=dict(plan.labels),
             working_dir=plan.working_dir,
             hostname=plan.hostname,
-            stdin_open=True,  # with detach=False this also sets StdinOnce and the Attach* flags
+            stdin_open=attach,  # with detach=False this also sets StdinOnce and the Attach* flags
             tty=False,
             host_config=host_config,
             networking_config=_networking_config(api, plan),
@@ -363,25 +419,19 @@ class DockerSandbox:
         self._backend = backend
         self._api = backend._api
         self._id = container_id
-        self._probe = _CgroupProbe(backend._cgroups, container_id)
-        self._queue: asyncio.Queue[_QueueItem] | None = None
-        self._credits = threading.Semaphore(_QUEUE_CHUNKS)
-        self._closing = threading.Event()
-        self._sock: socket.socket | None = None
+        self._probe = CgroupProbe(backend._cgroups, container_id)
+        self._stream: SandboxStream | None = None
+        self._sock: socket.socket | None = None  # set by the starting thread, so remove() can close it
         self._attach: object = None  # keeps the hijacked HTTP response (and its socket) alive
         self._started = False
-        self._reading = False  # the reader thread owns (and closes) the socket once it runs
+        self._closing = False  # remove() was called
         self._removed = False
         self._exit: ExitInfo | None = None
         # Warm (pooled) sandboxes only: started before the claim; the launcher's trailers end the streams.
         self._warm = False
         self._on_exit: Callable[[], None] = lambda: None
         self._claimed = False
-        self._ended = threading.Event()
-        self._scanners: dict[StreamName, TrailerScanner] | None = None
-        # The launcher's exit status, or None: the engine decides (no trailer, or an OOM kill was seen).
-        self._trailer: concurrent.futures.Future[int | None] = concurrent.futures.Future()
-        self._writer: threading.Thread | None = None
+        self._sent_kill = False  # a SIGKILL exit is then ours, not the OOM killer's
 
     @property
     def id(self) -> str:
@@ -390,92 +440,73 @@ class DockerSandbox:
     @property
     def alive(self) -> bool:
         """A pooled sandbox that is running and unclaimed (its output has not ended)."""
-        return self._warm and self._started and not self._claimed and not self._ended.is_set() and not self._removed
+        stream = self._stream
+        return self._warm and stream is not None and not stream.ended and not self._claimed and not self._closing
 
     async def start(self, stdin: bytes) -> None:
         if self._warm:
-            await self._claim(stdin)
+            self._claim(stdin)
             return
         await self._launch(stdin)
 
-    async def _claim(self, stdin: bytes) -> None:
+    def _claim(self, stdin: bytes) -> None:
         """Deliver the claim envelope (nonce + arguments) to the waiting launcher."""
         if self._claimed:
             raise BackendError(f"sandbox {self._id[:12]} was already claimed")
         self._claimed = True
-        if self._sock is None or self._ended.is_set():
+        stream = self._stream
+        if stream is None or stream.ended:
             raise BackendError(f"pooled sandbox {self._id[:12]} ended before it was claimed")
         nonce = new_nonce()
-        # Installed before the envelope is sent, so the reader thread sees them before any trailer.
-        self._scanners = {"stdout": TrailerScanner(nonce), "stderr": TrailerScanner(nonce)}
+        stream.expect_trailer(nonce, self._judge_trailer)
         # Periodic sampling from a little later: waking the sampler thread now would compete with a short
         # run (whose end is sampled anyway, when its trailer arrives).
         asyncio.get_running_loop().call_later(_WARM_SAMPLE_DELAY_S, self._sample_from_now_on)
-        data = envelope(nonce, stdin)
-        # The launcher is blocked reading, so a small envelope fits the socket buffer: send it without
-        # blocking (MSG_DONTWAIT, the socket stays blocking for the reader); the rest goes on a thread.
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            data = data[self._sock.send(data, socket.MSG_DONTWAIT):]
-        if not data:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_WR)
-            return
-        self._writer = threading.Thread(target=_write_stdin, args=(self._sock, data),
-                                        name=f"toolcell-in-{self._id[:12]}", daemon=True)
-        self._writer.start()
+        stream.send(envelope(nonce, stdin))
+
+    def _judge_trailer(self, status: int) -> int | None:
+        """The launcher's status is final only for a clean run with no OOM kill in the sandbox's cgroup."""
+        self._probe.sample()  # the tool has exited; its cgroup is still there for a moment
+        return None if status == 0 and self._probe.oom_kills() else status
 
     def _sample_from_now_on(self) -> None:
-        if not self._removed and not self._closing.is_set() and not self._ended.is_set():
+        if not self._closing and self._stream is not None and not self._stream.ended:
             self._backend._sampler.add(self._probe)
 
     async def _launch(self, stdin: bytes | None = None) -> None:
         if self._started:
             raise BackendError(f"sandbox {self._id[:12]} was already started")
         self._started = True
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
-        self._queue = queue
-        try:
-            sock = await self._backend._call(self._attach_and_start)
-        except BaseException:
-            queue.put_nowait(_EOF)  # an output() consumer must not wait for a stream that never opens
-            raise
-        if not self._warm:  # a pooled sandbox is sampled from its claim on: idle, it costs nothing
-            self._backend._sampler.add(self._probe)
-        if self._closing.is_set():  # removed while starting: no stream threads for a dead sandbox
+        sock = await self._backend._call(self._attach_and_start)
+        if self._closing:  # removed while starting: no stream for a dead sandbox
             sock.close()
             return
-        self._reading = True
+        if not self._warm:  # a pooled sandbox is sampled from its claim on: idle, it costs nothing
+            self._backend._sampler.add(self._probe)
+        self._stream = AttachStream(sock, on_end=self._stream_ended)
         if stdin is not None:
-            self._writer = threading.Thread(
-                target=_write_stdin, args=(sock, stdin), name=f"toolcell-in-{self._id[:12]}", daemon=True
-            )
-            self._writer.start()
-        threading.Thread(
-            target=self._read_loop,
-            args=(sock, loop, queue),
-            name=f"toolcell-out-{self._id[:12]}",
-            daemon=True,
-        ).start()
+            self._stream.send(stdin)
+
+    def _stream_ended(self) -> None:
+        if self._warm and not self._claimed:
+            self._on_exit()
 
     async def output(self) -> AsyncIterator[tuple[StreamName, bytes]]:
-        queue = self._queue
-        if queue is None:
+        if not self._started:
             raise BackendError("output() called before start()")
-        while True:
-            item = await queue.get()
-            if isinstance(item, _Eof):
-                return
-            if isinstance(item, BaseException):
-                raise self._backend._translate(item) from item
-            self._credits.release()
-            yield item
+        if self._stream is None:  # the start failed or the sandbox was removed: there is no output
+            return
+        try:
+            async for item in self._stream.chunks():
+                yield item
+        except OSError as exc:
+            raise self._backend._translate(exc) from exc
 
     async def wait(self) -> ExitInfo:
-        if self._exit is None and self._warm:
+        if self._exit is None and self._warm and self._stream is not None:
             # The launcher's trailer ends a pooled run without waiting for the engine to process the
             # exit. Only a clean run is decided from it; anything else asks the engine (OOM flag, signal).
-            status = await asyncio.wrap_future(self._trailer)
+            status = await asyncio.shield(self._stream.trailer)
             if status == 0:
                 self._exit = ExitInfo(exit_code=0, oom_killed=False)
         if self._exit is None:
@@ -483,18 +514,26 @@ class DockerSandbox:
         return self._exit
 
     async def signal(self, signum: int) -> None:
+        self._sent_kill = self._sent_kill or signum == signal.SIGKILL
         await self._backend._call(functools.partial(self._signal_blocking, signum))
 
     async def usage(self) -> Usage:
         return self._probe.usage()
 
     async def remove(self) -> None:
+        self._closing = True
         self._stop_streams()
         self._backend._sampler.discard(self._probe)
         if self._removed:
             return
         await self._backend._remove(self._id)
         self._removed = True
+
+    def _stop_streams(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        elif self._sock is not None:  # still starting on a thread: end the attach there
+            _shutdown(self._sock)
 
     # -- blocking parts ------------------------------------------------------------------------
 
@@ -504,7 +543,7 @@ class DockerSandbox:
         self._attach = raw
         sock: socket.socket = getattr(raw, "_sock", raw)
         sock.settimeout(None)  # the HTTP client's read timeout must not end a quiet tool's stream
-        self._sock = sock  # so remove() can close it even if start() is cancelled from here on
+        self._sock = sock
         try:
             self._api.start(self._id)
         except BaseException:
@@ -522,9 +561,11 @@ class DockerSandbox:
         exit_code = int(status.get("StatusCode", -1))
         oom = bool(self._api.inspect_container(self._id).get("State", {}).get("OOMKilled"))
         # The engine records the kernel's OOM event separately from the exit; with many containers dying at
-        # once it can land after the exit. A SIGKILL death not (yet) flagged gets two short second looks.
-        for _ in range(2 if exit_code == 128 + 9 and not oom else 0):
-            time.sleep(0.1)
+        # once it can land well after the exit. A SIGKILL death we did not cause, not (yet) flagged, gets
+        # second looks for up to ~1 s (measured: 200 ms was not always enough under a fork bomb next door).
+        looks = _OOM_LOOKS if exit_code == 128 + 9 and not oom and not self._sent_kill else 0
+        for _ in range(looks):
+            time.sleep(_OOM_LOOK_S)
             oom = bool(self._api.inspect_container(self._id).get("State", {}).get("OOMKilled"))
             if oom:
                 break
@@ -540,290 +581,10 @@ class DockerSandbox:
                 return
             raise
 
-    def _read_loop(
-        self,
-        sock: socket.socket,
-        loop: asyncio.AbstractEventLoop,
-        queue: asyncio.Queue[_QueueItem],
-    ) -> None:
-        """Demultiplex the attach stream: [stream, 0, 0, 0, size (4 bytes, big-endian)] + payload."""
-        end: _QueueItem = _EOF
-        header = bytearray()
-        remaining = 0
-        stream: StreamName | None = None
-        try:
-            while True:
-                data = sock.recv(_RECV_BYTES)
-                if not data:
-                    break
-                pos, size = 0, len(data)
-                batch: list[bytes] = []
-                batch_stream: StreamName | None = None
-                while pos < size:
-                    if remaining == 0:
-                        take = min(_FRAME_HEADER - len(header), size - pos)
-                        header += data[pos : pos + take]
-                        pos += take
-                        if len(header) == _FRAME_HEADER:
-                            stream = _STREAM_IDS.get(header[0])
-                            remaining = int.from_bytes(header[4:8], "big")
-                            header.clear()
-                        continue
-                    take = min(remaining, size - pos)
-                    if stream is not None:
-                        if batch and stream != batch_stream:
-                            if not self._deliver(loop, queue, batch_stream or stream, b"".join(batch)):
-                                return
-                            batch = []
-                        batch_stream = stream
-                        batch.append(data[pos : pos + take])
-                    pos += take
-                    remaining -= take
-                if batch and batch_stream is not None and not self._deliver(loop, queue, batch_stream,
-                                                                            b"".join(batch)):
-                    return
-        except OSError as exc:
-            if not self._closing.is_set():
-                end = exc
-        finally:
-            self._end_of_output(loop, queue, end)
-            if self._writer is not None:
-                self._writer.join()
-            sock.close()
-
-    def _deliver(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[_QueueItem], stream: StreamName,
-                 data: bytes) -> bool:
-        """Pass one stream's bytes on (through the trailer scanner of a claimed pooled sandbox).
-
-        False stops the reader: the consumer is gone, or both trailers of a pooled run have arrived.
-        """
-        scanners = self._scanners
-        if scanners is None:
-            return self._emit(loop, queue, (stream, data))
-        data = scanners[stream].feed(data)
-        if data and not self._emit(loop, queue, (stream, data)):
-            return False
-        if scanners["stdout"].done and scanners["stderr"].done:
-            self._probe.sample()  # the tool has exited; its cgroup is still there for a moment
-            status = scanners["stdout"].status
-            # A clean status is final only if nothing in the sandbox was OOM-killed; else ask the engine.
-            self._trailer.set_result(None if status == 0 and self._probe.oom_kills() else status)
-            return False
-        return True
-
-    def _end_of_output(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[_QueueItem],
-                       end: _QueueItem) -> None:
-        """Both streams are over (EOF, error or trailers): flush held bytes, close the queue, notify."""
-        scanners = self._scanners
-        if scanners is not None and not self._trailer.done():
-            for name, scanner in scanners.items():
-                held = scanner.flush()
-                if held and not self._closing.is_set():
-                    self._emit(loop, queue, (name, held))
-        if not self._trailer.done():
-            self._trailer.set_result(None)
-        unclaimed = self._warm and not self._claimed
-        self._ended.set()
-        with contextlib.suppress(RuntimeError):  # the loop may be closed already
-            loop.call_soon_threadsafe(queue.put_nowait, end)
-            if unclaimed:
-                loop.call_soon_threadsafe(self._on_exit)
-
-    def _emit(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[_QueueItem], item: _QueueItem) -> bool:
-        """Hand one chunk to the loop, blocking while the consumer is ``_QUEUE_CHUNKS`` behind."""
-        self._credits.acquire()
-        if self._closing.is_set():
-            return False
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:
-            return False
-        return True
-
-    def _stop_streams(self) -> None:
-        if self._closing.is_set():
-            return
-        self._closing.set()
-        self._credits.release(_QUEUE_CHUNKS + 1)  # unblock a reader waiting for the consumer
-        if self._sock is not None:
-            _shutdown(self._sock)  # the reader thread sees EOF and closes the socket itself
-            if not self._reading:
-                self._sock.close()
-
-
-class _CgroupLayout:
-    """Where a container's cgroup files live on this host (cgroup v1 or v2, cgroupfs or systemd)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.v2 = (root / "cgroup.controllers").exists()
-
-    def memory_candidates(self, cid: str) -> list[tuple[Path, bool]]:
-        """(file, is_peak): a peak file, or a current-usage file whose maximum we track."""
-        if self.v2:
-            dirs = self._v2_dirs(cid)
-            return [(d / "memory.peak", True) for d in dirs] + [(d / "memory.current", False) for d in dirs]
-        return [(d / "memory.max_usage_in_bytes", True) for d in self._v1_dirs("memory", cid)]
-
-    def oom_candidates(self, cid: str) -> list[Path]:
-        if self.v2:
-            return [d / "memory.events" for d in self._v2_dirs(cid)]
-        return [d / "memory.oom_control" for d in self._v1_dirs("memory", cid)]
-
-    def cpu_candidates(self, cid: str) -> list[Path]:
-        if self.v2:
-            return [d / "cpu.stat" for d in self._v2_dirs(cid)]
-        return [d / "cpuacct.usage" for d in self._v1_dirs("cpuacct", cid)]
-
-    def _v2_dirs(self, cid: str) -> list[Path]:
-        return [self.root / "system.slice" / f"docker-{cid}.scope", self.root / "docker" / cid]
-
-    def _v1_dirs(self, controller: str, cid: str) -> list[Path]:
-        base = self.root / controller
-        return [base / "docker" / cid, base / "system.slice" / f"docker-{cid}.scope"]
-
-
-class _CgroupProbe:
-    """Peak memory and CPU time of one container, from the host's cgroup files."""
-
-    def __init__(self, layout: _CgroupLayout, cid: str) -> None:
-        self._layout = layout
-        self._cid = cid
-        self._lock = threading.Lock()
-        self._memory: tuple[Path, bool] | None = None
-        self._cpu: Path | None = None
-        self._peak_memory = 0
-        self._cpu_ns = 0
-
-    def sample(self) -> None:
-        memory = self._read_memory()
-        cpu = self._read_cpu()
-        with self._lock:
-            self._peak_memory = max(self._peak_memory, memory)
-            self._cpu_ns = max(self._cpu_ns, cpu)
-
-    def oom_kills(self) -> int:
-        """OOM kills in the sandbox's memory cgroup so far (0 when the cgroup is gone or can't tell)."""
-        for path in self._layout.oom_candidates(self._cid):
-            value = _read_key(path, "oom_kill")
-            if value is not None:
-                return value
-        return 0
-
-    def usage(self) -> Usage:
-        with self._lock:
-            return Usage(peak_memory_bytes=self._peak_memory, cpu_time_ns=self._cpu_ns)
-
-    def _read_memory(self) -> int:
-        candidates = [self._memory] if self._memory else self._layout.memory_candidates(self._cid)
-        for path, is_peak in candidates:
-            value = _read_int(path)
-            if value is not None:
-                self._memory = (path, is_peak)
-                return value
-        return 0
-
-    def _read_cpu(self) -> int:
-        candidates = [self._cpu] if self._cpu else self._layout.cpu_candidates(self._cid)
-        for path in candidates:
-            if path.name == "cpu.stat":
-                value = _read_usage_usec(path)
-                value = None if value is None else value * 1000
-            else:
-                value = _read_int(path)
-            if value is not None:
-                self._cpu = path
-                return value
-        return 0
-
-
-class _UsageSampler:
-    """One background thread sampling every live container's cgroup every ``interval_s``."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_s = interval_s
-        self._probes: set[_CgroupProbe] = set()
-        self._cond = threading.Condition()
-        self._stopped = False
-        self._thread: threading.Thread | None = None
-
-    def add(self, probe: _CgroupProbe) -> None:
-        with self._cond:
-            if self._stopped:
-                return
-            self._probes.add(probe)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="toolcell-usage", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def discard(self, probe: _CgroupProbe) -> None:
-        with self._cond:
-            self._probes.discard(probe)
-
-    def close(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._probes.clear()
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._probes and not self._stopped:
-                    self._cond.wait()
-                if self._stopped:
-                    return
-                probes = list(self._probes)
-            for probe in probes:
-                probe.sample()
-            with self._cond:
-                if self._stopped:
-                    return
-                self._cond.wait(self._interval_s)
-
-
-def _write_stdin(sock: socket.socket, data: bytes) -> None:
-    """Write the tool's stdin and half-close, so it sees EOF. A tool may exit without reading."""
-    with contextlib.suppress(OSError):
-        if data:
-            sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-
 
 def _shutdown(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _read_key(path: Path, key: str) -> int | None:
-    """``key``'s value in a flat-keyed cgroup file (``name value`` per line)."""
-    try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key:
-                return int(value)
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _read_usage_usec(path: Path) -> int | None:
-    try:
-        for line in path.read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "usage_usec":
-                return int(value)
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def _networking_config(api: docker.APIClient, plan: ContainerPlan) -> dict[str, Any] | None:

@@ -26,9 +26,13 @@ def launcher_source() -> str:
     return resources.files("runtime.data").joinpath("launcher.py").read_text()
 
 
-def launch_command(command: tuple[str, ...], python: str = "python3") -> tuple[str, ...]:
-    """The pooled sandbox's command: the launcher (isolated mode, inline source) in front of the tool."""
-    return (python, "-I", "-c", launcher_source(), *command)
+def launch_command(command: tuple[str, ...], python: str = "python3", channel: str = "") -> tuple[str, ...]:
+    """The pooled sandbox's command: the launcher (isolated mode, inline source) in front of the tool.
+
+    ``channel``: the socket path inside the sandbox to connect to (the channel transport), or "" (attach).
+    """
+    flags = (f"--channel={channel}",) if channel else ()
+    return (python, "-I", "-c", launcher_source(), *flags, *command)
 
 
 def new_nonce() -> str:

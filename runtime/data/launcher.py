@@ -2,34 +2,67 @@
 
 Started with the tool's command as its arguments, it spawns the tool at once (so the interpreter and
 the tool's imports are warm), with the tool's stdin a pipe that only this launcher holds, and then
-blocks on its own stdin. It holds no arguments and no secrets until it is claimed. The claim is one
-JSON line on its stdin::
+waits for its claim. It holds no arguments and no secrets until it is claimed. The claim is one JSON
+line::
 
     {"nonce": "<32 hex>", "arguments": "<the tool's arguments as JSON text>"}
 
-It writes the arguments to the tool's stdin and closes it, waits for the tool, then writes one
-trailer ``\\x1etoolcell-end:<nonce>:<exit status, 3 digits>\\n`` on stdout and on stderr (each stream
-is complete once its trailer arrives, long before the engine has processed the container's exit),
-and exits with the tool's status (128+N for signal N). SIGTERM/SIGINT/SIGHUP are forwarded to the
-tool. The nonce arrives after the tool was spawned and this process is made non-dumpable, so the tool
-cannot read it and forge an end. Standard library only; kept small: it is passed with ``python3 -c``.
+It writes the arguments to the tool's stdin and closes it, waits for the tool, reports the tool's
+exit status (128+N for signal N), and exits with it. SIGTERM/SIGINT/SIGHUP are forwarded to the tool.
+This process is made non-dumpable before the tool exists, so the tool cannot read its memory or fds.
+
+Two transports (``runtime/backends/channel.py``, ``attach.py``):
+
+``--channel=<socket>`` first: connect three times to the supervisor's socket (tags c, o, e), wait for
+    "g" on control, then spawn the tool with the o and e connections as its stdout and stderr. The
+    claim arrives on control; the status goes back on control as ``NNN\\n``.
+otherwise: the claim arrives on stdin; the status is a trailer
+    ``\\x1etoolcell-end:<nonce>:<NNN>\\n`` on stdout and on stderr (each stream is complete once its
+    trailer arrives). The nonce arrives after the tool was spawned, so the tool cannot forge an end.
+
+Standard library only; kept small: it is passed with ``python3 -c``.
 """
 import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess  # nosec B404
 import sys
+import typing
+
+
+def connect(path: str, tag: bytes) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.sendall(tag)
+    return sock
 
 
 def main() -> int:
+    command = sys.argv[1:]
+    channel = None
+    if command and command[0].startswith("--channel="):
+        path = command.pop(0)[len("--channel="):]
+        channel = [connect(path, tag) for tag in (b"c", b"o", b"e")]
+        if channel[0].recv(1) != b"g":
+            return 125
     try:
         import ctypes
 
-        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE=0: no /proc/<pid>/mem for the tool
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE=0: no /proc/<pid>/mem or fd for the tool
     except Exception:  # noqa: S110 # nosec B110 - best effort; the nonce only guards an early end
         pass
-    child = subprocess.Popen(sys.argv[1:], stdin=subprocess.PIPE, close_fds=True)  # noqa: S603 # nosec B603
+    if channel is not None:
+        control, out, err = channel
+        child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out.fileno(), stderr=err.fileno(),  # noqa: S603 # nosec B603
+                                 close_fds=True)
+        out.close()
+        err.close()
+        claims: typing.BinaryIO = control.makefile("rb")
+    else:
+        child = subprocess.Popen(command, stdin=subprocess.PIPE, close_fds=True)  # noqa: S603 # nosec B603
+        claims = sys.stdin.buffer
 
     def forward(signum: int, frame: object) -> None:
         if child.poll() is None:
@@ -37,7 +70,7 @@ def main() -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
-    line = sys.stdin.buffer.readline()
+    line = claims.readline()
     try:
         envelope = json.loads(line)
         nonce = str(envelope["nonce"])
@@ -53,6 +86,10 @@ def main() -> int:
             stdin.close()
     code = child.wait()
     status = 128 - code if code < 0 else code
+    if channel is not None:
+        with contextlib.suppress(OSError):
+            channel[0].sendall(f"{status:03d}\n".encode())
+        return status
     trailer = f"\x1etoolcell-end:{nonce}:{status:03d}\n".encode()
     for fd in (1, 2):
         with contextlib.suppress(OSError):

@@ -87,7 +87,7 @@ async def serve(config_path: str | None, listen: str | None, verbose: bool = Fal
     setup_logging(config.telemetry.log_format, verbose)
     tracing = setup_tracing(config.telemetry)
     meters = setup_metrics(config.telemetry)
-    backend = DockerBackend(config.docker_host)
+    backend = DockerBackend(config.docker_host, channel_dir=config.pool_channel_dir)
     supervisor = Supervisor(config, backend)
     install_log_redaction(supervisor)
     app = App(supervisor)

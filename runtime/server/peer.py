@@ -16,14 +16,16 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from runtime.policy.access import PeerCred
 
 log = logging.getLogger("toolcell.server")
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
-_CHUNK = 64 * 1024
+_EARLY_MAX = 1024 * 1024
 
 
 def peer_cred(sock: socket.socket) -> PeerCred:
@@ -31,10 +33,62 @@ def peer_cred(sock: socket.socket) -> PeerCred:
     return PeerCred(uid=uid, gid=gid, pid=pid)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(_CHUNK):
-        writer.write(data)
-        await writer.drain()
+class _Relay(asyncio.Protocol):
+    """One end of a forwarded connection: what it receives is written to the other end in the same callback.
+
+    Protocols rather than streams: a message crosses the forwarder in one loop callback, with no task
+    to wake (each hop of a warm call is on its critical path). Flow control: when the other end's
+    write buffer is full, this end stops reading, so a slow reader holds bytes in the kernel, not here.
+    """
+
+    def __init__(self, on_made: Callable[[_Relay], None] = lambda r: None,
+                 on_lost: Callable[[_Relay], None] = lambda r: None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.other: _Relay | None = None
+        self._on_made = on_made
+        self._on_lost = on_lost
+        # Bytes that arrive before the other end exists (pause_reading in connection_made does not hold
+        # on every 3.11 patch release); bounded by the first flight of an HTTP/2 client.
+        self._early: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._on_made(self)
+
+    def link(self, other: _Relay) -> None:
+        self.other = other
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.other is None:
+            self._early.append(data)
+            if sum(map(len, self._early)) > _EARLY_MAX and self.transport is not None:
+                self.transport.close()
+            return
+        if self.other.transport is not None:
+            self.other.transport.write(data)
+
+    def eof_received(self) -> bool:
+        other = self.other.transport if self.other is not None else None
+        if other is not None and other.can_write_eof():
+            other.write_eof()  # half-close travels on; keep the other direction open
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()
+        self._on_lost(self)
+
+    def pause_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
 
 
 class PeerForwarder:
@@ -47,12 +101,15 @@ class PeerForwarder:
         self.max_connections = max_connections
         self.peers: dict[str, PeerCred] = {}
         self._server: asyncio.AbstractServer | None = None
+        self._open: set[asyncio.Transport] = set()  # accepted (downstream) connections
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
         old = os.umask(0o177)  # born 0600: no window where others can connect
         try:
-            self._server = await asyncio.start_unix_server(self._accept, path=str(self.public))
+            self._server = await loop.create_unix_server(
+                lambda: _Relay(on_made=self._accepted, on_lost=self._gone), path=str(self.public))
         finally:
             os.umask(old)
         os.chmod(self.public, self.mode)
@@ -64,48 +121,60 @@ class PeerForwarder:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for transport in list(self._open):
+            transport.close()
         if self._server is not None:
             await self._server.wait_closed()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            await self._serve(reader, writer)
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-            if task is not None:
-                self._tasks.discard(task)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._tasks) > self.max_connections:
-            log.warning("refusing a connection: %d connections open (server.max_connections)", len(self._tasks) - 1)
+    def _accepted(self, down: _Relay) -> None:
+        transport = down.transport
+        if transport is None:
             return
-        cred = peer_cred(writer.get_extra_info("socket"))
+        if len(self._open) >= self.max_connections:
+            log.warning("refusing a connection: %d connections open (server.max_connections)", len(self._open))
+            transport.close()
+            return
+        self._open.add(transport)
+        transport.pause_reading()  # until its upstream connection is there
+        task = asyncio.ensure_future(self._connect(down, transport))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _gone(self, down: _Relay) -> None:
+        if down.transport is not None:
+            self._open.discard(down.transport)
+
+    async def _connect(self, down: _Relay, transport: asyncio.Transport) -> None:
+        """Identify the caller and open its own upstream connection (a unique abstract name = its key)."""
         up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         key = ""
+
+        def forget(_: _Relay) -> None:
+            self.peers.pop(key, None)  # before the name can be reused
+
         try:
+            cred = peer_cred(transport.get_extra_info("socket"))
             up.bind("")  # Linux autobind: a unique abstract name, held until this socket closes
             key = "unix-abstract:" + up.getsockname()[1:].decode()
             self.peers[key] = cred
             up.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(up, str(self.upstream))
-            up_reader, up_writer = await asyncio.open_unix_connection(sock=up)
-            try:
-                pumps = [asyncio.ensure_future(_pipe(reader, up_writer)),
-                         asyncio.ensure_future(_pipe(up_reader, writer))]
-                try:
-                    await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for p in pumps:
-                        p.cancel()
-                    await asyncio.gather(*pumps, return_exceptions=True)
-            finally:
-                up_writer.close()
-        finally:
-            self.peers.pop(key, None)  # forget before the name can be reused
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(up, str(self.upstream))
+            upstream = _Relay(on_lost=forget)
+            await loop.create_unix_connection(lambda: upstream, sock=up)
+        except (OSError, asyncio.CancelledError) as exc:
+            forget(down)
             with contextlib.suppress(OSError):
                 up.close()
+            transport.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.warning("dropping a connection: cannot reach the gRPC server's private socket: %s", exc)
+            return
+        upstream.link(down)
+        down.link(upstream)
+        if transport.is_closing():  # the caller left while we connected
+            if upstream.transport is not None:
+                upstream.transport.close()
+            return
+        transport.resume_reading()

@@ -16,11 +16,11 @@ from runtime.api.v1 import supervisor_pb2 as pb
 from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
 from runtime.errors import InvocationNotFound, ResourceExhausted, ToolcellError
 from runtime.gate import Gate
-from runtime.model import Event, Started
-from runtime.pipeline import describe
+from runtime.model import Event, Result, Started
+from runtime.pipeline import Emit, describe
 from runtime.policy.access import Principal
 from runtime.policy.scrub import Redactor
-from runtime.server.convert import event_to_pb, request_from_pb, tool_to_pb
+from runtime.server.convert import event_to_pb, request_from_pb, result_to_pb, tool_to_pb
 from runtime.server.identity import Authenticator
 from runtime.server.status import RETRY_AFTER_KEY, status_for
 from runtime.supervisor import Supervisor
@@ -82,37 +82,55 @@ class SupervisorService(pb_grpc.SupervisorServicer):
             raise  # unreachable: abort raises
 
     async def Execute(self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext) -> None:
+        async def emit(event: Event) -> None:
+            await context.write(event_to_pb(event))
+
+        with caller_trace(context, "toolcell.v1.Supervisor/Execute") as span:
+            result = await self._invoke("Execute", request, context, span, emit)
+            if result is not None:
+                await context.write(event_to_pb(result))
+
+    async def Call(self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext) -> pb.Result:
+        async def emit(event: Event) -> None:  # nothing streams: the caller wants only the result
+            return
+
+        with caller_trace(context, "toolcell.v1.Supervisor/Call") as span:
+            result = await self._invoke("Call", request, context, span, emit)
+            return result_to_pb(result) if result is not None else pb.Result()
+
+    async def _invoke(self, method: str, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext,
+                      span: trace.Span, emit: Emit) -> Result | None:
+        """Authenticate, authorize, admit, run, audit. None: the call was refused (the RPC is aborted)."""
         remaining = context.time_remaining()
         deadline_s = time.monotonic() + remaining if remaining is not None else None
         profile = ""
 
-        async def emit(event: Event) -> None:
+        async def emit_and_note(event: Event) -> None:
             nonlocal profile
             if isinstance(event, Started):
                 profile = event.profile
-            await context.write(event_to_pb(event))
+            await emit(event)
 
-        with caller_trace(context, "toolcell.v1.Supervisor/Execute") as span:
-            principal = await self._principal(context, span, "call", request.tool)
-            started = time.monotonic()
-            try:
-                await self.gate.authorize(principal, "call", request.tool, _trace_id(span))
-                async with self.gate.admit(principal, request.tool, _trace_id(span)):
-                    try:
-                        result = await self.supervisor.execute(request_from_pb(request, deadline_s), emit,
-                                                               owner=principal.id)
-                    except ToolcellError as exc:
-                        await self.gate.invocation_end(
-                            principal, request.tool, request.arguments_json, status=status_for(exc).name,
-                            duration_ms=int((time.monotonic() - started) * 1000), trace_id=_trace_id(span))
-                        raise
-                    # On disk before the caller sees the result.
-                    await self.gate.invocation_end(principal, request.tool, request.arguments_json, result=result,
-                                                   profile=profile)
-            except ToolcellError as exc:
-                await _abort(context, span, exc, f"Execute {request.tool!r}", self.supervisor.redactor)
-                return
-            await context.write(event_to_pb(result))
+        principal = await self._principal(context, span, "call", request.tool)
+        started = time.monotonic()
+        try:
+            await self.gate.authorize(principal, "call", request.tool, _trace_id(span))
+            async with self.gate.admit(principal, request.tool, _trace_id(span)):
+                try:
+                    result = await self.supervisor.execute(request_from_pb(request, deadline_s), emit_and_note,
+                                                           owner=principal.id)
+                except ToolcellError as exc:
+                    await self.gate.invocation_end(
+                        principal, request.tool, request.arguments_json, status=status_for(exc).name,
+                        duration_ms=int((time.monotonic() - started) * 1000), trace_id=_trace_id(span))
+                    raise
+                # On disk before the caller sees the result.
+                await self.gate.invocation_end(principal, request.tool, request.arguments_json, result=result,
+                                               profile=profile)
+        except ToolcellError as exc:
+            await _abort(context, span, exc, f"{method} {request.tool!r}", self.supervisor.redactor)
+            return None
+        return result
 
     async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext
                         ) -> pb.ListToolsResponse:

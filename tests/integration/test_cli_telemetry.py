@@ -97,7 +97,7 @@ async def test_spans_reach_otlp_receiver_with_callers_trace_id(serve_process) ->
     await server.stop(None)
     ours = [s for s in receiver.spans if s.trace_id.hex() == caller_trace_id]
     names = {s.name for s in ours}
-    assert {"toolcell.v1.Supervisor/Execute", "toolcell.invocation", "toolcell.validate", "toolcell.create",
+    assert {"toolcell.v1.Supervisor/Call", "toolcell.invocation", "toolcell.validate", "toolcell.create",
             "toolcell.start", "toolcell.run", "toolcell.remove"} <= names
     invocation = next(s for s in ours if s.name == "toolcell.invocation")
     attrs = {a.key: a.value for a in invocation.attributes}

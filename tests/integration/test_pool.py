@@ -5,6 +5,7 @@ no secret before the claim, and the pipeline's limits (timeout, caps, OOM, scrub
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import signal
 import time
@@ -29,6 +30,22 @@ PYRUN = ["python3", "-I", "-u", "/opt/toolcell/tools/pyrun.py"]
 CODE = {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}
 
 
+# Every test runs over both ways a pooled sandbox talks to the supervisor (``backends/channel.py``).
+TRANSPORT = "channel"
+
+
+@pytest.fixture(params=["channel", "attach"], autouse=True)
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(__import__(__name__, fromlist=["TRANSPORT"]), "TRANSPORT", request.param)
+    return str(request.param)
+
+
+def with_transport(doc: dict[str, Any]) -> dict[str, Any]:
+    if TRANSPORT == "attach":
+        doc.setdefault("engine", {})["pool_channel"] = None
+    return doc
+
+
 async def eventually(check: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -45,7 +62,7 @@ def pooled_doc(tmp_path: Path, size: int = 2, ttl: str = "5m", **profiles: dict[
     doc = config_doc(f"test-{uuid.uuid4().hex[:10]}", str(tmp_path / "s.sock"), **profiles)
     doc["profiles"]["tight"]["pool"] = {"size": 1}
     doc["tools"][1]["pool"] = {"size": size, "ttl": ttl}  # python.run
-    return doc
+    return with_transport(doc)
 
 
 async def run(client: Any, tool: str, src: str) -> tuple[Result, str]:
@@ -122,7 +139,7 @@ async def test_a_crashed_supervisors_pool_is_swept_at_the_next_start(tmp_path: P
     docker_client = engine()
     config = parse_config(pooled_doc(tmp_path), environ={}, base_dir=tmp_path)
     owner = config.server.instance
-    crashed_backend = DockerBackend()
+    crashed_backend = DockerBackend(channel_dir=config.pool_channel_dir)
     crashed = Supervisor(config, crashed_backend)
     await crashed.start()
     await eventually(lambda: crashed.pools.ready("python.run") == 2)
@@ -132,7 +149,7 @@ async def test_a_crashed_supervisors_pool_is_swept_at_the_next_start(tmp_path: P
         pool.task.cancel()
     await crashed_backend.close()
     assert len(leftovers(docker_client, owner)) >= 2
-    backend = DockerBackend()
+    backend = DockerBackend(channel_dir=config.pool_channel_dir)
     successor = Supervisor(config, backend)
     try:
         removed = await successor.start()
@@ -151,6 +168,7 @@ async def test_no_secret_in_a_pooled_container_before_its_claim(tmp_path: Path) 
     doc = config_doc(f"test-{uuid.uuid4().hex[:10]}", str(tmp_path / "s.sock"))
     doc["profiles"]["default"]["pool"] = {"size": 1}  # every tool of the profile, unless it is granted secrets
     doc["secrets"] = {"store": str(store), "files_dir": str(tmp_path / "secret-files")}
+    with_transport(doc)
     doc["tools"] = [t for t in doc["tools"] if t["name"] == "python.run"] + [
         {"name": "leaky", "description": "granted the canary", "image": RUNNER_IMAGE, "command": PYRUN,
          "input_schema": CODE,
@@ -166,14 +184,21 @@ async def test_no_secret_in_a_pooled_container_before_its_claim(tmp_path: Path) 
             info = docker_client.api.inspect_container(sid)
             assert info["Config"]["Labels"]["io.toolcell.tool"] == "python.run"
             assert not any(CANARY in e for e in info["Config"]["Env"]), "secret in the environment"
-            assert not info["Mounts"], "nothing is mounted into a pooled container"
+            # Nothing is mounted, but (channel transport) the channel's directory: read-only, and already
+            # empty on the host (its listener is gone once the launcher connected).
+            mounts = info["Mounts"]
+            assert [(m["Destination"], m["RW"]) for m in mounts] == (
+                [("/run/toolcell-channel", False)] if TRANSPORT == "channel" else [])
+            assert all(not Path(m["Source"]).exists() for m in mounts)
             # Inside: every process's environment, and every file it can write or read in its scratch.
             probe = docker_client.api.exec_create(sid, ["sh", "-c",
-                                                        "cat /proc/[0-9]*/environ; grep -rs . /tmp /run || true"],
+                                                        "cat /proc/[0-9]*/environ; grep -rs . /tmp /run || true; "
+                                                        "echo channel-entries:$(ls -A /run/toolcell-channel | wc -l)"],
                                                   user="10001:10001")
             seen = docker_client.api.exec_start(probe["Id"]).decode(errors="replace")
             assert "LANG=C.UTF-8" in seen, "the probe must actually read the environments"
             assert CANARY not in seen
+            assert "channel-entries:0" in seen  # empty (channel), or not there at all (attach)
         # The secret tool still gets its secret: on the cold path, at create time.
         result, sid = await run(client, "leaky", "import os; "
                                 "print(os.environ['CANARY_TOKEN'] == open('/run/secrets/canary').read())")
@@ -215,3 +240,22 @@ async def test_timeout_caps_oom_and_scrubbing_hold_on_the_warm_path(tmp_path: Pa
                 cancelled = event
         assert cancelled is not None and cancelled.status is Status.KILLED
         assert hits()["python.tight"].hits == 5
+
+
+async def test_the_tool_cannot_reach_the_channel_or_the_launchers_connections(tmp_path: Path) -> None:
+    code = ("import os, socket, stat\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "try:\n    s.connect('/run/toolcell-channel/c.sock'); print('connect ok')\n"
+            "except OSError as e:\n    print('connect', e.errno)\n"
+            "try:\n    print('fds', os.listdir(f'/proc/{os.getppid()}/fd'))\n"
+            "except OSError as e:\n    print('fds', e.errno)\n"
+            "print('stdout', 'socket' if stat.S_ISSOCK(os.fstat(1).st_mode) else 'pipe')\n")
+    async with running_supervisor(tmp_path, pooled_doc(tmp_path)) as (app, client):
+        await eventually(lambda: app.supervisor.pools.ready("python.run") == 2)
+        expected = pooled_ids(app, "python.run")
+        result, sid = await run(client, "python.run", code)
+    assert sid in expected and result.status is Status.OK, result
+    assert result.output.splitlines() == [
+        f"connect {errno.ENOENT}",  # the listener was removed before the tool was started
+        f"fds {errno.EACCES}",  # the launcher (its parent, holding the control connection) is not dumpable
+        "stdout socket" if TRANSPORT == "channel" else "stdout pipe"]

@@ -119,7 +119,7 @@ async def hostile_supervisor(tmp_path: Path, runtime: str) -> AsyncIterator[tupl
     owner = f"sec-{uuid.uuid4().hex[:10]}"
     environ = {**os.environ, CANARY_NAME: CANARY_VALUE, PASSED_NAME: "passed-through"}
     config = parse_config(hostile_config(owner, str(tmp_path / "toolcell.sock"), runtime), environ=environ)
-    app = App(Supervisor(config, DockerBackend(config.docker_host)))
+    app = App(Supervisor(config, DockerBackend(config.docker_host, channel_dir=config.pool_channel_dir)))
     address = await app.start()
     client = Client(address)
     try:

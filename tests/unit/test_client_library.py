@@ -47,7 +47,8 @@ class Scripted(pb_grpc.SupervisorServicer):
     def __init__(self) -> None:
         self.code = grpc.StatusCode.UNAVAILABLE
         self.fail_first = 0
-        self.attempts: dict[str, int] = {"Execute": 0, "ListTools": 0, "Cancel": 0}
+        self.attempts: dict[str, int] = {"Execute": 0, "Call": 0, "ListTools": 0, "Cancel": 0}
+        self.legacy = False  # an older supervisor, without the unary Call
         self.metadata: list[dict[str, str]] = []
         self.fail_after_started = False
         self.delay_s = 0.0
@@ -67,6 +68,12 @@ class Scripted(pb_grpc.SupervisorServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "went away mid-stream")
         await context.write(pb.ExecuteEvent(stdout=pb.OutputChunk(text=request.arguments_json)))
         await context.write(pb.ExecuteEvent(result=pb.Result(status=pb.STATUS_OK, output=request.arguments_json)))
+
+    async def Call(self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext) -> Any:
+        if self.legacy:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        await self._maybe_fail("Call", context)
+        return pb.Result(status=pb.STATUS_OK, output=request.arguments_json, invocation_id="inv_called")
 
     async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._maybe_fail("ListTools", context)
@@ -131,22 +138,40 @@ async def test_other_codes_are_never_retried(tmp_path: Path) -> None:
     assert servicer.attempts["ListTools"] == 1
 
 
-async def test_execute_retried_only_for_tools_safe_to_rerun(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["Call", "Execute"])
+async def test_calls_retried_only_for_tools_safe_to_rerun(tmp_path: Path, method: str) -> None:
     async with scripted_server(tmp_path) as (servicer, target), Client(target, retry=FAST) as client:
+        async def run(tool: str, arguments: dict[str, Any], **kw: Any) -> Result:
+            if method == "Call":
+                return await client.call(tool, arguments, **kw)
+            events = [e async for e in client.execute(tool, arguments, **kw)]
+            assert isinstance(events[-1], Result)
+            return events[-1]
+
         servicer.fail_first = 1
-        result = await client.call("pure", {"a": 1})  # read-only + idempotent: re-run after UNAVAILABLE
+        result = await run("pure", {"a": 1})  # read-only + idempotent: re-run after UNAVAILABLE
         assert result.status is Status.OK and result.output == '{"a":1}'
-        assert servicer.attempts["Execute"] == 2
+        assert servicer.attempts[method] == 2
 
         for tool in ("effects", "unknown"):  # explicitly not idempotent / no hint: never re-run silently
-            servicer.attempts["Execute"] = 0
+            servicer.attempts[method] = 0
             with pytest.raises(UnavailableError):
-                await client.call(tool, {})
-            assert servicer.attempts["Execute"] == 1, tool
+                await run(tool, {})
+            assert servicer.attempts[method] == 1, tool
 
-        servicer.attempts["Execute"] = 0
-        assert (await client.call("effects", {}, idempotent=True)).status is Status.OK  # the caller vouches
-        assert servicer.attempts["Execute"] == 2
+        servicer.attempts[method] = 0
+        assert (await run("effects", {}, idempotent=True)).status is Status.OK  # the caller vouches
+        assert servicer.attempts[method] == 2
+
+
+async def test_call_is_one_unary_rpc_and_falls_back_to_execute_on_an_older_supervisor(tmp_path: Path) -> None:
+    async with scripted_server(tmp_path) as (servicer, target), Client(target, retry=FAST) as client:
+        result = await client.call("pure", {"a": 1})
+        assert (result.output, result.invocation_id) == ('{"a":1}', "inv_called")
+        assert (servicer.attempts["Call"], servicer.attempts["Execute"]) == (1, 0)
+        servicer.legacy = True
+        result = await client.call("pure", {"a": 2})
+        assert result.output == '{"a":2}' and servicer.attempts["Execute"] == 1
 
 
 async def test_execute_never_retried_once_the_invocation_started(tmp_path: Path) -> None:
@@ -217,10 +242,12 @@ def test_sync_client_same_semantics(tmp_path: Path) -> None:
             events = list(client.execute("pure", {"b": 2}))
             assert isinstance(events[0], Started) and isinstance(events[-1], Result)
             assert events[-1].output == '{"b":2}' and servicer.attempts["Execute"] == 2
-            servicer.attempts["Execute"] = 0
             with pytest.raises(UnavailableError):
                 client.call("effects", {})
-            assert servicer.attempts["Execute"] == 1
+            assert servicer.attempts["Call"] == 1
+            servicer.fail_first, servicer.legacy = 0, True
+            assert client.call("pure", {"c": 3}).output == '{"c":3}' and servicer.attempts["Execute"] == 3
+            servicer.legacy = False
             servicer.fail_first, servicer.code = 10**6, grpc.StatusCode.NOT_FOUND
             with pytest.raises(NotFoundError):
                 client.cancel("inv_gone_1234")

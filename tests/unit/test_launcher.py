@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from runtime.backends.channel import ChannelListener, ChannelStream
 from runtime.backends.launcher import TRAILER_BYTES, TrailerScanner, envelope, launch_command, new_nonce
+from runtime.errors import BackendError
 
 
 def trailer(nonce: str, status: int) -> bytes:
@@ -109,3 +114,41 @@ def test_envelope_is_one_json_line() -> None:
     line = envelope("n" * 32, '{"t": "é\\n"}'.encode())
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert json.loads(line) == {"nonce": "n" * 32, "arguments": '{"t": "é\\n"}'}
+
+
+async def test_channel_transport_end_to_end_on_the_host(tmp_path: Path) -> None:
+    """The launcher over a real channel: the tool's output arrives on its own sockets, the status on control,
+    and once the launcher is connected there is nothing left for anyone else to connect to."""
+    listener = ChannelListener(tmp_path / "channels")
+    sock_path = listener.directory / "c.sock"
+    assert oct(listener.directory.stat().st_mode & 0o777) == "0o755"
+    assert oct((tmp_path / "channels").stat().st_mode & 0o777) == "0o700"
+    tool = [sys.executable, "-c", "import sys, os; d = sys.stdin.read(); print(d.upper()); print('e', file=sys.stderr);"
+            " print(os.path.exists(sys.argv[1]), file=sys.stderr); sys.exit(3)", str(sock_path)]
+    proc = await asyncio.create_subprocess_exec(*launch_command(tuple(tool), python=sys.executable,
+                                                                channel=str(sock_path)))
+    conns = await listener.accept(timeout_s=10)
+    assert not listener.directory.exists()  # gone before the launcher was told to go on
+    stream = ChannelStream(conns)
+    stream.expect_trailer(new_nonce(), judge=lambda status: status)
+    stream.send(envelope("n" * 32, b'{"a": "x"}'))
+    out: dict[str, bytes] = {"stdout": b"", "stderr": b""}
+    async for name, data in stream.chunks():
+        out[name] += data
+    assert await stream.trailer == 3 and await proc.wait() == 3
+    assert out == {"stdout": b'{"A": "X"}\n', "stderr": b"e\nFalse\n"}  # the tool saw no socket to connect to
+
+
+async def test_channel_refuses_a_stranger_and_times_out(tmp_path: Path) -> None:
+    listener = ChannelListener(tmp_path / "channels")
+    stranger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stranger.connect(str(listener.directory / "c.sock"))
+    stranger.sendall(b"x")
+    with pytest.raises(BackendError, match="unexpected connection"):
+        await listener.accept(timeout_s=5)
+    assert not listener.directory.exists()
+    stranger.close()
+    quiet = ChannelListener(tmp_path / "channels")
+    with pytest.raises(BackendError, match=r"did not connect within 0\.2s"):
+        await quiet.accept(timeout_s=0.2)
+    assert not quiet.directory.exists()

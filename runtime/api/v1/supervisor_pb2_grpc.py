@@ -39,6 +39,11 @@ class SupervisorStub:
                 request_serializer=toolcell_dot_v1_dot_supervisor__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=toolcell_dot_v1_dot_supervisor__pb2.ExecuteEvent.FromString,
                 _registered_method=True)
+        self.Call = channel.unary_unary(
+                '/toolcell.v1.Supervisor/Call',
+                request_serializer=toolcell_dot_v1_dot_supervisor__pb2.ExecuteRequest.SerializeToString,
+                response_deserializer=toolcell_dot_v1_dot_supervisor__pb2.Result.FromString,
+                _registered_method=True)
         self.ListTools = channel.unary_unary(
                 '/toolcell.v1.Supervisor/ListTools',
                 request_serializer=toolcell_dot_v1_dot_supervisor__pb2.ListToolsRequest.SerializeToString,
@@ -58,6 +63,15 @@ class SupervisorServicer:
         """Run one tool invocation in a fresh sandbox. Stream: Started, then stdout/stderr chunks as they
         happen, then exactly one Result. Rejections before any sandbox exists are gRPC errors
         (NOT_FOUND for an unknown tool, INVALID_ARGUMENT naming the bad field, ...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Call(self, request, context):
+        """The same invocation for a caller that wants only the answer: no streamed events, one Result.
+        Same authorization, limits, audit and tracing as Execute; a warm call is one request and one
+        response on the wire (no Started or output messages to write and read on the way).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +98,11 @@ def add_SupervisorServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=toolcell_dot_v1_dot_supervisor__pb2.ExecuteRequest.FromString,
                     response_serializer=toolcell_dot_v1_dot_supervisor__pb2.ExecuteEvent.SerializeToString,
+            ),
+            'Call': grpc.unary_unary_rpc_method_handler(
+                    servicer.Call,
+                    request_deserializer=toolcell_dot_v1_dot_supervisor__pb2.ExecuteRequest.FromString,
+                    response_serializer=toolcell_dot_v1_dot_supervisor__pb2.Result.SerializeToString,
             ),
             'ListTools': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTools,
@@ -123,6 +142,33 @@ class Supervisor:
             '/toolcell.v1.Supervisor/Execute',
             toolcell_dot_v1_dot_supervisor__pb2.ExecuteRequest.SerializeToString,
             toolcell_dot_v1_dot_supervisor__pb2.ExecuteEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Call(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/toolcell.v1.Supervisor/Call',
+            toolcell_dot_v1_dot_supervisor__pb2.ExecuteRequest.SerializeToString,
+            toolcell_dot_v1_dot_supervisor__pb2.Result.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,179 @@
+"""A container's resource usage, read from the host's cgroup files (v1 or v2, cgroupfs or systemd driver).
+
+The engine reports no usage for a container once it is gone, and a short tool is gone quickly, so
+usage is sampled while the sandbox runs: ``UsageSampler`` is one background thread reading every live
+sandbox's ``CgroupProbe`` each interval, and the backend takes a last reading when it learns of the end.
+The cgroup disappears with the container's last process, so the last sample is the best-known value
+(and a tool that exits within one interval may be undercounted). Engine-neutral: no docker import.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from runtime.model import Usage
+
+__all__ = ["CgroupLayout", "CgroupProbe", "UsageSampler"]
+
+
+class CgroupLayout:
+    """Where a container's cgroup files live on this host (cgroup v1 or v2, cgroupfs or systemd)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.v2 = (root / "cgroup.controllers").exists()
+
+    def memory_candidates(self, cid: str) -> list[tuple[Path, bool]]:
+        """(file, is_peak): a peak file, or a current-usage file whose maximum we track."""
+        if self.v2:
+            dirs = self._v2_dirs(cid)
+            return [(d / "memory.peak", True) for d in dirs] + [(d / "memory.current", False) for d in dirs]
+        return [(d / "memory.max_usage_in_bytes", True) for d in self._v1_dirs("memory", cid)]
+
+    def oom_candidates(self, cid: str) -> list[Path]:
+        if self.v2:
+            return [d / "memory.events" for d in self._v2_dirs(cid)]
+        return [d / "memory.oom_control" for d in self._v1_dirs("memory", cid)]
+
+    def cpu_candidates(self, cid: str) -> list[Path]:
+        if self.v2:
+            return [d / "cpu.stat" for d in self._v2_dirs(cid)]
+        return [d / "cpuacct.usage" for d in self._v1_dirs("cpuacct", cid)]
+
+    def _v2_dirs(self, cid: str) -> list[Path]:
+        return [self.root / "system.slice" / f"docker-{cid}.scope", self.root / "docker" / cid]
+
+    def _v1_dirs(self, controller: str, cid: str) -> list[Path]:
+        base = self.root / controller
+        return [base / "docker" / cid, base / "system.slice" / f"docker-{cid}.scope"]
+
+
+class CgroupProbe:
+    """Peak memory and CPU time of one container, from the host's cgroup files."""
+
+    def __init__(self, layout: CgroupLayout, cid: str) -> None:
+        self._layout = layout
+        self._cid = cid
+        self._lock = threading.Lock()
+        self._memory: tuple[Path, bool] | None = None
+        self._cpu: Path | None = None
+        self._peak_memory = 0
+        self._cpu_ns = 0
+
+    def sample(self) -> None:
+        memory = self._read_memory()
+        cpu = self._read_cpu()
+        with self._lock:
+            self._peak_memory = max(self._peak_memory, memory)
+            self._cpu_ns = max(self._cpu_ns, cpu)
+
+    def oom_kills(self) -> int:
+        """OOM kills in the sandbox's memory cgroup so far (0 when the cgroup is gone or can't tell)."""
+        for path in self._layout.oom_candidates(self._cid):
+            value = _read_key(path, "oom_kill")
+            if value is not None:
+                return value
+        return 0
+
+    def usage(self) -> Usage:
+        with self._lock:
+            return Usage(peak_memory_bytes=self._peak_memory, cpu_time_ns=self._cpu_ns)
+
+    def _read_memory(self) -> int:
+        candidates = [self._memory] if self._memory else self._layout.memory_candidates(self._cid)
+        for path, is_peak in candidates:
+            value = _read_int(path)
+            if value is not None:
+                self._memory = (path, is_peak)
+                return value
+        return 0
+
+    def _read_cpu(self) -> int:
+        candidates = [self._cpu] if self._cpu else self._layout.cpu_candidates(self._cid)
+        for path in candidates:
+            if path.name == "cpu.stat":
+                value = _read_usage_usec(path)
+                value = None if value is None else value * 1000
+            else:
+                value = _read_int(path)
+            if value is not None:
+                self._cpu = path
+                return value
+        return 0
+
+
+class UsageSampler:
+    """One background thread sampling every live container's cgroup every ``interval_s``."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._probes: set[CgroupProbe] = set()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def add(self, probe: CgroupProbe) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            self._probes.add(probe)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="toolcell-usage", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def discard(self, probe: CgroupProbe) -> None:
+        with self._cond:
+            self._probes.discard(probe)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._probes.clear()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._probes and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                probes = list(self._probes)
+            for probe in probes:
+                probe.sample()
+            with self._cond:
+                if self._stopped:
+                    return
+                self._cond.wait(self._interval_s)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_key(path: Path, key: str) -> int | None:
+    """``key``'s value in a flat-keyed cgroup file (``name value`` per line)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _read_usage_usec(path: Path) -> int | None:
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "usage_usec":
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None

@@ -1,0 +1,99 @@
+"""The SO_PEERCRED forwarder in front of the gRPC socket: bytes pass intact both ways, half-close travels,
+each connection is known by its upstream name with the kernel's credentials, and limits hold."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from runtime.server.peer import PeerForwarder, _Relay
+
+
+class _Recorder(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+
+@contextlib.asynccontextmanager
+async def forwarder(tmp_path: Path, max_connections: int = 8) -> AsyncIterator[tuple[PeerForwarder, list[bytes]]]:
+    """An upstream that answers each connection with the SHA-256 of all it received (after EOF)."""
+    seen: list[bytes] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(writer.get_extra_info("peername"))
+        digest = hashlib.sha256()
+        while data := await reader.read(65536):
+            digest.update(data)
+        writer.write(digest.hexdigest().encode())
+        await writer.drain()
+        writer.close()
+
+    inner = tmp_path / "inner.sock"
+    server = await asyncio.start_unix_server(upstream, path=str(inner))
+    fwd = PeerForwarder(tmp_path / "public.sock", inner, mode=0o600, max_connections=max_connections)
+    await fwd.start()
+    try:
+        yield fwd, seen
+    finally:
+        await fwd.stop()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_bytes_pass_intact_and_half_close_travels_to_the_upstream(tmp_path: Path) -> None:
+    payload = os.urandom(8 * 1024 * 1024)  # many times the socket buffers: flow control is exercised
+    async with forwarder(tmp_path) as (fwd, seen):
+        reader, writer = await asyncio.open_unix_connection(str(fwd.public))
+        writer.write(payload)  # sent at once, before the forwarder's upstream connection exists
+        await writer.drain()
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+        writer.close()
+    assert answer.decode() == hashlib.sha256(payload).hexdigest()
+    assert len(seen) == 1 and seen[0].startswith(b"\x00")  # the upstream sees the autobound abstract name
+
+
+async def test_each_connection_is_mapped_to_the_callers_credentials_until_it_closes(tmp_path: Path) -> None:
+    async with forwarder(tmp_path) as (fwd, _):
+        _, writer = await asyncio.open_unix_connection(str(fwd.public))
+        for _ in range(100):
+            if fwd.peers:
+                break
+            await asyncio.sleep(0.01)
+        [(key, cred)] = fwd.peers.items()
+        assert key.startswith("unix-abstract:")
+        assert (cred.uid, cred.gid, cred.pid) == (os.getuid(), os.getgid(), os.getpid())
+        writer.close()
+        for _ in range(100):
+            if not fwd.peers:
+                break
+            await asyncio.sleep(0.01)
+        assert fwd.peers == {}
+
+
+async def test_connections_beyond_the_limit_are_closed(tmp_path: Path) -> None:
+    async with forwarder(tmp_path, max_connections=1) as (fwd, _):
+        _, first = await asyncio.open_unix_connection(str(fwd.public))
+        await asyncio.sleep(0.05)
+        reader, second = await asyncio.open_unix_connection(str(fwd.public))
+        assert await asyncio.wait_for(reader.read(), timeout=5) == b""  # closed without a byte
+        second.close()
+        first.close()
+
+
+def test_bytes_received_before_the_other_end_exists_are_kept_in_order() -> None:
+    relay, sink = _Relay(), _Relay()
+    sink.transport = _Recorder()
+    relay.data_received(b"PRI * HTTP/2.0")
+    relay.data_received(b"\r\n")
+    relay.link(sink)
+    relay.data_received(b"SETTINGS")
+    assert sink.transport.written == [b"PRI * HTTP/2.0", b"\r\n", b"SETTINGS"]
