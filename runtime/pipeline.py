@@ -1,7 +1,7 @@
 """One invocation, as a short sequence of steps that fail closed.
 
-    resolve -> validate -> compile -> inject secrets -> create (or claim warm) -> start(stdin) -> supervise
-            -> collect -> remove -> finalize (scrub verdict, structured content)
+    resolve -> validate -> compile -> inject secrets -> [egress] -> contain: create (or claim warm)
+            -> start(stdin) -> supervise -> collect -> remove -> finalize (scrub verdict, structured content)
 
 Every step before ``create`` rejects the call with no sandbox in existence. From ``create`` on, the
 sandbox is removed in a ``finally`` shielded from cancellation, so it goes on success, error,
@@ -284,10 +284,52 @@ def _set_result_attributes(span: trace.Span, result: Result) -> None:
     })
 
 
+@dataclass
+class Contained:
+    """What one sandbox's lifetime produced."""
+
+    outcome: Outcome
+    usage: Usage
+    sandbox_id: str
+
+
+async def contain(services: Services, resolved: ResolvedTool, plan: ContainerPlan, stdin: bytes, emit: Emit,
+                  cancelled: asyncio.Event, redactor: Redactor, *, invocation_id: str, trace_id: str,
+                  warm_allowed: bool) -> Contained:
+    """create (or claim warm) -> start(stdin) -> supervise -> collect -> remove, always removed."""
+    policy = resolved.profile.output
+    with step("toolcell.create", redactor, **{"toolcell.image": plan.image, "toolcell.runtime": plan.runtime}) as span:
+        # Warm: already started, waiting for its input; start() below delivers it. Never with secrets or
+        # egress (settings keeps such tools out of pools; the caller checks again: ``warm_allowed``).
+        warm = services.claim(plan) if warm_allowed else None
+        span.set_attribute("toolcell.warm", warm is not None)
+        sandbox = warm if warm is not None else await create(services.backend, plan, on_orphan=services.on_sandbox)
+    services.on_sandbox(sandbox)
+    trace.get_current_span().set_attribute("toolcell.sandbox_id", sandbox.id)  # the invocation's span
+    try:
+        with step("toolcell.start", redactor):
+            await sandbox.start(stdin)
+        # After start: telling the caller overlaps with the tool's run (output waits, bounded).
+        await emit(Started(invocation_id=invocation_id, sandbox_id=sandbox.id, profile=resolved.profile.name,
+                           tool=resolved.tool.name, trace_id=trace_id))
+        collected = Collected.create(policy.stdout_max_bytes, policy.stderr_max_bytes, policy.max_total_bytes,
+                                     redactor)
+        # In block mode nothing streams: the verdict needs the whole output first.
+        stream_live = policy.injection != "block"
+        with step("toolcell.run", redactor, **{"toolcell.timeout_s": plan.timeout_s}):
+            outcome = await supervise(sandbox, plan, collected, emit, cancelled, stream_live)
+        with step("toolcell.collect", redactor):
+            usage: Usage = await sandbox.usage()
+    finally:
+        with step("toolcell.remove", redactor):
+            await asyncio.shield(asyncio.ensure_future(services.remove(sandbox)))
+    return Contained(outcome=outcome, usage=usage, sandbox_id=sandbox.id)
+
+
 async def run_invocation(services: Services, request: InvocationRequest, invocation_id: str, emit: Emit,
                          cancelled: asyncio.Event) -> Result:
     """Run one invocation end to end. Raises ToolcellError for rejections before any sandbox."""
-    config, backend = services.config, services.backend
+    config = services.config
     started_at = time.monotonic()
     with step("toolcell.invocation", services.redactor, **{
             "toolcell.tool": request.tool, "toolcell.invocation_id": invocation_id,
@@ -304,9 +346,6 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
         stdin = json.dumps(arguments, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
         with step("toolcell.inject_secrets", services.redactor, **{"toolcell.secrets": len(resolved.tool.secrets)}):
             plan, redactor, delivered = inject_secrets(services, resolved, plan, invocation_id)
-        policy = resolved.profile.output
-        # In block mode nothing streams: the verdict needs the whole output first.
-        stream_live = policy.injection != "block"
         egress = open_egress(services, resolved, invocation_id, redactor)
         destinations: tuple[EgressDestination, ...] = ()
         try:
@@ -318,30 +357,9 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
                 remaining = effective_timeout(resolved, request.deadline_s, time.monotonic())
                 if remaining is not None and remaining < plan.timeout_s:
                     plan = dataclasses.replace(plan, timeout_s=remaining)
-            with step("toolcell.create", redactor, **{"toolcell.image": plan.image,
-                                                      "toolcell.runtime": plan.runtime}) as create_span:
-                # Warm: already started, waiting for its input; start() below delivers it. Never with secrets
-                # or egress (settings keeps such tools out of pools; checked here again).
-                warm = services.claim(plan) if delivered is None and egress is None else None
-                create_span.set_attribute("toolcell.warm", warm is not None)
-                sandbox = warm if warm is not None else await create(backend, plan, on_orphan=services.on_sandbox)
-            services.on_sandbox(sandbox)
-            span.set_attribute("toolcell.sandbox_id", sandbox.id)
-            try:
-                with step("toolcell.start", redactor):
-                    await sandbox.start(stdin)
-                # After start: telling the caller overlaps with the tool's run (output waits, bounded).
-                await emit(Started(invocation_id=invocation_id, sandbox_id=sandbox.id, profile=resolved.profile.name,
-                                   tool=resolved.tool.name, trace_id=trace_id))
-                collected = Collected.create(policy.stdout_max_bytes, policy.stderr_max_bytes, policy.max_total_bytes,
-                                             redactor)
-                with step("toolcell.run", redactor, **{"toolcell.timeout_s": plan.timeout_s}):
-                    outcome = await supervise(sandbox, plan, collected, emit, cancelled, stream_live)
-                with step("toolcell.collect", redactor):
-                    usage: Usage = await sandbox.usage()
-            finally:
-                with step("toolcell.remove", redactor):
-                    await asyncio.shield(asyncio.ensure_future(services.remove(sandbox)))
+            done = await contain(services, resolved, plan, stdin, emit, cancelled, redactor,
+                                 invocation_id=invocation_id, trace_id=trace_id,
+                                 warm_allowed=delivered is None and egress is None)
         finally:
             if egress is not None:
                 with step("toolcell.egress.close", redactor):
@@ -349,17 +367,18 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
             if delivered is not None and services.delivery is not None:
                 services.delivery.cleanup(delivered)
         with step("toolcell.finalize", redactor):
-            verdict = finalize(config, resolved, outcome)
+            verdict = finalize(config, resolved, done.outcome)
+        collected = done.outcome.collected
         result = Result(
-            exit_code=outcome.exit.exit_code,
+            exit_code=done.outcome.exit.exit_code,
             truncated=collected.truncated,
             duration_ms=int((time.monotonic() - started_at) * 1000),
-            usage=usage,
+            usage=done.usage,
             trace_id=trace_id,
             invocation_id=invocation_id,
             stdout_bytes=collected.stdout.buffer.seen,
             stderr_bytes=collected.stderr.buffer.seen,
-            sandbox_id=sandbox.id,
+            sandbox_id=done.sandbox_id,
             redactions=dict(collected.redactions),
             sanitized=dict(collected.sanitized),
             egress=destinations,

@@ -99,6 +99,7 @@ class SandboxStream:
         self._reading = False
         self._ended = False
         self._pending: memoryview | None = None  # stdin not yet written
+        self._half_close = True
         self._judge: Callable[[int], int | None] = lambda status: status
         # The launcher's exit status as judged by ``expect_trailer``'s caller, or None: ask the engine.
         self.trailer: asyncio.Future[int | None] = self._loop.create_future()
@@ -111,14 +112,16 @@ class SandboxStream:
         """From now on, end at this claim's trailer; ``judge`` maps the launcher's status to the result."""
         self._judge = judge
 
-    def send(self, data: bytes) -> None:
-        """Write ``data`` as the tool's whole stdin (or a claim), then half-close (the reader sees EOF).
+    def send(self, data: bytes, *, half_close: bool = True) -> None:
+        """Write ``data`` as the tool's whole stdin, then half-close (the reader sees EOF); a claim is
+        sent with ``half_close=False``: EOF is what tells a launcher that decided its run to exit.
 
         A small input fits the socket buffer and goes at once; the rest as the socket drains. A tool may
         exit without reading its input: that is not an error.
         """
         if self._ended or self._pending is not None:
             return
+        self._half_close = half_close
         self._pending = memoryview(data)
         self._on_writable()
         if self._pending is not None:
@@ -157,8 +160,11 @@ class SandboxStream:
             self._pause()  # the consumer is behind: leave the rest in the buffers before us
 
     def _end_at_trailer(self, status: int | None) -> None:
+        """A pooled run is over. The sockets stay open until ``close()`` (the sandbox's removal, off the
+        call's path): a launcher that reported a clean exit waits for that, so the container's exit -- a
+        burst of engine work -- does not compete with the result on its way back to the caller."""
         self.trailer.set_result(None if status is None else self._judge(status))
-        self._finish(_EOF)
+        self._finish(_EOF, keep_open=True)
 
     def _on_writable(self) -> None:
         pending = self._pending
@@ -174,11 +180,14 @@ class SandboxStream:
             pass  # the tool exited without reading: the rest of its input is moot
         self._pending = None
         self._loop.remove_writer(self._stdin.fileno())  # a no-op when all went at once
-        with contextlib.suppress(OSError):
-            self._stdin.shutdown(socket.SHUT_WR)
+        if self._half_close:
+            with contextlib.suppress(OSError):
+                self._stdin.shutdown(socket.SHUT_WR)
 
-    def _finish(self, end: _Eof | OSError, *, flush: bool = True) -> None:
+    def _finish(self, end: _Eof | OSError, *, flush: bool = True, keep_open: bool = False) -> None:
         if self._ended:
+            if not keep_open:
+                self._close_sockets()
             return
         self._ended = True
         self._pause()
@@ -189,12 +198,17 @@ class SandboxStream:
             self._flush()
         if not self.trailer.done():
             self.trailer.set_result(None)
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        if not keep_open:
+            self._close_sockets()
         self._queue.put_nowait(end)
         self._on_end()
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets:
+            if sock.fileno() >= 0:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
 
 
 class AttachStream(SandboxStream):

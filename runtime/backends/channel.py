@@ -5,7 +5,8 @@ copies each way, and their CPU on a 2-core host) for the claim, for the output a
 launcher's trailers. Over the channel the tool writes its output into the supervisor's socket itself.
 
     control   supervisor -> launcher: "g" (go), then the claim envelope;
-              launcher -> supervisor: "<exit status, 3 digits>\\n" once the tool has exited
+              launcher -> supervisor: "<exit status, 3 digits>\\n" once the tool has exited; after a clean
+              exit the launcher stays until we close control (the sandbox's removal, off the call's path)
     stdout    the tool's fd 1 itself (nobody copies it)
     stderr    the tool's fd 2 itself
 

@@ -462,7 +462,7 @@ class DockerSandbox:
         # Periodic sampling from a little later: waking the sampler thread now would compete with a short
         # run (whose end is sampled anyway, when its trailer arrives).
         asyncio.get_running_loop().call_later(_WARM_SAMPLE_DELAY_S, self._sample_from_now_on)
-        stream.send(envelope(nonce, stdin))
+        stream.send(envelope(nonce, stdin), half_close=False)
 
     def _judge_trailer(self, status: int) -> int | None:
         """The launcher's status is final only for a clean run with no OOM kill in the sandbox's cgroup."""

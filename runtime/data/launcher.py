@@ -15,10 +15,12 @@ Two transports (``runtime/backends/channel.py``, ``attach.py``):
 
 ``--channel=<socket>`` first: connect three times to the supervisor's socket (tags c, o, e), wait for
     "g" on control, then spawn the tool with the o and e connections as its stdout and stderr. The
-    claim arrives on control; the status goes back on control as ``NNN\\n``.
+    claim arrives on control; the status goes back on control as ``NNN\\n``; after a 0 the launcher
+    waits for the supervisor to close control before it exits.
 otherwise: the claim arrives on stdin; the status is a trailer
     ``\\x1etoolcell-end:<nonce>:<NNN>\\n`` on stdout and on stderr (each stream is complete once its
-    trailer arrives). The nonce arrives after the tool was spawned, so the tool cannot forge an end.
+    trailer arrives); after a 0 the launcher waits for EOF on stdin before it exits. The nonce arrives
+    after the tool was spawned, so the tool cannot forge an end.
 
 Standard library only; kept small: it is passed with ``python3 -c``.
 """
@@ -89,11 +91,16 @@ def main() -> int:
     if channel is not None:
         with contextlib.suppress(OSError):
             channel[0].sendall(f"{status:03d}\n".encode())
+            if status == 0:  # decided: exit (a burst of engine work) only when the supervisor lets go
+                channel[0].recv(1)
         return status
     trailer = f"\x1etoolcell-end:{nonce}:{status:03d}\n".encode()
     for fd in (1, 2):
         with contextlib.suppress(OSError):
             os.write(fd, trailer)
+    if status == 0:  # decided: exit (a burst of engine work) only when the supervisor lets go
+        with contextlib.suppress(OSError):
+            claims.read()
     return status
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 
 import grpc
@@ -72,6 +73,9 @@ class App:
         await self.transport.start()
         await self.monitor.check_now()
         self.monitor.start()
+        # Everything built so far (config, validators, seccomp, modules) lives as long as the process: out
+        # of the collector's sight, a full collection no longer walks it (one took 13 ms mid-call; p99).
+        gc.freeze()
         log.info("serving on %s", self.address)
         return self.address
 

@@ -152,3 +152,19 @@ async def test_channel_refuses_a_stranger_and_times_out(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match=r"did not connect within 0\.2s"):
         await quiet.accept(timeout_s=0.2)
     assert not quiet.directory.exists()
+
+
+async def test_after_a_clean_exit_the_launcher_waits_for_the_supervisor_to_let_go(tmp_path: Path) -> None:
+    listener = ChannelListener(tmp_path / "channels")
+    tool = [sys.executable, "-c", "import sys; sys.stdin.read(); print('ok')"]
+    proc = await asyncio.create_subprocess_exec(*launch_command(tuple(tool), python=sys.executable,
+                                                                channel=str(listener.directory / "c.sock")))
+    stream = ChannelStream(await listener.accept(timeout_s=10))
+    stream.expect_trailer(new_nonce(), judge=lambda status: status)
+    stream.send(envelope("n" * 32, b"{}"), half_close=False)  # as a claim is sent
+    assert b"".join([data async for _, data in stream.chunks()]) == b"ok\n"
+    assert await stream.trailer == 0
+    with pytest.raises(TimeoutError):  # decided, but still there: its exit waits for the sandbox's removal
+        await asyncio.wait_for(asyncio.shield(proc.wait()), timeout=0.3)
+    stream.close()
+    assert await asyncio.wait_for(proc.wait(), timeout=10) == 0
