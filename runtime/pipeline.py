@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from opentelemetry import trace
 
-from runtime.backends.base import Backend, ExitInfo, Sandbox
+from runtime.backends.base import Backend, ExitInfo, Sandbox, WarmSandbox
 from runtime.egress.session import EgressSession, egress_attributes
 from runtime.errors import InvalidArguments, SecretError, ToolcellError, ToolNotFound
 from runtime.model import (
@@ -71,8 +71,9 @@ class Services:
     # Called with the sandbox once created (and with late sandboxes created after abandonment).
     on_sandbox: Callable[[Sandbox], None] = lambda s: None
     remove: Callable[[Sandbox], Awaitable[None]] = lambda s: s.remove()
-    # A started sandbox made from this plan, from a warm pool; None: create one (the cold path).
-    claim: Callable[[ContainerPlan], Sandbox | None] = lambda plan: None
+    # A started sandbox made from this plan, from a warm pool (deferred: the claim brings the secrets);
+    # None: create one (the cold path).
+    claim: Callable[[ContainerPlan, bool], WarmSandbox | None] = lambda plan, defer: None
     # Redacts everything the supervisor knows as secret (for error messages and span status).
     redactor: Redactor = dataclasses.field(default_factory=Redactor)
 
@@ -293,22 +294,35 @@ class Contained:
     sandbox_id: str
 
 
+@dataclass(frozen=True)
+class WarmClaim:
+    """How to take this invocation from a pool: the plan before secrets, and the secrets for the claim."""
+
+    plan: ContainerPlan
+    env: Mapping[str, str]
+
+
 async def contain(services: Services, resolved: ResolvedTool, plan: ContainerPlan, stdin: bytes, emit: Emit,
                   cancelled: asyncio.Event, redactor: Redactor, *, invocation_id: str, trace_id: str,
-                  warm_allowed: bool) -> Contained:
+                  warm: WarmClaim | None) -> Contained:
     """create (or claim warm) -> start(stdin) -> supervise -> collect -> remove, always removed."""
     policy = resolved.profile.output
     with step("toolcell.create", redactor, **{"toolcell.image": plan.image, "toolcell.runtime": plan.runtime}) as span:
-        # Warm: already started, waiting for its input; start() below delivers it. Never with secrets or
-        # egress (settings keeps such tools out of pools; the caller checks again: ``warm_allowed``).
-        warm = services.claim(plan) if warm_allowed else None
-        span.set_attribute("toolcell.warm", warm is not None)
-        sandbox = warm if warm is not None else await create(services.backend, plan, on_orphan=services.on_sandbox)
+        # Warm: already started, waiting for its input (and, deferred, its secrets); start() or claim()
+        # below delivers them. Never with secret files or egress (settings keeps such tools out of pools;
+        # the caller checks again: ``warm`` is None then).
+        pooled = services.claim(warm.plan, bool(warm.env)) if warm is not None else None
+        span.set_attribute("toolcell.warm", pooled is not None)
+        sandbox = pooled if pooled is not None else await create(services.backend, plan,
+                                                                 on_orphan=services.on_sandbox)
     services.on_sandbox(sandbox)
     trace.get_current_span().set_attribute("toolcell.sandbox_id", sandbox.id)  # the invocation's span
     try:
         with step("toolcell.start", redactor):
-            await sandbox.start(stdin)
+            if pooled is not None and warm is not None and warm.env:
+                await pooled.claim(stdin, warm.env)
+            else:
+                await sandbox.start(stdin)
         # After start: telling the caller overlaps with the tool's run (output waits, bounded).
         await emit(Started(invocation_id=invocation_id, sandbox_id=sandbox.id, profile=resolved.profile.name,
                            tool=resolved.tool.name, trace_id=trace_id))
@@ -344,6 +358,7 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
             plan = compile_step(config, resolved, invocation_id,
                                 effective_timeout(resolved, request.deadline_s, time.monotonic()))
         stdin = json.dumps(arguments, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        unsecret = plan
         with step("toolcell.inject_secrets", services.redactor, **{"toolcell.secrets": len(resolved.tool.secrets)}):
             plan, redactor, delivered = inject_secrets(services, resolved, plan, invocation_id)
         egress = open_egress(services, resolved, invocation_id, redactor)
@@ -357,9 +372,11 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
                 remaining = effective_timeout(resolved, request.deadline_s, time.monotonic())
                 if remaining is not None and remaining < plan.timeout_s:
                     plan = dataclasses.replace(plan, timeout_s=remaining)
+            # A pooled sandbox can take secret environment variables with its claim, not secret files.
+            poolable = egress is None and (delivered is None or not delivered.mounts)
+            warm = WarmClaim(plan=unsecret, env=delivered.env if delivered is not None else {}) if poolable else None
             done = await contain(services, resolved, plan, stdin, emit, cancelled, redactor,
-                                 invocation_id=invocation_id, trace_id=trace_id,
-                                 warm_allowed=delivered is None and egress is None)
+                                 invocation_id=invocation_id, trace_id=trace_id, warm=warm)
         finally:
             if egress is not None:
                 with step("toolcell.egress.close", redactor):

@@ -4,7 +4,8 @@ For every tool with a ``pool`` in the config, ``PoolManager`` keeps ``size`` san
 the full hardening of the tool's profile and started (``Backend.create_warm``): the tool's process is
 up and waiting for its input. ``claim(plan)`` hands one to an invocation (never twice); the pipeline
 runs it exactly as a cold sandbox, and it is destroyed afterwards. A pooled sandbox holds no
-arguments and no secrets until claimed (tools granted secrets are never pooled: see settings).
+arguments and no secrets until claimed: a tool granted secrets (as environment variables) is spawned by
+the launcher only at the claim, which carries them; tools granted secret files are not pooled.
 
 Everything else happens off the request's critical path, in one task per pool:
 refill (at most ``refill_concurrency`` engine creations at once across all pools, so refilling never
@@ -82,6 +83,8 @@ class _Pool:
     spec: PoolSpec
     plan: ContainerPlan
     key: int
+    # The tool is granted secrets: its sandboxes spawn it at the claim, with the secrets (``defer``).
+    defer: bool = False
     ready: collections.deque[_Entry] = field(default_factory=collections.deque)
     creating: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -111,19 +114,20 @@ class PoolManager:
         """Start, resize, drain or stop pools to match ``config`` (at start-up and on reload)."""
         if self._closed:
             return
-        wanted: dict[str, tuple[PoolSpec, ContainerPlan, int]] = {}
+        wanted: dict[str, tuple[PoolSpec, ContainerPlan, int, bool]] = {}
         for name, spec in config.pools.items():
-            plan = compile_step(config, resolve(config, name), "pool-" + secrets.token_hex(8), None)
-            wanted[name] = (spec, plan, fingerprint(plan))
+            resolved = resolve(config, name)
+            plan = compile_step(config, resolved, "pool-" + secrets.token_hex(8), None)
+            wanted[name] = (spec, plan, fingerprint(plan), bool(resolved.tool.secrets))
         for name, pool in list(self._pools.items()):
-            if name not in wanted or wanted[name][2] != pool.key:
+            if name not in wanted or wanted[name][2:] != (pool.key, pool.defer):
                 log.info("draining the pool of %s (%s)", name, "removed" if name not in wanted else "changed")
                 self._stop(pool)
                 del self._pools[name]
-        for name, (spec, plan, key) in wanted.items():
+        for name, (spec, plan, key, defer) in wanted.items():
             existing = self._pools.get(name)
             if existing is None:
-                pool = self._pools[name] = _Pool(tool=name, spec=spec, plan=plan, key=key)
+                pool = self._pools[name] = _Pool(tool=name, spec=spec, plan=plan, key=key, defer=defer)
                 pool.task = self._spawn(self._maintain(pool))
             else:
                 existing.spec = spec
@@ -131,12 +135,15 @@ class PoolManager:
 
     # -- the critical path: no await, no engine call --------------------------------------------------
 
-    def claim(self, plan: ContainerPlan) -> Sandbox | None:
-        """A started sandbox made from ``plan``, for this one invocation; None when the pool is empty."""
+    def claim(self, plan: ContainerPlan, defer: bool = False) -> WarmSandbox | None:
+        """A started sandbox made from ``plan``, for this one invocation; None when the pool is empty.
+
+        ``defer``: the invocation brings secrets, to be delivered with the claim (a deferred sandbox).
+        """
         pool = self._pools.get(plan.labels.get(LABEL_TOOL, ""))
         if pool is None or pool.closed:
             return None
-        if fingerprint(plan) != pool.key:
+        if fingerprint(plan) != pool.key or defer != pool.defer:
             return None  # e.g. an invocation still running under the previous config
         while pool.ready:
             entry = pool.ready.popleft()
@@ -275,7 +282,7 @@ class PoolManager:
                     return
                 plan = dataclasses.replace(pool.plan, labels={**pool.plan.labels,
                                                               LABEL_INVOCATION: "pool-" + secrets.token_hex(8)})
-                sandbox = await self.backend.create_warm(plan, on_exit=pool.wake.set)
+                sandbox = await self.backend.create_warm(plan, on_exit=pool.wake.set, defer=pool.defer)
             self._owned.add(sandbox.id)
             if pool.closed:
                 await self._remove(sandbox)

@@ -93,8 +93,9 @@ class Config:
     environ: Mapping[str, str] = field(default_factory=dict)
     egress: EgressSettings = field(default_factory=EgressSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
-    # Tool name -> its warm pool (the tool's own ``pool``, else its profile's). Tools granted secrets
-    # are never pooled: a pooled container must hold no secret before it is claimed.
+    # Tool name -> its warm pool (the tool's own ``pool``, else its profile's). Tools granted secret files
+    # are never pooled: a pooled container must hold no secret before it is claimed (env secrets come
+    # with the claim).
     pools: Mapping[str, PoolSpec] = field(default_factory=dict)
 
 
@@ -165,8 +166,9 @@ def _build_pools(doc: Mapping[str, Any], tools: Mapping[str, Tool],
                  profiles: Mapping[str, IsolationProfile]) -> dict[str, PoolSpec]:
     """Resolve each tool's pool: its own, else its profile's (inherited through ``extends``).
 
-    Never pooled (always the cold path): tools granted secrets (a pooled container must hold none before
-    its claim) and tools whose profile grants egress (their network is made per invocation).
+    Never pooled (always the cold path): tools granted secret *files* (a pooled container must hold no
+    secret before its claim, and a file is mounted at creation) and tools whose profile grants egress
+    (their network is made per invocation). Secret environment variables arrive with the claim.
     """
     raw_profiles = doc.get("profiles", {})
 
@@ -179,11 +181,12 @@ def _build_pools(doc: Mapping[str, Any], tools: Mapping[str, Tool],
     pools: dict[str, PoolSpec] = {}
     for i, raw in enumerate(doc.get("tools", [])):
         tool = tools[raw["name"]]
-        unpoolable = tool.secrets or profiles[tool.profile].network
+        secret_files = any(g.file for g in tool.secrets)
+        unpoolable = secret_files or profiles[tool.profile].network
         if "pool" in raw:
             if unpoolable and raw["pool"].get("size", 0) > 0:
-                why = ("granted secrets: a pooled container must hold no secret before it is claimed" if tool.secrets
-                       else "granted egress: its network is made for each invocation")
+                why = ("granted secret files: a pooled container must hold no secret before it is claimed"
+                       if secret_files else "granted egress: its network is made for each invocation")
                 raise ConfigError(f"this tool cannot be pooled: it is {why}", key=f"tools[{i}].pool")
             spec: PoolSpec | None = _pool_spec(raw["pool"], profile_pool(tool.profile), f"tools[{i}].pool")
         else:

@@ -59,6 +59,10 @@ class WarmSandbox(Sandbox, Protocol):
     def alive(self) -> bool:
         """Started, unclaimed, and its process has not ended."""
 
+    async def claim(self, stdin: bytes, env: Mapping[str, str]) -> None:
+        """Like ``start``, and the tool is spawned now with ``env`` (its granted secrets) added to its
+        environment: only for a sandbox created with ``defer=True``."""
+
 
 class Backend(Protocol):
     name: str
@@ -66,8 +70,11 @@ class Backend(Protocol):
     async def create(self, plan: ContainerPlan) -> Sandbox:
         """Create (not start) a sandbox for ``plan``. Raises ImageMissing/RuntimeMissing/EngineUnavailable."""
 
-    async def create_warm(self, plan: ContainerPlan, on_exit: Callable[[], None]) -> WarmSandbox:
+    async def create_warm(self, plan: ContainerPlan, on_exit: Callable[[], None], *,
+                          defer: bool = False) -> WarmSandbox:
         """Create and start a pooled sandbox for ``plan`` that waits for its claim (see ``WarmSandbox``).
+
+        ``defer``: its tool is spawned at the claim (``claim(stdin, env)``), for tools granted secrets.
 
         ``on_exit`` is called on the event loop if it ends before being claimed. A clean run's end may
         be reported in-band (before the engine processes the exit); other outcomes come from the engine.

@@ -58,11 +58,11 @@ class ChannelListener:
         # 0755 / 0666: the sandbox's (unknown, non-root) uid must reach and connect to the socket. Nobody
         # else can: the directory is reachable only through ``base`` (0700) or the sandbox's own mount.
         self.directory.mkdir(mode=0o755)
-        os.chmod(self.directory, 0o755)  # noqa: S103 # nosec B103 - behind the 0700 base (see above)
+        os.chmod(self.directory, 0o755)  # noqa: S103 # nosec B103 - behind the private base directory (see above)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.bind(str(self.directory / _SOCKET))
-            os.chmod(self.directory / _SOCKET, 0o666)  # noqa: S103 # nosec B103 - behind the 0700 base
+            os.chmod(self.directory / _SOCKET, 0o666)  # noqa: S103 # nosec B103 - behind the private base directory
             self._sock.listen(3)
             self._sock.setblocking(False)
         except OSError:

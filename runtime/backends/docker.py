@@ -142,7 +142,8 @@ class DockerBackend:
         )
         return DockerSandbox(self, container_id)
 
-    async def create_warm(self, plan: ContainerPlan, on_exit: Callable[[], None]) -> DockerSandbox:
+    async def create_warm(self, plan: ContainerPlan, on_exit: Callable[[], None], *,
+                          defer: bool = False) -> DockerSandbox:
         """Create and start a pooled sandbox: the launcher in front of the tool, both waiting for a claim.
 
         ``on_exit`` is called (on the event loop) if the sandbox's output ends before it is claimed.
@@ -150,7 +151,7 @@ class DockerBackend:
         """
         if self._channel_dir is not None and plan.runtime == "runc" and self._channel_works is not False:
             try:
-                sandbox = await self._create_warm_channel(plan, self._channel_dir, on_exit)
+                sandbox = await self._create_warm_channel(plan, self._channel_dir, on_exit, defer)
             except _ChannelDown as exc:
                 if self._channel_works:
                     raise BackendError(str(exc)) from exc
@@ -159,9 +160,9 @@ class DockerBackend:
             else:
                 self._channel_works = True
                 return sandbox
-        warm_plan = dataclasses.replace(plan, command=launch_command(plan.command))
+        warm_plan = dataclasses.replace(plan, command=launch_command(plan.command, defer=defer))
         sandbox = await self.create(warm_plan)
-        sandbox._warm = True
+        sandbox._warm, sandbox._defer = True, defer
         sandbox._on_exit = on_exit
         try:
             await sandbox._launch()
@@ -170,11 +171,11 @@ class DockerBackend:
             raise
         return sandbox
 
-    async def _create_warm_channel(self, plan: ContainerPlan, base: Path, on_exit: Callable[[], None]
-                                   ) -> DockerSandbox:
+    async def _create_warm_channel(self, plan: ContainerPlan, base: Path, on_exit: Callable[[], None],
+                                   defer: bool) -> DockerSandbox:
         listener = ChannelListener(base)
         warm_plan = dataclasses.replace(
-            plan, command=launch_command(plan.command, channel=f"{CHANNEL_DIR}/c.sock"),
+            plan, command=launch_command(plan.command, channel=f"{CHANNEL_DIR}/c.sock", defer=defer),
             mounts=(*plan.mounts, Mount(source=str(listener.directory), target=CHANNEL_DIR)))
         try:
             container_id = await self._call(functools.partial(self._create_container, warm_plan, attach=False),
@@ -185,7 +186,7 @@ class DockerBackend:
                 raise _ChannelDown(f"the engine cannot mount {base}: {exc}") from exc
             raise
         sandbox = DockerSandbox(self, container_id)
-        sandbox._warm, sandbox._on_exit, sandbox._started = True, on_exit, True
+        sandbox._warm, sandbox._on_exit, sandbox._started, sandbox._defer = True, on_exit, True, defer
         try:
             await self._call(functools.partial(self._api.start, container_id))
             try:
@@ -431,6 +432,7 @@ class DockerSandbox:
         self._warm = False
         self._on_exit: Callable[[], None] = lambda: None
         self._claimed = False
+        self._defer = False  # the launcher spawns the tool at the claim, with the claim's environment
         self._sent_kill = False  # a SIGKILL exit is then ours, not the OOM killer's
 
     @property
@@ -445,12 +447,17 @@ class DockerSandbox:
 
     async def start(self, stdin: bytes) -> None:
         if self._warm:
-            self._claim(stdin)
+            self._claim(stdin, {})
             return
         await self._launch(stdin)
 
-    def _claim(self, stdin: bytes) -> None:
-        """Deliver the claim envelope (nonce + arguments) to the waiting launcher."""
+    async def claim(self, stdin: bytes, env: Mapping[str, str]) -> None:
+        if not (self._warm and self._defer):
+            raise BackendError(f"sandbox {self._id[:12]} cannot take an environment at its claim")
+        self._claim(stdin, env)
+
+    def _claim(self, stdin: bytes, env: Mapping[str, str]) -> None:
+        """Deliver the claim envelope (nonce + arguments [+ env]) to the waiting launcher."""
         if self._claimed:
             raise BackendError(f"sandbox {self._id[:12]} was already claimed")
         self._claimed = True
@@ -462,7 +469,7 @@ class DockerSandbox:
         # Periodic sampling from a little later: waking the sampler thread now would compete with a short
         # run (whose end is sampled anyway, when its trailer arrives).
         asyncio.get_running_loop().call_later(_WARM_SAMPLE_DELAY_S, self._sample_from_now_on)
-        stream.send(envelope(nonce, stdin), half_close=False)
+        stream.send(envelope(nonce, stdin, env), half_close=False)
 
     def _judge_trailer(self, status: int) -> int | None:
         """The launcher's status is final only for a clean run with no OOM kill in the sandbox's cgroup."""

@@ -20,6 +20,7 @@ assert cleanup.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import signal as signals
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -104,6 +105,7 @@ class FakeSandbox:
         self.removed = False
         # Pooled: "started" at creation, waiting for its claim; ``died()`` ends it before the claim.
         self.warm = False
+        self.defer = False  # spawned at the claim, with the claim's env (granted secrets)
         self.claimed = False
         self._on_exit: Callable[[], None] = lambda: None
         self._dead = False
@@ -138,6 +140,13 @@ class FakeSandbox:
             self.claimed = True
         self._proc = FakeProcess(stdin=stdin, plan=self.plan, _write=self._write)
         self._task = asyncio.create_task(self._run(self._proc), name=f"fake-sandbox-{self._id}")
+
+    async def claim(self, stdin: bytes, env: Mapping[str, str]) -> None:
+        """A deferred pooled sandbox's claim: the behaviour sees ``env`` added to its plan's environment."""
+        if not (self.warm and self.defer):
+            raise BackendError(f"sandbox {self._id} cannot take an environment at its claim")
+        self.plan = dataclasses.replace(self.plan, env={**self.plan.env, **env})
+        await self.start(stdin)
 
     async def output(self) -> AsyncIterator[tuple[StreamName, bytes]]:
         if self._task is None:
@@ -259,9 +268,10 @@ class FakeBackend:
         self.plans[sandbox_id] = plan
         return sandbox
 
-    async def create_warm(self, plan: ContainerPlan, on_exit: Callable[[], None]) -> FakeSandbox:
+    async def create_warm(self, plan: ContainerPlan, on_exit: Callable[[], None], *,
+                          defer: bool = False) -> FakeSandbox:
         sandbox = await self.create(plan)
-        sandbox.warm = True
+        sandbox.warm, sandbox.defer = True, defer
         sandbox._on_exit = on_exit
         self.warm_created.append(sandbox.id)
         return sandbox

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Mapping
 from functools import cache
 from importlib import resources
 
@@ -26,12 +27,14 @@ def launcher_source() -> str:
     return resources.files("runtime.data").joinpath("launcher.py").read_text()
 
 
-def launch_command(command: tuple[str, ...], python: str = "python3", channel: str = "") -> tuple[str, ...]:
+def launch_command(command: tuple[str, ...], python: str = "python3", channel: str = "",
+                   defer: bool = False) -> tuple[str, ...]:
     """The pooled sandbox's command: the launcher (isolated mode, inline source) in front of the tool.
 
     ``channel``: the socket path inside the sandbox to connect to (the channel transport), or "" (attach).
+    ``defer``: spawn the tool only at the claim, with the claim's environment (tools granted secrets).
     """
-    flags = (f"--channel={channel}",) if channel else ()
+    flags = (("--defer",) if defer else ()) + ((f"--channel={channel}",) if channel else ())
     return (python, "-I", "-c", launcher_source(), *flags, *command)
 
 
@@ -39,10 +42,14 @@ def new_nonce() -> str:
     return secrets.token_hex(_NONCE_HEX // 2)
 
 
-def envelope(nonce: str, stdin: bytes) -> bytes:
-    """The claim: one JSON line with the nonce and the tool's arguments (its whole stdin)."""
+def envelope(nonce: str, stdin: bytes, env: Mapping[str, str] | None = None) -> bytes:
+    """The claim: one JSON line with the nonce, the tool's arguments (its whole stdin) and, for a deferred
+    launcher, the environment variables the tool is granted (its secrets)."""
     text = stdin.decode("utf-8", "surrogateescape")
-    return json.dumps({"nonce": nonce, "arguments": text}, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+    claim: dict[str, object] = {"nonce": nonce, "arguments": text}
+    if env:
+        claim["env"] = dict(env)
+    return json.dumps(claim, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
 
 
 class TrailerScanner:

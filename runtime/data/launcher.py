@@ -11,6 +11,9 @@ It writes the arguments to the tool's stdin and closes it, waits for the tool, r
 exit status (128+N for signal N), and exits with it. SIGTERM/SIGINT/SIGHUP are forwarded to the tool.
 This process is made non-dumpable before the tool exists, so the tool cannot read its memory or fds.
 
+``--defer`` (tools granted secrets): the tool is spawned only at the claim, whose ``env`` (the granted
+secrets) is added to its environment: nothing secret is in the sandbox before the claim.
+
 Two transports (``runtime/backends/channel.py``, ``attach.py``):
 
 ``--channel=<socket>`` first: connect three times to the supervisor's socket (tags c, o, e), wait for
@@ -41,9 +44,20 @@ def connect(path: str, tag: bytes) -> socket.socket:
     return sock
 
 
+def spawn(command: list[str], channel: list[socket.socket] | None, env: dict[str, str] | None
+          ) -> subprocess.Popen[bytes]:
+    if channel is None:
+        return subprocess.Popen(command, stdin=subprocess.PIPE, close_fds=True, env=env)  # noqa: S603 # nosec B603
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=channel[1].fileno(),  # noqa: S603 # nosec B603
+                            stderr=channel[2].fileno(), close_fds=True, env=env)
+
+
 def main() -> int:
     command = sys.argv[1:]
     channel = None
+    defer = bool(command) and command[0] == "--defer"
+    if defer:
+        command.pop(0)
     if command and command[0].startswith("--channel="):
         path = command.pop(0)[len("--channel="):]
         channel = [connect(path, tag) for tag in (b"c", b"o", b"e")]
@@ -55,20 +69,15 @@ def main() -> int:
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE=0: no /proc/<pid>/mem or fd for the tool
     except Exception:  # noqa: S110 # nosec B110 - best effort; the nonce only guards an early end
         pass
-    if channel is not None:
-        control, out, err = channel
-        child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out.fileno(), stderr=err.fileno(),  # noqa: S603 # nosec B603
-                                 close_fds=True)
-        out.close()
-        err.close()
-        claims: typing.BinaryIO = control.makefile("rb")
-    else:
-        child = subprocess.Popen(command, stdin=subprocess.PIPE, close_fds=True)  # noqa: S603 # nosec B603
-        claims = sys.stdin.buffer
+    claims: typing.BinaryIO = channel[0].makefile("rb") if channel is not None else sys.stdin.buffer
+    children: list[subprocess.Popen[bytes]] = []
+    if not defer:
+        children.append(spawn(command, channel, None))
 
     def forward(signum: int, frame: object) -> None:
-        if child.poll() is None:
-            child.send_signal(signum)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
@@ -77,10 +86,21 @@ def main() -> int:
         envelope = json.loads(line)
         nonce = str(envelope["nonce"])
         arguments = str(envelope["arguments"]).encode()
+        extra = {str(k): str(v) for k, v in dict(envelope.get("env") or {}).items()}
+        if extra and not defer:
+            raise ValueError("the tool is already running: its environment is fixed")
     except (ValueError, KeyError, TypeError):
-        child.kill()
-        child.wait()
+        for child in children:
+            child.kill()
+            child.wait()
         return 125
+    if defer:  # granted secrets arrive with the claim: the tool starts now, with them in its environment
+        children.append(spawn(command, channel, {**os.environ, **extra}))
+        del extra, envelope, line
+    if channel is not None:
+        channel[1].close()
+        channel[2].close()
+    child = children[0]
     stdin = child.stdin
     if stdin is not None:
         with contextlib.suppress(OSError):  # the tool may exit without reading its input

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import json
 import signal
 import time
@@ -166,23 +167,28 @@ async def test_no_secret_in_a_pooled_container_before_its_claim(tmp_path: Path) 
     store = tmp_path / "secrets.json"
     SecretStore(store, __import__("base64").b64decode(key)).set("canary", CANARY)
     doc = config_doc(f"test-{uuid.uuid4().hex[:10]}", str(tmp_path / "s.sock"))
-    doc["profiles"]["default"]["pool"] = {"size": 1}  # every tool of the profile, unless it is granted secrets
+    doc["profiles"]["default"]["pool"] = {"size": 1}  # every tool of the profile, unless granted secret files
     doc["secrets"] = {"store": str(store), "files_dir": str(tmp_path / "secret-files")}
     with_transport(doc)
     doc["tools"] = [t for t in doc["tools"] if t["name"] == "python.run"] + [
         {"name": "leaky", "description": "granted the canary", "image": RUNNER_IMAGE, "command": PYRUN,
          "input_schema": CODE,
-         "secrets": [{"name": "canary", "env": "CANARY_TOKEN"}, {"name": "canary", "file": "/run/secrets/canary"}]}]
+         "secrets": [{"name": "canary", "env": "CANARY_TOKEN"}, {"name": "canary", "file": "/run/secrets/canary"}]},
+        {"name": "keyed", "description": "granted the canary as an environment variable", "image": RUNNER_IMAGE,
+         "command": PYRUN, "input_schema": CODE, "secrets": [{"name": "canary", "env": "CANARY_TOKEN"}]}]
     async with running_supervisor(tmp_path, doc, environ={"TOOLCELL_SECRETS_KEY": key}) as (app, client):
-        await eventually(lambda: app.supervisor.pools.ready("python.run") == 1)
+        pools = app.supervisor.pools
+        await eventually(lambda: pools.ready("python.run") == 1 and pools.ready("keyed") == 1)
         assert "leaky" not in app.supervisor.config.pools
         owner = app.supervisor.config.server.instance
-        # Every container of this supervisor right now is a pooled one, and none is for the secret tool.
+        # Every container of this supervisor right now is a pooled one, and none is for the secret-file tool;
+        # the env-secret tool's is pooled, its tool not spawned yet: the secret comes with the claim.
         live = leftovers(docker_client, owner)
-        assert live and set(live) == pooled_ids(app, "python.run")
+        keyed = pooled_ids(app, "keyed")
+        assert live and set(live) == pooled_ids(app, "python.run") | keyed
         for sid in live:
             info = docker_client.api.inspect_container(sid)
-            assert info["Config"]["Labels"]["io.toolcell.tool"] == "python.run"
+            assert info["Config"]["Labels"]["io.toolcell.tool"] in {"python.run", "keyed"}
             assert not any(CANARY in e for e in info["Config"]["Env"]), "secret in the environment"
             # Nothing is mounted, but (channel transport) the channel's directory: read-only, and already
             # empty on the host (its listener is gone once the launcher connected).
@@ -199,10 +205,16 @@ async def test_no_secret_in_a_pooled_container_before_its_claim(tmp_path: Path) 
             assert "LANG=C.UTF-8" in seen, "the probe must actually read the environments"
             assert CANARY not in seen
             assert "channel-entries:0" in seen  # empty (channel), or not there at all (attach)
-        # The secret tool still gets its secret: on the cold path, at create time.
+        # The secret-file tool still gets its secrets: on the cold path, at create time.
         result, sid = await run(client, "leaky", "import os; "
                                 "print(os.environ['CANARY_TOKEN'] == open('/run/secrets/canary').read())")
         assert result.status is Status.OK and result.output.strip() == "True" and sid not in live
+        # The env-secret tool is served warm, its secret delivered with the claim; printed, it is redacted.
+        digest = hashlib.sha256(CANARY.encode()).hexdigest()  # the secret itself never goes in the arguments
+        result, sid = await run(client, "keyed", "import hashlib, os; t = os.environ['CANARY_TOKEN']; "
+                                f"print(hashlib.sha256(t.encode()).hexdigest() == {digest!r}, t)")
+        assert sid in keyed and result.status is Status.OK
+        assert result.output.startswith("True ") and CANARY not in result.output and "[REDACTED" in result.output
 
 
 async def test_timeout_caps_oom_and_scrubbing_hold_on_the_warm_path(tmp_path: Path) -> None:

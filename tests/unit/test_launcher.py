@@ -168,3 +168,15 @@ async def test_after_a_clean_exit_the_launcher_waits_for_the_supervisor_to_let_g
         await asyncio.wait_for(asyncio.shield(proc.wait()), timeout=0.3)
     stream.close()
     assert await asyncio.wait_for(proc.wait(), timeout=10) == 0
+
+
+def test_a_deferred_launcher_spawns_the_tool_at_the_claim_with_its_environment() -> None:
+    nonce = new_nonce()
+    tool = [sys.executable, "-c", "import os, sys; sys.stdin.read(); print(os.environ.get('GRANTED'))"]
+    proc = subprocess.Popen(list(launch_command(tuple(tool), python=sys.executable, defer=True)),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    out, _ = proc.communicate(envelope(nonce, b"{}", env={"GRANTED": "s3cret"}), timeout=10)
+    assert proc.returncode == 0 and out == b"s3cret\n" + trailer(nonce, 0)
+    # A launcher that spawned its tool already cannot change its environment: it refuses the claim.
+    done = run_launcher(tool, envelope(nonce, b"{}", env={"GRANTED": "s3cret"}))
+    assert done.returncode == 125 and b"s3cret" not in done.stdout

@@ -195,9 +195,9 @@ async def test_shutdown_removes_every_pooled_sandbox_even_while_creating() -> No
     backend = FakeBackend({"echo": echo, "sleeper": sleeper})
     original = backend.create_warm
 
-    async def slow(plan: Any, on_exit: Callable[[], None]) -> Any:
+    async def slow(plan: Any, on_exit: Callable[[], None], **kw: Any) -> Any:
         await gate.wait()
-        return await original(plan, on_exit)
+        return await original(plan, on_exit, **kw)
 
     backend.create_warm = slow  # type: ignore[method-assign]
     sup = Supervisor(parse_config(doc()), backend)
@@ -210,20 +210,23 @@ async def test_shutdown_removes_every_pooled_sandbox_even_while_creating() -> No
     assert backend.live == []
 
 
-def test_pool_config_tool_overrides_profile_and_secret_tools_are_never_pooled() -> None:
+def test_pool_config_tool_overrides_profile_and_secret_file_tools_are_never_pooled() -> None:
     d = doc()
     d["profiles"]["default"]["pool"] = {"size": 4, "ttl": "30s"}
     d["secrets"] = {"store": "/nonexistent/store.json", "files_dir": "/tmp/x"}
     d["tools"].append({"name": "secretive", "description": "s", "image": "echo", "command": ["run"],
                        "secrets": [{"name": "k", "env": "K"}]})
+    d["tools"].append({"name": "filed", "description": "s", "image": "echo", "command": ["run"],
+                       "secrets": [{"name": "k", "env": "K"}, {"name": "k", "file": "/run/secrets/k"}]})
     config = parse_config(d)
     assert config.pools["echo"] == PoolSpec(size=2, ttl_s=300.0)
     assert config.pools["cold"] == PoolSpec(size=4, ttl_s=30.0), "the profile's pool applies"
-    assert "secretive" not in config.pools, "a tool granted secrets always takes the cold path"
+    assert config.pools["secretive"] == PoolSpec(size=4, ttl_s=30.0), "env secrets come with the claim"
+    assert "filed" not in config.pools, "a tool granted secret files always takes the cold path"
     d["tools"][-1]["pool"] = {"size": 1}
-    with pytest.raises(ConfigError, match="cannot be pooled: it is granted secrets") as err:
+    with pytest.raises(ConfigError, match="cannot be pooled: it is granted secret files") as err:
         parse_config(d)
-    assert err.value.key == "tools[3].pool"
+    assert err.value.key == "tools[4].pool"
 
 
 def test_fingerprint_ignores_the_invocation_and_timeout_only() -> None:
