@@ -41,7 +41,7 @@ from runtime.model import (
 )
 from runtime.output import Collected
 from runtime.policy.arguments import ArgumentLimits, parse_arguments, validate_arguments
-from runtime.policy.plan import ContainerPlan, compile_plan
+from runtime.policy.plan import ContainerPlan, compile_plan, pooled_plan
 from runtime.policy.scrub import Redactor, detect_injection, wrap_untrusted
 from runtime.secretdelivery import Delivered, SecretDelivery
 from runtime.settings import Config
@@ -296,10 +296,12 @@ class Contained:
 
 @dataclass(frozen=True)
 class WarmClaim:
-    """How to take this invocation from a pool: the plan before secrets, and the secrets for the claim."""
+    """How to take this invocation from a pool: the pooled plan, and the secrets the claim carries."""
 
     plan: ContainerPlan
+    defer: bool  # the tool is granted secrets: its pooled sandbox spawns it at the claim, with them
     env: Mapping[str, str]
+    files: Mapping[str, str]
 
 
 async def contain(services: Services, resolved: ResolvedTool, plan: ContainerPlan, stdin: bytes, emit: Emit,
@@ -311,7 +313,7 @@ async def contain(services: Services, resolved: ResolvedTool, plan: ContainerPla
         # Warm: already started, waiting for its input (and, deferred, its secrets); start() or claim()
         # below delivers them. Never with secret files or egress (settings keeps such tools out of pools;
         # the caller checks again: ``warm`` is None then).
-        pooled = services.claim(warm.plan, bool(warm.env)) if warm is not None else None
+        pooled = services.claim(warm.plan, warm.defer) if warm is not None else None
         span.set_attribute("toolcell.warm", pooled is not None)
         sandbox = pooled if pooled is not None else await create(services.backend, plan,
                                                                  on_orphan=services.on_sandbox)
@@ -319,8 +321,8 @@ async def contain(services: Services, resolved: ResolvedTool, plan: ContainerPla
     trace.get_current_span().set_attribute("toolcell.sandbox_id", sandbox.id)  # the invocation's span
     try:
         with step("toolcell.start", redactor):
-            if pooled is not None and warm is not None and warm.env:
-                await pooled.claim(stdin, warm.env)
+            if pooled is not None and warm is not None and warm.defer:
+                await pooled.claim(stdin, warm.env, warm.files)
             else:
                 await sandbox.start(stdin)
         # After start: telling the caller overlaps with the tool's run (output waits, bounded).
@@ -372,9 +374,10 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
                 remaining = effective_timeout(resolved, request.deadline_s, time.monotonic())
                 if remaining is not None and remaining < plan.timeout_s:
                     plan = dataclasses.replace(plan, timeout_s=remaining)
-            # A pooled sandbox can take secret environment variables with its claim, not secret files.
-            poolable = egress is None and (delivered is None or not delivered.mounts)
-            warm = WarmClaim(plan=unsecret, env=delivered.env if delivered is not None else {}) if poolable else None
+            # Secrets reach a pooled sandbox with its claim: variables, and files into its own tmpfs.
+            warm = WarmClaim(plan=pooled_plan(unsecret, resolved.tool.secrets), defer=bool(resolved.tool.secrets),
+                             env=delivered.env if delivered is not None else {},
+                             files=delivered.files if delivered is not None else {}) if egress is None else None
             done = await contain(services, resolved, plan, stdin, emit, cancelled, redactor,
                                  invocation_id=invocation_id, trace_id=trace_id, warm=warm)
         finally:

@@ -4,8 +4,8 @@ For every tool with a ``pool`` in the config, ``PoolManager`` keeps ``size`` san
 the full hardening of the tool's profile and started (``Backend.create_warm``): the tool's process is
 up and waiting for its input. ``claim(plan)`` hands one to an invocation (never twice); the pipeline
 runs it exactly as a cold sandbox, and it is destroyed afterwards. A pooled sandbox holds no
-arguments and no secrets until claimed: a tool granted secrets (as environment variables) is spawned by
-the launcher only at the claim, which carries them; tools granted secret files are not pooled.
+arguments and no secrets until claimed: a tool granted secrets is spawned by the launcher only at the
+claim, which carries them (variables; files, written into the sandbox's empty tmpfs at their directory).
 
 Everything else happens off the request's critical path, in one task per pool:
 refill (at most ``refill_concurrency`` engine creations at once across all pools, so refilling never
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from runtime.backends.base import Backend, Sandbox, WarmSandbox
 from runtime.errors import EngineUnavailable
 from runtime.pipeline import compile_step, resolve
-from runtime.policy.plan import LABEL_INVOCATION, LABEL_TOOL, ContainerPlan
+from runtime.policy.plan import LABEL_INVOCATION, LABEL_TOOL, ContainerPlan, pooled_plan
 from runtime.settings import Config, PoolSpec
 
 log = logging.getLogger("toolcell.pool")
@@ -117,7 +117,8 @@ class PoolManager:
         wanted: dict[str, tuple[PoolSpec, ContainerPlan, int, bool]] = {}
         for name, spec in config.pools.items():
             resolved = resolve(config, name)
-            plan = compile_step(config, resolved, "pool-" + secrets.token_hex(8), None)
+            plan = pooled_plan(compile_step(config, resolved, "pool-" + secrets.token_hex(8), None),
+                               resolved.tool.secrets)
             wanted[name] = (spec, plan, fingerprint(plan), bool(resolved.tool.secrets))
         for name, pool in list(self._pools.items()):
             if name not in wanted or wanted[name][2:] != (pool.key, pool.defer):

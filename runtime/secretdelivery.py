@@ -9,6 +9,7 @@ invocation ends. If the configured directory is not on a tmpfs, the supervisor m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -44,6 +45,8 @@ class Delivered:
     env: Mapping[str, str]
     mounts: tuple[Mount, ...]
     directory: Path | None
+    # Path in the sandbox -> content: what a pooled sandbox's claim carries instead of ``mounts``.
+    files: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 class SecretDelivery:
@@ -75,6 +78,7 @@ class SecretDelivery:
                 user: str) -> Delivered:
         env = {g.env: values[g.name] for g in grants if g.env}
         files = [g for g in grants if g.file]
+        contents = {str(g.file): values[g.name] for g in files}
         if not files:
             return Delivered(env=env, mounts=(), directory=None)
         uid, _, gid = user.partition(":")
@@ -92,7 +96,7 @@ class SecretDelivery:
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        return Delivered(env=env, mounts=tuple(mounts), directory=directory)
+        return Delivered(env=env, mounts=tuple(mounts), directory=directory, files=contents)
 
     def cleanup(self, delivered: Delivered) -> None:
         if delivered.directory is not None:

@@ -25,6 +25,7 @@ from runtime.errors import ConfigError
 from runtime.model import SecretGrant, Tool
 from runtime.policy.arguments import ArgumentLimits, compile_schema
 from runtime.policy.network import EgressSettings, GrantError, candidate_subnets, parse_grant
+from runtime.policy.plan import unpoolable_secret_dir
 from runtime.policy.profile import IsolationProfile, Mount, OutputPolicy
 from runtime.policy.seccomp import SeccompProfile, load_seccomp
 from runtime.secretstore import SecretStoreSettings
@@ -93,9 +94,8 @@ class Config:
     environ: Mapping[str, str] = field(default_factory=dict)
     egress: EgressSettings = field(default_factory=EgressSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
-    # Tool name -> its warm pool (the tool's own ``pool``, else its profile's). Tools granted secret files
-    # are never pooled: a pooled container must hold no secret before it is claimed (env secrets come
-    # with the claim).
+    # Tool name -> its warm pool (the tool's own ``pool``, else its profile's). A pooled container holds no
+    # secret before it is claimed: the claim carries them.
     pools: Mapping[str, PoolSpec] = field(default_factory=dict)
 
 
@@ -166,9 +166,9 @@ def _build_pools(doc: Mapping[str, Any], tools: Mapping[str, Tool],
                  profiles: Mapping[str, IsolationProfile]) -> dict[str, PoolSpec]:
     """Resolve each tool's pool: its own, else its profile's (inherited through ``extends``).
 
-    Never pooled (always the cold path): tools granted secret *files* (a pooled container must hold no
-    secret before its claim, and a file is mounted at creation) and tools whose profile grants egress
-    (their network is made per invocation). Secret environment variables arrive with the claim.
+    Never pooled (always the cold path): tools whose profile grants egress (their network is made per
+    invocation), and tools granted a secret file in a system directory (a pooled sandbox covers each secret
+    file's directory with its own empty tmpfs, which the claim fills). Secrets arrive with the claim.
     """
     raw_profiles = doc.get("profiles", {})
 
@@ -181,12 +181,13 @@ def _build_pools(doc: Mapping[str, Any], tools: Mapping[str, Tool],
     pools: dict[str, PoolSpec] = {}
     for i, raw in enumerate(doc.get("tools", [])):
         tool = tools[raw["name"]]
-        secret_files = any(g.file for g in tool.secrets)
-        unpoolable = secret_files or profiles[tool.profile].network
+        system_dir = unpoolable_secret_dir(tool.secrets)
+        unpoolable = system_dir or profiles[tool.profile].network
         if "pool" in raw:
             if unpoolable and raw["pool"].get("size", 0) > 0:
-                why = ("granted secret files: a pooled container must hold no secret before it is claimed"
-                       if secret_files else "granted egress: its network is made for each invocation")
+                why = (f"granted a secret file in {system_dir}: a pooled sandbox covers a secret file's directory "
+                       "with its own tmpfs, which would hide the image's files there (use e.g. /run/secrets)"
+                       if system_dir else "granted egress: its network is made for each invocation")
                 raise ConfigError(f"this tool cannot be pooled: it is {why}", key=f"tools[{i}].pool")
             spec: PoolSpec | None = _pool_spec(raw["pool"], profile_pool(tool.profile), f"tools[{i}].pool")
         else:

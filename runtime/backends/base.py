@@ -59,9 +59,9 @@ class WarmSandbox(Sandbox, Protocol):
     def alive(self) -> bool:
         """Started, unclaimed, and its process has not ended."""
 
-    async def claim(self, stdin: bytes, env: Mapping[str, str]) -> None:
-        """Like ``start``, and the tool is spawned now with ``env`` (its granted secrets) added to its
-        environment: only for a sandbox created with ``defer=True``."""
+    async def claim(self, stdin: bytes, env: Mapping[str, str], files: Mapping[str, str]) -> None:
+        """Like ``start``, and the tool is spawned now with its granted secrets: ``env`` added to its
+        environment, ``files`` (path -> content) written first. Only for a sandbox created with ``defer=True``."""
 
 
 class Backend(Protocol):

@@ -447,16 +447,16 @@ class DockerSandbox:
 
     async def start(self, stdin: bytes) -> None:
         if self._warm:
-            self._claim(stdin, {})
+            self._claim(stdin, {}, {})
             return
         await self._launch(stdin)
 
-    async def claim(self, stdin: bytes, env: Mapping[str, str]) -> None:
+    async def claim(self, stdin: bytes, env: Mapping[str, str], files: Mapping[str, str]) -> None:
         if not (self._warm and self._defer):
-            raise BackendError(f"sandbox {self._id[:12]} cannot take an environment at its claim")
-        self._claim(stdin, env)
+            raise BackendError(f"sandbox {self._id[:12]} cannot take secrets at its claim")
+        self._claim(stdin, env, files)
 
-    def _claim(self, stdin: bytes, env: Mapping[str, str]) -> None:
+    def _claim(self, stdin: bytes, env: Mapping[str, str], files: Mapping[str, str]) -> None:
         """Deliver the claim envelope (nonce + arguments [+ env]) to the waiting launcher."""
         if self._claimed:
             raise BackendError(f"sandbox {self._id[:12]} was already claimed")
@@ -469,7 +469,7 @@ class DockerSandbox:
         # Periodic sampling from a little later: waking the sampler thread now would compete with a short
         # run (whose end is sampled anyway, when its trailer arrives).
         asyncio.get_running_loop().call_later(_WARM_SAMPLE_DELAY_S, self._sample_from_now_on)
-        stream.send(envelope(nonce, stdin, env), half_close=False)
+        stream.send(envelope(nonce, stdin, env, files), half_close=False)
 
     def _judge_trailer(self, status: int) -> int | None:
         """The launcher's status is final only for a clean run with no OOM kill in the sandbox's cgroup."""

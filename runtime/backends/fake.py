@@ -106,6 +106,7 @@ class FakeSandbox:
         # Pooled: "started" at creation, waiting for its claim; ``died()`` ends it before the claim.
         self.warm = False
         self.defer = False  # spawned at the claim, with the claim's env (granted secrets)
+        self.claimed_files: dict[str, str] = {}
         self.claimed = False
         self._on_exit: Callable[[], None] = lambda: None
         self._dead = False
@@ -141,11 +142,13 @@ class FakeSandbox:
         self._proc = FakeProcess(stdin=stdin, plan=self.plan, _write=self._write)
         self._task = asyncio.create_task(self._run(self._proc), name=f"fake-sandbox-{self._id}")
 
-    async def claim(self, stdin: bytes, env: Mapping[str, str]) -> None:
-        """A deferred pooled sandbox's claim: the behaviour sees ``env`` added to its plan's environment."""
+    async def claim(self, stdin: bytes, env: Mapping[str, str], files: Mapping[str, str]) -> None:
+        """A deferred pooled sandbox's claim: the behaviour sees ``env`` added to its plan's environment
+        (and ``claimed_files``)."""
         if not (self.warm and self.defer):
-            raise BackendError(f"sandbox {self._id} cannot take an environment at its claim")
+            raise BackendError(f"sandbox {self._id} cannot take secrets at its claim")
         self.plan = dataclasses.replace(self.plan, env={**self.plan.env, **env})
+        self.claimed_files = dict(files)
         await self.start(stdin)
 
     async def output(self) -> AsyncIterator[tuple[StreamName, bytes]]:

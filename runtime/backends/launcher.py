@@ -42,13 +42,16 @@ def new_nonce() -> str:
     return secrets.token_hex(_NONCE_HEX // 2)
 
 
-def envelope(nonce: str, stdin: bytes, env: Mapping[str, str] | None = None) -> bytes:
+def envelope(nonce: str, stdin: bytes, env: Mapping[str, str] | None = None,
+             files: Mapping[str, str] | None = None) -> bytes:
     """The claim: one JSON line with the nonce, the tool's arguments (its whole stdin) and, for a deferred
-    launcher, the environment variables the tool is granted (its secrets)."""
+    launcher, the tool's granted secrets: environment variables, and files (path -> content)."""
     text = stdin.decode("utf-8", "surrogateescape")
     claim: dict[str, object] = {"nonce": nonce, "arguments": text}
     if env:
         claim["env"] = dict(env)
+    if files:
+        claim["files"] = dict(files)
     return json.dumps(claim, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
 
 

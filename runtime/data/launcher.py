@@ -11,8 +11,9 @@ It writes the arguments to the tool's stdin and closes it, waits for the tool, r
 exit status (128+N for signal N), and exits with it. SIGTERM/SIGINT/SIGHUP are forwarded to the tool.
 This process is made non-dumpable before the tool exists, so the tool cannot read its memory or fds.
 
-``--defer`` (tools granted secrets): the tool is spawned only at the claim, whose ``env`` (the granted
-secrets) is added to its environment: nothing secret is in the sandbox before the claim.
+``--defer`` (tools granted secrets): the tool is spawned only at the claim, whose ``env`` is added to its
+environment and whose ``files`` are written first (0400, into the empty tmpfs the sandbox has at each
+file's directory): nothing secret is in the sandbox before the claim.
 
 Two transports (``runtime/backends/channel.py``, ``attach.py``):
 
@@ -87,16 +88,21 @@ def main() -> int:
         nonce = str(envelope["nonce"])
         arguments = str(envelope["arguments"]).encode()
         extra = {str(k): str(v) for k, v in dict(envelope.get("env") or {}).items()}
-        if extra and not defer:
-            raise ValueError("the tool is already running: its environment is fixed")
-    except (ValueError, KeyError, TypeError):
+        files = {str(k): str(v) for k, v in dict(envelope.get("files") or {}).items()}
+        if (extra or files) and not defer:
+            raise ValueError("the tool is already running: its secrets must come before it")
+        for path, content in files.items():  # into the sandbox's own empty tmpfs at the file's directory
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(content)
+    except (ValueError, KeyError, TypeError, OSError):
         for child in children:
             child.kill()
             child.wait()
         return 125
     if defer:  # granted secrets arrive with the claim: the tool starts now, with them in its environment
         children.append(spawn(command, channel, {**os.environ, **extra}))
-        del extra, envelope, line
+        del extra, files, envelope, line
     if channel is not None:
         channel[1].close()
         channel[2].close()

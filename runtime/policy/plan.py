@@ -6,11 +6,13 @@ they add nothing that weakens it. Everything a caller sends is data on stdin, ne
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import posixpath
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from runtime.errors import ConfigError
-from runtime.model import Tool
+from runtime.model import SecretGrant, Tool
 from runtime.policy.network import LABEL_ROLE, ROLE_PROXY, EgressLayout, EgressSettings
 from runtime.policy.profile import IsolationProfile, Mount
 
@@ -146,3 +148,38 @@ def compile_proxy_plan(
         extra_networks=(upstream_network,),
         hostname="egress",
     )
+
+
+# A pooled sandbox's secret files arrive with its claim, written by its launcher into an empty tmpfs at each
+# file's directory: small, in memory only, the sandbox user's alone, nothing executable.
+CLAIM_DIR_OPTIONS = "rw,noexec,nosuid,nodev,size=1m,mode=0700"
+# Directories that tmpfs may not cover: it would hide the image's own files (a secret's directory should
+# be its own, e.g. /run/secrets).
+SYSTEM_DIRS = frozenset({  # nosec B108 - names of directories to refuse, not files we use
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt",
+    "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/usr", "/var", "/var/run", "/var/lib",
+    "/usr/bin", "/usr/lib", "/usr/local", "/usr/local/bin", "/usr/local/lib", "/usr/sbin",
+    "/usr/share", "/opt/toolcell", "/opt/toolcell/tools",
+    "/tmp", "/var/tmp",  # nosec B108 - the sandbox's scratch: refused as a secret's directory
+})
+
+
+def secret_dirs(grants: Iterable[SecretGrant]) -> tuple[str, ...]:
+    """The directories of a tool's secret files."""
+    return tuple(sorted({posixpath.dirname(posixpath.normpath(g.file)) for g in grants if g.file}))
+
+
+def unpoolable_secret_dir(grants: Iterable[SecretGrant]) -> str | None:
+    """A secret file's directory that a pooled sandbox could not cover with its own tmpfs, if any."""
+    return next((d for d in secret_dirs(grants) if d in SYSTEM_DIRS), None)
+
+
+def pooled_plan(plan: ContainerPlan, grants: Iterable[SecretGrant]) -> ContainerPlan:
+    """A pooled sandbox's plan: each secret file's directory an empty tmpfs that its claim fills."""
+    dirs = secret_dirs(grants)
+    if not dirs:
+        return plan
+    uid, _, gid = plan.user.partition(":")
+    options = f"{CLAIM_DIR_OPTIONS},uid={uid},gid={gid or uid}"
+    return dataclasses.replace(plan, tmpfs={**plan.tmpfs, **{d: options for d in dirs}})
+

@@ -167,28 +167,30 @@ async def test_no_secret_in_a_pooled_container_before_its_claim(tmp_path: Path) 
     store = tmp_path / "secrets.json"
     SecretStore(store, __import__("base64").b64decode(key)).set("canary", CANARY)
     doc = config_doc(f"test-{uuid.uuid4().hex[:10]}", str(tmp_path / "s.sock"))
-    doc["profiles"]["default"]["pool"] = {"size": 1}  # every tool of the profile, unless granted secret files
+    doc["profiles"]["default"]["pool"] = {"size": 1}  # every tool of the profile (but: etcfile)
     doc["secrets"] = {"store": str(store), "files_dir": str(tmp_path / "secret-files")}
     with_transport(doc)
+    both = [{"name": "canary", "env": "CANARY_TOKEN"}, {"name": "canary", "file": "/run/secrets/canary"}]
     doc["tools"] = [t for t in doc["tools"] if t["name"] == "python.run"] + [
-        {"name": "leaky", "description": "granted the canary", "image": RUNNER_IMAGE, "command": PYRUN,
-         "input_schema": CODE,
-         "secrets": [{"name": "canary", "env": "CANARY_TOKEN"}, {"name": "canary", "file": "/run/secrets/canary"}]},
+        {"name": "leaky", "description": "granted the canary twice", "image": RUNNER_IMAGE, "command": PYRUN,
+         "input_schema": CODE, "secrets": both},
         {"name": "keyed", "description": "granted the canary as an environment variable", "image": RUNNER_IMAGE,
-         "command": PYRUN, "input_schema": CODE, "secrets": [{"name": "canary", "env": "CANARY_TOKEN"}]}]
+         "command": PYRUN, "input_schema": CODE, "secrets": both[:1]},
+        {"name": "etcfile", "description": "a secret file in /etc: never pooled", "image": RUNNER_IMAGE,
+         "command": PYRUN, "input_schema": CODE, "secrets": [{"name": "canary", "file": "/etc/canary"}]}]
     async with running_supervisor(tmp_path, doc, environ={"TOOLCELL_SECRETS_KEY": key}) as (app, client):
         pools = app.supervisor.pools
-        await eventually(lambda: pools.ready("python.run") == 1 and pools.ready("keyed") == 1)
-        assert "leaky" not in app.supervisor.config.pools
+        await eventually(lambda: all(pools.ready(t) == 1 for t in ("python.run", "leaky", "keyed")))
+        assert "etcfile" not in app.supervisor.config.pools
         owner = app.supervisor.config.server.instance
-        # Every container of this supervisor right now is a pooled one, and none is for the secret-file tool;
-        # the env-secret tool's is pooled, its tool not spawned yet: the secret comes with the claim.
+        # Every container of this supervisor right now is a pooled one. The secret tools' launchers wait
+        # without their tools: the secrets come with the claim.
         live = leftovers(docker_client, owner)
-        keyed = pooled_ids(app, "keyed")
-        assert live and set(live) == pooled_ids(app, "python.run") | keyed
+        leaky, keyed = pooled_ids(app, "leaky"), pooled_ids(app, "keyed")
+        assert live and set(live) == pooled_ids(app, "python.run") | leaky | keyed
         for sid in live:
             info = docker_client.api.inspect_container(sid)
-            assert info["Config"]["Labels"]["io.toolcell.tool"] in {"python.run", "keyed"}
+            assert info["Config"]["Labels"]["io.toolcell.tool"] in {"python.run", "leaky", "keyed"}
             assert not any(CANARY in e for e in info["Config"]["Env"]), "secret in the environment"
             # Nothing is mounted, but (channel transport) the channel's directory: read-only, and already
             # empty on the host (its listener is gone once the launcher connected).
@@ -196,25 +198,31 @@ async def test_no_secret_in_a_pooled_container_before_its_claim(tmp_path: Path) 
             assert [(m["Destination"], m["RW"]) for m in mounts] == (
                 [("/run/toolcell-channel", False)] if TRANSPORT == "channel" else [])
             assert all(not Path(m["Source"]).exists() for m in mounts)
+            # The secret file's directory is the sandbox's own empty tmpfs until the claim.
+            assert ("/run/secrets" in info["HostConfig"]["Tmpfs"]) is (sid in leaky)
             # Inside: every process's environment, and every file it can write or read in its scratch.
             probe = docker_client.api.exec_create(sid, ["sh", "-c",
                                                         "cat /proc/[0-9]*/environ; grep -rs . /tmp /run || true; "
-                                                        "echo channel-entries:$(ls -A /run/toolcell-channel | wc -l)"],
+                                                        "echo channel-entries:$(ls -A /run/toolcell-channel | wc -l);"
+                                                        "echo secret-entries:$(ls -A /run/secrets | wc -l)"],
                                                   user="10001:10001")
             seen = docker_client.api.exec_start(probe["Id"]).decode(errors="replace")
             assert "LANG=C.UTF-8" in seen, "the probe must actually read the environments"
             assert CANARY not in seen
-            assert "channel-entries:0" in seen  # empty (channel), or not there at all (attach)
-        # The secret-file tool still gets its secrets: on the cold path, at create time.
-        result, sid = await run(client, "leaky", "import os; "
-                                "print(os.environ['CANARY_TOKEN'] == open('/run/secrets/canary').read())")
-        assert result.status is Status.OK and result.output.strip() == "True" and sid not in live
-        # The env-secret tool is served warm, its secret delivered with the claim; printed, it is redacted.
+            assert "channel-entries:0" in seen and "secret-entries:0" in seen  # empty, or not there at all
+        # Served warm, the secrets delivered with the claim; printed, they are redacted.
         digest = hashlib.sha256(CANARY.encode()).hexdigest()  # the secret itself never goes in the arguments
-        result, sid = await run(client, "keyed", "import hashlib, os; t = os.environ['CANARY_TOKEN']; "
-                                f"print(hashlib.sha256(t.encode()).hexdigest() == {digest!r}, t)")
-        assert sid in keyed and result.status is Status.OK
-        assert result.output.startswith("True ") and CANARY not in result.output and "[REDACTED" in result.output
+        for tool, pooled, src in [
+                ("keyed", keyed, "t = os.environ['CANARY_TOKEN']"),
+                ("leaky", leaky, "t = os.environ['CANARY_TOKEN']; assert t == open('/run/secrets/canary').read(); "
+                                 "assert oct(os.stat('/run/secrets/canary').st_mode & 0o777) == '0o400'"),
+                ("etcfile", set(), "t = open('/etc/canary').read()")]:  # the cold path: a bind-mounted file
+            result, sid = await run(client, tool, f"import hashlib, os; {src}; "
+                                    f"print(hashlib.sha256(t.encode()).hexdigest() == {digest!r}, t)")
+            assert result.status is Status.OK, (tool, result.stderr)
+            assert (sid in pooled) if pooled else (sid not in live), (tool, "warm" if pooled else "cold")
+            assert result.output.startswith("True ") and CANARY not in result.output, tool
+            assert "[REDACTED" in result.output, tool
 
 
 async def test_timeout_caps_oom_and_scrubbing_hold_on_the_warm_path(tmp_path: Path) -> None:

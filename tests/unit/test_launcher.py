@@ -180,3 +180,17 @@ def test_a_deferred_launcher_spawns_the_tool_at_the_claim_with_its_environment()
     # A launcher that spawned its tool already cannot change its environment: it refuses the claim.
     done = run_launcher(tool, envelope(nonce, b"{}", env={"GRANTED": "s3cret"}))
     assert done.returncode == 125 and b"s3cret" not in done.stdout
+
+
+def test_a_deferred_launcher_writes_granted_files_before_the_tool_starts(tmp_path: Path) -> None:
+    nonce = new_nonce()
+    secret = tmp_path / "a"
+    tool = [sys.executable, "-c", "import os, sys; sys.stdin.read(); p = sys.argv[1]; "
+            "print(oct(os.stat(p).st_mode & 0o777), open(p).read())", str(secret)]
+    proc = subprocess.Popen(list(launch_command(tuple(tool), python=sys.executable, defer=True)),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    out, _ = proc.communicate(envelope(nonce, b"{}", files={str(secret): "s3cret"}), timeout=10)
+    assert proc.returncode == 0 and out == b"0o400 s3cret\n" + trailer(nonce, 0)
+    # An existing file (or a symlink planted there) is never written through: the claim is refused.
+    done = run_launcher(["--defer", *tool], envelope(nonce, b"{}", files={str(secret): "other"}))
+    assert done.returncode == 125 and secret.read_text() == "s3cret"

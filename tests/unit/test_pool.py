@@ -19,6 +19,7 @@ from runtime.backends.fake import FakeBackend, FakeProcess
 from runtime.errors import ConfigError, EngineUnavailable
 from runtime.model import Event, InvocationRequest, Result, Started, Status
 from runtime.pipeline import compile_step, resolve
+from runtime.policy.plan import pooled_plan
 from runtime.pool import fingerprint
 from runtime.settings import PoolSpec, parse_config
 from runtime.supervisor import Supervisor
@@ -210,7 +211,7 @@ async def test_shutdown_removes_every_pooled_sandbox_even_while_creating() -> No
     assert backend.live == []
 
 
-def test_pool_config_tool_overrides_profile_and_secret_file_tools_are_never_pooled() -> None:
+def test_pool_config_tool_overrides_profile_and_secrets_in_system_dirs_are_never_pooled() -> None:
     d = doc()
     d["profiles"]["default"]["pool"] = {"size": 4, "ttl": "30s"}
     d["secrets"] = {"store": "/nonexistent/store.json", "files_dir": "/tmp/x"}
@@ -218,15 +219,32 @@ def test_pool_config_tool_overrides_profile_and_secret_file_tools_are_never_pool
                        "secrets": [{"name": "k", "env": "K"}]})
     d["tools"].append({"name": "filed", "description": "s", "image": "echo", "command": ["run"],
                        "secrets": [{"name": "k", "env": "K"}, {"name": "k", "file": "/run/secrets/k"}]})
+    d["tools"].append({"name": "etc", "description": "s", "image": "echo", "command": ["run"],
+                       "secrets": [{"name": "k", "file": "/etc/k"}]})
     config = parse_config(d)
     assert config.pools["echo"] == PoolSpec(size=2, ttl_s=300.0)
     assert config.pools["cold"] == PoolSpec(size=4, ttl_s=30.0), "the profile's pool applies"
     assert config.pools["secretive"] == PoolSpec(size=4, ttl_s=30.0), "env secrets come with the claim"
-    assert "filed" not in config.pools, "a tool granted secret files always takes the cold path"
+    assert config.pools["filed"] == PoolSpec(size=4, ttl_s=30.0), "files too, into the sandbox's own tmpfs"
+    assert "etc" not in config.pools, "a tmpfs over /etc would hide the image's files: cold path"
     d["tools"][-1]["pool"] = {"size": 1}
-    with pytest.raises(ConfigError, match="cannot be pooled: it is granted secret files") as err:
+    with pytest.raises(ConfigError, match="cannot be pooled: it is granted a secret file in /etc") as err:
         parse_config(d)
-    assert err.value.key == "tools[4].pool"
+    assert err.value.key == "tools[5].pool"
+
+
+def test_a_pooled_plan_covers_each_secret_files_directory_with_the_users_own_tmpfs() -> None:
+    d = doc()
+    d["secrets"] = {"store": "/nonexistent/store.json", "files_dir": "/tmp/x"}
+    d["tools"].append({"name": "filed", "description": "s", "image": "echo", "command": ["run"],
+                       "secrets": [{"name": "a", "file": "/run/secrets/a"}, {"name": "b", "file": "/run/secrets/b"},
+                                   {"name": "c", "file": "/var/run/app/c"}, {"name": "d", "env": "D"}]})
+    config = parse_config(d)
+    resolved = resolve(config, "filed")
+    plan = pooled_plan(compile_step(config, resolved, "inv_a", None), resolved.tool.secrets)
+    opts = "rw,noexec,nosuid,nodev,size=1m,mode=0700,uid=10001,gid=10001"
+    assert {k: v for k, v in plan.tmpfs.items() if k != "/tmp"} == {"/run/secrets": opts, "/var/run/app": opts}
+    assert pooled_plan(plan, ()) is plan
 
 
 def test_fingerprint_ignores_the_invocation_and_timeout_only() -> None:
