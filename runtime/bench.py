@@ -4,6 +4,7 @@
 2. the raw docker-py baseline: create/attach/start/wait/remove, same image, same hardening;
 3. toolcell cold (no pool), a trivial tool, end to end through gRPC;
 4. toolcell warm (pooled), the same tool, at a rate the pool sustains (each call waits for a full pool);
+   4c: the same over the engine's attach relay instead of the private channel (a second supervisor);
 5. throughput at concurrency 1, 4 and 16 for 2, 3 and 4, with the pool's refill rate;
 6. a stdout flood (100 MiB): supervisor RSS growth and bytes the engine wrote to the host's disk.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -237,12 +239,13 @@ class Bench:
             raise RuntimeError(f"{tool}: {result.status.value} {result.message} {result.stderr[-300:]}")
         return elapsed, result
 
-    async def _query(self, fn: Callable[[], Any]) -> Any:
+    async def _query(self, fn: Callable[[], Any], server: _ServerThread | None = None) -> Any:
         """Read the supervisor's state on its own loop (it is not thread-safe)."""
         async def read() -> Any:
             return fn()
 
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(read(), self.server.loop))
+        loop = (server or self.server).loop
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(read(), loop))
 
     async def _stats(self) -> Any:
         return (await self._query(self.server.supervisor.pools.stats))["bench.warm"]
@@ -320,6 +323,39 @@ class Bench:
             warm_py.append((await self._call("bench.warm.python"))[0])
             self._tick()
         self.report.put("warm_python_tool", summary(warm_py))
+
+    async def warm_over_attach(self) -> None:
+        """4c: the same warm call with pooled sandboxes on the engine's attach relay, side by side.
+
+        What a supervisor running in a container gets (the engine cannot mount its channel directories).
+        """
+        if self.config.pool_channel_dir is None:
+            return
+        self._step("4c warm, attach relay")
+        config = dataclasses.replace(
+            bench_config(os.path.join(self._tmp.name, "a.sock"), self.owner + "-a", self.plan.pool_size,
+                         self.plan.flood_mib), pool_channel_dir=None)
+        server = _ServerThread(config)
+        samples = []
+        try:
+            server.start()
+            pools = server.supervisor.pools
+            async with Client(server.address) as client:
+                for _ in range(self.plan.latency_n):
+                    deadline = time.monotonic() + 60
+                    while not await self._query(lambda: pools.settled("bench.warm"), server):
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the attach-relay pool did not fill in 60s")
+                        await asyncio.sleep(0.02)
+                    t0 = time.perf_counter()
+                    result = await client.call("bench.warm", TRIVIAL_ARGS)
+                    samples.append(time.perf_counter() - t0)
+                    if result.status is not Status.OK:
+                        raise RuntimeError(f"bench.warm over attach: {result.status.value} {result.message}")
+                    self._tick()
+        finally:
+            server.stop()
+        self.report.put("warm_attach", summary(samples))
 
     async def throughput(self, backend: DockerBackend) -> None:
         rows: dict[str, dict[str, Any]] = {}
@@ -404,6 +440,7 @@ class Bench:
             self.client = Client(self.server.address)
             await self.noop()
             await self.latency(backend)
+            await self.warm_over_attach()
             await self.throughput(backend)
             await self.flood(self.server.backend or backend)
         finally:
@@ -423,7 +460,7 @@ class Bench:
 
 
 def total_ticks(plan: Plan) -> int:
-    return plan.noop_n + 4 * plan.latency_n + 3 * sum(plan.per_level(c) for c in plan.levels) + 1
+    return plan.noop_n + 5 * plan.latency_n + 3 * sum(plan.per_level(c) for c in plan.levels) + 1
 
 
 def targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -467,6 +504,8 @@ def render(f: dict[str, Any]) -> str:
     row("3 toolcell cold (gRPC, end to end)", f["cold"])
     row("4 toolcell warm (gRPC, end to end)", f["warm"], f"   warm hits {f['warm']['warm_hits']}/{int(f['warm']['n'])}")
     row("4b warm, Python tool (wordcount)", f["warm_python_tool"], "   (+ the interpreter's own exit)")
+    if "warm_attach" in f:
+        row("4c warm over the engine's attach relay", f["warm_attach"], "   (a supervisor in a container)")
     for key, s in f["throughput"].items():
         kind, c = key.split("_c")
         extra = ""
@@ -482,7 +521,9 @@ def render(f: dict[str, Any]) -> str:
                   f"container log {fl['log_path']}: {fl['log_bytes']} bytes"]
     lines += ["", f"ratios: cold/raw p50 {f['cold']['p50_ms'] / f['raw_docker']['p50_ms']:.3f}, "
                   f"warm/no-op p50 {f['warm']['p50_ms'] / f['noop_grpc']['p50_ms']:.1f}, "
-                  f"warm/cold p50 {f['warm']['p50_ms'] / f['cold']['p50_ms']:.3f}"]
+                  f"warm/cold p50 {f['warm']['p50_ms'] / f['cold']['p50_ms']:.3f}"
+                  + (f", warm channel/attach relay p50 {f['warm']['p50_ms'] / f['warm_attach']['p50_ms']:.3f}"
+                     if "warm_attach" in f else "")]
     m = f["machine"]
     lines += [f"machine: {m['cpus']} cpus, load average {m['loadavg']}, pool size {m['pool_size']}, "
               f"pooled sandboxes over the {m['pool_transport']} transport", "", "targets:"]
