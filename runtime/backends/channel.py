@@ -32,6 +32,7 @@ import re
 import secrets
 import shutil
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -46,6 +47,8 @@ CHANNEL_DIR: Final = "/run/toolcell-channel"
 _SOCKET: Final = "c.sock"
 _TAGS: Final = {b"c": "control", b"o": "stdout", b"e": "stderr"}
 _STATUS: Final = re.compile(rb"([0-9]{3})\n")
+# The longest a launcher may take to connect (the backend's accept timeout stays below it).
+_ACCEPT_LIMIT_S: Final = 30.0
 
 
 class ChannelListener:
@@ -97,6 +100,23 @@ class ChannelListener:
     def close(self) -> None:
         self._sock.close()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    @staticmethod
+    def sweep(base: Path, older_than_s: float = 10 * _ACCEPT_LIMIT_S) -> int:
+        """Remove listener directories a killed supervisor left behind; returns how many.
+
+        A live one exists only between its creation and its launcher's connections (at most
+        ``_ACCEPT_LIMIT_S``), so anything much older is a leftover, whichever supervisor made it.
+        """
+        removed = 0
+        cutoff = time.time() - older_than_s
+        with contextlib.suppress(FileNotFoundError):
+            for entry in base.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_dir() and not entry.is_symlink() and entry.stat().st_mtime < cutoff:
+                        shutil.rmtree(entry, ignore_errors=True)
+                        removed += 1
+        return removed
 
 
 class ChannelStream(SandboxStream):

@@ -150,6 +150,8 @@ class DockerBackend:
         Over the private channel where it works (runc, an engine that sees our filesystem), else attach.
         """
         if self._channel_dir is not None and plan.runtime == "runc" and self._channel_works is not False:
+            if self._channel_works is None:  # first use: clear what a killed supervisor may have left
+                ChannelListener.sweep(self._channel_dir)
             try:
                 sandbox = await self._create_warm_channel(plan, self._channel_dir, on_exit, defer)
             except _ChannelDown as exc:

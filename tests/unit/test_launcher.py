@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -194,3 +195,13 @@ def test_a_deferred_launcher_writes_granted_files_before_the_tool_starts(tmp_pat
     # An existing file (or a symlink planted there) is never written through: the claim is refused.
     done = run_launcher(["--defer", *tool], envelope(nonce, b"{}", files={str(secret): "other"}))
     assert done.returncode == 125 and secret.read_text() == "s3cret"
+
+
+def test_sweep_removes_only_listener_directories_no_live_one_could_be(tmp_path: Path) -> None:
+    base = tmp_path / "channels"
+    old, fresh = ChannelListener(base), ChannelListener(base)
+    os.utime(old.directory, (time.time() - 3600, time.time() - 3600))  # as a killed supervisor leaves it
+    assert ChannelListener.sweep(base) == 1
+    assert not old.directory.exists() and fresh.directory.exists()
+    fresh.close()
+    assert ChannelListener.sweep(tmp_path / "never-made") == 0
