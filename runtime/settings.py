@@ -88,6 +88,8 @@ class Config:
     docker_host: str | None = None
     # Pooled sandboxes' private channels live under this directory (None: the engine's attach relay).
     pool_channel_dir: str | None = None
+    # Serve (NOT_SERVING, calls refused UNAVAILABLE) while the engine is unreachable at start-up, instead of exiting.
+    engine_wait_at_start: bool = False
     secrets: SecretsSettings | None = None
     output_validators: Mapping[str, Draft202012Validator] = field(default_factory=dict)
     source: str = "<built-in>"
@@ -442,6 +444,7 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         seccomp=seccomp,
         docker_host=doc.get("engine", {}).get("docker_host") or env.get("DOCKER_HOST"),
         pool_channel_dir=_pool_channel_dir(doc.get("engine", {})),
+        engine_wait_at_start=bool(doc.get("engine", {}).get("wait_at_start", False)),
         source=source,
         environ=env,
         egress=_build_egress(doc.get("egress", {})),

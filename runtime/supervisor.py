@@ -13,6 +13,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,9 @@ from runtime.secretstore import SecretStore
 from runtime.settings import Config
 
 log = logging.getLogger("toolcell.supervisor")
+# engine.wait_at_start: how often an absent engine is asked again (doubling up to the max).
+_ENGINE_POLL_MIN_S = 0.5
+_ENGINE_POLL_MAX_S = 5.0
 
 # Removal retries while the engine is unreachable: 0.25 s doubling to 5 s, about two minutes in all.
 REMOVE_RETRIES = 30
@@ -71,16 +75,56 @@ class Supervisor:
         metrics.watch_pools(self.pools)
         self._idle = asyncio.Event()
         self._idle.set()
+        # True while ``engine.wait_at_start`` waits for an absent engine: calls are refused UNAVAILABLE and
+        # health says NOT_SERVING until it answered and leftovers were swept. ``on_ready`` runs then.
+        self.awaiting_engine = False
+        self.on_ready: Callable[[], Awaitable[object]] | None = None
+        self._waiting: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
-        """Check the engine and remove sandboxes a previous run of this instance left behind."""
+        """Check the engine and remove sandboxes a previous run of this instance left behind.
+
+        An unreachable engine is an error (``EngineUnavailable``), unless ``engine.wait_at_start``: then
+        the supervisor serves, refusing calls, and keeps asking until the engine answers.
+        """
         self._open_secrets(self.config)
-        await self.backend.ping()
+        try:
+            await self.backend.ping()
+        except EngineUnavailable as exc:
+            if not self.config.engine_wait_at_start:
+                raise
+            log.warning("%s; refusing calls (health NOT_SERVING) until it answers", exc)
+            self.awaiting_engine = True
+            self._waiting = asyncio.ensure_future(self._await_engine())
+            return 0
+        return await self._engine_up()
+
+    async def _engine_up(self) -> int:
         removed = await self.backend.remove_orphans(self.config.server.instance)
         if removed:
             log.warning("removed %d sandbox(es) left behind by a previous run", removed)
         self.pools.configure(self.config)
+        self.awaiting_engine = False
         return removed
+
+    async def _await_engine(self) -> None:
+        delay = _ENGINE_POLL_MIN_S
+        while not self._closing:
+            await asyncio.sleep(delay)
+            try:
+                await self.backend.ping()
+                await self._engine_up()
+            except EngineUnavailable:
+                delay = min(delay * 2, _ENGINE_POLL_MAX_S)
+                continue
+            except Exception:  # e.g. the sweep failed: try again, the engine is the backstop's owner
+                log.exception("engine answered but the start-up sweep failed; retrying")
+                delay = min(delay * 2, _ENGINE_POLL_MAX_S)
+                continue
+            log.info("the engine answers: serving")
+            if self.on_ready is not None:
+                await self.on_ready()
+            return
 
     def _open_secrets(self, config: Config) -> None:
         """Open the store and check every granted secret opens now, not at the first call.
@@ -108,7 +152,8 @@ class Supervisor:
         """
         self._open_secrets(config)
         self.config = config
-        self.pools.configure(config)
+        if not self.awaiting_engine:  # else the pools start when the engine answers
+            self.pools.configure(config)
 
     def list_tools(self) -> list[Tool]:
         """Tools with MCP annotations derived from their profile, the admin's overrides on top."""
@@ -127,6 +172,9 @@ class Supervisor:
     async def execute(self, request: InvocationRequest, emit: Emit, owner: str = "") -> Result:
         if self._closing:
             raise ShuttingDown()
+        if self.awaiting_engine:
+            raise EngineUnavailable(f"waiting for the Docker engine at {getattr(self.backend, 'address', '?')} "
+                                    "to answer (engine.wait_at_start)")
         invocation_id = request.invocation_id or new_invocation_id()
         if not _ID_PATTERN.match(invocation_id):
             raise InvalidArguments("must be 8-128 characters of [A-Za-z0-9_.:-]", path="invocation_id")
@@ -237,6 +285,10 @@ class Supervisor:
     async def shutdown(self) -> None:
         """Cancel what is still running, wait for removals, then sweep by label."""
         self.cancel_all()
+        if self._waiting is not None:
+            self._waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._waiting
         if self._cleanups:  # bounded: an unreachable engine must not hold shutdown for minutes
             await asyncio.wait(list(self._cleanups), timeout=self.config.server.shutdown_grace_s + 5.0)
         await self.pools.close()

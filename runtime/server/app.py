@@ -64,6 +64,7 @@ class App:
 
     async def start(self) -> str:
         """Sweep leftovers, bind, start serving; returns the bound address."""
+        self.supervisor.on_ready = self.monitor.check_now  # engine.wait_at_start: SERVING at once
         await self.supervisor.start()
         self.transport.bind(self.server)
         self.authenticator.peers = self.transport.peers

@@ -29,6 +29,8 @@ async def probe(supervisor: Supervisor, timeout_s: float = CHECK_TIMEOUT_S) -> s
 
     async def check() -> str:
         await backend.ping()
+        if supervisor.awaiting_engine:
+            return "the engine answers; the start-up sweep has not run yet"
         missing = [image for image in images if not await backend.has_image(image)]
         return f"images missing on the engine: {', '.join(missing)}" if missing else ""
 

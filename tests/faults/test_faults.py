@@ -176,6 +176,69 @@ def test_engine_unreachable_at_startup_names_the_socket(tmp_path: Path) -> None:
     assert not (tmp_path / "toolcell.sock").exists()
 
 
+async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str) -> None:
+    """Bytes both ways between a client and the engine's real socket (the test's own stand-in engine)."""
+    up_reader, up_writer = await asyncio.open_unix_connection(target)
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            if dst.can_write_eof():
+                dst.write_eof()
+
+    try:
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+    finally:
+        writer.close()
+        up_writer.close()
+
+
+async def test_engine_absent_at_startup_is_waited_for_when_configured(tmp_path: Path) -> None:
+    """engine.wait_at_start: serve NOT_SERVING, refuse calls UNAVAILABLE naming the socket, then serve."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    late = tmp_path / "late-engine.sock"
+    owner = f"fault-{uuid.uuid4().hex[:10]}"
+    config = write_config(tmp_path, owner, docker_host=f"unix://{late}", wait_at_start=True)
+    doc = yaml.safe_load(config.read_text())
+    doc["tools"] = [t for t in doc["tools"] if t["name"] != "ghost"]  # its missing image would keep NOT_SERVING
+    config.write_text(yaml.safe_dump(doc))
+    with serve(config) as proc:
+        sock = tmp_path / "toolcell.sock"
+        deadline = time.monotonic() + 30
+        while not listening(sock):
+            assert proc.poll() is None and time.monotonic() < deadline, "the supervisor must serve without an engine"
+            await asyncio.sleep(0.05)
+        async with Client(f"unix://{sock}") as client:
+            import grpc
+            async with grpc.aio.insecure_channel(f"unix://{sock}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                status = (await health.Check(health_pb2.HealthCheckRequest())).status
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+                with pytest.raises(ClientError) as refused:
+                    await client.call("text.wordcount", json.dumps({"text": "too early"}))
+                assert refused.value.code == "UNAVAILABLE" and str(late) in refused.value.details
+                # The engine appears at the configured socket.
+                server = await asyncio.start_unix_server(
+                    lambda r, w: _relay(r, w, "/var/run/docker.sock"), path=str(late))
+                try:
+                    deadline = time.monotonic() + 30
+                    while (await health.Check(health_pb2.HealthCheckRequest())).status != \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        assert time.monotonic() < deadline, "health did not turn SERVING"
+                        await asyncio.sleep(0.2)
+                    result = await client.call("text.wordcount", json.dumps({"text": "now it works"}))
+                    assert result.status is Status.OK and json.loads(result.output)["words"] == 3
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    await asyncio.to_thread(proc.wait, 30)
+                    server.close()
+    assert proc.returncode == 0
+    assert leftovers(engine(), owner) == []
+
+
 async def test_image_missing_is_failed_precondition_with_a_fix(tmp_path: Path) -> None:
     async with running_supervisor(tmp_path) as (app, client):
         with pytest.raises(ClientError) as info:

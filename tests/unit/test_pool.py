@@ -289,3 +289,27 @@ def test_pools_larger_than_the_concurrency_cap_are_refused() -> None:
     d["rate_limits"] = {"concurrency": {"global": 3}}
     with pytest.raises(ConfigError, match="count against it"):
         parse_config(d)
+
+
+@pytest.mark.parametrize("wait", [False, True])
+async def test_an_absent_engine_at_start_is_an_error_or_waited_for(wait: bool) -> None:
+    backend = FakeBackend({"echo": echo, "sleeper": sleeper}, available=False)
+    sup = Supervisor(parse_config({**doc(), "engine": {"wait_at_start": wait}}), backend)
+    if not wait:
+        with pytest.raises(EngineUnavailable):
+            await sup.start()
+        return
+    assert await sup.start() == 0 and sup.awaiting_engine
+    with pytest.raises(EngineUnavailable, match="waiting for the Docker engine"):
+        await call(sup)
+    assert backend.created == [], "no sandbox, no pool before the engine answers"
+    ready = asyncio.Event()
+    sup.on_ready = lambda: asyncio.sleep(0, result=ready.set())
+    backend.available = True
+    await asyncio.wait_for(ready.wait(), timeout=5)
+    assert not sup.awaiting_engine
+    await eventually(lambda: sup.pools.ready("echo") == 2)
+    result, _ = await call(sup)
+    assert result.status is Status.OK
+    await sup.shutdown()
+    assert backend.live == []
