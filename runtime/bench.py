@@ -43,6 +43,7 @@ from runtime.errors import ToolcellError
 from runtime.model import Result, Started, Status
 from runtime.pipeline import compile_step, resolve
 from runtime.server.app import App
+from runtime.server.lifecycle import docker_backend
 from runtime.settings import Config, parse_config
 from runtime.supervisor import Supervisor
 
@@ -125,7 +126,7 @@ class _ServerThread:
         self._thread.start()
 
         async def boot() -> str:
-            self.backend = DockerBackend(self.config.docker_host, channel_dir=self.config.pool_channel_dir)
+            self.backend = docker_backend(self.config)
             self.app = App(Supervisor(self.config, self.backend))
             return await self.app.start()
 
@@ -250,13 +251,16 @@ class Bench:
     async def _stats(self) -> Any:
         return (await self._query(self.server.supervisor.pools.stats))["bench.warm"]
 
-    async def _pool_full(self, timeout: float = 60) -> None:
+    async def _pool_full(self, timeout: float = 60, server: _ServerThread | None = None,
+                         tools: tuple[str, ...] = ("bench.warm", "bench.warm.python")) -> None:
         """Wait until the pool is full and idle: requests then come at a rate the pool sustains."""
-        pools = self.server.supervisor.pools
+        server = server or self.server
+        pools = server.supervisor.pools
         deadline = time.monotonic() + timeout
-        while not await self._query(lambda: pools.settled("bench.warm") and pools.settled("bench.warm.python")):
+        while not await self._query(lambda: all(pools.settled(t) for t in tools), server):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the pool did not fill in {timeout:.0f}s: {await self._stats()}")
+                stats = await self._query(pools.stats, server)
+                raise RuntimeError(f"the pool did not fill in {timeout:.0f}s: {stats}")
             await asyncio.sleep(0.02)
 
     # -- the six measurements -------------------------------------------------------------------------
@@ -339,14 +343,9 @@ class Bench:
         samples = []
         try:
             server.start()
-            pools = server.supervisor.pools
             async with Client(server.address) as client:
                 for _ in range(self.plan.latency_n):
-                    deadline = time.monotonic() + 60
-                    while not await self._query(lambda: pools.settled("bench.warm"), server):
-                        if time.monotonic() > deadline:
-                            raise RuntimeError("the attach-relay pool did not fill in 60s")
-                        await asyncio.sleep(0.02)
+                    await self._pool_full(server=server, tools=("bench.warm",))
                     t0 = time.perf_counter()
                     result = await client.call("bench.warm", TRIVIAL_ARGS)
                     samples.append(time.perf_counter() - t0)

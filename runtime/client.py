@@ -239,6 +239,16 @@ async def _last_result(events: AsyncGenerator[Event, None]) -> Result:
     raise InternalError("INTERNAL", "stream ended without a result")
 
 
+def _last_result_of(events: Generator[Event, None, None]) -> Result:
+    try:
+        for event in events:
+            if isinstance(event, Result):
+                return event
+    finally:
+        events.close()
+    raise InternalError("INTERNAL", "stream ended without a result")
+
+
 def _arguments_json(arguments: Mapping[str, Any] | str | None) -> str:
     if arguments is None:
         return "{}"
@@ -490,15 +500,8 @@ class SyncClient:
                     error = _translate(exc)
                 if error.code == "UNIMPLEMENTED":  # an older supervisor: the same call, streamed
                     error = None
-                    events = self.execute(tool, arguments, invocation_id=invocation_id, timeout=budget.remaining(),
-                                          idempotent=idempotent)
-                    try:
-                        for event in events:
-                            if isinstance(event, Result):
-                                return event
-                    finally:
-                        events.close()
-                    raise InternalError("INTERNAL", "stream ended without a result")
+                    return _last_result_of(self.execute(tool, arguments, invocation_id=invocation_id,
+                                                        timeout=budget.remaining(), idempotent=idempotent))
                 delay = budget.retry_delay(error)
                 if delay is None or not self._safe_to_rerun(tool, idempotent):
                     raise error

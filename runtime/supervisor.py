@@ -78,6 +78,7 @@ class Supervisor:
         # True while ``engine.wait_at_start`` waits for an absent engine: calls are refused UNAVAILABLE and
         # health says NOT_SERVING until it answered and leftovers were swept. ``on_ready`` runs then.
         self.awaiting_engine = False
+        self._absent = ""  # what the engine said when it was found missing at start-up
         self.on_ready: Callable[[], Awaitable[object]] | None = None
         self._waiting: asyncio.Task[None] | None = None
 
@@ -94,7 +95,7 @@ class Supervisor:
             if not self.config.engine_wait_at_start:
                 raise
             log.warning("%s; refusing calls (health NOT_SERVING) until it answers", exc)
-            self.awaiting_engine = True
+            self.awaiting_engine, self._absent = True, str(exc)
             self._waiting = asyncio.ensure_future(self._await_engine())
             return 0
         return await self._engine_up()
@@ -173,8 +174,7 @@ class Supervisor:
         if self._closing:
             raise ShuttingDown()
         if self.awaiting_engine:
-            raise EngineUnavailable(f"waiting for the Docker engine at {getattr(self.backend, 'address', '?')} "
-                                    "to answer (engine.wait_at_start)")
+            raise EngineUnavailable(f"waiting for the Docker engine (engine.wait_at_start): {self._absent}")
         invocation_id = request.invocation_id or new_invocation_id()
         if not _ID_PATTERN.match(invocation_id):
             raise InvalidArguments("must be 8-128 characters of [A-Za-z0-9_.:-]", path="invocation_id")

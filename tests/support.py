@@ -12,11 +12,11 @@ from typing import Any
 import docker
 import pytest
 
-from runtime.backends.docker import DockerBackend
 from runtime.client import Client
 from runtime.policy.plan import LABEL_OWNER
 from runtime.server.app import App
-from runtime.settings import parse_config
+from runtime.server.lifecycle import docker_backend
+from runtime.settings import Config, parse_config
 from runtime.supervisor import Supervisor
 
 RUNNER_IMAGE = os.environ.get("TOOLCELL_TEST_IMAGE", "toolcell/python:bookworm")
@@ -74,8 +74,14 @@ async def running_supervisor(tmp_path: Path, doc: dict[str, Any] | None = None,
     owner = f"test-{uuid.uuid4().hex[:10]}"
     sock = tmp_path / "toolcell.sock"
     config = parse_config(doc or config_doc(owner, str(sock)), environ=environ or {}, base_dir=tmp_path)
-    backend = DockerBackend(config.docker_host, channel_dir=config.pool_channel_dir)
-    app = App(Supervisor(config, backend))
+    async with serving(config) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Config) -> AsyncIterator[tuple[App, Client]]:
+    """A supervisor for ``config`` on the real engine, with a client; nothing of its owner may be left after."""
+    app = App(Supervisor(config, docker_backend(config)))
     address = await app.start()
     client = Client(address)
     try:

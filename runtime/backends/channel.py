@@ -41,14 +41,14 @@ from runtime.backends.attach import RECV_BYTES, SandboxStream
 from runtime.backends.base import StreamName
 from runtime.errors import BackendError
 
-__all__ = ["CHANNEL_DIR", "ChannelListener", "ChannelStream"]
+__all__ = ["ACCEPT_TIMEOUT_S", "CHANNEL_DIR", "ChannelListener", "ChannelStream"]
 
 CHANNEL_DIR: Final = "/run/toolcell-channel"
 _SOCKET: Final = "c.sock"
 _TAGS: Final = {b"c": "control", b"o": "stdout", b"e": "stderr"}
 _STATUS: Final = re.compile(rb"([0-9]{3})\n")
-# The longest a launcher may take to connect (the backend's accept timeout stays below it).
-_ACCEPT_LIMIT_S: Final = 30.0
+# The longest a pooled sandbox's launcher may take to connect its channel.
+ACCEPT_TIMEOUT_S: Final = 20.0
 
 
 class ChannelListener:
@@ -72,7 +72,7 @@ class ChannelListener:
             self.close()
             raise
 
-    async def accept(self, timeout_s: float) -> dict[str, socket.socket]:
+    async def accept(self, timeout_s: float = ACCEPT_TIMEOUT_S) -> dict[str, socket.socket]:
         """The launcher's three connections, by role; then the listener is gone and the launcher may go."""
         loop = asyncio.get_running_loop()
         found: dict[str, socket.socket] = {}
@@ -102,11 +102,11 @@ class ChannelListener:
         shutil.rmtree(self.directory, ignore_errors=True)
 
     @staticmethod
-    def sweep(base: Path, older_than_s: float = 10 * _ACCEPT_LIMIT_S) -> int:
+    def sweep(base: Path, older_than_s: float = 10 * ACCEPT_TIMEOUT_S) -> int:
         """Remove listener directories a killed supervisor left behind; returns how many.
 
         A live one exists only between its creation and its launcher's connections (at most
-        ``_ACCEPT_LIMIT_S``), so anything much older is a leftover, whichever supervisor made it.
+        ``ACCEPT_TIMEOUT_S``), so anything much older is a leftover, whichever supervisor made it.
         """
         removed = 0
         cutoff = time.time() - older_than_s

@@ -65,8 +65,6 @@ log = logging.getLogger("toolcell.docker")
 # Second looks at the OOM flag of a SIGKILL exit (see _wait_blocking).
 _OOM_LOOKS: Final = 10
 _OOM_LOOK_S: Final = 0.1
-# How long a pooled sandbox's launcher may take to connect its channel.
-_CHANNEL_TIMEOUT_S: Final = 20.0
 # A claimed pooled sandbox joins the periodic usage sampler this long after its claim.
 _WARM_SAMPLE_DELAY_S: Final = 0.02
 _ATTACH_PARAMS: Final = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
@@ -192,7 +190,7 @@ class DockerBackend:
         try:
             await self._call(functools.partial(self._api.start, container_id))
             try:
-                conns = await listener.accept(_CHANNEL_TIMEOUT_S)
+                conns = await listener.accept()
             except BackendError as exc:
                 if self._channel_works is None:  # never came up on this engine: not a passing hiccup
                     raise _ChannelDown(str(exc)) from exc

@@ -20,13 +20,11 @@ from typing import Any
 
 import pytest
 
-from runtime.backends.docker import DockerBackend
 from runtime.client import Client
 from runtime.model import Result
 from runtime.server.app import App
 from runtime.settings import parse_config
-from runtime.supervisor import Supervisor
-from tests.support import REPO, RUNNER_IMAGE, engine, leftovers
+from tests.support import REPO, RUNNER_IMAGE, engine, serving
 
 TOOLS_DIR = Path(__file__).resolve().parent / "tools"
 PERMISSIVE_SECCOMP = TOOLS_DIR / "seccomp-permissive.json"
@@ -119,16 +117,8 @@ async def hostile_supervisor(tmp_path: Path, runtime: str) -> AsyncIterator[tupl
     owner = f"sec-{uuid.uuid4().hex[:10]}"
     environ = {**os.environ, CANARY_NAME: CANARY_VALUE, PASSED_NAME: "passed-through"}
     config = parse_config(hostile_config(owner, str(tmp_path / "toolcell.sock"), runtime), environ=environ)
-    app = App(Supervisor(config, DockerBackend(config.docker_host, channel_dir=config.pool_channel_dir)))
-    address = await app.start()
-    client = Client(address)
-    try:
-        yield app, client
-    finally:
-        await client.close()
-        await app.stop(grace_s=1.0)
-        left = leftovers(engine(), owner)
-        assert left == [], f"sandboxes left behind: {left}"
+    async with serving(config) as running:
+        yield running
 
 
 @pytest.fixture
