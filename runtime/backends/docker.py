@@ -63,7 +63,7 @@ _T = TypeVar("_T")
 log = logging.getLogger("toolcell.docker")
 
 # Second looks at the OOM flag of a SIGKILL exit (see _wait_blocking).
-_OOM_LOOKS: Final = 10
+_OOM_LOOKS: Final = 50
 _OOM_LOOK_S: Final = 0.1
 # A claimed pooled sandbox joins the periodic usage sampler this long after its claim.
 _WARM_SAMPLE_DELAY_S: Final = 0.02
@@ -569,7 +569,8 @@ class DockerSandbox:
         oom = bool(self._api.inspect_container(self._id).get("State", {}).get("OOMKilled"))
         # The engine records the kernel's OOM event separately from the exit; with many containers dying at
         # once it can land well after the exit. A SIGKILL death we did not cause, not (yet) flagged, gets
-        # second looks for up to ~1 s (measured: 200 ms was not always enough under a fork bomb next door).
+        # second looks for up to ~5 s (measured: 200 ms, then 1 s, were not always enough with 64 calls
+        # at once on 2 cores); it stops at the first look that finds the flag.
         looks = _OOM_LOOKS if exit_code == 128 + 9 and not oom and not self._sent_kill else 0
         for _ in range(looks):
             time.sleep(_OOM_LOOK_S)
