@@ -28,6 +28,7 @@ from runtime.policy.network import EgressSettings, GrantError, candidate_subnets
 from runtime.policy.plan import unpoolable_secret_dir
 from runtime.policy.profile import IsolationProfile, Mount, OutputPolicy
 from runtime.policy.seccomp import SeccompProfile, load_seccomp
+from runtime.safepath import trusted_socket
 from runtime.secretstore import SecretStoreSettings
 
 ENV_CONFIG = "TOOLCELL_CONFIG"
@@ -49,6 +50,10 @@ class ServerSettings:
     health_interval_s: float = 10.0
     # Where `toolcell reload` finds the pid and the outcome of the last reload.
     state_file: str = ""
+    # The Unix-socket forwarder: open connections per caller uid, and how long a new connection may take to
+    # send the HTTP/2 preface (server.max_connections_per_uid, server.handshake_timeout).
+    max_connections_per_uid: int = 32
+    handshake_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,11 @@ class Config:
 
 
 def runtime_dir() -> Path:
-    """Where the default socket lives: $XDG_RUNTIME_DIR/toolcell, /run/toolcell for root, else /tmp."""
+    """Where the default socket lives: $XDG_RUNTIME_DIR/toolcell, /run/toolcell for root, else /tmp.
+
+    Only a name: whoever uses it first checks it (``safepath.private_dir``), since another local user may
+    have created ``/tmp/toolcell-<uid>`` before us.
+    """
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "toolcell"
@@ -116,8 +125,22 @@ def _pool_channel_dir(engine: Mapping[str, Any]) -> str | None:
     return raw.replace("{runtime_dir}", str(runtime_dir())) if raw else None
 
 
+def default_socket() -> Path:
+    """The default socket's path (unchecked): ``<runtime_dir>/toolcell.sock``."""
+    return runtime_dir() / "toolcell.sock"
+
+
 def default_target() -> str:
-    return os.environ.get(ENV_LISTEN) or f"unix://{runtime_dir()}/toolcell.sock"
+    """A caller's default address: $TOOLCELL_LISTEN as given, else the default socket, checked first.
+
+    The check (``safepath.trusted_socket``) makes the runtime dir 0700 if it is absent, and refuses a
+    runtime dir or a socket another local user owns (or could replace): such a socket may be an impostor
+    that would receive the call's arguments and bearer token. Raises ``safepath.UnsafePath``.
+    """
+    listen = os.environ.get(ENV_LISTEN)
+    if listen:
+        return listen
+    return f"unix://{trusted_socket(default_socket(), key='runtime dir')}"
 
 
 def client_token() -> str | None:
@@ -233,6 +256,8 @@ def _build_profile(name: str, raw: Mapping[str, Any], base: IsolationProfile, ba
         changes["nofile"] = int(raw["nofile"])
     if "tmpfs_size" in raw:
         changes["tmpfs_bytes"] = parse_size(raw["tmpfs_size"], f"{key}.tmpfs_size")
+    if "shm" in raw:
+        changes["shm_bytes"] = parse_size(raw["shm"], f"{key}.shm")
     if "user" in raw:
         changes["user"] = raw["user"] if ":" in raw["user"] else f"{raw['user']}:{raw['user']}"
     if "env_passthrough" in raw:
@@ -373,7 +398,11 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         max_message_bytes=int(server_raw.get("max_message_bytes", 4 * 1024 * 1024)),
         health_interval_s=parse_duration(server_raw.get("health_interval", 10), "server.health_interval"),
         state_file=_state_file(server_raw.get("state_file"), listen),
+        max_connections_per_uid=int(server_raw.get("max_connections_per_uid", 32)),
+        handshake_timeout_s=parse_duration(server_raw.get("handshake_timeout", 5), "server.handshake_timeout"),
     )
+    if server.handshake_timeout_s <= 0:
+        raise ConfigError("must be more than 0", key="server.handshake_timeout")
     tel = doc.get("telemetry", {})
     telemetry = TelemetrySettings(
         service_name=tel.get("service_name", "toolcell"),

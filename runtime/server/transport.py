@@ -22,7 +22,8 @@ import grpc
 from runtime.access_settings import SecuritySettings
 from runtime.errors import ConfigError
 from runtime.policy.access import PeerCred
-from runtime.server.peer import PeerForwarder
+from runtime.safepath import private_dir
+from runtime.server.peer import DEFAULT_HANDSHAKE_TIMEOUT_S, DEFAULT_MAX_PER_UID, PeerForwarder
 
 log = logging.getLogger("toolcell.server")
 
@@ -36,11 +37,14 @@ def unix_path(address: str) -> Path | None:
 
 
 def prepare_socket_path(path: Path) -> None:
-    """Create the parent dir (0700 if new) and clear a stale socket; refuse to steal a live one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not path.exists() and not path.is_symlink():
+    """Make sure the parent dir is ours alone (0700 if new; ``safepath.private_dir``), clear a stale socket;
+    refuse to steal a live one."""
+    private_dir(path.parent, key="server.listen")
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(path.lstat().st_mode):
+    if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"{path} exists and is not a socket", key="server.listen")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -66,10 +70,14 @@ def server_options(security: SecuritySettings, max_message_bytes: int) -> list[t
 
 
 class Transport:
-    def __init__(self, security: SecuritySettings, listen: str, socket_mode: int) -> None:
+    def __init__(self, security: SecuritySettings, listen: str, socket_mode: int, *,
+                 max_connections_per_uid: int = DEFAULT_MAX_PER_UID,
+                 handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S) -> None:
         self.security = security
         self.listen = listen
         self.socket_mode = socket_mode
+        self.max_connections_per_uid = max_connections_per_uid
+        self.handshake_timeout_s = handshake_timeout_s
         self.peers: dict[str, PeerCred] = {}
         self.address = ""
         self._forwarder: PeerForwarder | None = None
@@ -84,7 +92,9 @@ class Transport:
             self._private_dir = Path(tempfile.mkdtemp(prefix="toolcell-grpc-"))  # 0700, ours alone
             inner = self._private_dir / "grpc.sock"
             server.add_insecure_port(f"unix://{inner}")
-            self._forwarder = PeerForwarder(path, inner, mode=self.socket_mode, max_connections=sec.max_connections)
+            self._forwarder = PeerForwarder(path, inner, mode=self.socket_mode, max_connections=sec.max_connections,
+                                            max_per_uid=self.max_connections_per_uid,
+                                            handshake_timeout_s=self.handshake_timeout_s)
             self.peers = self._forwarder.peers
             self.address = f"unix://{path}"
             return
