@@ -5,6 +5,8 @@ recorded), the status, the rejection reason (an error class), the redaction kind
 payload becomes an attribute.
 
     toolcell.invocations             counter        tool, status      calls that ran a sandbox
+    toolcell.invocation.endings      counter        tool, ending      every invocation with an id, by how it
+                                                                       ended (``endings.ENDINGS``)
     toolcell.invocation.duration     histogram (s)  tool, status
     toolcell.sandboxes.active        up-down        -                 sandboxes created and not yet removed
     toolcell.rejections              counter        reason            calls refused or failed before a result
@@ -34,6 +36,10 @@ duration = _meter.create_histogram(
     explicit_bucket_boundaries_advisory=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120])
 active_sandboxes = _meter.create_up_down_counter(
     "toolcell.sandboxes.active", unit="{sandbox}", description="Sandboxes created and not yet removed")
+endings = _meter.create_counter(
+    "toolcell.invocation.endings", unit="{invocation}",
+    description="Invocations with an id, by how they ended: result, error, disconnected, deadline, shutdown, "
+                "internal_error, swept")
 rejections = _meter.create_counter(
     "toolcell.rejections", unit="{invocation}", description="Invocations refused or failed without a result")
 redactions = _meter.create_counter(
@@ -89,6 +95,13 @@ def record_result(tool: str, status: str, duration_s: float, redacted: Mapping[s
     duration.record(duration_s, attrs)
     for kind, count in redacted.items():
         redactions.add(count, {"tool": tool, "kind": kind})
+
+
+def record_end(tool: str, ending: str, status: str, duration_s: float, redacted: Mapping[str, int]) -> None:
+    """Every invocation's end, once; a result is also counted by status (``toolcell.invocations``)."""
+    endings.add(1, {"tool": tool, "ending": ending})
+    if ending == "result":
+        record_result(tool, status, duration_s, redacted)
 
 
 def record_rejection(exc: BaseException) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import secrets as _secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -96,6 +97,13 @@ def step(name: str, redactor: Redactor, **attributes: Any) -> Iterator[trace.Spa
             span.set_status(trace.Status(trace.StatusCode.ERROR, describe(exc, redactor)))
             span.set_attribute("toolcell.error", type(exc).__name__)
             raise
+        except asyncio.CancelledError:  # the caller went away, a deadline passed or the supervisor stopped
+            span.set_status(trace.Status(trace.StatusCode.ERROR, "cancelled"))
+            raise
+        except Exception as exc:  # a bug: the type only (its message may quote payload)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, "internal error"))
+            span.set_attribute("toolcell.error", type(exc).__name__)
+            raise
 
 
 def describe(exc: ToolcellError, redactor: Redactor) -> str:
@@ -145,7 +153,8 @@ def inject_secrets(services: Services, resolved: ResolvedTool, plan: ContainerPl
     if services.secrets is None or services.delivery is None:
         raise SecretError("tool is granted secrets but the supervisor has no secret store")
     values = services.secrets.get_many(sorted({g.name for g in grants}))
-    delivered = services.delivery.prepare(invocation_id, grants, values, plan.user)
+    # Unique per run: a caller-chosen id is scoped to its caller, so two principals may share one.
+    delivered = services.delivery.prepare(f"{invocation_id}.{_secrets.token_hex(4)}", grants, values, plan.user)
     plan = dataclasses.replace(plan, env={**plan.env, **delivered.env}, mounts=plan.mounts + delivered.mounts)
     redactor = Redactor({**services.redactor.secrets, **values})
     return plan, redactor, delivered
@@ -182,13 +191,17 @@ async def terminate(sandbox: Sandbox, waiter: asyncio.Future[ExitInfo], grace_s:
 
 
 async def pump(sandbox: Sandbox, collected: Collected, emit: Emit, stream_live: bool) -> None:
-    """Forward scrubbed output as it happens, keeping at most each stream's cap."""
+    """Forward scrubbed output as it happens, keeping at most each stream's cap.
+
+    Scrubbing is CPU work on hostile bytes: it runs in a worker thread, one chunk (bounded by the
+    backend's read size) at a time, so the event loop keeps serving other calls, health and cancels.
+    """
     async for name, data in sandbox.output():
-        text = collected.stream(name).feed(data)
+        text = await asyncio.to_thread(collected.stream(name).feed, data)
         if text and stream_live:
             await emit(OutputChunk(stream=name, text=text))
     for name in ("stdout", "stderr"):
-        tail = collected.stream(name).finish()
+        tail = await asyncio.to_thread(collected.stream(name).finish)
         if tail and stream_live:
             await emit(OutputChunk(stream=name, text=tail))
 
@@ -386,8 +399,8 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
                     destinations = await asyncio.shield(asyncio.ensure_future(egress.close()))
             if delivered is not None and services.delivery is not None:
                 services.delivery.cleanup(delivered)
-        with step("toolcell.finalize", redactor):
-            verdict = finalize(config, resolved, done.outcome)
+        with step("toolcell.finalize", redactor):  # injection markers, JSON: CPU work on output, off the loop
+            verdict = await asyncio.to_thread(finalize, config, resolved, done.outcome)
         collected = done.outcome.collected
         result = Result(
             exit_code=done.outcome.exit.exit_code,

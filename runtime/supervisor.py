@@ -12,13 +12,12 @@ import dataclasses
 import logging
 import re
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from runtime import metrics
-from runtime.backends.base import Backend, Sandbox
+from runtime.backends.base import Backend, Removed, Sandbox
 from runtime.errors import (
     EngineUnavailable,
     InvalidArguments,
@@ -68,7 +67,9 @@ class Supervisor:
         self.delivery: SecretDelivery | None = None
         # Knows every secret value granted to any tool: used on error messages, spans and logs.
         self.redactor = Redactor()
-        self._running: dict[str, Running] = {}
+        # Keyed by (owner, invocation id): a caller-chosen id is scoped to its caller, so another
+        # principal's id neither conflicts nor answers (ids do not leak across principals).
+        self._running: dict[tuple[str, str], Running] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
         self._closing = False
         self.pools = PoolManager(backend, headroom=self._headroom)
@@ -80,6 +81,8 @@ class Supervisor:
         self.awaiting_engine = False
         self._absent = ""  # what the engine said when it was found missing at start-up
         self.on_ready: Callable[[], Awaitable[object]] | None = None
+        # Called with the invocations whose sandboxes the start-up sweep removed (a previous run crashed).
+        self.on_swept: Callable[[list[Removed]], Awaitable[object]] | None = None
         self._waiting: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
@@ -103,10 +106,13 @@ class Supervisor:
     async def _engine_up(self) -> int:
         removed = await self.backend.remove_orphans(self.config.server.instance)
         if removed:
-            log.warning("removed %d sandbox(es) left behind by a previous run", removed)
+            log.warning("removed %d sandbox(es) left behind by a previous run", len(removed))
+        ended = [r for r in removed if r.invocation_id]
+        if ended and self.on_swept is not None:  # a crashed run's calls: their end goes on record now
+            await self.on_swept(ended)
         self.pools.configure(self.config)
         self.awaiting_engine = False
-        return removed
+        return len(removed)
 
     async def _await_engine(self) -> None:
         delay = _ENGINE_POLL_MIN_S
@@ -167,10 +173,18 @@ class Supervisor:
         return 1 << 30 if cap is None else cap - self.in_flight - self.pools.pooled
 
     @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def known_tool(self, name: str) -> bool:
+        return name in self.config.tools
+
+    @property
     def in_flight(self) -> int:
         return len(self._running)
 
     async def execute(self, request: InvocationRequest, emit: Emit, owner: str = "") -> Result:
+        """Run one invocation; the caller (``server/service.py``) accounts for its end, whatever it is."""
         if self._closing:
             raise ShuttingDown()
         if self.awaiting_engine:
@@ -178,17 +192,18 @@ class Supervisor:
         invocation_id = request.invocation_id or new_invocation_id()
         if not _ID_PATTERN.match(invocation_id):
             raise InvalidArguments("must be 8-128 characters of [A-Za-z0-9_.:-]", path="invocation_id")
-        if invocation_id in self._running:
-            raise InvocationConflict(f"invocation {invocation_id!r} is already running")
+        key = (owner, invocation_id)
+        if key in self._running:
+            raise InvocationConflict("this invocation id is already running")
         running = Running(invocation_id=invocation_id, tool=request.tool, owner=owner)
-        self._running[invocation_id] = running
+        self._running[key] = running
         if self._headroom() < 0:
             self.pools.shed()
         self._idle.clear()
 
         def on_sandbox(sandbox: Sandbox) -> None:
             metrics.active_sandboxes.add(1)
-            if invocation_id in self._running:
+            if self._running.get(key) is running:
                 running.sandbox = sandbox
             else:  # created after the call was abandoned
                 self._track(sandbox)
@@ -196,24 +211,22 @@ class Supervisor:
         services = Services(config=self.config, backend=self.backend, secrets=self.secrets, delivery=self.delivery,
                             on_sandbox=on_sandbox, remove=self._remove, redactor=self.redactor,
                             claim=self.pools.claim)
-        started = time.monotonic()
         try:
-            result = await run_invocation(services, request, invocation_id, emit, running.cancelled)
+            return await run_invocation(services, request, invocation_id, emit, running.cancelled)
         finally:
-            self._running.pop(invocation_id, None)
+            if self._running.get(key) is running:
+                del self._running[key]
             if not self._running:
                 self._idle.set()
-        metrics.record_result(request.tool, result.status.value, time.monotonic() - started, result.redactions)
-        log.info("invocation finished", extra={
-            "tool": request.tool, "invocation_id": invocation_id, "status": result.status.value,
-            "exit_code": result.exit_code, "duration_ms": result.duration_ms})
-        return result
 
     async def cancel(self, invocation_id: str, owner: str | None = None) -> None:
         """Cancel a run; with ``owner``, only the owner's (another's run looks exactly like no run)."""
-        running = self._running.get(invocation_id)
-        if running is None or (owner is not None and running.owner != owner):
-            raise InvocationNotFound(f"no running invocation {invocation_id!r}")
+        if owner is not None:
+            running = self._running.get((owner, invocation_id))
+        else:  # the operator (no owner): any principal's run with this id
+            running = next((r for (_, rid), r in self._running.items() if rid == invocation_id), None)
+        if running is None:
+            raise InvocationNotFound("no running invocation with this id")
         running.cancelled.set()
 
     def _track(self, sandbox: Sandbox, first: asyncio.Future[EngineUnavailable | None] | None = None

@@ -19,6 +19,15 @@ StreamName = Literal["stdout", "stderr"]
 
 
 @dataclass(frozen=True)
+class Removed:
+    """A sandbox a sweep removed: which invocation it served (empty for pooled or helper sandboxes)."""
+
+    sandbox_id: str
+    invocation_id: str = ""
+    tool: str = ""
+
+
+@dataclass(frozen=True)
 class ExitInfo:
     exit_code: int
     oom_killed: bool
@@ -80,8 +89,8 @@ class Backend(Protocol):
         be reported in-band (before the engine processes the exit); other outcomes come from the engine.
         """
 
-    async def remove_orphans(self, owner: str) -> int:
-        """Remove every sandbox, then every network, labelled as ``owner``'s; returns how many sandboxes."""
+    async def remove_orphans(self, owner: str) -> list[Removed]:
+        """Remove every sandbox, then every network, labelled as ``owner``'s; returns the sandboxes removed."""
 
     async def create_network(self, spec: NetworkSpec) -> str:
         """Create ``spec`` with the first of its subnets that is free; returns that subnet."""

@@ -43,14 +43,14 @@ from docker.types import IPAMConfig, IPAMPool, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
 from runtime.backends.attach import RECV_BYTES, AttachStream, SandboxStream
-from runtime.backends.base import ExitInfo, StreamName
+from runtime.backends.base import ExitInfo, Removed, StreamName
 from runtime.backends.cgroup import CgroupLayout, CgroupProbe, UsageSampler
 from runtime.backends.channel import CHANNEL_DIR, ChannelListener, ChannelStream
 from runtime.backends.launcher import envelope, launch_command, new_nonce
 from runtime.errors import BackendError, EngineUnavailable, ImageMissing, RuntimeMissing
 from runtime.model import Usage
-from runtime.policy.network import NetworkSpec
-from runtime.policy.plan import LABEL_MANAGED, LABEL_OWNER, ContainerPlan
+from runtime.policy.network import LABEL_ROLE, NetworkSpec
+from runtime.policy.plan import LABEL_INVOCATION, LABEL_MANAGED, LABEL_OWNER, LABEL_TOOL, ContainerPlan
 from runtime.policy.profile import Mount
 
 __all__ = ["DEFAULT_BASE_URL", "DockerBackend", "DockerSandbox"]
@@ -81,6 +81,15 @@ _UNREACHABLE: Final = (
 
 class _ChannelDown(BackendError):
     """The private channel cannot work with this engine (it cannot mount our directory, or nobody came)."""
+
+
+def _removed(summary: Mapping[str, Any]) -> Removed:
+    """What a swept container served, from its labels (a proxy or pooled sandbox served no invocation)."""
+    labels = summary.get("Labels") or {}
+    invocation = str(labels.get(LABEL_INVOCATION, ""))
+    serving = LABEL_ROLE not in labels and not invocation.startswith("pool-")  # a pooled sandbox's claim is unknown
+    return Removed(sandbox_id=str(summary["Id"]), invocation_id=invocation if serving else "",
+                   tool=str(labels.get(LABEL_TOOL, "")) if serving else "")
 
 
 class DockerBackend:
@@ -207,13 +216,13 @@ class DockerBackend:
         found = await self._call(functools.partial(self._api.containers, all=True, filters=filters))
         return [str(c["Id"]) for c in found]
 
-    async def remove_orphans(self, owner: str) -> int:
-        ids = await self.list_sandboxes(owner)
-        removed = await asyncio.gather(*(self._remove(cid) for cid in ids))
+    async def remove_orphans(self, owner: str) -> list[Removed]:
         filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={owner}"]}
+        found = await self._call(functools.partial(self._api.containers, all=True, filters=filters))
+        removed = await asyncio.gather(*(self._remove(str(c["Id"])) for c in found))
         networks = await self._call(functools.partial(self._api.networks, filters=filters))
         await asyncio.gather(*(self.remove_network(str(n["Id"])) for n in networks))
-        return sum(removed)
+        return [_removed(c) for c, gone in zip(found, removed, strict=True) if gone]
 
     async def create_network(self, spec: NetworkSpec) -> str:
         return await self._call(functools.partial(self._create_network_blocking, spec))

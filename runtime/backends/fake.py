@@ -27,11 +27,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, field
 from typing import Final
 
-from runtime.backends.base import ExitInfo, StreamName
+from runtime.backends.base import ExitInfo, Removed, StreamName
 from runtime.errors import BackendError, EngineUnavailable, ImageMissing, RuntimeMissing
 from runtime.model import Usage
 from runtime.policy.network import NetworkSpec
-from runtime.policy.plan import LABEL_MANAGED, LABEL_OWNER, ContainerPlan
+from runtime.policy.plan import LABEL_INVOCATION, LABEL_MANAGED, LABEL_OWNER, LABEL_TOOL, ContainerPlan
 
 __all__ = ["Behaviour", "FakeBackend", "FakeProcess", "FakeSandbox"]
 
@@ -283,14 +283,17 @@ class FakeBackend:
         self._check_available()
         return [sid for sid, sb in self._live.items() if _owned_by(sb.plan, owner)]
 
-    async def remove_orphans(self, owner: str) -> int:
+    async def remove_orphans(self, owner: str) -> list[Removed]:
         ids = await self.list_sandboxes(owner)
+        removed = []
         for sid in ids:
+            labels = self._live[sid].plan.labels
+            removed.append(Removed(sid, labels.get(LABEL_INVOCATION, ""), labels.get(LABEL_TOOL, "")))
             await self._live[sid].remove()
         for name, labels in list(self.networks.items()):
             if labels.get(LABEL_MANAGED) == "true" and labels.get(LABEL_OWNER) == owner:
                 del self.networks[name]
-        return len(ids)
+        return removed
 
     async def create_network(self, spec: NetworkSpec) -> str:
         self._check_available()

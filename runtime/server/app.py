@@ -47,8 +47,8 @@ class App:
                          sampler=sampler or (HostSampler() if security.admission.enabled else None))
         verifier = JwtVerifier(security.jwt) if security.jwt is not None else None
         self.authenticator = Authenticator(security.policy, verifier, self.transport.peers)
-        pb_grpc.add_SupervisorServicer_to_server(  # type: ignore[no-untyped-call]
-            SupervisorService(supervisor, self.gate, self.authenticator), self.server)
+        self.service = SupervisorService(supervisor, self.gate, self.authenticator)
+        pb_grpc.add_SupervisorServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -96,6 +96,7 @@ class App:
         with contextlib.suppress(Exception):
             await self.supervisor.backend.close()
         await self.transport.close()
+        await self.service.flush()  # end records of calls cut off by the shutdown
         if self.audit is not None:
             self.audit.close()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from opentelemetry import propagate, trace
 from runtime import metrics
 from runtime.api.v1 import supervisor_pb2 as pb
 from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
+from runtime.endings import Ending
 from runtime.errors import InvocationNotFound, ResourceExhausted, ToolcellError
 from runtime.gate import Gate
 from runtime.model import Event, Result, Started
@@ -23,7 +26,7 @@ from runtime.policy.scrub import Redactor
 from runtime.server.convert import event_to_pb, request_from_pb, result_to_pb, tool_to_pb
 from runtime.server.identity import Authenticator
 from runtime.server.status import RETRY_AFTER_KEY, status_for
-from runtime.supervisor import Supervisor
+from runtime.supervisor import Supervisor, new_invocation_id
 
 log = logging.getLogger("toolcell.server")
 tracer = trace.get_tracer("toolcell.server")
@@ -69,6 +72,7 @@ class SupervisorService(pb_grpc.SupervisorServicer):
         self.supervisor = supervisor
         self.gate = gate
         self.auth = authenticator
+        self._ends: set[asyncio.Future[None]] = set()
 
     async def _principal(self, context: grpc.aio.ServicerContext, span: trace.Span, action: str,
                          tool: str = "") -> Principal:
@@ -100,37 +104,73 @@ class SupervisorService(pb_grpc.SupervisorServicer):
 
     async def _invoke(self, method: str, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext,
                       span: trace.Span, emit: Emit) -> Result | None:
-        """Authenticate, authorize, admit, run, audit. None: the call was refused (the RPC is aborted)."""
+        """Authenticate, authorize, admit, run, account. None: the call was refused (the RPC is aborted).
+
+        Once an invocation has its id, whatever ends it (result, error, cancel, disconnect, deadline,
+        shutdown, internal error) is accounted for once, in the ``finally`` below: audit record, metric,
+        log line and span status (``Ending``).
+        """
         remaining = context.time_remaining()
         deadline_s = time.monotonic() + remaining if remaining is not None else None
-        profile = ""
+        ending: Ending | None = None
 
         async def emit_and_note(event: Event) -> None:
-            nonlocal profile
-            if isinstance(event, Started):
-                profile = event.profile
+            if isinstance(event, Started) and ending is not None:
+                ending.profile = event.profile
             await emit(event)
 
         principal = await self._principal(context, span, "call", request.tool)
-        started = time.monotonic()
         try:
             await self.gate.authorize(principal, "call", request.tool, _trace_id(span))
             async with self.gate.admit(principal, request.tool, _trace_id(span)):
+                call = request_from_pb(request, deadline_s)
+                call = dataclasses.replace(call, invocation_id=call.invocation_id or new_invocation_id())
+                ending = Ending(call.invocation_id, request.tool, self.supervisor.known_tool(request.tool))
                 try:
-                    result = await self.supervisor.execute(request_from_pb(request, deadline_s), emit_and_note,
-                                                           owner=principal.id)
+                    ending.result = await self.supervisor.execute(call, emit_and_note, owner=principal.id)
                 except ToolcellError as exc:
-                    await self.gate.invocation_end(
-                        principal, request.tool, request.arguments_json, status=status_for(exc).name,
-                        duration_ms=int((time.monotonic() - started) * 1000), trace_id=_trace_id(span))
+                    ending.error = exc
                     raise
-                # On disk before the caller sees the result.
-                await self.gate.invocation_end(principal, request.tool, request.arguments_json, result=result,
-                                               profile=profile)
+                except asyncio.CancelledError:
+                    ending.cancelled = True
+                    raise
+                except Exception as exc:
+                    ending.error = exc
+                    log.exception("%s: internal error", method, extra={"invocation_id": ending.invocation_id})
+                    raise ToolcellError(f"internal error (trace id {_trace_id(span)})") from exc
+                finally:
+                    await self._end(ending, principal, context, span, request.arguments_json)
         except ToolcellError as exc:
-            await _abort(context, span, exc, f"{method} {request.tool!r}", self.supervisor.redactor)
+            await _abort(context, span, exc, f"{method} {request.tool[:64]!r}", self.supervisor.redactor)
             return None
-        return result
+        return ending.result
+
+    async def _end(self, ending: Ending, principal: Principal, context: grpc.aio.ServicerContext,
+                   span: trace.Span, arguments_json: str) -> None:
+        """The one place an invocation's end is accounted: audit record, metric, log line, span status."""
+        code = status_for(ending.error).name if isinstance(ending.error, ToolcellError) else ""
+        ending.finish(closing=self.supervisor.closing, time_remaining=context.time_remaining(), code_name=code)
+        if ending.result is None:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, ending.kind))
+        span.set_attribute("toolcell.ending", ending.kind)
+        metrics.record_end(ending.metric_tool, ending.kind, ending.status, ending.duration_s,
+                           ending.result.redactions if ending.result is not None else {})
+        log.info("invocation finished", extra={
+            "tool": ending.metric_tool, "invocation_id": ending.invocation_id, "ending": ending.kind,
+            "status": ending.status, "exit_code": ending.result.exit_code if ending.result is not None else None,
+            "duration_ms": int(ending.duration_s * 1000)})
+        # On disk before the caller sees the result; shielded: a cancelled call still leaves its record.
+        record = asyncio.ensure_future(self.gate.invocation_end(
+            principal, ending.tool, arguments_json, result=ending.result, status=ending.status,
+            profile=ending.profile, duration_ms=int(ending.duration_s * 1000), trace_id=_trace_id(span)))
+        self._ends.add(record)
+        record.add_done_callback(self._ends.discard)
+        await asyncio.shield(record)  # cancelled again meanwhile: the record is still written (``flush``)
+
+    async def flush(self) -> None:
+        """Wait for end records still being written (shutdown: before the audit file is closed)."""
+        if self._ends:
+            await asyncio.wait(list(self._ends))
 
     async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext
                         ) -> pb.ListToolsResponse:

@@ -314,7 +314,7 @@ async def test_remove_orphans_removes_only_the_owners_sandboxes(harness: Harness
     await backend.create(harness.plan("echo", owner=orphan_owner))
     mine = await backend.create(harness.plan("echo"))
     try:
-        assert await backend.remove_orphans(orphan_owner) == 2
+        assert len(await backend.remove_orphans(orphan_owner)) == 2
         assert await backend.list_sandboxes(orphan_owner) == []
         assert await backend.list_sandboxes(harness.owner) == [mine.id]
     finally:
