@@ -88,6 +88,8 @@ def _check_ancestors(path: Path, key: str) -> None:
 def _check_dir(path: Path, allow_root: bool, chmod: int | None, key: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise  # only with create=False: the caller decides what an absent directory means
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             kind = "a symlink" if os.path.islink(path) else "not a directory"
@@ -116,7 +118,8 @@ def private_dir(path: str | os.PathLike[str], *, create: bool = True, allow_root
 
     ``allow_root``: also accept a directory owned by root (a caller using a system path such as
     /run/toolcell). ``chmod``: set this mode on it (e.g. 0o700 where the directory is the only gate).
-    ``key`` names the config setting in the error. Raises ``UnsafePath``.
+    ``key`` names the config setting in the error. Raises ``UnsafePath``; with ``create=False``,
+    ``FileNotFoundError`` when it is absent.
     """
     p = Path(os.path.abspath(path))
     _check_ancestors(p, key)

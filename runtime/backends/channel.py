@@ -40,6 +40,7 @@ from typing import Final
 from runtime.backends.attach import RECV_BYTES, SandboxStream
 from runtime.backends.base import StreamName
 from runtime.errors import BackendError
+from runtime.safepath import private_dir
 
 __all__ = ["ACCEPT_TIMEOUT_S", "CHANNEL_DIR", "ChannelListener", "ChannelStream"]
 
@@ -55,8 +56,9 @@ class ChannelListener:
     """One sandbox's listener, in a fresh directory under ``base`` (a directory only we can enter)."""
 
     def __init__(self, base: Path) -> None:
-        base.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(base, 0o700)  # the one gate on the host side: only the supervisor's uid enters
+        # The one gate on the host side: a real directory of ours (no symlink, nobody else's, no group or
+        # other write bit; ``safepath.private_dir``), set to 0700 so only the supervisor's uid enters.
+        base = private_dir(base, chmod=0o700, key="engine.pool_channel")
         self.directory = base / secrets.token_hex(8)
         # 0755 / 0666: the sandbox's (unknown, non-root) uid must reach and connect to the socket. Nobody
         # else can: the directory is reachable only through ``base`` (0700) or the sandbox's own mount.
@@ -111,6 +113,7 @@ class ChannelListener:
         removed = 0
         cutoff = time.time() - older_than_s
         with contextlib.suppress(FileNotFoundError):
+            base = private_dir(base, create=False, key="engine.pool_channel")  # never sweep another's dir
             for entry in base.iterdir():
                 with contextlib.suppress(FileNotFoundError):
                     if entry.is_dir() and not entry.is_symlink() and entry.stat().st_mtime < cutoff:
