@@ -6,11 +6,14 @@
 4. toolcell warm (pooled), the same tool, at a rate the pool sustains (each call waits for a full pool);
    4c: the same over the engine's attach relay instead of the private channel (a second supervisor);
 5. throughput at concurrency 1, 4 and 16 for 2, 3 and 4, with the pool's refill rate;
-6. a stdout flood (100 MiB): supervisor RSS growth and bytes the engine wrote to the host's disk.
+6. a stdout flood (100 MiB): supervisor RSS growth and bytes the engine wrote to the host's disk;
+7. hostile (issue 14): the supervisor's event loop's longest stall and warm calls' p50/p99, quiet and while a
+   hostile tool floods adversarial output at the cap and a hostile caller sends oversized and malformed
+   requests (``benchhostile``).
 
 The bench starts its own supervisor (in this process, on its own thread and event loop, behind a real
 gRPC server on a temporary Unix socket) with its own owner label, and removes everything it made.
-Latency figures are p50/p95/p99 in milliseconds; the targets of issue 8 are checked at the end.
+Latency figures are p50/p95/p99 in milliseconds; the targets of issues 8 and 14 are checked at the end.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
+from runtime import benchhostile
 from runtime.backends.docker import DockerBackend
-from runtime.client import Client
+from runtime.benchhostile import HOSTILE_TOOL, Ladder, StallProbe
+from runtime.client import Client, ClientError
 from runtime.errors import ToolcellError
 from runtime.model import Result, Started, Status
 from runtime.pipeline import compile_step, resolve
@@ -71,6 +76,14 @@ class Plan:
     per_level: Callable[[int], int]
     pool_size: int
     flood_mib: int
+    # 7 hostile: quiet warm calls; the attacks' size ladders, the stall one rung may be predicted to cost,
+    # the tool attacks run, and a deadline for the attack phase (seconds).
+    hostile_n: int = 40
+    tool_sizes: tuple[int, ...] = (1024, 4096, 16384, 65536, 262144)
+    caller_sizes: tuple[int, ...] = (1024, 4096, 16384, 65536, 262144)
+    hostile_budget_s: float = 5.0
+    tool_attacks: tuple[str, ...] = tuple(name for name, _ in benchhostile.TOOL_ATTACKS)
+    hostile_deadline_s: float = 300.0
 
     @staticmethod
     def full() -> Plan:
@@ -79,7 +92,9 @@ class Plan:
 
     @staticmethod
     def quick() -> Plan:
-        return Plan(latency_n=5, noop_n=50, levels=(1, 4, 16), per_level=lambda c: c, pool_size=4, flood_mib=10)
+        return Plan(latency_n=5, noop_n=50, levels=(1, 4, 16), per_level=lambda c: c, pool_size=4, flood_mib=10,
+                    hostile_n=15, tool_sizes=(4096, 32768, 262144), caller_sizes=(1024, 8192, 65536),
+                    hostile_budget_s=2.0, tool_attacks=benchhostile.QUICK_TOOL_ATTACKS, hostile_deadline_s=90.0)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -167,7 +182,12 @@ def bench_config(socket_path: str, owner: str, pool_size: int, flood_mib: int) -
              "pool": {"size": 2, "ttl": "10m"}},
             {"name": "bench.flood", "description": f"{flood_mib} MiB of stdout", "image": IMAGE, "command": PYRUN,
              "input_schema": {"type": "object"}},
+            {"name": HOSTILE_TOOL, "description": "adversarial output at the output cap", "image": IMAGE,
+             "command": PYRUN, "input_schema": {"type": "object"}},
         ],
+        # The bench's own uid may use the bench's tools and nothing else: the hostile caller's requests for
+        # other tool names are refused as from a caller no rule grants them to.
+        "auth": {"require": ["peer"], "rules": [{"match": {"uid": os.geteuid()}, "tools": ["bench.*"]}]},
     }
     # Only the engine's address comes from the environment (the socket and all else are the bench's own).
     environ = {"DOCKER_HOST": os.environ["DOCKER_HOST"]} if "DOCKER_HOST" in os.environ else {}
@@ -432,6 +452,114 @@ class Bench:
             "log_path": ",".join(log_paths) or "(none: log driver 'none')", "log_bytes": log_bytes,
         })
 
+    # -- 7 hostile ----------------------------------------------------------------------------------
+
+    async def _pool_settled(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for a full warm pool, then go on (a call then may go cold: it is counted)."""
+        pools = self.server.supervisor.pools
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self._query(lambda: pools.settled("bench.warm")):
+                return
+            await asyncio.sleep(0.02)
+
+    async def _hostile_call(self, tool: str, args: str, timeout: float) -> str:
+        try:
+            return (await self._client.call(tool, args, timeout=timeout, idempotent=False)).status.value
+        except ClientError as exc:
+            return exc.code
+
+    async def _phase(self, probe: StallProbe,
+                     attack: Callable[[], Awaitable[Any]] | None) -> tuple[dict[str, Any], Any]:
+        """Warm calls back to back (each after the pool refilled) and health checks every 50 ms, until
+        ``hostile_n`` calls (quiet) or until ``attack`` ends; the probe's lateness over the whole phase."""
+        finished = asyncio.Event()
+        warm: list[float] = []
+        health: list[float] = []
+        failures: dict[str, int] = {}
+
+        async def normal() -> None:
+            while not finished.is_set():
+                await self._pool_settled(2.0)
+                t0 = time.perf_counter()
+                outcome = await self._hostile_call("bench.warm", TRIVIAL_ARGS, 30.0)
+                warm.append(time.perf_counter() - t0)
+                if outcome != Status.OK.value:
+                    failures[outcome] = failures.get(outcome, 0) + 1
+                if attack is None:
+                    self._tick()
+                    if len(warm) >= self.plan.hostile_n:
+                        finished.set()
+
+        async def checks() -> None:
+            async with grpc.aio.insecure_channel(self.server.address) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                while not finished.is_set():
+                    t0 = time.perf_counter()
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+                    health.append(time.perf_counter() - t0)
+                    await asyncio.sleep(0.05)
+
+        window = probe.open(keep=True)
+        before = await self._stats()
+        tasks = [asyncio.ensure_future(normal()), asyncio.ensure_future(checks())]
+        t0 = time.perf_counter()
+        outcome = None
+        try:
+            if attack is not None:
+                outcome = await attack()
+                finished.set()
+            await asyncio.gather(*tasks)
+        finally:
+            finished.set()
+            for task in tasks:
+                task.cancel()
+        elapsed = time.perf_counter() - t0
+        await probe.close(window)
+        after = await self._stats()
+        return {
+            "seconds": elapsed, "warm": summary(warm), "health_check": summary(health),
+            "stall_max_ms": window.max_s * 1000, "stall_p99_ms": benchhostile.lateness_ms(window.samples, 99),
+            "stall_p50_ms": benchhostile.lateness_ms(window.samples, 50), "probe_wakeups": window.count,
+            "warm_hits": after.hits - before.hits, "cold_fallbacks": after.misses - before.misses,
+            "failures": failures,
+        }, outcome
+
+    async def hostile(self) -> None:
+        """7: quiet, then under attack; the event loop's longest stall and warm calls' latency in each."""
+        plan = self.plan
+        probe = StallProbe(self.server.loop)
+        probe.start()
+        try:
+            self._step("7 hostile: quiet")
+            quiet, _ = await self._phase(probe, None)
+            self._step("7 hostile: under attack")
+            floor_s = quiet["stall_max_ms"] / 1000
+            deadline = time.monotonic() + plan.hostile_deadline_s
+            tool_ladder = Ladder(plan.tool_sizes, plan.hostile_budget_s, floor_s)
+            caller_ladder = Ladder(plan.caller_sizes, plan.hostile_budget_s, floor_s)
+
+            async def attack() -> Any:
+                return await benchhostile.run_attacks(
+                    self._hostile_call, self.server.address, probe, tool_ladder, caller_ladder,
+                    plan.tool_attacks, deadline, self._tick)
+
+            attacked, records = await self._phase(probe, attack)
+        finally:
+            probe.stop()
+        tools = {k: r.as_dict() for k, r in records["tool"].items()}
+        callers = {k: r.as_dict() for k, r in records["caller"].items()}
+        every = [*tools.values(), *callers.values()]
+        self.report.put("hostile", {
+            "quiet": quiet, "attack": attacked, "tool_attacks": tools, "caller_attacks": callers,
+            "all_full": all(r["full"] for r in every),
+            "longest_stall_ms": max(quiet["stall_max_ms"], attacked["stall_max_ms"]),
+            "warm_p50_ratio": attacked["warm"]["p50_ms"] / quiet["warm"]["p50_ms"],
+            "warm_p99_ratio": attacked["warm"]["p99_ms"] / quiet["warm"]["p99_ms"],
+            "ladder_budget_s": plan.hostile_budget_s,
+        })
+
     async def run(self) -> dict[str, Any]:
         backend = DockerBackend(self.config.docker_host)
         try:
@@ -442,6 +570,7 @@ class Bench:
             await self.warm_over_attach()
             await self.throughput(backend)
             await self.flood(self.server.backend or backend)
+            await self.hostile()
         finally:
             if self.client is not None:
                 await self.client.close()
@@ -459,7 +588,8 @@ class Bench:
 
 
 def total_ticks(plan: Plan) -> int:
-    return plan.noop_n + 5 * plan.latency_n + 3 * sum(plan.per_level(c) for c in plan.levels) + 1
+    hostile = plan.hostile_n + len(plan.tool_attacks) + len(benchhostile.CALLER_ATTACKS)
+    return plan.noop_n + 5 * plan.latency_n + 3 * sum(plan.per_level(c) for c in plan.levels) + 1 + hostile
 
 
 def targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -486,6 +616,13 @@ def targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "value": fl["log_bytes"] + extra,
         "limit": "0: no log file; engine writes beyond a trivial call's < 10% of the flood",
         "met": fl["log_bytes"] == 0 and extra < fl["mib"] * MiB // 10}
+    if "hostile" in f:  # issue 14: met only when every attack ran at its full size
+        h = f["hostile"]
+        stall, ratio = h["longest_stall_ms"], h["warm_p99_ratio"]
+        out["hostile_longest_event_loop_stall_ms"] = {
+            "value": stall, "limit": "<= 50, every attack at full size", "met": stall <= 50 and h["all_full"]}
+        out["hostile_warm_p99_attack_vs_quiet"] = {
+            "value": ratio, "limit": "<= 2.0, every attack at full size", "met": ratio <= 2.0 and h["all_full"]}
     return out
 
 
@@ -518,6 +655,8 @@ def render(f: dict[str, Any]) -> str:
                   f"engine disk writes {fl['engine_disk_write_bytes']} bytes (a trivial call: "
                   f"{fl['engine_disk_write_bytes_trivial_call']}); "
                   f"container log {fl['log_path']}: {fl['log_bytes']} bytes"]
+    if "hostile" in f:
+        lines += render_hostile(f["hostile"])
     lines += ["", f"ratios: cold/raw p50 {f['cold']['p50_ms'] / f['raw_docker']['p50_ms']:.3f}, "
                   f"warm/no-op p50 {f['warm']['p50_ms'] / f['noop_grpc']['p50_ms']:.1f}, "
                   f"warm/cold p50 {f['warm']['p50_ms'] / f['cold']['p50_ms']:.3f}"
@@ -531,6 +670,29 @@ def render(f: dict[str, Any]) -> str:
         shown = f"{value:.3f}" if isinstance(value, float) else str(value)
         lines.append(f"  {'MET ' if t['met'] else 'MISS'} {name:46} {shown:>12}  (target {t['limit']})")
     return "\n".join(lines)
+
+
+def render_hostile(h: dict[str, Any]) -> list[str]:
+    q, a = h["quiet"], h["attack"]
+    lines = ["", f"7 hostile: warm calls and the supervisor's event loop, quiet ({q['seconds']:.1f}s) and under "
+                 f"attack ({a['seconds']:.1f}s, one hostile request at a time)"]
+    for name, phase in (("quiet", q), ("under attack", a)):
+        w, hc = phase["warm"], phase["health_check"]
+        fails = ", ".join(f"{k} {v}" for k, v in sorted(phase["failures"].items())) or "none"
+        lines.append(f"  {name:13} warm p50 {w['p50_ms']:.2f} / p99 {w['p99_ms']:.2f} ms (n {int(w['n'])}, "
+                     f"warm {phase['warm_hits']}, cold {phase['cold_fallbacks']}, failed: {fails}); health check "
+                     f"p99 {hc['p99_ms']:.2f} ms; loop stall max {phase['stall_max_ms']:.1f} ms "
+                     f"(lateness p50 {phase['stall_p50_ms']:.2f}, p99 {phase['stall_p99_ms']:.2f} ms)")
+    lines.append(f"  ratios under attack / quiet: warm p50 {h['warm_p50_ratio']:.2f}, p99 {h['warm_p99_ratio']:.2f}")
+    for title, records in (("hostile tool output", h["tool_attacks"]), ("hostile caller", h["caller_attacks"])):
+        lines.append(f"  {title} (attack: bytes reached/full, longest stall, outcome; ladder stops at a "
+                     f"predicted stall over {h['ladder_budget_s']:g}s):")
+        for name, r in records.items():
+            outcome = r["rungs"][-1]["outcome"] if r["rungs"] else "-"
+            cut = f"  CUT: {r['stopped']}" if r["stopped"] else ""
+            lines.append(f"    {name:20} {r['reached_bytes']:>8}/{r['full_bytes']:<8} {r['stall_ms']:>9.1f} ms  "
+                         f"{outcome}{cut}")
+    return lines
 
 
 @contextlib.contextmanager
