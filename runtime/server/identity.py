@@ -51,11 +51,32 @@ def _bearer(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
+def peer_key(context: grpc.aio.ServicerContext, peers: Mapping[str, PeerCred]) -> str:
+    """Who is knocking, before any credential is checked: the bucket refusals are counted in.
+
+    The uid on the Unix socket (SO_PEERCRED), the certificate's first name on mTLS, else the remote
+    address without its port (a new connection per request earns a caller nothing).
+    """
+    cred = peers.get(context.peer())
+    if cred is not None:
+        return f"uid:{cred.uid}"
+    names = _cert_names(context)
+    if names:
+        return "cert:" + names[0][:128]
+    kind, _, address = str(context.peer()).partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return "ip:" + address.rsplit(":", 1)[0].strip("[]")
+    return (kind or "peer")[:16] + ":" + address[:128]
+
+
 class Authenticator:
     def __init__(self, policy: AccessPolicy, verifier: JwtVerifier | None, peers: Mapping[str, PeerCred]) -> None:
         self.policy = policy
         self.verifier = verifier
         self.peers = peers
+
+    def peer_key(self, context: grpc.aio.ServicerContext) -> str:
+        return peer_key(context, self.peers)
 
     async def principal(self, context: grpc.aio.ServicerContext) -> Principal:
         peer = self.peers.get(context.peer())

@@ -169,6 +169,33 @@ async def test_duplicate_invocation_id_conflicts(backend: FakeBackend) -> None:
     await task
 
 
+async def test_a_caller_chosen_id_is_scoped_to_its_caller(backend: FakeBackend) -> None:
+    """Another principal's running id neither conflicts nor answers Cancel: ids do not leak across callers."""
+    sup = Supervisor(config("30s"), backend)
+
+    async def run_as(owner: str) -> Result:
+        async def emit(e: Event) -> None:
+            return
+
+        return await sup.execute(InvocationRequest(tool="sleeper", arguments_json="{}", invocation_id="inv_same_id"),
+                                 emit, owner=owner)
+
+    alice = asyncio.ensure_future(run_as("alice"))
+    while len(backend.created) < 1:
+        await asyncio.sleep(0.01)
+    bob = asyncio.ensure_future(run_as("bob"))  # same id, other principal: runs, no ALREADY_EXISTS
+    while len(backend.created) < 2:
+        await asyncio.sleep(0.01)
+    with pytest.raises(InvocationNotFound):  # mallory sees no run with this id: as if there were none
+        await sup.cancel("inv_same_id", owner="mallory")
+    await sup.cancel("inv_same_id", owner="bob")
+    assert (await bob).status is Status.KILLED
+    assert not alice.done()  # bob's cancel touched only bob's run
+    await sup.cancel("inv_same_id", owner="alice")
+    assert (await alice).status is Status.KILLED
+    assert backend.live == []
+
+
 async def test_caller_abandoning_the_call_removes_the_sandbox(backend: FakeBackend) -> None:
     sup = Supervisor(config("30s"), backend)
     task = asyncio.ensure_future(run(sup, "sleeper"))
