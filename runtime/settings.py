@@ -61,6 +61,9 @@ class TelemetrySettings:
     service_name: str = "toolcell"
     otlp_endpoint: str | None = None
     span_file: str | None = None
+    # The span file rotates past this size, keeping this many older files (span_file.1 ...).
+    span_file_max_bytes: int = 16 * 1024 * 1024
+    span_file_keep: int = 3
     console: bool = False
     log_format: str = "json"
     metrics_interval_s: float = 10.0
@@ -408,6 +411,8 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         service_name=tel.get("service_name", "toolcell"),
         otlp_endpoint=tel.get("otlp_endpoint") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
         span_file=(tel.get("span_file") or "").replace("{runtime_dir}", str(runtime_dir())) or None,
+        span_file_max_bytes=parse_size(tel.get("span_file_max_bytes", "16Mi"), "telemetry.span_file_max_bytes"),
+        span_file_keep=int(tel.get("span_file_keep", 3)),
         console=bool(tel.get("console", False)),
         log_format=tel.get("log_format", "json"),
         metrics_interval_s=parse_duration(tel.get("metrics_interval", 10), "telemetry.metrics_interval"),
