@@ -148,13 +148,26 @@ async def _tools(args: argparse.Namespace) -> int:
 
 
 async def _mcp(args: argparse.Namespace) -> int:
-    from runtime.mcp.bridge import parse_listen
+    import os
+
+    from runtime.mcp.bridge import access_problem, http_access, parse_listen
 
     if args.transport == "http":
         try:
-            parse_listen(args.listen)
+            host, _ = parse_listen(args.listen)
         except ValueError as exc:
             return _fail(f"--listen: {exc}", EXIT_USAGE)
+        try:
+            args.access = http_access(args.allowed_host, args.allowed_origin, args.config, args.insecure_open,
+                                      os.environ)
+        except ValueError as exc:
+            return _fail(str(exc), EXIT_USAGE)
+        problem = access_problem(host, args.access)
+        if problem:
+            return _fail(problem, EXIT_USAGE)
+    elif args.allowed_host or args.allowed_origin or args.config or args.insecure_open:
+        return _fail("--allowed-host, --allowed-origin, --config and --insecure-open apply to --transport http",
+                     EXIT_USAGE)
     provider = _bridge_tracing(args)
     try:
         return await _serve_mcp(args)
@@ -182,23 +195,34 @@ async def _serve_mcp(args: argparse.Namespace) -> int:
     from runtime.client import ClientError
     from runtime.mcp.adapter import SandboxedTools
     from runtime.mcp.bridge import serve_http, serve_stdio
+    from runtime.mcp.httpguard import caller_token
 
+    # With bearer authentication each caller's own token is forwarded: the bridge's own identity only
+    # probes that the supervisor answers, and which tools exist is the supervisor's answer to each caller.
+    forwarding = args.transport == "http" and args.access.jwt is not None
     async with _client(args) as client:
         try:  # fail fast and clearly, before an MCP client sees a server that cannot work
             names = {t.name for t in await client.list_tools(timeout=10.0)}
         except ClientError as exc:
-            code = EXIT_UNAVAILABLE if exc.code in UNAVAILABLE_CODES else EXIT_REJECTED
-            return _fail(f"supervisor at {client.target}: {exc.code}: {exc.details}", code)
+            if not (forwarding and exc.code in ("UNAUTHENTICATED", "PERMISSION_DENIED")):
+                code = EXIT_UNAVAILABLE if exc.code in UNAVAILABLE_CODES else EXIT_REJECTED
+                return _fail(f"supervisor at {client.target}: {exc.code}: {exc.details}", code)
+            names = set()
+        if forwarding and names:
+            logging.getLogger("toolcell.mcp").warning(
+                "the supervisor grants this bridge's own identity (no caller token) %d tool(s): every authenticated "
+                "MCP caller gets at least those; grant tools by token identity (subject, scope, group) instead",
+                len(names))
         unknown = sorted(set(args.tool or ()) - names)
-        if unknown:
+        if unknown and not forwarding:
             return _fail(f"unknown tool(s) {', '.join(unknown)}; the supervisor has {', '.join(sorted(names))}",
                          EXIT_REJECTED)
-        tools = SandboxedTools(client, tools=args.tool or None)
+        tools = SandboxedTools(client, tools=args.tool or None, caller_token=caller_token if forwarding else None)
         if args.transport == "stdio":
             await serve_stdio(tools)
         else:
             try:
-                await serve_http(tools, args.listen, args.path)
+                await serve_http(tools, args.listen, args.path, args.access)
             except OSError as exc:
                 return _fail(f"cannot listen on {args.listen}: {exc.strerror}", EXIT_USAGE)
     return EXIT_OK
@@ -330,6 +354,19 @@ def parser() -> argparse.ArgumentParser:
                    help="HTTP address HOST:PORT (default 127.0.0.1:8765; port 0 picks a free one)")
     m.add_argument("--path", default="/mcp", help="HTTP endpoint path (default /mcp)")
     m.add_argument("--tool", action="append", metavar="NAME", help="serve only this tool (repeatable)")
+    m.add_argument("--allowed-host", action="append", metavar="HOST[:PORT]",
+                   help="HTTP: also accept this Host header (repeatable; NAME:* = any port; also "
+                        "$TOOLCELL_MCP_ALLOWED_HOSTS, comma-separated). Always allowed: the listen address and "
+                        "127.0.0.1, localhost, [::1], with the port")
+    m.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
+                   help="HTTP: also accept this Origin header, e.g. https://app.example (repeatable; also "
+                        "$TOOLCELL_MCP_ALLOWED_ORIGINS). Always allowed: http:// + each default Host")
+    m.add_argument("--config", metavar="FILE",
+                   help="HTTP: require a bearer JWT from callers, verified with this toolcell config's auth.jwt "
+                        "section; each caller's token is forwarded to the supervisor, whose rules decide")
+    m.add_argument("--insecure-open", action="store_true",
+                   help="HTTP: UNSAFE: serve a non-loopback address without authentication (anyone who can reach "
+                        "it runs the tools with the bridge's credentials)")
     m.add_argument("--span-file", help="also write the bridge's spans as JSON lines here "
                                        "(OTLP export: set OTEL_EXPORTER_OTLP_ENDPOINT)")
     m.add_argument("-v", "--verbose", action="store_true")

@@ -11,6 +11,10 @@
   final result becomes a ``CallToolResult``: text content, structured content when the tool declares an
   output schema, ``isError`` with the status and a readable message when the status is not ok.
 
+Over HTTP with bearer authentication (``caller_token``), every supervisor call of a request carries the
+MCP caller's own verified token, so the supervisor's rules decide what that caller may do; the bridge's
+own credentials are never used on a caller's behalf.
+
 Use it as the handlers of a new server (``Server(name, on_list_tools=t.list_tools, on_call_tool=t.call_tool)``)
 or ``install`` it on a server that has tools of its own.
 """
@@ -18,9 +22,10 @@ or ``install`` it on a server that has tools of its own.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -102,13 +107,20 @@ def error_result(message: str) -> types.CallToolResult:
 
 
 class SandboxedTools:
-    """MCP tool handlers backed by the supervisor. ``tools``: serve only these names (default: all)."""
+    """MCP tool handlers backed by the supervisor. ``tools``: serve only these names (default: all).
+
+    ``caller_token``: given the HTTP request behind an MCP message (``ctx.request``), the caller's
+    verified bearer token. When set, each call goes to the supervisor with that token and a message
+    without one is refused (fail closed): the client's own token is never used for a caller.
+    """
 
     def __init__(self, client: Client | None = None, *, target: str | None = None,
-                 tools: Iterable[str] | None = None) -> None:
+                 tools: Iterable[str] | None = None,
+                 caller_token: Callable[[Any], str | None] | None = None) -> None:
         self._owns_client = client is None
         self.client = client or Client(target)
         self.only = frozenset(tools) if tools is not None else None
+        self.caller_token = caller_token
         self._tools: dict[str, Tool] = {}
 
     async def __aenter__(self) -> SandboxedTools:
@@ -122,18 +134,29 @@ class SandboxedTools:
         if self._owns_client:
             await self.client.close()
 
-    async def tools(self) -> list[Tool]:
-        """The supervisor's tools (the chosen subset), refreshed on every call: a reload shows up."""
-        listed = [t for t in await self.client.list_tools() if self.only is None or t.name in self.only]
-        self._tools = {t.name: t for t in listed}
+    async def tools(self, client: Client | None = None) -> list[Tool]:
+        """The supervisor's tools (the chosen subset) as ``client`` sees them, refreshed on every call."""
+        listed = [t for t in await (client or self.client).list_tools() if self.only is None or t.name in self.only]
+        self._tools = {t.name: t for t in listed}  # definitions only: the supervisor decides each call
         return listed
+
+    def client_for(self, ctx: ServerRequestContext[Any]) -> Client:
+        """The client to call the supervisor with on behalf of the sender of ``ctx``'s message."""
+        if self.caller_token is None:
+            return self.client
+        token = self.caller_token(ctx.request)
+        if not token:
+            raise MCPError(types.INVALID_REQUEST, "this MCP server requires an authenticated caller")
+        caller = copy.copy(self.client)  # shares the channel; only the bearer token differs
+        caller.token = token
+        return caller
 
     # -------------------------------------------------------------------------- MCP handlers
 
     async def list_tools(self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
                          ) -> types.ListToolsResult:
         try:
-            tools = await self.tools()
+            tools = await self.tools(self.client_for(ctx))
         except ClientError as exc:
             raise MCPError(types.INTERNAL_ERROR, f"toolcell supervisor: {exc}") from exc
         return types.ListToolsResult(tools=[mcp_tool(t) for t in tools])
@@ -143,14 +166,15 @@ class SandboxedTools:
         name = params.name
         if self.only is not None and name not in self.only:
             raise MCPError(INVALID_PARAMS, f"Unknown tool: {name}")
-        if name not in self._tools:
-            with contextlib.suppress(ClientError):
-                await self.tools()
+        client = self.client_for(ctx)
         tool = self._tools.get(name)
+        if tool is None:
+            with contextlib.suppress(ClientError):
+                tool = next((t for t in await self.tools(client) if t.name == name), None)
         # Chosen here, so a cancellation that arrives before the sandbox started can still name it.
         invocation_id = "mcp_" + secrets.token_hex(16)
         caller = {"mcp.request_id": str(ctx.request_id)} if ctx.request_id is not None else {}
-        events = self.client.execute(name, dict(params.arguments or {}), invocation_id=invocation_id,
+        events = client.execute(name, dict(params.arguments or {}), invocation_id=invocation_id,
                                      caller_metadata=caller)
         sent = 0
         try:
@@ -164,7 +188,7 @@ class SandboxedTools:
                     elif isinstance(event, Result):
                         return call_result(tool, event)
         except anyio.get_cancelled_exc_class():
-            await self._cancel(invocation_id)
+            await self._cancel(client, invocation_id)
             raise
         except NotFoundError as exc:
             raise MCPError(INVALID_PARAMS, f"Unknown tool: {name}") from exc
@@ -174,11 +198,11 @@ class SandboxedTools:
             return error_result(f"Tool {name} could not run: {exc.code}: {exc.details}")
         return error_result(f"Tool {name}: the supervisor ended the stream without a result")
 
-    async def _cancel(self, invocation_id: str) -> None:
+    async def _cancel(self, client: Client, invocation_id: str) -> None:
         """The MCP request was cancelled: kill the sandbox (shielded: we are inside a cancelled scope)."""
         with anyio.move_on_after(CANCEL_GRACE_S, shield=True):
             try:
-                await self.client.cancel(invocation_id, timeout=CANCEL_GRACE_S)
+                await client.cancel(invocation_id, timeout=CANCEL_GRACE_S)
                 log.info("cancelled %s on MCP request cancellation", invocation_id)
             except ClientError as exc:  # NOT_FOUND: not started yet, or already finished
                 log.info("cancel %s: %s", invocation_id, exc)

@@ -1,4 +1,15 @@
-"""``toolcell mcp``: a ready MCP server backed by the supervisor, over stdio or Streamable HTTP."""
+"""``toolcell mcp``: a ready MCP server backed by the supervisor, over stdio or Streamable HTTP.
+
+Over HTTP, who may call is decided before the SDK sees a request (``httpguard``):
+
+- Host and Origin are always checked against an allow-list: the listen address and the localhost
+  names with the bound port, plus ``HttpAccess.allowed_hosts``/``allowed_origins``. The same lists
+  also go to the SDK's own ``TransportSecuritySettings`` (a second, identical check inside the
+  transport), never left to the SDK's default, which protects only 127.0.0.1/localhost/::1 listeners.
+- Callers authenticate with a bearer JWT when ``HttpAccess.jwt`` is set (the config's ``auth.jwt``,
+  verified as the supervisor does); their token is forwarded, so the supervisor's rules decide.
+- Off loopback, the bridge refuses to start without ``jwt`` unless ``insecure_open`` says so explicitly.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +17,22 @@ import ipaddress
 import logging
 import socket
 import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from mcp.server.stdio import stdio_server
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.types import ASGIApp
 
+from runtime.access_settings import JwtSettings
 from runtime.mcp.adapter import SandboxedTools, server
+from runtime.mcp.httpguard import (
+    BearerGuard,
+    HostOriginGuard,
+    default_allowed_hosts,
+    default_allowed_origins,
+)
+from runtime.server.tokens import JwtVerifier
 
 log = logging.getLogger("toolcell.mcp")
 
@@ -33,6 +56,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def is_loopback(host: str) -> bool:
+    """A loopback address or ``localhost``. Wildcards (0.0.0.0, ::) are not: they listen everywhere."""
     if host == "localhost":
         return True
     try:
@@ -41,14 +65,72 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-async def serve_http(tools: SandboxedTools, listen: str, path: str = "/mcp") -> None:
-    """Serve MCP over Streamable HTTP on ``listen`` until SIGINT/SIGTERM. Prints the URL once listening."""
+@dataclass(frozen=True)
+class HttpAccess:
+    """Who may use the HTTP endpoint. ``insecure_open``: UNSAFE, anyone who reaches a non-loopback
+    listener may run the tools with the bridge's own credentials."""
+
+    allowed_hosts: tuple[str, ...] = ()  # Host values allowed besides the defaults (``name:*``: any port)
+    allowed_origins: tuple[str, ...] = ()  # Origin values allowed besides the defaults
+    jwt: JwtSettings | None = None  # callers must present a bearer JWT valid for these settings
+    insecure_open: bool = False
+
+
+def _entry_problem(kind: str, value: str) -> str | None:
+    if not value or len(value) > 300 or any(c.isspace() or not c.isprintable() for c in value):
+        return f"--allowed-{kind} {value[:40]!r}: empty, too long or not printable"
+    if kind == "host" and ("/" in value or "@" in value):
+        return f"--allowed-host {value[:40]!r}: a Host value is NAME or NAME:PORT, no scheme or path"
+    if kind == "origin" and (not value.startswith(("http://", "https://")) or "/" in value.split("://", 1)[1]):
+        return f"--allowed-origin {value[:40]!r}: an Origin is http(s)://NAME[:PORT], no path"
+    return None
+
+
+def access_problem(host: str, access: HttpAccess, *, loopback: Callable[[str], bool] = is_loopback) -> str | None:
+    """Why the bridge must not serve on ``host`` with ``access`` (a usage error), or None."""
+    for kind, values in (("host", access.allowed_hosts), ("origin", access.allowed_origins)):
+        for value in values:
+            if problem := _entry_problem(kind, value):
+                return problem
+    if access.jwt is not None and access.insecure_open:
+        return "--insecure-open contradicts the bearer authentication configured (auth.jwt): choose one"
+    if not loopback(host) and access.jwt is None and not access.insecure_open:
+        return (f"{host} is not a loopback address, so MCP callers must authenticate: give --config FILE with an "
+                "auth.jwt section (bearer JWTs, verified as the supervisor verifies them), or --insecure-open to "
+                f"let anyone who can reach {host} run the tools")
+    return None
+
+
+def http_app(tools: SandboxedTools, host: str, port: int, path: str = "/mcp",
+             access: HttpAccess = HttpAccess()) -> tuple[ASGIApp, tuple[str, ...], tuple[str, ...]]:
+    """The guarded ASGI app for a listener on ``host:port``; also the allowed Host and Origin values."""
+    if access.jwt is not None and tools.caller_token is None:
+        raise ValueError("bearer authentication needs SandboxedTools(caller_token=...): callers' tokens must be "
+                         "forwarded, not replaced by the bridge's own credentials")
+    defaults = default_allowed_hosts(host, port)
+    hosts = tuple(dict.fromkeys((*defaults, *access.allowed_hosts)))
+    origins = tuple(dict.fromkeys((*default_allowed_origins(defaults), *access.allowed_origins)))
+    security = TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=list(hosts),
+                                         allowed_origins=list(origins))
+    app: ASGIApp = server(tools).streamable_http_app(streamable_http_path=path, host=host,
+                                                     transport_security=security)
+    if access.jwt is not None:
+        app = BearerGuard(app, JwtVerifier(access.jwt))
+    return HostOriginGuard(app, hosts, origins), hosts, origins
+
+
+async def serve_http(tools: SandboxedTools, listen: str, path: str = "/mcp", access: HttpAccess = HttpAccess(),
+                     *, loopback: Callable[[str], bool] = is_loopback) -> None:
+    """Serve MCP over Streamable HTTP on ``listen`` until SIGINT/SIGTERM. Prints the URL once listening.
+
+    Raises ``ValueError`` (before listening) when ``access_problem`` finds one.
+    """
     import uvicorn
 
     host, port = parse_listen(listen)
-    if not is_loopback(host):
-        log.warning("MCP endpoint on non-loopback address %s: it has no authentication and no TLS; anyone who can "
-                    "reach it can run the sandboxed tools. Put it behind an authenticating TLS proxy.", host)
+    problem = access_problem(host, access, loopback=loopback)
+    if problem:
+        raise ValueError(problem)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -60,10 +142,47 @@ async def serve_http(tools: SandboxedTools, listen: str, path: str = "/mcp") -> 
         raise
     bound_port = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    app = server(tools).streamable_http_app(streamable_http_path=path, host=host)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
+    try:
+        app, hosts, origins = http_app(tools, host, bound_port, path, access)
+    except BaseException:
+        sock.close()
+        raise
+    log.info("MCP HTTP: allowed Host %s; allowed Origin %s", ", ".join(hosts), ", ".join(origins))
+    if access.jwt is not None:
+        log.info("MCP HTTP: callers must present a bearer JWT (issuer %s, audience %s); it is forwarded to the "
+                 "supervisor, whose rules decide", access.jwt.issuer, access.jwt.audience)
+    elif access.insecure_open and not loopback(host):
+        log.warning("INSECURE: --insecure-open: the MCP endpoint on %s has no authentication and no TLS; anyone who "
+                    "can reach it runs the sandboxed tools with this bridge's own credentials", host)
+    # h11 with its 16 KiB cap on a request's head: header values reaching the guards are bounded.
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False, http="h11",
+                            h11_max_incomplete_event_size=16 * 1024)
     print(f"toolcell: MCP (Streamable HTTP) on http://{shown}:{bound_port}{path}", file=sys.stderr, flush=True)
     try:
         await uvicorn.Server(config).serve(sockets=[sock])
     finally:
         sock.close()
+
+
+ENV_ALLOWED_HOSTS = "TOOLCELL_MCP_ALLOWED_HOSTS"
+ENV_ALLOWED_ORIGINS = "TOOLCELL_MCP_ALLOWED_ORIGINS"
+
+
+def http_access(allowed_hosts: list[str] | None, allowed_origins: list[str] | None, config: str | None,
+                insecure_open: bool, environ: Mapping[str, str]) -> HttpAccess:
+    """``HttpAccess`` from the CLI's flags, the environment (comma-separated lists, added to the flags) and
+    the ``auth.jwt`` section of the toolcell config file ``config``. ``ValueError``: a usage error."""
+    def listed(flags: list[str] | None, env: str) -> tuple[str, ...]:
+        values = [*(flags or ()), *(v.strip() for v in environ.get(env, "").split(",") if v.strip())]
+        return tuple(dict.fromkeys(values))
+
+    jwt = None
+    if config is not None:
+        from runtime.settings import load_config
+
+        jwt = load_config(config).security.jwt
+        if jwt is None:
+            raise ValueError(f"--config {config}: no auth.jwt section, so no bearer token can be verified")
+    return HttpAccess(allowed_hosts=listed(allowed_hosts, ENV_ALLOWED_HOSTS),
+                      allowed_origins=listed(allowed_origins, ENV_ALLOWED_ORIGINS), jwt=jwt,
+                      insecure_open=insecure_open)
