@@ -82,7 +82,8 @@ def _check_ancestors(path: Path, key: str) -> None:
         if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
             raise UnsafePath(ancestor, f"other users can write to it (mode {stat.S_IMODE(st.st_mode):04o}) "
                              "and it is not sticky, so they can replace what is in it",
-                             f"chmod go-w {ancestor}, or use another directory", what="parent directory", key=key)
+                             "take group/other write away (chmod go-w), or use another directory",
+                             what="parent directory", key=key)
 
 
 def _check_dir(path: Path, allow_root: bool, chmod: int | None, key: str) -> None:
@@ -105,7 +106,7 @@ def _check_dir(path: Path, allow_root: bool, chmod: int | None, key: str) -> Non
                              what="directory", key=key)
         if st.st_mode & 0o022:
             raise UnsafePath(path, f"group or others can write to it (mode {stat.S_IMODE(st.st_mode):04o})",
-                             f"chmod go-w {path}", what="directory", key=key)
+                             "take group/other write away (chmod go-w)", what="directory", key=key)
         if chmod is not None and stat.S_IMODE(st.st_mode) != chmod and st.st_uid == os.geteuid():
             os.fchmod(fd, chmod)
     finally:
@@ -140,9 +141,12 @@ def open_private(path: str | os.PathLike[str], flags: int = os.O_WRONLY | os.O_A
     with ``private_dir`` first. Raises ``UnsafePath``; other ``OSError``s (ENOENT without O_CREAT, EACCES)
     pass through.
     """
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:  # O_NONBLOCK: a FIFO put in the file's place must not hang the open (cleared again below)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
     except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise UnsafePath(path, "it is not a regular file", "remove it or configure another path",
+                             what="file", key=key) from exc
         if exc.errno == errno.ELOOP:
             raise UnsafePath(path, "it is a symlink", "remove the symlink or configure another path",
                              what="file", key=key) from exc
@@ -157,7 +161,9 @@ def open_private(path: str | os.PathLike[str], flags: int = os.O_WRONLY | os.O_A
             raise UnsafePath(path, problem, "remove it or configure another path", what="file", key=key)
         if st.st_mode & 0o022:
             raise UnsafePath(path, f"group or others can write to it (mode {stat.S_IMODE(st.st_mode):04o})",
-                             f"chmod go-w {path}", what="file", key=key)
+                             "take group/other write away (chmod go-w)", what="file", key=key)
+        if not flags & os.O_NONBLOCK:
+            os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise

@@ -112,6 +112,11 @@ class Transport:
             raise ConfigError(f"cannot listen on {self.listen}: {exc}", key="server.listen") from exc
         self.address = f"{self.listen.rsplit(':', 1)[0]}:{port}"
 
+    @property
+    def forwarder(self) -> PeerForwarder | None:
+        """The Unix-socket forwarder (its ``per_uid`` and ``refused`` counts), once bound to a Unix socket."""
+        return self._forwarder
+
     async def start(self) -> None:
         if self._forwarder is not None:
             await self._forwarder.start()
