@@ -42,6 +42,9 @@ class AuditSettings:
     file: str
     max_bytes: int = 64 * 2**20
     keep: int = 10
+    # Rotation never deletes a file holding invocation records younger than this (it keeps more than
+    # ``keep`` files instead, with a warning): a flood of refusals cannot flush recent real records.
+    protect_s: float = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,10 @@ class SecuritySettings:
     per_principal: BucketSpec | None = None
     per_tool: BucketSpec | None = None
     tool_buckets: Mapping[str, BucketSpec] = field(default_factory=dict)
+    # Refused requests per peer (uid, address or certificate): over budget, the peer is refused at once,
+    # before authentication or validation. None (``refusals_per_peer: off``) is unsafe: refusals cost
+    # the supervisor work and audit records without limit.
+    refusals_per_peer: BucketSpec | None = field(default_factory=lambda: BucketSpec(rate=5.0, burst=20))
     concurrency: ConcurrencySpec = field(default_factory=lambda: ConcurrencySpec(global_max=32))
     admission: AdmissionSpec = field(default_factory=lambda: AdmissionSpec(min_available_memory_bytes=64 * 2**20))
     audit: AuditSettings | None = None
@@ -71,6 +78,18 @@ def _read(path: str, base_dir: Path, key: str) -> bytes:
 
 def _bucket(raw: Mapping[str, Any] | None) -> BucketSpec | None:
     return None if raw is None else BucketSpec(rate=float(raw["rate"]), burst=int(raw.get("burst", 1)))
+
+
+def _refusal_bucket(rl: Mapping[str, Any]) -> BucketSpec | None:
+    raw = rl.get("refusals_per_peer", {})
+    if raw is False or raw == "off":
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError("expected {rate, burst} or off", key="rate_limits.refusals_per_peer")
+    try:
+        return BucketSpec(rate=float(raw.get("rate", 5.0)), burst=int(raw.get("burst", 20)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid bucket: {exc}", key="rate_limits.refusals_per_peer") from exc
 
 
 def parse_security(doc: Mapping[str, Any], *, listen: str, base_dir: Path, runtime_dir: str) -> SecuritySettings:
@@ -135,6 +154,7 @@ def parse_security(doc: Mapping[str, Any], *, listen: str, base_dir: Path, runti
         per_principal=_bucket(rl.get("per_principal")),
         per_tool=_bucket(rl.get("per_tool")),
         tool_buckets={name: b for name, raw in rl.get("tools", {}).items() if (b := _bucket(raw)) is not None},
+        refusals_per_peer=_refusal_bucket(rl),
         concurrency=ConcurrencySpec(global_max=conc.get("global", 32), per_principal=conc.get("per_principal"),
                                     per_tool=conc.get("per_tool")),
         admission=AdmissionSpec(
@@ -146,5 +166,7 @@ def parse_security(doc: Mapping[str, Any], *, listen: str, base_dir: Path, runti
         audit=None if aud is None else AuditSettings(
             file=str(base_dir / aud["file"].replace("{runtime_dir}", runtime_dir)),
             max_bytes=parse_size(aud.get("max_bytes", "64Mi"), "audit.max_bytes"),
-            keep=int(aud.get("keep", 10))),
+            keep=int(aud.get("keep", 10)),
+            protect_s=parse_duration(aud["protect"], "audit.protect") if "protect" in aud
+            else AuditSettings.protect_s),
     )

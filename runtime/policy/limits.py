@@ -7,6 +7,7 @@ The clock is injectable so tests can drive time exactly.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import OrderedDict
@@ -14,10 +15,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 Clock = Callable[[], float]
+# "Is this name a tool of the live config?" (the supervisor answers; it follows reloads).
+KnownTool = Callable[[str], bool]
 
 # How many distinct principals/tools keep a bucket; the least recently used are forgotten first
 # (a forgotten bucket restarts full, which only ever errs towards the configured burst).
 MAX_BUCKETS = 10_000
+# Without a catalogue (``known_tool`` None) every name may get a tool bucket: far fewer of them.
+MAX_TOOL_BUCKETS = 1024
+# Peers whose refusals are counted; the least recently refused are forgotten first.
+MAX_PEERS = 4096
+# Keys longer than this are stored as a short prefix plus their SHA-256: a key costs at most ~130 bytes.
+MAX_KEY_CHARS = 64
+# Every name the caller sent that is not a tool of the config shares this key (no bucket of its own).
+UNKNOWN_TOOL = "<unknown tool>"
+
+
+def bounded_key(key: str) -> str:
+    """``key`` itself when short, else its first characters plus its SHA-256 (distinct keys stay distinct)."""
+    if len(key) <= MAX_KEY_CHARS:
+        return key
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{key[:32]}#sha256:{digest}"
 # Retry hint for a concurrency cap: nothing tells us when a running invocation will end.
 CONCURRENCY_RETRY_S = 1.0
 
@@ -63,43 +82,81 @@ class Refusal:
         return max(1, math.ceil(self.retry_after_s * 1000))
 
 
+class _Lru:
+    """Buckets by key, the least recently used forgotten first beyond ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def get(self, key: str, spec: BucketSpec, now: float) -> TokenBucket:
+        bucket = self.buckets.get(key)
+        if bucket is None or bucket.spec != spec:
+            bucket = TokenBucket(spec, float(spec.burst), now)
+            self.buckets[key] = bucket
+            while len(self.buckets) > self.limit:
+                self.buckets.popitem(last=False)
+        self.buckets.move_to_end(key)
+        return bucket
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+
 class RateLimiter:
-    """Token buckets per principal and per tool; a call takes one token from each, or none."""
+    """Token buckets per principal and per tool; a call takes one token from each, or none.
+
+    The caller's own bucket is checked first: a caller over its limit creates no other state. Tool
+    buckets exist only for tools of the config (``known_tool``) and the names in ``tool_overrides``;
+    any other name (the call fails NOT_FOUND later) gets none. Without ``known_tool`` any name may get
+    one, in a separate LRU of ``MAX_TOOL_BUCKETS``. Keys are bounded (``bounded_key``).
+    """
 
     def __init__(self, per_principal: BucketSpec | None, per_tool: BucketSpec | None,
-                 tool_overrides: dict[str, BucketSpec] | None = None, clock: Clock = time.monotonic) -> None:
+                 tool_overrides: dict[str, BucketSpec] | None = None, clock: Clock = time.monotonic,
+                 known_tool: KnownTool | None = None) -> None:
         self.per_principal = per_principal
         self.per_tool = per_tool
         self.tool_overrides = dict(tool_overrides or {})
         self.clock = clock
-        self._buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
+        self.known_tool = known_tool
+        self.principals = _Lru(MAX_BUCKETS)
+        self.tools = _Lru(MAX_BUCKETS if known_tool is not None else MAX_TOOL_BUCKETS)
 
-    def _bucket(self, kind: str, key: str, spec: BucketSpec, now: float) -> TokenBucket:
-        bucket = self._buckets.get((kind, key))
-        if bucket is None or bucket.spec != spec:
-            bucket = TokenBucket(spec, float(spec.burst), now)
-            self._buckets[(kind, key)] = bucket
-            while len(self._buckets) > MAX_BUCKETS:
-                self._buckets.popitem(last=False)
-        self._buckets.move_to_end((kind, key))
-        return bucket
+    def _tool_key(self, tool: str) -> str | None:
+        """The tool's bucket key, or None when this name gets no tool bucket."""
+        if tool in self.tool_overrides:
+            return tool
+        if self.per_tool is None:
+            return None
+        if self.known_tool is not None:
+            return tool if self.known_tool(tool) else None
+        return bounded_key(tool)
 
     def try_acquire(self, principal: str, tool: str) -> Refusal | None:
         now = self.clock()
-        checks: list[tuple[str, TokenBucket]] = []
+        caller = None
         if self.per_principal is not None:
-            checks.append(("caller", self._bucket("principal", principal, self.per_principal, now)))
-        tool_spec = self.tool_overrides.get(tool, self.per_tool)
-        if tool_spec is not None:
-            checks.append((f"tool {tool!r}", self._bucket("tool", tool, tool_spec, now)))
-        waits = [(what, b.wait_for_one(now)) for what, b in checks]
-        blocked = [(what, w) for what, w in waits if w > 0]
-        if blocked:
-            what, wait = max(blocked, key=lambda x: x[1])
-            return Refusal(f"rate limit of the {what} exceeded", wait)
-        for _, b in checks:
-            b.take()
+            caller = self.principals.get(bounded_key(principal), self.per_principal, now)
+            wait = caller.wait_for_one(now)
+            if wait > 0:
+                return Refusal("rate limit of the caller exceeded", wait)
+        key = self._tool_key(tool)
+        if key is not None:
+            spec = self.tool_overrides.get(tool, self.per_tool)
+            assert spec is not None  # nosec B101 - _tool_key returns None when there is no spec
+            bucket = self.tools.get(key, spec, now)
+            wait = bucket.wait_for_one(now)
+            if wait > 0:
+                return Refusal(f"rate limit of the tool {key!r} exceeded", wait)
+            bucket.take()
+        if caller is not None:
+            caller.take()
         return None
+
+    def __len__(self) -> int:
+        """Buckets held (principals + tools): bounded whatever callers send."""
+        return len(self.principals) + len(self.tools)
 
 
 @dataclass(frozen=True)
@@ -110,34 +167,81 @@ class ConcurrencySpec:
 
 
 class ConcurrencyLimiter:
-    """Counts invocations in flight: globally, per principal, per tool. acquire/release in pairs."""
+    """Counts invocations in flight: globally, per principal, per tool. acquire/release in pairs.
 
-    def __init__(self, spec: ConcurrencySpec) -> None:
+    Entries exist only while something is in flight; keys are bounded (``bounded_key``) and every
+    name that is not a tool of the config (``known_tool``) shares one key, ``UNKNOWN_TOOL``.
+    """
+
+    def __init__(self, spec: ConcurrencySpec, known_tool: KnownTool | None = None) -> None:
         self.spec = spec
+        self.known_tool = known_tool
         self.total = 0
         self.by_principal: dict[str, int] = {}
         self.by_tool: dict[str, int] = {}
 
+    def _keys(self, principal: str, tool: str) -> tuple[str, str]:
+        if self.known_tool is not None and not self.known_tool(tool):
+            return bounded_key(principal), UNKNOWN_TOOL
+        return bounded_key(principal), bounded_key(tool)
+
     def try_acquire(self, principal: str, tool: str) -> Refusal | None:
         s = self.spec
+        who, what = self._keys(principal, tool)
         if s.global_max is not None and self.total >= s.global_max:
             return Refusal(f"too many invocations in flight (limit {s.global_max})", CONCURRENCY_RETRY_S)
-        if s.per_principal is not None and self.by_principal.get(principal, 0) >= s.per_principal:
+        if s.per_principal is not None and self.by_principal.get(who, 0) >= s.per_principal:
             return Refusal(f"too many invocations in flight for this caller (limit {s.per_principal})",
                            CONCURRENCY_RETRY_S)
-        if s.per_tool is not None and self.by_tool.get(tool, 0) >= s.per_tool:
-            return Refusal(f"too many invocations of {tool!r} in flight (limit {s.per_tool})", CONCURRENCY_RETRY_S)
+        if s.per_tool is not None and self.by_tool.get(what, 0) >= s.per_tool:
+            return Refusal(f"too many invocations of {what!r} in flight (limit {s.per_tool})", CONCURRENCY_RETRY_S)
         self.total += 1
-        self.by_principal[principal] = self.by_principal.get(principal, 0) + 1
-        self.by_tool[tool] = self.by_tool.get(tool, 0) + 1
+        self.by_principal[who] = self.by_principal.get(who, 0) + 1
+        self.by_tool[what] = self.by_tool.get(what, 0) + 1
         return None
 
     def release(self, principal: str, tool: str) -> None:
+        """Undo one ``try_acquire`` that succeeded with the same arguments."""
         self.total -= 1
-        for counts, key in ((self.by_principal, principal), (self.by_tool, tool)):
+        for counts, key in zip((self.by_principal, self.by_tool), self._keys(principal, tool), strict=True):
             counts[key] -= 1
             if counts[key] <= 0:
                 del counts[key]
+
+
+class RefusalLimiter:
+    """Refused requests (unauthenticated, unauthorised, invalid, not found) cost the peer a token.
+
+    ``check`` takes nothing and answers at once: a peer whose bucket is empty is refused before any
+    expensive work (authentication, validation); ``charge`` takes one token per refusal. The peer
+    key is computed by the transport (``uid:1000``, ``ip:1.2.3.4``, ``cert:CN``). State is bounded:
+    at most ``max_peers`` buckets (LRU; a forgotten peer starts again with a full burst).
+    """
+
+    def __init__(self, spec: BucketSpec | None, clock: Clock = time.monotonic, max_peers: int = MAX_PEERS) -> None:
+        self.spec = spec
+        self.clock = clock
+        self.peers = _Lru(max_peers)
+
+    def check(self, peer: str) -> Refusal | None:
+        if self.spec is None:
+            return None
+        bucket = self.peers.buckets.get(bounded_key(peer))
+        if bucket is None:
+            return None
+        wait = bucket.wait_for_one(self.clock())
+        return Refusal("too many refused requests from this peer", wait) if wait > 0 else None
+
+    def charge(self, peer: str) -> None:
+        if self.spec is None:
+            return
+        now = self.clock()
+        bucket = self.peers.get(bounded_key(peer), self.spec, now)
+        if bucket.wait_for_one(now) == 0.0:
+            bucket.take()
+
+    def __len__(self) -> int:
+        return len(self.peers)
 
 
 @dataclass(frozen=True)

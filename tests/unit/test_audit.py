@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,8 @@ async def test_rotation_keeps_the_chain_across_files(tmp_path: Path) -> None:
     rotated = rotated_files(path)
     assert len(rotated) >= 3
     files = [*rotated, path]
-    assert verify(files).ok and verify(files).records == 12
+    # 12 records plus one ``audit_rotated`` record opening each new file.
+    assert verify(files).ok and verify(files).records == 12 + len(rotated)
     # The live file alone verifies from where it starts, marked as not anchored at the genesis record.
     alone = verify([path])
     assert alone.ok and not alone.anchored
@@ -54,11 +56,21 @@ async def test_rotation_keeps_the_chain_across_files(tmp_path: Path) -> None:
     assert not verify([rotated[0], *rotated[2:], path]).ok
 
 
-async def test_rotation_prunes_beyond_keep(tmp_path: Path) -> None:
+async def test_rotation_prunes_beyond_keep(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "audit.jsonl"
-    (await _write(path, 20, max_bytes=400, keep=2)).close()
+    with caplog.at_level(logging.WARNING, "toolcell.audit"):
+        (await _write(path, 20, max_bytes=400, keep=2, protect_s=0)).close()
     assert len(rotated_files(path)) == 2
-    assert verify([*rotated_files(path), path]).ok
+    verdict = verify([*rotated_files(path), path])
+    assert verdict.ok and not verdict.anchored
+    # Honest: the chain itself says which files rotation deleted and which seqs they held.
+    assert verdict.pruned_through == verdict.first_seq - 1
+    newest_gone = f"audit.jsonl.{int(rotated_files(path)[0].name.rsplit('.', 1)[1]) - 1:06d}"
+    assert verdict.pruned_files[-1] == newest_gone
+    assert f"seq 1..{verdict.first_seq - 1} pruned at rotation (latest deleted: " in verdict.describe()
+    deleted = [r.getMessage() for r in caplog.records if "rotation deleted" in r.getMessage()]
+    assert len(deleted) == int(newest_gone.rsplit(".", 1)[1])  # one WARNING per deleted file
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
 
 
 def _lines(path: Path) -> list[str]:
