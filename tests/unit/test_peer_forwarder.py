@@ -10,7 +10,11 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from runtime.server.peer import PeerForwarder, _Relay
+import pytest
+
+from runtime.server.peer import PREFACE_LEN, PeerForwarder, _Relay
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 class _Recorder(asyncio.Transport):
@@ -23,7 +27,8 @@ class _Recorder(asyncio.Transport):
 
 
 @contextlib.asynccontextmanager
-async def forwarder(tmp_path: Path, max_connections: int = 8) -> AsyncIterator[tuple[PeerForwarder, list[bytes]]]:
+async def forwarder(tmp_path: Path, max_connections: int = 8, max_per_uid: int = 32,
+                    handshake_timeout_s: float = 5.0) -> AsyncIterator[tuple[PeerForwarder, list[bytes]]]:
     """An upstream that answers each connection with the SHA-256 of all it received (after EOF)."""
     seen: list[bytes] = []
 
@@ -38,7 +43,8 @@ async def forwarder(tmp_path: Path, max_connections: int = 8) -> AsyncIterator[t
 
     inner = tmp_path / "inner.sock"
     server = await asyncio.start_unix_server(upstream, path=str(inner))
-    fwd = PeerForwarder(tmp_path / "public.sock", inner, mode=0o600, max_connections=max_connections)
+    fwd = PeerForwarder(tmp_path / "public.sock", inner, mode=0o600, max_connections=max_connections,
+                        max_per_uid=max_per_uid, handshake_timeout_s=handshake_timeout_s)
     await fwd.start()
     try:
         yield fwd, seen
@@ -97,3 +103,57 @@ def test_bytes_received_before_the_other_end_exists_are_kept_in_order() -> None:
     relay.link(sink)
     relay.data_received(b"SETTINGS")
     assert sink.transport.written == [b"PRI * HTTP/2.0", b"\r\n", b"SETTINGS"]
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """True when the forwarder closed this connection (EOF) within ``seconds``."""
+    try:
+        return await asyncio.wait_for(reader.read(), timeout=seconds) == b""
+    except TimeoutError:
+        return False
+
+
+async def test_one_uid_gets_at_most_max_per_uid_connections_and_its_slots_come_back(tmp_path: Path) -> None:
+    async with forwarder(tmp_path, max_connections=8, max_per_uid=2) as (fwd, _):
+        held = [await asyncio.open_unix_connection(str(fwd.public)) for _ in range(2)]
+        reader, extra = await asyncio.open_unix_connection(str(fwd.public))
+        assert await _closed_within(reader, 5)  # the third from the same uid: closed without a byte
+        extra.close()
+        assert fwd.per_uid == {os.getuid(): 2} and fwd.refused["per_uid"] == 1
+        held[0][1].close()
+        for _ in range(100):
+            if fwd.per_uid == {os.getuid(): 1}:
+                break
+            await asyncio.sleep(0.01)
+        reader, again = await asyncio.open_unix_connection(str(fwd.public))
+        assert not await _closed_within(reader, 0.3)  # a slot freed: accepted again
+        again.close()
+        held[1][1].close()
+        for _ in range(100):
+            if not fwd.per_uid:
+                break
+            await asyncio.sleep(0.01)
+        assert fwd.per_uid == {}
+
+
+# (what the connection sends, and when; closed by the preface deadline?)
+HANDSHAKES = [
+    ("nothing", [], True),
+    ("one byte short of the preface", [PREFACE[:-1]], True),
+    ("the preface in one piece", [PREFACE], False),
+    ("the preface byte by byte", [PREFACE[i:i + 1] for i in range(PREFACE_LEN)], False),
+]
+
+
+@pytest.mark.parametrize(("pieces", "closed"), [h[1:] for h in HANDSHAKES], ids=[h[0] for h in HANDSHAKES])
+async def test_a_connection_that_does_not_send_the_preface_in_time_is_closed(
+        tmp_path: Path, pieces: list[bytes], closed: bool) -> None:
+    async with forwarder(tmp_path, handshake_timeout_s=0.3) as (fwd, _):
+        reader, writer = await asyncio.open_unix_connection(str(fwd.public))
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+        # Well past the deadline; a live connection then stays quiet and is not judged by its silence.
+        assert await _closed_within(reader, 1.5) is closed
+        assert fwd.refused["handshake"] == (1 if closed else 0)
+        writer.close()
