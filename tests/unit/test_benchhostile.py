@@ -1,0 +1,96 @@
+"""The bench's hostile section (issue 14): its payloads, its size ladders and its event-loop stall probe."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess  # nosec B404 - runs this interpreter on the bench's own payload code
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from runtime.api.v1 import supervisor_pb2 as pb
+from runtime.benchhostile import (
+    CALL,
+    CALLER_ATTACKS,
+    STDERR_CAP,
+    TOOL_ATTACKS,
+    AttackRecord,
+    Ladder,
+    MiB,
+    Request,
+    StallProbe,
+    climb,
+    hostile_args,
+)
+
+
+@pytest.mark.parametrize(("name", "unit"), TOOL_ATTACKS)
+@pytest.mark.parametrize("size", [70_000, 300_000])
+def test_hostile_tool_prints_its_unit_to_the_size_and_stderr_to_its_cap(name: str, unit: str, size: int) -> None:
+    code = json.loads(hostile_args(unit, size))["code"]
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, timeout=60, check=True)
+    expected = (unit.encode() * (size // len(unit.encode()) + 1))[:size]
+    assert done.stdout == expected
+    assert done.stderr == expected[:STDERR_CAP]
+
+
+@pytest.mark.parametrize(("name", "full", "build"), CALLER_ATTACKS)
+def test_hostile_requests_are_full_size_and_under_the_servers_message_limit(
+        name: str, full: int, build: Callable[[int], Request]) -> None:
+    request = build(full)
+    assert full <= len(request.body) <= 4 * MiB - 1024
+    if request.method == CALL and name.startswith("tool_name"):
+        assert len(pb.ExecuteRequest.FromString(request.body).tool) == full
+
+
+@pytest.mark.parametrize(("sizes", "full", "rungs"), [
+    ((1024, 8192, 65536), MiB, (1024, 8192, 65536, MiB)),
+    ((1024, 8192, 65536, 262144), 120 * 1024, (1024, 8192, 65536, 120 * 1024)),
+    ((4096,), 1024, (1024,)),
+])
+def test_ladder_rungs_end_at_the_full_size(sizes: tuple[int, ...], full: int, rungs: tuple[int, ...]) -> None:
+    assert Ladder(sizes, budget_s=1.0).rungs(full) == rungs
+
+
+@pytest.mark.parametrize(("stall_s", "floor_s", "climbs"), [
+    (0.06, 0.0, True),  # x4 in size: 16 x 60 ms = 0.96 s, within 1 s
+    (0.07, 0.0, False),  # 1.12 s: over
+    (0.07, 0.02, True),  # the quiet run's own stalls are not the attack's
+])
+def test_ladder_climbs_while_the_predicted_quadratic_stall_fits_the_budget(stall_s: float, floor_s: float,
+                                                                          climbs: bool) -> None:
+    assert Ladder((1024,), budget_s=1.0, floor_s=floor_s).climb(1024, 4096, stall_s) is climbs
+
+
+def _blocking(stall_at: dict[int, float]) -> Callable[[int], Awaitable[str]]:
+    async def one(size: int) -> str:
+        time.sleep(stall_at.get(size, 0.0))  # holds the loop, as a backtracking regex on it would
+        return "ok"
+    return one
+
+
+@pytest.mark.parametrize(("stall_at", "budget_s", "reached", "cut"), [
+    ({}, 1000.0, 4096, False),  # nothing holds the loop: the ladder reaches the full size
+    ({2048: 0.2}, 0.5, 2048, True),  # 0.2 s at 2 KiB predicts 0.8 s at 4 KiB: over 0.5 s, cut there
+])
+def test_climb_measures_each_rungs_stall_on_the_loop_and_stops_over_budget(
+        stall_at: dict[int, float], budget_s: float, reached: int, cut: bool) -> None:
+    async def run() -> AttackRecord:
+        probe = StallProbe(asyncio.get_running_loop())
+        await probe._spawn()
+        try:
+            return await climb(4096, Ladder((1024, 2048), budget_s), probe, time.monotonic() + 60,
+                               _blocking(stall_at))
+        finally:
+            probe.stop()
+
+    record = asyncio.run(run())
+    assert record.reached_bytes == reached
+    assert record.full is not cut
+    assert bool(record.stopped) is cut
+    for rung in record.rungs:
+        # The probe saw the block whole (less the part of its 5 ms sleep that had passed when it began).
+        assert rung["stall_ms"] >= (stall_at.get(rung["bytes"], 0.0) - 0.005) * 1000
