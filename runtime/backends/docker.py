@@ -46,7 +46,7 @@ from runtime.backends.attach import RECV_BYTES, AttachStream, SandboxStream
 from runtime.backends.base import ExitInfo, Removed, StreamName
 from runtime.backends.cgroup import CgroupLayout, CgroupProbe, UsageSampler
 from runtime.backends.channel import CHANNEL_DIR, ChannelListener, ChannelStream
-from runtime.backends.launcher import envelope, launch_command, new_nonce
+from runtime.backends.launcher import envelope, launch_command, new_nonce, relay_command
 from runtime.errors import BackendError, EngineUnavailable, ImageMissing, RuntimeMissing
 from runtime.model import Usage
 from runtime.policy.network import LABEL_ROLE, NetworkSpec
@@ -68,6 +68,10 @@ _OOM_LOOK_S: Final = 0.1
 # A claimed pooled sandbox joins the periodic usage sampler this long after its claim.
 _WARM_SAMPLE_DELAY_S: Final = 0.02
 _ATTACH_PARAMS: Final = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+# OCI runtimes whose container stdio (gVisor: host pipes donated to the Sentry) answers one large write(2)
+# with a short count, which many tools take as complete: their tools write into pipes inside the sandbox
+# that the launcher copies out whole (``runtime/data/launcher.py`` --relay).
+_SHORT_WRITE_RUNTIMES: Final = frozenset({"runsc"})
 # Messages of 5xx answers that mean "the engine went away under us", not "the request was wrong".
 _ENGINE_GONE_HINTS: Final = ("connection reset", "broken pipe", "transport is closing", "unexpected eof")
 # No socket, connection refused or reset, engine restarted mid-call, read timeout.
@@ -141,6 +145,11 @@ class DockerBackend:
         return "channel" if self._channel_works else "channel?"
 
     async def create(self, plan: ContainerPlan) -> DockerSandbox:
+        if plan.runtime in _SHORT_WRITE_RUNTIMES:  # the launcher takes the tool's output whole (launcher.py)
+            plan = dataclasses.replace(plan, command=relay_command(plan.command))
+        return await self._create(plan)
+
+    async def _create(self, plan: ContainerPlan) -> DockerSandbox:
         if not plan.seccomp_json.strip():
             # An empty SecurityOpt would fall back to the engine's default profile: refuse instead.
             raise BackendError("the plan carries no seccomp profile; refusing to create the sandbox")
@@ -169,8 +178,9 @@ class DockerBackend:
             else:
                 self._channel_works = True
                 return sandbox
-        warm_plan = dataclasses.replace(plan, command=launch_command(plan.command, defer=defer))
-        sandbox = await self.create(warm_plan)
+        relay = plan.runtime in _SHORT_WRITE_RUNTIMES
+        warm_plan = dataclasses.replace(plan, command=launch_command(plan.command, defer=defer, relay=relay))
+        sandbox = await self._create(warm_plan)
         sandbox._warm, sandbox._defer = True, defer
         sandbox._on_exit = on_exit
         try:
@@ -336,6 +346,7 @@ class DockerBackend:
             ulimits=[
                 Ulimit(name="nofile", soft=plan.nofile, hard=plan.nofile),
                 Ulimit(name="core", soft=0, hard=0),
+                *([Ulimit(name="nproc", soft=plan.nproc, hard=plan.nproc)] if plan.nproc else []),
             ],
             cap_drop=list(plan.cap_drop),
             security_opt=security_opt,

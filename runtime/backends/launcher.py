@@ -28,14 +28,23 @@ def launcher_source() -> str:
 
 
 def launch_command(command: tuple[str, ...], python: str = "python3", channel: str = "",
-                   defer: bool = False) -> tuple[str, ...]:
+                   defer: bool = False, relay: bool = False) -> tuple[str, ...]:
     """The pooled sandbox's command: the launcher (isolated mode, inline source) in front of the tool.
 
     ``channel``: the socket path inside the sandbox to connect to (the channel transport), or "" (attach).
     ``defer``: spawn the tool only at the claim, with the claim's environment (tools granted secrets).
+    ``relay``: the tool writes into pipes the launcher copies out whole (see ``relay_command``).
     """
-    flags = (("--defer",) if defer else ()) + ((f"--channel={channel}",) if channel else ())
+    flags = (("--defer",) if defer else ()) + (("--relay",) if relay else ()) + \
+        ((f"--channel={channel}",) if channel else ())
     return (python, "-I", "-c", launcher_source(), *flags, *command)
+
+
+def relay_command(command: tuple[str, ...], python: str = "python3") -> tuple[str, ...]:
+    """An unpooled sandbox's command when its stdio cannot take a large write whole (gVisor's donated
+    host pipes answer one write(2) of 200,000 bytes with 65,536): the launcher runs the tool on its stdin
+    with stdout/stderr pipes inside the sandbox, copies them out over short writes, exits with its status."""
+    return (python, "-I", "-c", launcher_source(), "--relay", "--cold", *command)
 
 
 def new_nonce() -> str:

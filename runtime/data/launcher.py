@@ -26,16 +26,90 @@ otherwise: the claim arrives on stdin; the status is a trailer
     trailer arrives); after a 0 the launcher waits for EOF on stdin before it exits. The nonce arrives
     after the tool was spawned, so the tool cannot forge an end.
 
+``--relay`` (attach transport, gVisor): the tool's stdout and stderr are pipes inside the sandbox that
+    this launcher copies to its own, each write completed however many calls it takes. gVisor's donated
+    host stdio answers a large write(2) with a short count (65,536 of 200,000 bytes) that tools (Python's
+    ``-u`` text layer among them) take as complete; a pipe inside gVisor blocks until it took everything,
+    as on Linux. When the tool exits, what it wrote and the pipes still hold (FIONREAD) is copied, then
+    the copy stops: a daemon that keeps the pipe open cannot hold the run open.
+``--cold`` (with ``--relay``, an unpooled sandbox): no claim; the tool reads this launcher's stdin and the
+    launcher exits with the tool's status once its output is copied.
+
 Standard library only; kept small: it is passed with ``python3 -c``.
 """
+import array
 import contextlib
+import fcntl
 import json
 import os
+import select
 import signal
 import socket
 import subprocess  # nosec B404
 import sys
+import termios
+import threading
 import typing
+
+CHUNK = 65536
+
+
+def write_all(fd: int, data: bytes) -> bool:
+    """Write every byte, over short writes (gVisor's host stdio makes them); False once ``fd`` is gone."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except (BlockingIOError, InterruptedError):
+            select.select([], [fd], [])
+        except OSError:
+            return False
+    return True
+
+
+class Relay(threading.Thread):
+    """Copy the tool's pipes to our stdout/stderr until ``finish()``: then what they hold, and stop."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.pipes: dict[int, int] = {}  # read end -> our fd
+        self.ends: list[int] = []  # write ends, for the tool
+        for target in (1, 2):
+            r, w = os.pipe()
+            self.pipes[r] = target
+            self.ends.append(w)
+        self.wake_r, self.wake_w = os.pipe()
+        self.live = {t: True for t in (1, 2)}  # False once our side is gone: read and drop
+
+    def finish(self) -> None:
+        """The tool exited: every byte it wrote is in the pipes now (a pipe write completes or blocks)."""
+        os.write(self.wake_w, b"x")
+        self.join()
+
+    def copy(self, r: int, size: int) -> int:
+        """One read of up to ``size`` bytes, copied out; how many (0 at EOF)."""
+        data = os.read(r, size)
+        target = self.pipes[r]
+        if data and self.live[target]:
+            self.live[target] = write_all(target, data)
+        return len(data)
+
+    def run(self) -> None:
+        open_pipes = list(self.pipes)
+        while open_pipes:
+            ready, _, _ = select.select([*open_pipes, self.wake_r], [], [])
+            if self.wake_r in ready:
+                break
+            for r in ready:
+                if not self.copy(r, CHUNK):
+                    open_pipes.remove(r)
+        for r in open_pipes:  # the tool is gone: copy what the pipe holds now, no more
+            queued = array.array("i", [0])
+            fcntl.ioctl(r, termios.FIONREAD, queued)
+            left = queued[0]
+            while left > 0:
+                copied = self.copy(r, min(left, CHUNK))
+                left = left - copied if copied else 0
 
 
 def connect(path: str, tag: bytes) -> socket.socket:
@@ -45,20 +119,54 @@ def connect(path: str, tag: bytes) -> socket.socket:
     return sock
 
 
-def spawn(command: list[str], channel: list[socket.socket] | None, env: dict[str, str] | None
-          ) -> subprocess.Popen[bytes]:
-    if channel is None:
-        return subprocess.Popen(command, stdin=subprocess.PIPE, close_fds=True, env=env)  # noqa: S603 # nosec B603
-    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=channel[1].fileno(),  # noqa: S603 # nosec B603
-                            stderr=channel[2].fileno(), close_fds=True, env=env)
+def spawn(command: list[str], channel: list[socket.socket] | None, env: dict[str, str] | None,
+          relay: Relay | None = None, stdin: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    out: int | None = None
+    err: int | None = None
+    if channel is not None:
+        out, err = channel[1].fileno(), channel[2].fileno()
+    elif relay is not None:
+        out, err = relay.ends
+    child = subprocess.Popen(command, stdin=stdin, stdout=out, stderr=err,  # noqa: S603 # nosec B603
+                             close_fds=True, env=env)
+    if relay is not None:  # only the tool holds the write ends: EOF when it and its children are done
+        for fd in relay.ends:
+            os.close(fd)
+        relay.start()
+    return child
+
+
+def exit_status(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+def forward_signals(children: list[subprocess.Popen[bytes]]) -> None:
+    def forward(signum: int, frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+
+
+def run_cold(command: list[str]) -> int:
+    """``--cold --relay``: run the tool on our stdin, copy its output, exit with its status."""
+    relay = Relay()
+    children = [spawn(command, None, None, relay, stdin=0)]
+    forward_signals(children)
+    code = children[0].wait()
+    relay.finish()
+    return exit_status(code)
 
 
 def main() -> int:
     command = sys.argv[1:]
     channel = None
-    defer = bool(command) and command[0] == "--defer"
-    if defer:
-        command.pop(0)
+    flags = set()
+    while command and command[0] in ("--defer", "--relay", "--cold"):
+        flags.add(command.pop(0))
+    defer, relay = "--defer" in flags, Relay() if "--relay" in flags else None
     if command and command[0].startswith("--channel="):
         path = command.pop(0)[len("--channel="):]
         channel = [connect(path, tag) for tag in (b"c", b"o", b"e")]
@@ -70,18 +178,13 @@ def main() -> int:
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE=0: no /proc/<pid>/mem or fd for the tool
     except Exception:  # noqa: S110 # nosec B110 - best effort; the nonce only guards an early end
         pass
+    if "--cold" in flags:
+        return run_cold(command)
     claims: typing.BinaryIO = channel[0].makefile("rb") if channel is not None else sys.stdin.buffer
     children: list[subprocess.Popen[bytes]] = []
     if not defer:
-        children.append(spawn(command, channel, None))
-
-    def forward(signum: int, frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
+        children.append(spawn(command, channel, None, relay))
+    forward_signals(children)
     line = claims.readline()
     try:
         envelope = json.loads(line)
@@ -99,9 +202,11 @@ def main() -> int:
         for child in children:
             child.kill()
             child.wait()
+        if relay is not None and children:
+            relay.finish()
         return 125
     if defer:  # granted secrets arrive with the claim: the tool starts now, with them in its environment
-        children.append(spawn(command, channel, {**os.environ, **extra}))
+        children.append(spawn(command, channel, {**os.environ, **extra}, relay))
         del extra, files, envelope, line
     if channel is not None:
         channel[1].close()
@@ -112,8 +217,9 @@ def main() -> int:
         with contextlib.suppress(OSError):  # the tool may exit without reading its input
             stdin.write(arguments)
             stdin.close()
-    code = child.wait()
-    status = 128 - code if code < 0 else code
+    status = exit_status(child.wait())
+    if relay is not None:  # the trailer comes after the last byte of output
+        relay.finish()
     if channel is not None:
         with contextlib.suppress(OSError):
             channel[0].sendall(f"{status:03d}\n".encode())
@@ -122,8 +228,7 @@ def main() -> int:
         return status
     trailer = f"\x1etoolcell-end:{nonce}:{status:03d}\n".encode()
     for fd in (1, 2):
-        with contextlib.suppress(OSError):
-            os.write(fd, trailer)
+        write_all(fd, trailer)
     if status == 0:  # decided: exit (a burst of engine work) only when the supervisor lets go
         with contextlib.suppress(OSError):
             claims.read()

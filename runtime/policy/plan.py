@@ -22,6 +22,21 @@ LABEL_INVOCATION = "io.toolcell.invocation"
 LABEL_TOOL = "io.toolcell.tool"
 LABEL_PROFILE = "io.toolcell.profile"
 
+# /tmp is the only writable path. noexec: a dropped binary can't be run from it; nosuid/nodev: no
+# privilege via files; size: the tool can't fill host memory through tmpfs.
+SCRATCH_OPTIONS = "rw,noexec,nosuid,nodev,size={size},mode=1777"
+# The engine always mounts a writable mqueue filesystem at /dev/mqueue (under runc, even with IPC "none"):
+# an empty read-only tmpfs hides it, so no path but /tmp (and /dev/shm if asked) can be written.
+MQUEUE_DIR = "/dev/mqueue"
+MQUEUE_OPTIONS = "ro,noexec,nosuid,nodev,size=4k,mode=0555"
+# Under runsc the host's pids cgroup holds gVisor's Sentry, whose host threads (and, on the ptrace
+# platform, one stub process per guest process) are counted there: measured on this host's 2022-12-19
+# build, ~38 while idle and ~20 + 6.7 per guest task with a fork bomb at RLIMIT_NPROC 16/64/128
+# (128/454/880 pids). The tool's own limit is then RLIMIT_NPROC, which gVisor's kernel enforces per
+# sandbox (fork/clone fail with EAGAIN), and the cgroup is a backstop sized for the Sentry with ~25% slack.
+GVISOR_PIDS_BASE = 64
+GVISOR_PIDS_PER_TASK = 8
+
 
 @dataclass(frozen=True)
 class ContainerPlan:
@@ -34,6 +49,7 @@ class ContainerPlan:
     seccomp_json: str
     memory_bytes: int
     nano_cpus: int
+    # The host pids cgroup limit (under runsc sized for gVisor's own threads; see ``sandbox_pids``).
     pids_limit: int
     nofile: int
     tmpfs: Mapping[str, str]
@@ -51,12 +67,37 @@ class ContainerPlan:
     cap_drop: tuple[str, ...] = ("ALL",)
     no_new_privileges: bool = True
     init: bool = True
-    ipc_mode: str = "private"
+    # Own IPC namespace with no /dev/shm mounted; a profile's ``shm`` comes as a tmpfs in ``tmpfs``.
+    ipc_mode: str = "none"
     cgroupns_mode: str = "private"
     log_driver: str = "none"
     working_dir: str = "/tmp"  # nosec B108 - inside the sandbox: its private, capped tmpfs
     hostname: str = "sandbox"
     extra: Mapping[str, str] = field(default_factory=dict)
+    # RLIMIT_NPROC (soft = hard) for the sandbox's processes; 0: not set (runc, where it would count the
+    # uid's processes host-wide; its pids cgroup is per sandbox).
+    nproc: int = 0
+
+
+def sandbox_pids(runtime: str, pids: int) -> tuple[int, int]:
+    """(pids cgroup limit, RLIMIT_NPROC or 0) that make ``pids`` mean the tool's own tasks on ``runtime``.
+
+    runc: the pids cgroup counts exactly the sandbox's tasks. runsc: it also counts the Sentry's host
+    threads, so the tool's limit is RLIMIT_NPROC inside gVisor and the cgroup a backstop above it.
+    """
+    if runtime == "runsc":
+        return GVISOR_PIDS_BASE + GVISOR_PIDS_PER_TASK * pids, pids
+    return pids, 0
+
+
+def scratch_tmpfs(profile: IsolationProfile) -> dict[str, str]:
+    """The sandbox's only writable paths: /tmp, and /dev/shm if the profile asks; /dev/mqueue hidden."""
+    tmpfs = {"/tmp": SCRATCH_OPTIONS.format(size=profile.tmpfs_bytes),  # nosec B108 - inside the sandbox
+             MQUEUE_DIR: MQUEUE_OPTIONS}
+    if profile.shm_bytes > 0:
+        # POSIX shared memory, as restricted as /tmp.
+        tmpfs["/dev/shm"] = SCRATCH_OPTIONS.format(size=profile.shm_bytes)  # nosec B108 - inside the sandbox
+    return tmpfs
 
 
 def compile_plan(
@@ -77,9 +118,7 @@ def compile_plan(
         if name in environ:
             env[name] = environ[name]
     effective_timeout = profile.timeout_s if timeout_s is None else min(profile.timeout_s, timeout_s)
-    # /tmp is the only writable path. noexec: a dropped binary can't be run from it; nosuid/nodev:
-    # no privilege via files; size: the tool can't fill host memory through tmpfs.
-    tmpfs = {"/tmp": f"rw,noexec,nosuid,nodev,size={profile.tmpfs_bytes},mode=1777"}  # nosec B108
+    pids_limit, nproc = sandbox_pids(profile.runtime, profile.pids_limit)
     return ContainerPlan(
         image=tool.image,
         command=tuple(tool.command),
@@ -96,9 +135,10 @@ def compile_plan(
         seccomp_json=seccomp_json,
         memory_bytes=profile.memory_bytes,
         nano_cpus=int(profile.cpus * 1e9),
-        pids_limit=profile.pids_limit,
+        pids_limit=pids_limit,
+        nproc=nproc,
         nofile=profile.nofile,
-        tmpfs=tmpfs,
+        tmpfs=scratch_tmpfs(profile),
         mounts=profile.mounts,
         timeout_s=max(0.0, effective_timeout),
         kill_grace_s=profile.kill_grace_s,
@@ -137,7 +177,7 @@ def compile_proxy_plan(
         nano_cpus=500_000_000,
         pids_limit=16,
         nofile=512,
-        tmpfs={"/tmp": "rw,noexec,nosuid,nodev,size=1048576,mode=1777"},  # nosec B108 - inside the sidecar
+        tmpfs={"/tmp": SCRATCH_OPTIONS.format(size=1048576), MQUEUE_DIR: MQUEUE_OPTIONS},  # nosec B108 - the sidecar's
         mounts=(),
         timeout_s=0.0,  # lives as long as its invocation; the pipeline stops it
         kill_grace_s=1.0,

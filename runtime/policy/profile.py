@@ -55,7 +55,8 @@ class IsolationProfile:
     memory_bytes: int = 256 * MiB
     # CPU quota in cores: a spinner cannot starve the host or its neighbours.
     cpus: float = 1.0
-    # pids cgroup limit: fork and thread bombs stop here.
+    # The tool's own processes and threads (the sandbox's init counts too): fork and thread bombs stop
+    # here with EAGAIN. runc: the pids cgroup; runsc: RLIMIT_NPROC in gVisor's kernel (see plan.py).
     pids_limit: int = 64
     # RLIMIT_NOFILE: fd exhaustion stays inside the sandbox.
     nofile: int = 256
@@ -69,6 +70,9 @@ class IsolationProfile:
     seccomp: str = "default"
     # Scratch space; noexec/nosuid/nodev and size-capped so /tmp can't fill the host or stage binaries.
     tmpfs_bytes: int = 64 * MiB
+    # POSIX shared memory (/dev/shm). 0 (default): no /dev/shm at all, so /tmp stays the only writable
+    # path. Widens what the tool can write: a positive size mounts a noexec/nosuid/nodev tmpfs of that size.
+    shm_bytes: int = 0
     # Non-root uid:gid: a container escape starts without root on the host.
     user: str = "10001:10001"
     # Fixed environment for the tool. Nothing of the supervisor's environment is inherited.
@@ -96,6 +100,10 @@ class IsolationProfile:
 
     def with_runtime(self, runtime: str) -> IsolationProfile:
         return dataclasses.replace(self, runtime=runtime)
+
+    def with_shm(self, shm_bytes: int) -> IsolationProfile:
+        """Give the tool a writable /dev/shm of ``shm_bytes`` (0: none). Another writable path."""
+        return dataclasses.replace(self, shm_bytes=shm_bytes)
 
     def with_seccomp(self, seccomp: str) -> IsolationProfile:
         return dataclasses.replace(self, seccomp=seccomp)

@@ -35,6 +35,7 @@ from runtime.errors import BackendError, EngineUnavailable, ImageMissing, Runtim
 from runtime.model import Tool
 from runtime.policy.plan import ContainerPlan, compile_plan
 from runtime.policy.profile import IsolationProfile, MiB
+from tests.support import engine
 
 TEST_IMAGE = os.environ.get("TOOLCELL_TEST_IMAGE", "toolcell/python:bookworm")
 MISSING_IMAGE = "toolcell-test/does-not-exist:never"
@@ -87,6 +88,11 @@ async def _exit_7(proc: FakeProcess) -> int:
     return 7
 
 
+async def _large_write(proc: FakeProcess) -> int:
+    await proc.stdout(b"x" * LARGE_WRITE)
+    return 0
+
+
 async def _sleeper(proc: FakeProcess) -> int:
     await proc.stdout(b"ready\n")
     await asyncio.sleep(60)
@@ -100,12 +106,17 @@ async def _stubborn(proc: FakeProcess) -> int:
     return 0
 
 
+# One write(2) bigger than a pipe's 64 KiB: under gVisor the container's own stdio answers it with 65,536.
+LARGE_WRITE = 200_000
+LARGE_WRITE_CODE = f"import os; n = os.write(1, b'x' * {LARGE_WRITE}); raise SystemExit(0 if n == {LARGE_WRITE} else 3)"
+
 BEHAVIOURS: dict[str, Behave] = {
     "echo": Behave("import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())", _echo),
     "both-streams": Behave(
         "import sys; print('to stdout', flush=True); print('to stderr', file=sys.stderr)", _both_streams
     ),
     "exit-7": Behave("import sys; print('failing', file=sys.stderr); sys.exit(7)", _exit_7),
+    "large-write": Behave(LARGE_WRITE_CODE, _large_write),
     "sleeper": Behave("import time; print('ready', flush=True); time.sleep(60)", _sleeper),
     "stubborn": Behave(
         "import signal, time\n"
@@ -129,6 +140,7 @@ RUNS: dict[str, Expect] = {
     "echo": Expect(b'{"text": "h\xc3\xa9llo"}', b'{"text": "h\xc3\xa9llo"}', b"", 0),
     "both-streams": Expect(b"{}", b"to stdout\n", b"to stderr\n", 0),
     "exit-7": Expect(b"{}", b"", b"failing\n", 7),
+    "large-write": Expect(b"{}", b"x" * LARGE_WRITE, b"", 0),
 }
 
 
@@ -353,14 +365,14 @@ async def test_engine_sees_the_hardening(docker: Harness) -> None:
         assert host["NanoCpus"] == plan.nano_cpus
         assert host["PidsLimit"] == plan.pids_limit
         assert host["Init"] is True
-        assert host["IpcMode"] == "private"
+        assert host["IpcMode"] == "none"  # own IPC namespace, no /dev/shm
         assert host["CgroupnsMode"] == "private"
         assert host["LogConfig"]["Type"] == "none"
         assert host["Runtime"] == "runc"
         assert host["AutoRemove"] is False
         assert host["Privileged"] is False
         assert host["Tmpfs"] == dict(plan.tmpfs)
-        assert "noexec" in host["Tmpfs"]["/tmp"]
+        assert "noexec" in host["Tmpfs"]["/tmp"] and "/dev/shm" not in host["Tmpfs"]
         ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]}
         assert ulimits == {"nofile": (plan.nofile, plan.nofile), "core": (0, 0)}
         security = host["SecurityOpt"]
@@ -579,3 +591,109 @@ async def test_a_missing_command_is_exit_127_from_init(docker: Harness) -> None:
         await sandbox.remove()
     assert info == ExitInfo(127, False)
     assert b"/nonexistent/tool" in stderr
+
+
+# -- both OCI runtimes -----------------------------------------------------------------------------
+
+
+def _require_runtime(runtime: str) -> None:
+    if runtime not in engine().info().get("Runtimes", {}):
+        pytest.skip(f"the engine has no {runtime!r} runtime (scripts/setup.sh registers runsc where installed)")
+
+
+# (python flags, code): one write(2) of 200,000 bytes, and Python's unbuffered text layer (``-u``, as
+# python.run runs), which sends its whole text in one write(2) and drops whatever a short write left.
+LARGE_WRITERS = {
+    "os.write": ((), LARGE_WRITE_CODE),
+    "python -u sys.stdout.write": (("-u",), f"import sys; sys.stdout.write('x' * {LARGE_WRITE})"),
+}
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("runtime", ["runc", "runsc"])
+@pytest.mark.parametrize("writer", sorted(LARGE_WRITERS))
+@pytest.mark.parametrize("pooled", [False, True], ids=["cold", "pooled"])
+async def test_one_large_write_arrives_whole(docker: Harness, runtime: str, writer: str, pooled: bool) -> None:
+    """Measured before the relay, under runsc: 65,536 of the 200,000 bytes arrived, and exit 0."""
+    _require_runtime(runtime)
+    flags, code = LARGE_WRITERS[writer]
+    plan = dataclasses.replace(docker.plan("large-write", profile=IsolationProfile().with_runtime(runtime)),
+                               command=("python3", *flags, "-c", code))
+    assert isinstance(docker.backend, DockerBackend)
+    sandbox: Sandbox = (await docker.backend.create_warm(plan, lambda: None) if pooled
+                        else await docker.backend.create(plan))
+    try:
+        stdout, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b"{}"), 60)
+    finally:
+        await sandbox.remove()
+    assert (len(stdout), stdout.strip(b"x"), info) == (LARGE_WRITE, b"", ExitInfo(0, False)), stderr[-500:]
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("runtime", ["runc", "runsc"])
+async def test_exit_codes_and_signals_reach_us_through_the_relay(docker: Harness, runtime: str) -> None:
+    """Under runsc the tool runs behind the launcher's relay: its status and its signals are unchanged."""
+    _require_runtime(runtime)
+    profile = IsolationProfile().with_runtime(runtime)
+    failing = await docker.backend.create(docker.plan("exit-7", profile=profile))
+    stubborn = await docker.backend.create(docker.plan("stubborn", profile=profile))
+    try:
+        assert await asyncio.wait_for(run_to_end(failing, b"{}"), 60) == (b"", b"failing\n", ExitInfo(7, False))
+        await stubborn.start(b"{}")
+        output = stubborn.output()
+        assert await asyncio.wait_for(read_line(output), 60) == b"ready\n"
+        waiter = asyncio.ensure_future(stubborn.wait())
+        await stubborn.signal(signal.SIGTERM)  # forwarded to the tool, which ignores it
+        done, _ = await asyncio.wait({waiter}, timeout=0.5)
+        assert not done, "a tool that ignores SIGTERM must survive it"
+        await stubborn.signal(signal.SIGKILL)
+        assert await asyncio.wait_for(waiter, 10) == ExitInfo(128 + signal.SIGKILL, False)
+    finally:
+        await failing.remove()
+        await stubborn.remove()
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("runtime", ["runc", "runsc"])
+async def test_the_engine_enforces_the_tools_own_pids_limit(docker: Harness, runtime: str) -> None:
+    """The profile's pids bound the tool's tasks (fork fails with EAGAIN) and 4 processes run at 64."""
+    _require_runtime(runtime)
+    code = (
+        "import json, os, time\n"
+        "kids = []\n"
+        "for _ in range(4):\n"  # four processes doing work: must run
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        sum(range(200000)); os._exit(0)\n"
+        "    kids.append(pid)\n"
+        "four = [os.waitpid(p, 0)[1] for p in kids]\n"
+        "kids, result = [], 'ok'\n"
+        "for _ in range(1000):\n"  # then a fork bomb: must fail forks, not the sandbox
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except OSError as e:\n"
+        "        result = e.strerror; break\n"
+        "    if pid == 0:\n"
+        "        time.sleep(30); os._exit(0)\n"
+        "    kids.append(pid)\n"
+        "for p in kids: os.kill(p, 9)\n"
+        "for p in kids: os.waitpid(p, 0)\n"
+        "print(json.dumps({'four': four, 'forked': len(kids), 'result': result}))\n"
+    )
+    # gVisor charges each guest process ~5 MiB of host memory (64 forked Pythons peaked at ~320 MB): at the
+    # default 256 MiB the memory cgroup stops the bomb first (status oom); here the pids limit must.
+    profile = IsolationProfile().with_runtime(runtime).with_pids_limit(64).with_memory(512 * MiB)
+    plan = docker.plan("pids", code=code, profile=profile)
+    sandbox = await docker.backend.create(plan)
+    try:
+        assert isinstance(docker.backend, DockerBackend)
+        host = (await docker.backend.inspect(sandbox.id))["HostConfig"]
+        stdout, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b""), 90)
+    finally:
+        await sandbox.remove()
+    assert info == ExitInfo(0, False), stderr[-500:]
+    seen = json.loads(stdout)
+    assert seen["four"] == [0, 0, 0, 0]
+    assert seen["result"] == "Resource temporarily unavailable" and 50 <= seen["forked"] < 64
+    ulimits = {u["Name"]: u["Hard"] for u in host["Ulimits"]}
+    assert (host["PidsLimit"], ulimits.get("nproc")) == (plan.pids_limit, plan.nproc or None)
