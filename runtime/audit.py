@@ -175,7 +175,11 @@ def _open_read(path: Path) -> int:
 
 def _last_record(path: Path) -> dict[str, Any] | None:
     """The last record of a file: blocks are read backwards (linear) until the last line's start."""
-    fd = _open_read(path)
+    try:
+        fd = _open_read(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read audit file {str(path)!r}: {exc.strerror} (a symlink is refused)",
+                          key="audit.file") from exc
     try:
         end = os.fstat(fd).st_size
         if end and os.pread(fd, 1, end - 1) == b"\n":
@@ -256,14 +260,13 @@ class AuditLog:
         private_dir(self.path.parent, key="audit.file")
         self._lock_fd = _lock(self.path)
         try:
+            self._fd = open_private(self.path, _OPEN_FLAGS, key="audit.file")  # a planted symlink fails here
             self.seq, self.last_hash = 0, GENESIS
             for candidate in [self.path, *reversed(rotated_files(self.path))]:
-                if candidate.exists():
-                    last = _last_record(candidate)
-                    if last is not None:
-                        self.seq, self.last_hash = int(last.get("seq", 0)), str(last.get("hash", GENESIS))
-                        break
-            self._fd = open_private(self.path, _OPEN_FLAGS, key="audit.file")
+                last = _last_record(candidate)
+                if last is not None:
+                    self.seq, self.last_hash = int(last.get("seq", 0)), str(last.get("hash", GENESIS))
+                    break
         except BaseException:
             self.close()
             raise

@@ -142,9 +142,8 @@ class RateLimiter:
             if wait > 0:
                 return Refusal("rate limit of the caller exceeded", wait)
         key = self._tool_key(tool)
-        if key is not None:
-            spec = self.tool_overrides.get(tool, self.per_tool)
-            assert spec is not None  # nosec B101 - _tool_key returns None when there is no spec
+        spec = self.tool_overrides.get(tool, self.per_tool)
+        if key is not None and spec is not None:
             bucket = self.tools.get(key, spec, now)
             wait = bucket.wait_for_one(now)
             if wait > 0:
