@@ -14,9 +14,10 @@ The attacks, one request at a time (so each stall is attributed to the request t
 Each attack climbs a ladder of sizes up to its full size. Code that backtracks on such input takes time
 quadratic in the size *on the event loop*, where a deadline cannot interrupt it (and the regex engine holds
 the GIL, so the bench's own thread waits too): before climbing, the ladder predicts the next rung's stall as
-the quadratic growth of this rung's (above the quiet run's longest stall) and stops when that exceeds its
-budget. An attack cut short that way is reported with the size it reached; the targets are met only when
-every attack ran at its full size. Loopback only: everything goes to the bench's own supervisor socket.
+the quadratic growth of this rung's and stops when that exceeds its budget. Rungs are 4x apart: the
+prediction then tolerates a noisy machine's ordinary stalls (x16 of 50 ms still fits a 2 s budget). An
+attack cut short that way is reported with the size it reached; the targets are met only when every attack
+ran at its full size. Loopback only: everything goes to the bench's own supervisor socket.
 """
 
 from __future__ import annotations
@@ -175,14 +176,13 @@ class Ladder:
 
     sizes: tuple[int, ...]
     budget_s: float
-    floor_s: float = 0.0  # the quiet run's longest stall: noise that is not the attack's
 
     def rungs(self, full: int) -> tuple[int, ...]:
         return (*(s for s in self.sizes if s < full), full)
 
     def climb(self, size: int, next_size: int, stall_s: float) -> bool:
         growth = (next_size / size) ** 2  # backtracking patterns seen so far are quadratic
-        return max(0.0, stall_s - self.floor_s) * growth <= self.budget_s
+        return stall_s * growth <= self.budget_s
 
 
 @dataclass

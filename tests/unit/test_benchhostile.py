@@ -55,14 +55,15 @@ def test_ladder_rungs_end_at_the_full_size(sizes: tuple[int, ...], full: int, ru
     assert Ladder(sizes, budget_s=1.0).rungs(full) == rungs
 
 
-@pytest.mark.parametrize(("stall_s", "floor_s", "climbs"), [
-    (0.06, 0.0, True),  # x4 in size: 16 x 60 ms = 0.96 s, within 1 s
-    (0.07, 0.0, False),  # 1.12 s: over
-    (0.07, 0.02, True),  # the quiet run's own stalls are not the attack's
+@pytest.mark.parametrize(("stall_s", "next_size", "climbs"), [
+    (0.06, 4096, True),  # x4 in size: 16 x 60 ms = 0.96 s, within 1 s
+    (0.07, 4096, False),  # 1.12 s: over
+    (0.2, 2048, True),  # x2: 4 x 200 ms
+    (0.3, 2048, False),
 ])
-def test_ladder_climbs_while_the_predicted_quadratic_stall_fits_the_budget(stall_s: float, floor_s: float,
+def test_ladder_climbs_while_the_predicted_quadratic_stall_fits_the_budget(stall_s: float, next_size: int,
                                                                           climbs: bool) -> None:
-    assert Ladder((1024,), budget_s=1.0, floor_s=floor_s).climb(1024, 4096, stall_s) is climbs
+    assert Ladder((1024,), budget_s=1.0).climb(1024, next_size, stall_s) is climbs
 
 
 def _blocking(stall_at: dict[int, float]) -> Callable[[int], Awaitable[str]]:
