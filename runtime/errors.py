@@ -26,6 +26,8 @@ jsonschema, OS) are translated at the seam where they occur (``raise XError(...)
 
 from __future__ import annotations
 
+from runtime.quoting import quote
+
 
 class ToolcellError(Exception):
     """Base of every error toolcell raises on purpose."""
@@ -42,11 +44,14 @@ class ConfigError(ToolcellError):
 class ToolNotFound(ToolcellError):
     def __init__(self, tool: str) -> None:
         self.tool = tool
-        super().__init__(f"unknown tool {tool!r}")
+        super().__init__(f"unknown tool {quote(tool)}")
 
 
 class InvalidArguments(ToolcellError):
-    """Arguments rejected before any sandbox exists; ``path`` is a JSON pointer-ish field path."""
+    """Arguments rejected before any sandbox exists; ``path`` is a JSON pointer-ish field path.
+
+    Raisers quote caller values in ``message`` and ``path`` only through ``runtime.quoting``.
+    """
 
     def __init__(self, message: str, path: str = "") -> None:
         self.path = path
@@ -54,11 +59,17 @@ class InvalidArguments(ToolcellError):
 
 
 class InvocationConflict(ToolcellError):
-    pass
+    @classmethod
+    def running(cls, invocation_id: str) -> InvocationConflict:
+        """The caller's id names a run in progress (the id is quoted short and escaped)."""
+        return cls(f"invocation {quote(invocation_id)} is already running")
 
 
 class InvocationNotFound(ToolcellError):
-    pass
+    @classmethod
+    def running(cls, invocation_id: str) -> InvocationNotFound:
+        """No run of this caller has the id (the id is quoted short and escaped)."""
+        return cls(f"no running invocation {quote(invocation_id)}")
 
 
 class Unauthenticated(ToolcellError):
@@ -66,7 +77,10 @@ class Unauthenticated(ToolcellError):
 
 
 class PermissionDenied(ToolcellError):
-    pass
+    @classmethod
+    def to(cls, action: str, tool: str) -> PermissionDenied:
+        """The caller may not ``action`` the tool it named (the name is quoted short and escaped)."""
+        return cls(f"not permitted to {action} tool {quote(tool)}")
 
 
 class ResourceExhausted(ToolcellError):

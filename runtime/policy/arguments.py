@@ -2,22 +2,41 @@
 
 Arguments come from a model that may be under prompt injection, so parsing is strict and bounded
 before the (maintained) ``jsonschema`` validator sees them: total size, nesting depth, string and
-array lengths, duplicate keys, NaN/Infinity and huge integers are all rejected here.
+array lengths, duplicate keys, NaN/Infinity, numbers out of a double's range (``1e400`` would reach
+the tool as Infinity), huge integers and lone UTF-16 surrogates (``"\\ud800"`` can't be encoded to
+UTF-8 for the tool) are all rejected here, each naming the field's path.
+
+Cost is linear in the text: ``json.loads`` (C) with hooks that never raise but leave a marker,
+then one iterative walk over the value that reports the first marker or broken limit with its path.
+Paths and messages quote caller keys and values only through ``runtime.quoting`` (short, escaped).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
+from jsonschema.exceptions import SchemaError, ValidationError
 
 from runtime.errors import ConfigError, InvalidArguments
+from runtime.quoting import printable, quote
 
 MAX_INT_DIGITS = 20  # beyond 64-bit range: a tool's JSON parser may overflow or choke
+# A double needs at most 17 significant digits; longer number texts are refused before float() sees them.
+MAX_NUMBER_CHARS = 64
+# A path (or a schema message) in an error keeps at most this many characters (the tail of a path).
+MAX_PATH_CHARS = 160
+MAX_MESSAGE_CHARS = 200
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Where a surrogate could come from: a \uD8xx-\uDFxx escape (pairs included) or a raw one. Only when
+# the text has one does the walk look into every string (a fast path for ordinary arguments).
+_SURROGATE_HINT = re.compile("\\\\u[dD][89a-fA-F]|[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -39,63 +58,177 @@ def compile_schema(schema: Mapping[str, Any], *, key: str) -> Draft202012Validat
     return Draft202012Validator(schema)
 
 
-def _reject_constant(name: str) -> Any:
-    raise InvalidArguments(f"{name} is not valid JSON")
+class _Rejected:
+    """Left in the value by a parse hook; the walk reports ``reason`` with the field's path."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
-def _parse_int(text: str) -> int:
+class _Duplicated(dict[str, Any]):
+    """An object that repeated ``key`` (the first value is kept; the walk rejects it)."""
+
+    key: str = ""
+
+
+def _reject_constant(name: str) -> _Rejected:
+    return _Rejected(f"{name} is not valid JSON")
+
+
+def _parse_int(text: str) -> int | _Rejected:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise InvalidArguments(f"integer with {len(text)} digits is too large")
+        return _Rejected(f"integer with {len(text.lstrip('-'))} digits is too large")
     return int(text)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise InvalidArguments(f"duplicate key {key!r}")
-        result[key] = value
-    return result
+def _parse_float(text: str) -> float | _Rejected:
+    if len(text) > MAX_NUMBER_CHARS:
+        return _Rejected(f"number with {len(text)} characters is too long")
+    value = float(text)
+    if not math.isfinite(value):
+        return _Rejected(f"number {printable(text, 32)} is out of range (beyond a double's 1.8e308)")
+    if value == 0.0 and any(c in "123456789" for c in text.lower().partition("e")[0]):
+        return _Rejected(f"number {printable(text, 32)} is too small (underflows to 0)")
+    return value
 
 
-def _check_shape(value: Any, limits: ArgumentLimits, path: str, depth: int) -> None:
-    if depth > limits.max_depth:
-        raise InvalidArguments(f"nesting deeper than {limits.max_depth}", path=path or "$")
-    if isinstance(value, str):
-        if len(value) > limits.max_string_length:
-            raise InvalidArguments(f"string longer than {limits.max_string_length}", path=path or "$")
-    elif isinstance(value, list):
-        if len(value) > limits.max_array_length:
-            raise InvalidArguments(f"array longer than {limits.max_array_length}", path=path or "$")
-        for i, item in enumerate(value):
-            _check_shape(item, limits, f"{path}[{i}]", depth + 1)
-    elif isinstance(value, dict):
-        for key, item in value.items():
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = dict(pairs)
+    if len(result) == len(pairs):
+        return result
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            duplicated = _Duplicated()
+            for k, v in pairs:
+                duplicated.setdefault(k, v)
+            duplicated.key = key
+            return duplicated
+        seen.add(key)
+    return result  # unreachable: dict() merged a repeated key
+
+
+def format_path(parts: Iterable[str | int]) -> str:
+    """``items[0].k`` for plain keys; odd keys quoted (``a['x y']``); at most the last 160 characters."""
+    out: list[str] = []
+    for part in parts:
+        if isinstance(part, int):
+            out.append(f"[{part}]")
+        elif _PLAIN_KEY.fullmatch(part):
+            out.append(f".{part}" if out else part)
+        else:
+            out.append(f"[{quote(part, 32)}]")
+    path = "".join(out)
+    return path if len(path) <= MAX_PATH_CHARS else "..." + path[-MAX_PATH_CHARS:]
+
+
+class _Node:
+    """One step of a path, linked to its parent: O(1) per value; formatted only for an error."""
+
+    __slots__ = ("parent", "part")
+
+    def __init__(self, parent: _Node | None, part: str | int) -> None:
+        self.parent = parent
+        self.part = part
+
+    def path(self) -> str:
+        parts: list[str | int] = []
+        node: _Node | None = self
+        while node is not None:
+            parts.append(node.part)
+            node = node.parent
+        return format_path(reversed(parts))
+
+
+def _where(parent: _Node | None, part: str | int | None) -> str:
+    node = _Node(parent, part) if part is not None else parent
+    return node.path() if node is not None else "$"
+
+
+_SCALARS = (int, float, bool, type(None))
+
+
+def _check_shape(root: dict[str, Any], limits: ArgumentLimits, surrogates: bool) -> None:
+    """Walk the parsed value once and raise on the first problem, naming its path.
+
+    Iterative (depth costs no Python stack); a value's path node is made only for containers.
+    """
+    stack: list[tuple[Any, _Node | None, str | int | None, int]] = [(root, None, None, 1)]
+    while stack:
+        value, parent, part, depth = stack.pop()
+        kind = type(value)
+        if kind in _SCALARS:
+            continue
+        if depth > limits.max_depth:
+            raise InvalidArguments(f"nesting deeper than {limits.max_depth}", path=_where(parent, part))
+        if kind is str:
+            if len(value) > limits.max_string_length:
+                raise InvalidArguments(f"string longer than {limits.max_string_length}", path=_where(parent, part))
+            if surrogates and (bad := _SURROGATE.search(value)) is not None:
+                raise InvalidArguments(f"string holds a lone UTF-16 surrogate {quote(bad.group())} at "
+                                       f"{bad.start()}", path=_where(parent, part))
+            continue
+        if kind is _Rejected:
+            raise InvalidArguments(value.reason, path=_where(parent, part))
+        node = _Node(parent, part) if part is not None else parent
+        if kind is list:
+            if len(value) > limits.max_array_length:
+                raise InvalidArguments(f"array longer than {limits.max_array_length}", path=_where(node, None))
+            stack.extend((value[i], node, i, depth + 1) for i in range(len(value) - 1, -1, -1))
+            continue
+        if kind is _Duplicated:
+            raise InvalidArguments("duplicate key", path=_where(node, value.key))
+        for key in value:
             if len(key) > limits.max_string_length:
-                raise InvalidArguments("key too long", path=path or "$")
-            _check_shape(item, limits, f"{path}.{key}" if path else key, depth + 1)
+                raise InvalidArguments("key too long", path=_where(node, None))
+            if surrogates and (bad := _SURROGATE.search(key)) is not None:
+                raise InvalidArguments(f"key holds a lone UTF-16 surrogate {quote(bad.group())} at "
+                                       f"{bad.start()}", path=_where(node, key))
+        stack.extend((value[k], node, k, depth + 1) for k in reversed(value))
 
 
 def parse_arguments(arguments_json: str, limits: ArgumentLimits) -> dict[str, Any]:
-    """Strictly parse the caller's JSON into an object, within ``limits``."""
-    raw = arguments_json.strip() or "{}"
-    if len(raw.encode("utf-8", "surrogatepass")) > limits.max_argument_bytes:
-        raise InvalidArguments(f"arguments exceed {limits.max_argument_bytes} bytes")
+    """Strictly parse the caller's JSON into an object, within ``limits``.
+
+    The result holds only dict, list, str (UTF-8 encodable), int (<= 20 digits), finite float, bool
+    and None: ``json.dumps(value, allow_nan=False)`` always succeeds on it.
+    """
+    raw = arguments_json.strip(" \t\r\n") or "{}"
+    cap = limits.max_argument_bytes
+    if len(raw) > cap or len(raw.encode("utf-8", "surrogatepass")) > cap:
+        raise InvalidArguments(f"arguments exceed {cap} bytes")
     try:
         value = json.loads(
             raw,
-            object_pairs_hook=_no_duplicates,
+            object_pairs_hook=_pairs,
             parse_constant=_reject_constant,
             parse_int=_parse_int,
+            parse_float=_parse_float,
         )
     except RecursionError as exc:
         raise InvalidArguments(f"nesting deeper than {limits.max_depth}") from exc
     except json.JSONDecodeError as exc:
         raise InvalidArguments(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     if not isinstance(value, dict):
-        raise InvalidArguments(f"arguments must be a JSON object, not {type(value).__name__}")
-    _check_shape(value, limits, "", 1)
+        kind = "a number" if isinstance(value, _Rejected) else type(value).__name__
+        raise InvalidArguments(f"arguments must be a JSON object, not {kind}")
+    _check_shape(value, limits, surrogates=_SURROGATE_HINT.search(raw) is not None)
     return value
+
+
+def _schema_message(error: ValidationError) -> str:
+    """jsonschema's message with the instance's repr (a caller value, maybe 1 MiB) replaced by a short quote."""
+    message = error.message
+    instance = error.instance
+    if isinstance(instance, str | list | dict):
+        shown = repr(instance)
+        if len(shown) > 48 and shown in message:
+            short = quote(instance, 32) if isinstance(instance, str) else f"<{type(instance).__name__} of " \
+                f"{len(instance)}>"
+            message = message.replace(shown, short)
+    return printable(message, MAX_MESSAGE_CHARS)
 
 
 def validate_arguments(
@@ -105,6 +238,5 @@ def validate_arguments(
     value = parse_arguments(arguments_json, limits)
     error = next(iter(sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))), None)
     if error is not None:
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
-        raise InvalidArguments(error.message, path=path or "$")
+        raise InvalidArguments(_schema_message(error), path=format_path(error.absolute_path) or "$")
     return value
