@@ -45,6 +45,7 @@ class UnsafePath(ConfigError):
         self.path = os.fspath(path)
         self.problem = problem
         self.fix = fix
+        self.what = what
         super().__init__(f"refusing {what} {_show(path)}: {problem}; {fix}", key=key)
 
 

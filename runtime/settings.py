@@ -28,7 +28,7 @@ from runtime.policy.network import EgressSettings, GrantError, candidate_subnets
 from runtime.policy.plan import unpoolable_secret_dir
 from runtime.policy.profile import IsolationProfile, Mount, OutputPolicy
 from runtime.policy.seccomp import SeccompProfile, load_seccomp
-from runtime.safepath import trusted_socket
+from runtime.safepath import UnsafePath, trusted_socket
 from runtime.secretstore import SecretStoreSettings
 
 ENV_CONFIG = "TOOLCELL_CONFIG"
@@ -143,7 +143,11 @@ def default_target() -> str:
     listen = os.environ.get(ENV_LISTEN)
     if listen:
         return listen
-    return f"unix://{trusted_socket(default_socket(), key='runtime dir')}"
+    try:
+        return f"unix://{trusted_socket(default_socket())}"
+    except UnsafePath as exc:
+        raise UnsafePath(exc.path, exc.problem, f"{exc.fix}; or name the supervisor's socket with --target or "
+                         f"{ENV_LISTEN}", what=f"the default socket's {exc.what}") from exc
 
 
 def client_token() -> str | None:
