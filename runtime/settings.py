@@ -422,6 +422,8 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         metrics_interval_s=parse_duration(tel.get("metrics_interval", 10), "telemetry.metrics_interval"),
         prometheus_listen=tel.get("prometheus_listen") or env.get("TOOLCELL_PROMETHEUS_LISTEN") or None,
     )
+    if telemetry.span_file_max_bytes < 4096:
+        raise ConfigError("must be at least 4Ki", key="telemetry.span_file_max_bytes")
     lim = doc.get("limits", {})
     limits = ArgumentLimits(**{k: int(v) for k, v in lim.items()})
     profiles = _build_profiles(doc.get("profiles", {}), base_dir)
