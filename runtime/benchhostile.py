@@ -113,16 +113,23 @@ CALLER_ATTACKS: tuple[tuple[str, int, Callable[[int], Request]], ...] = (
 
 
 class Window:
-    """Wake-up lateness seen by a probe between ``open`` and ``close``."""
+    """Wake-up lateness seen by a probe between ``open`` and ``close``.
+
+    ``max_cpu_s``: the most CPU time the loop's thread itself spent within one sleep: work done *on* the loop.
+    A stall much longer than that is time the thread waited: for the GIL (another thread of the supervisor's
+    process) or for a CPU (a busy machine).
+    """
 
     def __init__(self, keep: bool) -> None:
         self.max_s = 0.0
+        self.max_cpu_s = 0.0
         self.count = 0
         self.samples: list[float] | None = [] if keep else None
 
-    def add(self, late_s: float) -> None:
+    def add(self, late_s: float, cpu_s: float) -> None:
         self.count += 1
         self.max_s = max(self.max_s, late_s)
+        self.max_cpu_s = max(self.max_cpu_s, cpu_s)
         if self.samples is not None:
             self.samples.append(late_s)
 
@@ -142,11 +149,12 @@ class StallProbe:
 
     async def _run(self) -> None:
         while True:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             await asyncio.sleep(self.period_s)
             late = max(0.0, time.perf_counter() - t0 - self.period_s)
+            cpu = time.thread_time() - c0
             for w in tuple(self._windows):
-                w.add(late)
+                w.add(late, cpu)
 
     async def _spawn(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -224,8 +232,8 @@ async def climb(full: int, ladder: Ladder, probe: StallProbe, deadline: float,
         outcome = await one(size)
         elapsed = time.perf_counter() - t0
         await probe.close(window)
-        record.rungs.append({"bytes": size, "stall_ms": window.max_s * 1000, "seconds": elapsed,
-                             "outcome": outcome})
+        record.rungs.append({"bytes": size, "stall_ms": window.max_s * 1000, "loop_cpu_ms": window.max_cpu_s * 1000,
+                             "seconds": elapsed, "outcome": outcome})
         if i + 1 < len(rungs) and not ladder.climb(size, rungs[i + 1], window.max_s):
             record.stopped = (f"a {window.max_s * 1000:.0f} ms stall at {size} bytes predicts over "
                               f"{ladder.budget_s:g} s at {rungs[i + 1]}")
