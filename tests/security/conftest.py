@@ -105,9 +105,15 @@ def hostile_config(owner: str, socket_path: str, runtime: str) -> dict[str, Any]
                         "env_passthrough": [PASSED_NAME]},
             "tight": {"extends": "default", "timeout": "3s", "kill_grace": "500ms", "cpus": 0.5,
                       "output": {"stdout_max_bytes": "64Ki", "stderr_max_bytes": "16Ki"}},
+            # The same sandbox with a POSIX shared memory tmpfs: the allowed side of the /dev/shm pair.
+            "shm": {"extends": "default", "shm": "16Mi"},
+            # Room in memory for 64 tasks under gVisor (~5 MiB of host memory each), so the pids limit, not
+            # the memory cgroup, is what stops a bomb there too.
+            "bombs": {"extends": "default", "memory": "512Mi"},
         },
         "tools": [probe_tool("probe", "default"), probe_tool("probe.relaxed", "relaxed"),
-                  probe_tool("probe.tight", "tight")],
+                  probe_tool("probe.tight", "tight"), probe_tool("probe.shm", "shm"),
+                  probe_tool("probe.bombs", "bombs")],
     }
 
 

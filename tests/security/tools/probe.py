@@ -223,6 +223,56 @@ def probe_tmpfill(params: dict) -> dict:  # type: ignore[type-arg]
     return {"result": "ok", "written": written}
 
 
+def writable_dirs() -> list:  # type: ignore[type-arg]
+    """Every directory this process can create a file in (outside /proc and /sys)."""
+    found = []
+    for dirpath, dirs, _files in os.walk("/"):
+        if dirpath.startswith(("/proc", "/sys")):
+            dirs[:] = []
+            continue
+        path = os.path.join(dirpath, f".probe-{os.getpid()}")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError:
+            continue
+        os.unlink(path)
+        found.append(dirpath)
+    return sorted(found)
+
+
+def probe_shm(params: dict) -> dict:  # type: ignore[type-arg]
+    """POSIX shared memory: /dev/shm and shm_open, its mount options, its noexec and size cap."""
+    obs: dict[str, object] = {"write /dev/shm/x": write("/dev/shm/x")}
+    try:
+        from multiprocessing import shared_memory
+
+        segment = shared_memory.SharedMemory(create=True, size=4096)
+        segment.close()
+        segment.unlink()
+        obs["shm_open"] = "ok"
+    except OSError as exc:
+        obs["shm_open"] = err(exc)
+    with open("/proc/mounts") as fh:
+        obs["mounts"] = {f[1]: f[3] for f in (line.split() for line in fh) if f[1] in ("/dev/shm", "/dev/mqueue")}
+    obs["writable dirs"] = writable_dirs()
+    if obs["write /dev/shm/x"] == "ok":
+        with open("/usr/bin/true", "rb") as src, open("/dev/shm/dropped", "wb") as dst:
+            dst.write(src.read())
+        os.chmod("/dev/shm/dropped", 0o755)
+        obs["exec /dev/shm/dropped"] = exec_status("/dev/shm/dropped")
+        written, chunk = 0, b"\0" * (1 << 20)
+        try:
+            with open("/dev/shm/fill", "wb") as fh:
+                while written < params.get("limit", 1 << 30):
+                    written += fh.write(chunk)
+                    fh.flush()
+            obs["fill"] = "ok"
+        except OSError as exc:
+            obs["fill"] = err(exc)
+        obs["filled"] = written
+    return obs
+
+
 # -- resources --------------------------------------------------------------------------------------
 
 
@@ -243,6 +293,20 @@ def probe_forkbomb(params: dict) -> dict:  # type: ignore[type-arg]
     for pid in children:
         os.waitpid(pid, 0)
     return {"result": result, "forked": len(children)}
+
+
+def probe_workers(params: dict) -> dict:  # type: ignore[type-arg]
+    """An ordinary parallel tool: a few processes doing CPU work, each exiting 0."""
+    children = []
+    for _ in range(params.get("workers", 4)):
+        pid = os.fork()
+        if pid == 0:
+            deadline = time.process_time() + params.get("cpu_s", 0.2)
+            while time.process_time() < deadline:
+                pass
+            os._exit(0)
+        children.append(pid)
+    return {"exits": [os.waitpid(pid, 0)[1] for pid in children]}
 
 
 def probe_threadbomb(params: dict) -> dict:  # type: ignore[type-arg]
@@ -335,6 +399,18 @@ def probe_flood(params: dict) -> dict:  # type: ignore[type-arg]
     out.flush()
     other.write("other stream: last\n")
     other.flush()
+    return {}
+
+
+def probe_bigwrite(params: dict) -> dict:  # type: ignore[type-arg]
+    """One write of ``bytes`` to stdout: ``text`` through Python's -u text layer, ``os`` one write(2)
+    whose return value goes to stderr."""
+    size = params.get("bytes", 200_000)
+    if params.get("mode", "text") == "os":
+        sys.stderr.write(f"write returned {os.write(1, b'x' * size)}\n")
+    else:
+        sys.stdout.write("x" * size)
+        sys.stdout.flush()
     return {}
 
 
