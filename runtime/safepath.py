@@ -87,7 +87,7 @@ def _check_ancestors(path: Path, key: str) -> None:
                              what="parent directory", key=key)
 
 
-def _check_dir(path: Path, allow_root: bool, chmod: int | None, key: str) -> None:
+def _check_dir(path: Path, owners: frozenset[int], chmod: int | None, key: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -101,7 +101,7 @@ def _check_dir(path: Path, allow_root: bool, chmod: int | None, key: str) -> Non
                          what="directory", key=key) from exc
     try:
         st = os.fstat(fd)
-        problem = _owner_problem(st, _owners(allow_root))
+        problem = _owner_problem(st, owners)
         if problem:
             raise UnsafePath(path, problem, f"remove it, or chown {os.geteuid()} it if it is yours",
                              what="directory", key=key)
@@ -123,15 +123,30 @@ def private_dir(path: str | os.PathLike[str], *, create: bool = True, allow_root
     ``key`` names the config setting in the error. Raises ``UnsafePath``; with ``create=False``,
     ``FileNotFoundError`` when it is absent.
     """
-    p = Path(os.path.abspath(path))
+    return _private_dir(Path(os.path.abspath(path)), _owners(allow_root), create, chmod, key)
+
+
+def _private_dir(p: Path, owners: frozenset[int], create: bool, chmod: int | None, key: str) -> Path:
     _check_ancestors(p, key)
     if create:
         if not p.parent.exists():
-            private_dir(p.parent, create=True, allow_root=True, key=key)
+            _private_dir(p.parent, _owners(True), True, None, key)
         with contextlib.suppress(FileExistsError):
             os.mkdir(p, 0o700)
-    _check_dir(p, allow_root, chmod, key)
+    _check_dir(p, owners, chmod, key)
     return p
+
+
+def _placed_by_root(directory: Path) -> int | None:
+    """The owner of ``directory`` when only root can have made it (its parent is root's, writable by root
+    alone, not merely sticky): a system path such as /run/toolcell handed to a service account."""
+    try:
+        parent, st = os.stat(directory.parent), os.lstat(directory)
+    except FileNotFoundError:
+        return None
+    if parent.st_uid == 0 and not parent.st_mode & 0o022 and stat.S_ISDIR(st.st_mode):
+        return st.st_uid
+    return None
 
 
 def open_private(path: str | os.PathLike[str], flags: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT,
@@ -175,19 +190,25 @@ def trusted_socket(path: str | os.PathLike[str], *, allow_root: bool = True, cre
                    key: str = "") -> Path:
     """A Unix socket path a caller may connect to without talking to an impostor.
 
-    Its directory must pass ``private_dir`` (made 0700 when absent, so nobody else can make it later, and
-    root's accepted with ``allow_root``); the socket, if present, must be a socket owned by us (or root).
-    An absent socket is fine: only we (or root) can create one in that directory.
+    Its directory must pass ``private_dir`` (made 0700 when absent, so nobody else can make it later); the
+    socket, if present, must be a socket owned by us. An absent socket is fine: only the directory's owner
+    (or root) can create one there. ``allow_root`` also trusts root, and a system directory only root can
+    have placed (its parent root's and writable by root alone, e.g. /run/toolcell owned by the service
+    account of a systemd unit) together with that directory's owner; never a directory in /tmp.
     """
     p = Path(os.path.abspath(path))
-    private_dir(p.parent, create=create_dir, allow_root=allow_root, key=key)
+    owners = _owners(allow_root)
+    service = _placed_by_root(p.parent) if allow_root else None
+    if service is not None:
+        owners |= {service}
+    _private_dir(p.parent, owners, create_dir, None, key)
     try:
         st = os.lstat(p)
     except FileNotFoundError:
         return p
     if not stat.S_ISSOCK(st.st_mode):
         raise UnsafePath(p, "it is not a socket", "remove it, then start the supervisor", what="socket", key=key)
-    problem = _owner_problem(st, _owners(allow_root))
+    problem = _owner_problem(st, owners)
     if problem:
         raise UnsafePath(p, problem, "remove it and start your own supervisor, or name the socket you mean "
                          "with --target / TOOLCELL_LISTEN", what="socket", key=key)

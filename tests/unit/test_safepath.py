@@ -223,10 +223,21 @@ def test_trusted_socket_refuses_another_uids_socket_and_a_non_socket(tmp_path: P
         trusted_socket(tmp_path / "plain")
 
 
-def test_trusted_socket_refuses_a_socket_in_a_planted_directory(tmp_path: Path) -> None:
-    planted = tmp_path / "toolcell-1000"
-    planted.mkdir(mode=0o755)
-    with _listen(planted / "toolcell.sock"):
+@pytest.mark.parametrize(("parent_mode", "refused"), [(0o1777, True), (0o755, False)],
+                         ids=["planted in a sticky shared dir (/tmp)", "a system dir only root can have placed"])
+def test_a_caller_trusts_another_uids_socket_directory_only_where_root_placed_it(
+        tmp_path: Path, parent_mode: int, refused: bool) -> None:
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    os.chmod(parent, parent_mode)
+    planted = parent / "toolcell"
+    planted.mkdir(mode=0o750)
+    with _listen(planted / "toolcell.sock", uid=NOBODY):
         os.chown(planted, NOBODY, NOBODY)
-        with pytest.raises(UnsafePath, match=f"refusing directory .*owned by uid {NOBODY}"):
-            trusted_socket(planted / "toolcell.sock")
+        if refused:
+            with pytest.raises(UnsafePath, match=f"refusing directory .*owned by uid {NOBODY}"):
+                trusted_socket(planted / "toolcell.sock")
+        else:  # e.g. /run/toolcell, given by systemd to the service account that runs the supervisor
+            assert trusted_socket(planted / "toolcell.sock") == planted / "toolcell.sock"
+        with pytest.raises(UnsafePath, match=f"owned by uid {NOBODY}"):  # a supervisor never serves from it
+            private_dir(planted)
