@@ -17,7 +17,7 @@ Callers cannot flush the trail:
 - rotation deletes files beyond ``keep`` oldest first, but never one that holds real records younger
   than ``protect_s`` (it keeps more files instead, with a warning); every deletion is a WARNING and is
   named in the ``audit_rotated`` record (files and seq range), so ``verify`` says where the chain was pruned;
-- one supervisor per file: a sibling ``FILE.lock`` is held with ``flock``; the directory must pass
+- one supervisor per file: a hidden sibling ``.FILE.lock`` is held with ``flock``; the directory must pass
   ``safepath.private_dir`` (ours, no group/other write, no symlink) and files ``open_private`` (O_NOFOLLOW).
 """
 
@@ -227,8 +227,8 @@ def _first_record(path: Path) -> dict[str, Any] | None:
 
 
 def _lock(path: Path) -> int:
-    """Hold ``FILE.lock`` (flock, exclusive) for the life of the log; refuse when another process holds it."""
-    lock_path = path.with_name(path.name + ".lock")
+    """Hold ``.FILE.lock`` (flock, exclusive) for the life of the log; refuse when another process holds it."""
+    lock_path = path.with_name(f".{path.name}.lock")  # hidden: ``FILE.*`` globs (verify's arguments) skip it
     fd = open_private(lock_path, os.O_RDWR | os.O_CREAT, key="audit.file")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
