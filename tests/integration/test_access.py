@@ -651,3 +651,35 @@ def test_zz_report_burst_figures() -> None:
     """Prints the burst figures (run with -s) for the issue's closing note."""
     for name, (accepted, refused) in BURST_FIGURES.items():
         print(f"BURST {name}: accepted={accepted} refused={refused}")
+
+
+# --- limiter state and audit records stay bounded whatever callers send (issue 14) --------------------
+
+async def test_megabyte_tool_names_leave_no_limiter_state_and_small_records(tmp_path: Path) -> None:
+    """Before: 60 requests with 1 MiB names made 61 buckets keyed by the raw names (~60 MiB retained)."""
+    from collections import Counter
+
+    from runtime.audit import MAX_RECORD_BYTES
+
+    audit = tmp_path / "audit.jsonl"
+    doc = _doc(f"unix://{tmp_path}/tc.sock", audit={"file": str(audit)}, rate_limits={
+        "per_principal": {"rate": 0.01, "burst": 2}, "per_tool": {"rate": 1, "burst": 5}})
+    async with serving(doc) as app:
+        codes: Counter[str] = Counter()
+        options = [("grpc.max_send_message_length", 8 * 2**20)]
+        async with grpc.aio.insecure_channel(app.address, options=options) as channel:
+            stub = pb_grpc.SupervisorStub(channel)
+            for n in range(60):
+                try:
+                    await stub.Call(pb.ExecuteRequest(tool=f"{n}" + "a." * 2**19, arguments_json="{}"), timeout=20)
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    codes[exc.code().name] += 1
+                    assert len(exc.details() or "") < 1000
+        sizes = app.gate.state_sizes()
+    assert codes["OK"] == 0 and sum(codes.values()) == 60
+    # One caller bucket; at most the two names that got past it (none once the catalogue is wired in).
+    assert sizes["rate_buckets"] <= 3 and sizes["in_flight_tools"] == 0
+    lines = audit.read_bytes().splitlines()
+    assert lines and max(map(len, lines)) <= MAX_RECORD_BYTES
+    assert verify([audit]).ok
