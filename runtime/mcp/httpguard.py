@@ -46,10 +46,20 @@ MAX_MESSAGE_CHARS = 200
 
 
 def quote(value: bytes | str, limit: int = QUOTE_CHARS) -> str:
-    """At most ``limit`` characters of ``value``, escaped (``repr``), marked when cut."""
-    text = value[: limit * 4].decode("latin-1") if isinstance(value, bytes) else value[: limit * 4]
-    cut = len(value) > limit
-    return repr(text[:limit]) + (f"... ({len(value)} bytes)" if cut else "")
+    """At most ``limit`` characters of ``value``, escaped, in quotes; marked with the length when cut."""
+    text = value[:limit].decode("latin-1") if isinstance(value, bytes) else value[:limit]
+    escaped = text.encode("unicode_escape").decode("ascii").replace("'", "\\'")
+    if len(value) <= limit and len(escaped) <= limit:
+        return f"'{escaped}'"
+    return f"'{escaped[:limit]}'... ({len(value)} {'bytes' if isinstance(value, bytes) else 'characters'})"
+
+
+def brief(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message`` whole when short, else its head and tail (a reason may quote a caller's field)."""
+    if len(message) <= limit:
+        return message
+    tail = limit // 2
+    return f"{message[: limit - tail - 5]} ... {message[-tail:]}"
 
 
 def _hostport(host: str, port: int) -> str:
@@ -188,7 +198,7 @@ class BearerGuard:
         try:
             user = await self.authenticate(scope)
         except Unauthenticated as exc:
-            reason = str(exc)[:MAX_MESSAGE_CHARS]  # the verifier may quote a header field (e.g. alg)
+            reason = brief(str(exc))  # the verifier may quote a token's field (e.g. its alg)
             self.refusals.warn("refused an MCP HTTP request from %s: %s", quote(str(scope.get("client"))),
                                quote(reason, MAX_MESSAGE_CHARS))
             challenge = b'Bearer realm="toolcell", error="invalid_token"'
