@@ -19,6 +19,9 @@ One sandbox's life, and the engine round trips it costs::
 Usage (peak memory, CPU time) is sampled from the host's cgroup files while the container runs
 (``cgroup.py``); the cgroup disappears when the container exits, so the last sample is the best-known value.
 A pooled sandbox (``create_warm``) runs the launcher (``launcher.py``) and is claimed by ``start``.
+Under runsc every sandbox runs the tool behind the launcher's relay: gVisor's donated host stdio answers
+a large write(2) with a short count (65,536 of 200,000 bytes) that tools take as complete, so the tool
+writes into pipes inside gVisor that the launcher copies out whole.
 """
 
 from __future__ import annotations
