@@ -195,7 +195,8 @@ class Gate:
             cls = HostOverloaded if overloaded else RateLimited
             raise cls(reason, retry_ms)
 
-        refusal = self.rates.try_acquire(key, tool) or self.concurrency.try_acquire(key, tool)
+        counted_as = self.concurrency.tool_key(tool)  # fixed for the slot's life, whatever a reload changes
+        refusal = self.rates.try_acquire(key, tool) or self.concurrency.try_acquire(key, tool, counted_as)
         if refusal is not None:
             await refuse(refusal.reason, refusal.retry_after_ms)
         try:
@@ -205,7 +206,7 @@ class Gate:
             await self.record(principal, "decision", action="call", tool=tool, decision="allow", trace_id=trace_id)
             yield
         finally:
-            self.concurrency.release(key, tool)
+            self.concurrency.release(key, tool, counted_as)
 
     async def invocation_end(self, principal: Principal | None, tool: str, arguments_json: str, *,
                              result: Result | None = None, status: str = "", profile: str = "",

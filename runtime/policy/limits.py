@@ -179,14 +179,16 @@ class ConcurrencyLimiter:
         self.by_principal: dict[str, int] = {}
         self.by_tool: dict[str, int] = {}
 
-    def _keys(self, principal: str, tool: str) -> tuple[str, str]:
+    def tool_key(self, tool: str) -> str:
+        """The key ``tool`` is counted under now; pass it to ``try_acquire`` and ``release`` so that a
+        reload between the two (a tool added or removed) cannot make them disagree."""
         if self.known_tool is not None and not self.known_tool(tool):
-            return bounded_key(principal), UNKNOWN_TOOL
-        return bounded_key(principal), bounded_key(tool)
+            return UNKNOWN_TOOL
+        return bounded_key(tool)
 
-    def try_acquire(self, principal: str, tool: str) -> Refusal | None:
+    def try_acquire(self, principal: str, tool: str, tool_key: str | None = None) -> Refusal | None:
         s = self.spec
-        who, what = self._keys(principal, tool)
+        who, what = bounded_key(principal), tool_key if tool_key is not None else self.tool_key(tool)
         if s.global_max is not None and self.total >= s.global_max:
             return Refusal(f"too many invocations in flight (limit {s.global_max})", CONCURRENCY_RETRY_S)
         if s.per_principal is not None and self.by_principal.get(who, 0) >= s.per_principal:
@@ -199,10 +201,11 @@ class ConcurrencyLimiter:
         self.by_tool[what] = self.by_tool.get(what, 0) + 1
         return None
 
-    def release(self, principal: str, tool: str) -> None:
+    def release(self, principal: str, tool: str, tool_key: str | None = None) -> None:
         """Undo one ``try_acquire`` that succeeded with the same arguments."""
         self.total -= 1
-        for counts, key in zip((self.by_principal, self.by_tool), self._keys(principal, tool), strict=True):
+        what = tool_key if tool_key is not None else self.tool_key(tool)
+        for counts, key in ((self.by_principal, bounded_key(principal)), (self.by_tool, what)):
             counts[key] -= 1
             if counts[key] <= 0:
                 del counts[key]

@@ -147,3 +147,16 @@ def test_refusal_table_is_lru_bounded_and_keys_bounded() -> None:
     assert all(len(k) <= 104 for k in limiter.peers.buckets)
     assert limiter.check("cert:9" + "c" * 100_000) is not None  # the most recent are kept
     assert limiter.check("cert:0" + "c" * 100_000) is None  # forgotten: starts with a full burst
+
+
+def test_a_reload_between_acquire_and_release_keeps_the_counts_right() -> None:
+    catalogue = {"text.echo"}
+    caps = ConcurrencyLimiter(ConcurrencySpec(per_tool=1), known_tool=catalogue.__contains__)
+    key = caps.tool_key("text.echo")
+    assert caps.try_acquire("a", "text.echo", key) is None
+    catalogue.clear()  # reload: the tool is gone while its call runs
+    assert caps.try_acquire("b", "text.echo", caps.tool_key("text.echo")) is None  # now counted as unknown
+    caps.release("a", "text.echo", key)
+    assert caps.by_tool == {UNKNOWN_TOOL: 1}
+    caps.release("b", "text.echo", UNKNOWN_TOOL)
+    assert caps.total == 0 and caps.by_tool == {} and caps.by_principal == {}
