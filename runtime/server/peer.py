@@ -69,6 +69,7 @@ class _Relay(asyncio.Protocol):
         # Bytes that arrive before the other end exists (pause_reading in connection_made does not hold
         # on every 3.11 patch release); bounded by the first flight of an HTTP/2 client.
         self._early: list[bytes] = []
+        self._early_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -76,18 +77,22 @@ class _Relay(asyncio.Protocol):
 
     def link(self, other: _Relay) -> None:
         self.other = other
-        early, self._early = self._early, []
+        early, self._early, self._early_bytes = self._early, [], 0
         for data in early:
-            self.data_received(data)
+            self._forward(data)  # already counted against the preface when it arrived
 
     def data_received(self, data: bytes) -> None:
         if self.preface_due > 0:
             self.preface_due -= len(data)
             if self.preface_due <= 0 and self.on_preface is not None:
                 self.on_preface(self)
+        self._forward(data)
+
+    def _forward(self, data: bytes) -> None:
         if self.other is None:
             self._early.append(data)
-            if sum(map(len, self._early)) > _EARLY_MAX and self.transport is not None:
+            self._early_bytes += len(data)  # a running count: many small pieces cost linear time
+            if self._early_bytes > _EARLY_MAX and self.transport is not None:
                 self.transport.close()
             return
         if self.other.transport is not None:

@@ -157,3 +157,15 @@ async def test_a_connection_that_does_not_send_the_preface_in_time_is_closed(
         assert await _closed_within(reader, 1.5) is closed
         assert fwd.refused["handshake"] == (1 if closed else 0)
         writer.close()
+
+
+def test_bytes_held_before_the_link_count_once_toward_the_preface() -> None:
+    prefaced: list[_Relay] = []
+    relay, sink = _Relay(), _Relay()
+    sink.transport = _Recorder()
+    relay.preface_due, relay.on_preface = PREFACE_LEN, prefaced.append
+    relay.data_received(PREFACE[:12])
+    relay.link(sink)  # the held 12 bytes are forwarded, not counted again
+    assert prefaced == [] and relay.preface_due == PREFACE_LEN - 12
+    relay.data_received(PREFACE[12:])
+    assert prefaced == [relay] and sink.transport.written == [PREFACE[:12], PREFACE[12:]]
