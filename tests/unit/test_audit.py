@@ -62,6 +62,7 @@ async def test_rotation_keeps_the_chain_across_files(tmp_path: Path) -> None:
     # The live file alone verifies from where it starts, marked as not anchored at the genesis record.
     alone = verify([path])
     assert alone.ok and not alone.anchored
+    assert "absent and not recorded as pruned" in alone.describe()  # not "intact from the first record"
     # Files out of order are detected.
     assert not verify([rotated[1], rotated[0], *rotated[2:], path]).ok
     # Dropping a middle file is detected.

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from runtime.access_settings import SecuritySettings
+from runtime.access_settings import SecuritySettings, parse_security
 from runtime.audit import MAX_RECORD_BYTES, AuditLog, verify
 from runtime.errors import (
+    ConfigError,
     InvalidArguments,
     InvocationNotFound,
     PermissionDenied,
@@ -169,3 +170,23 @@ async def test_sweep_end_records_a_crashed_supervisors_invocation(setup: Any) ->
     assert (record["ending"], record["status"], record["owner_instance"], record["sandbox_id"]) == (
         "swept", "swept", "old-instance", "abc123")
     assert record["principal"] == {"id": "unknown"}
+
+
+@pytest.mark.parametrize(("rate_limits", "expected"), [
+    ({}, BucketSpec(rate=5.0, burst=20)),  # the safe default
+    ({"refusals_per_peer": {"rate": 1, "burst": 3}}, BucketSpec(rate=1.0, burst=3)),
+    ({"refusals_per_peer": {"burst": 50}}, BucketSpec(rate=5.0, burst=50)),
+    ({"refusals_per_peer": "off"}, None),
+    ({"refusals_per_peer": False}, None),
+    ({"refusals_per_peer": "sometimes"}, ConfigError),
+    ({"refusals_per_peer": {"rate": 0}}, ConfigError),
+])
+def test_refusal_budget_setting(tmp_path: Path, rate_limits: dict[str, Any], expected: Any) -> None:
+    doc = {"rate_limits": rate_limits, "audit": {"file": "audit.jsonl", "protect": "90m"}}
+    if expected is ConfigError:
+        with pytest.raises(ConfigError, match=r"rate_limits\.refusals_per_peer"):
+            parse_security(doc, listen=f"unix://{tmp_path}/s.sock", base_dir=tmp_path, runtime_dir=str(tmp_path))
+        return
+    settings = parse_security(doc, listen=f"unix://{tmp_path}/s.sock", base_dir=tmp_path, runtime_dir=str(tmp_path))
+    assert settings.refusals_per_peer == expected
+    assert settings.audit is not None and settings.audit.protect_s == 5400.0
