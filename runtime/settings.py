@@ -25,7 +25,7 @@ from runtime.errors import ConfigError
 from runtime.model import SecretGrant, Tool
 from runtime.policy.arguments import ArgumentLimits, compile_schema
 from runtime.policy.network import EgressSettings, GrantError, candidate_subnets, parse_grant
-from runtime.policy.plan import unpoolable_secret_dir
+from runtime.policy.plan import min_pids, unpoolable_secret_dir
 from runtime.policy.profile import IsolationProfile, Mount, OutputPolicy
 from runtime.policy.seccomp import SeccompProfile, load_seccomp
 from runtime.safepath import UnsafePath, trusted_socket
@@ -120,7 +120,7 @@ def runtime_dir() -> Path:
         return Path(xdg) / "toolcell"
     if os.geteuid() == 0:
         return Path("/run/toolcell")
-    return Path(f"/tmp/toolcell-{os.geteuid()}")  # noqa: S108 # nosec B108 - per-user dir, created 0700
+    return Path(f"/tmp/toolcell-{os.geteuid()}")  # noqa: S108 # nosec B108 - safepath checks it before use
 
 
 def _pool_channel_dir(engine: Mapping[str, Any]) -> str | None:
@@ -277,6 +277,9 @@ def _build_profile(name: str, raw: Mapping[str, Any], base: IsolationProfile, ba
         p = dataclasses.replace(p, **changes)
     if p.memory_bytes < 6 * 1024 * 1024:
         raise ConfigError("must be at least 6Mi (the engine's minimum)", key=f"{key}.memory")
+    if p.pids_limit < min_pids(p.runtime):
+        raise ConfigError(f"must be at least {min_pids(p.runtime)} under {p.runtime} (the sandbox's init and the "
+                          "launcher count too; with fewer the tool never starts)", key=f"{key}.pids")
     return p
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import posixpath
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from runtime.errors import ConfigError
 from runtime.model import SecretGrant, Tool
@@ -77,6 +78,17 @@ class ContainerPlan:
     # RLIMIT_NPROC (soft = hard) for the sandbox's processes; 0: not set (runc, where it would count the
     # uid's processes host-wide; its pids cgroup is per sandbox).
     nproc: int = 0
+
+
+# Tasks of ours in every sandbox, counted by its pids limit: the engine's init and the launcher (pooled
+# sandboxes; under runsc every sandbox), and under runsc the launcher's relay thread.
+OWN_TASKS: Final = {"runc": 2, "runsc": 3}
+
+
+def min_pids(runtime: str) -> int:
+    """The smallest ``pids`` with which a one-process tool can run on ``runtime`` (measured: with fewer,
+    the init's or the launcher's fork fails and the tool never starts)."""
+    return OWN_TASKS.get(runtime, 2) + 1
 
 
 def sandbox_pids(runtime: str, pids: int) -> tuple[int, int]:
