@@ -141,7 +141,8 @@ async def test_a_refusal_flood_from_one_uid_is_limited_while_the_owner_is_served
     with _shared_dir() as d:
         doc = config_doc(_owner(), str(d / "toolcell.sock"))
         doc["server"]["socket_mode"] = "0666"  # the default policy still lets only the owner's uid call
-        doc["audit"] = {"file": str(audit)}
+        # Tiny files, keep 1: only audit.protect (default 24h) stands between the flood and the owner's records.
+        doc["audit"] = {"file": str(audit), "max_bytes": "8Ki", "keep": 1}
         config = parse_config(doc, environ={}, base_dir=tmp_path)
         async with serving(config) as (app, client):
             proc = await asyncio.create_subprocess_exec(
@@ -168,10 +169,12 @@ async def test_a_refusal_flood_from_one_uid_is_limited_while_the_owner_is_served
     ends = {r["invocation_id"] for r in records if r["event"] == "invocation_end" and r.get("status") == "ok"}
     assert ends >= set(mine) and len(mine) == 7
     assert sizes["refusal_peers"] <= 2 and sizes["rate_buckets"] <= 10
-    assert verify([audit]).ok
+    files = [*rotated_files(audit), audit]
+    verdict = verify(files)
+    assert verdict.ok and verdict.anchored, verdict.describe()  # rotated, nothing deleted
     print(f"\nFIGURES refusal-flood: sent={flood} in {elapsed:.2f}s codes={codes} deny_records={len(theirs)} "
           f"summaries={[s['count'] for s in summaries]} owner_ok={len(mine)}/7 limiter_state={sizes} "
-          f"audit_bytes={audit.stat().st_size}")
+          f"audit_files={len(files)} audit_bytes={sum(f.stat().st_size for f in files)}")
 
 
 async def test_two_supervisors_on_one_audit_file_the_second_refuses_to_start(tmp_path: Path) -> None:
