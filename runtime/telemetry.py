@@ -92,15 +92,22 @@ class RedactingFilter(logging.Filter):
         self._redactor = redactor
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # Redaction reads at most a bounded prefix of each part (the formatter keeps less still): a cut
+        # through a secret falls beyond what is printed unless the secret is longer than the margin.
         message = record.getMessage()
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         redactor = self._redactor()
-        clean, counts = redactor.redact(message)
-        if counts:
+        cut = len(message) > MESSAGE_MAX_CHARS + _REDACT_MARGIN
+        clean, counts = redactor.redact(message[:MESSAGE_MAX_CHARS + _REDACT_MARGIN] if cut else message)
+        if counts or cut:
             record.msg, record.args = clean, ()
         if record.exc_text:
-            record.exc_text = redactor.redact(record.exc_text)[0]
+            record.exc_text = redactor.redact(record.exc_text[:EXCEPTION_MAX_CHARS + _REDACT_MARGIN])[0]
+        for name in LOG_FIELDS:
+            value = record.__dict__.get(name)
+            if isinstance(value, str):
+                record.__dict__[name] = redactor.redact(value[:FIELD_MAX_CHARS + _REDACT_MARGIN])[0]
         return True
 
 
@@ -140,6 +147,7 @@ LOG_FIELDS = ("tool", "invocation_id", "status", "exit_code", "duration_ms", "co
 FIELD_MAX_CHARS = 256
 MESSAGE_MAX_CHARS = 2048
 EXCEPTION_MAX_CHARS = 16384
+_REDACT_MARGIN = 65536  # redaction sees this much more than is printed, so no secret is cut before it
 # C0 controls (but tab), DEL and C1 controls, shown as escapes in text lines (a newline would forge a line).
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x09), *range(0x0a, 0x20), *range(0x7f, 0xa0))}
 

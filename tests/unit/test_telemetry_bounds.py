@@ -22,6 +22,7 @@ from runtime.telemetry import (
     SPAN_LIMITS,
     JsonFormatter,
     JsonLinesSpanExporter,
+    RedactingFilter,
     TextFormatter,
     setup_tracing,
 )
@@ -40,7 +41,8 @@ def test_span_attributes_events_and_links_are_cut_at_the_limits_at_the_full_cap(
         span.set_attribute("toolcell.tool", "a." * (MIB // 2))  # 1 MiB, a caller's string
         for i in range(1000):
             span.set_attribute(f"k{i}", "v")
-            span.add_event("e", {f"a{j}": "x" * 1000 for j in range(40)})
+            if i < 100:
+                span.add_event("e", {f"a{j}": "x" * 300 for j in range(20)})
     with tracer.start_as_current_span("quiet") as quiet:  # the same probe under the limits: kept whole
         quiet.set_attribute("toolcell.tool", "text.wordcount")
         quiet.add_event("e", {"a": "x" * 200})
@@ -164,6 +166,29 @@ def test_json_log_lines_cap_every_field_and_are_one_ascii_line(message: str, ext
     if len(message) > MESSAGE_MAX_CHARS:
         assert doc["message"].startswith(message[:100]) and doc["message"].endswith(" more characters]")
     assert len(line) < 6 * (MESSAGE_MAX_CHARS + EXCEPTION_MAX_CHARS + 4 * FIELD_MAX_CHARS) + 1000
+
+
+SECRET = "sekret-value-123"
+
+
+# (case, message, extra fields): a held secret in each part, in a short and in a 1 MiB record
+SECRET_PLACES = [
+    ("in a short message", f"token {SECRET} seen", {}),
+    ("at the start of 1 MiB", SECRET + "a." * (MIB // 2), {}),
+    ("in an extra field", "failed", {"error": f"upstream said {SECRET}"}),
+    ("in a 1 MiB extra field", "failed", {"reason": SECRET + "\n" * MIB}),
+]
+
+
+@pytest.mark.parametrize(("message", "extra"), [c[1:] for c in SECRET_PLACES], ids=[c[0] for c in SECRET_PLACES])
+def test_redaction_covers_every_printed_part_and_reads_a_bounded_prefix(message: str, extra: dict[str, Any]) -> None:
+    from runtime.policy.scrub import Redactor
+
+    record = _record(message, **extra)
+    assert RedactingFilter(lambda: Redactor({"s": SECRET})).filter(record)
+    line = JsonFormatter().format(record)
+    assert SECRET not in line and len(line) < 4 * MESSAGE_MAX_CHARS
+    assert len(record.getMessage()) <= MESSAGE_MAX_CHARS + 65536 + 100  # what the redactor read
 
 
 def test_a_short_log_line_is_kept_whole() -> None:
