@@ -11,9 +11,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from runtime import metrics
 from runtime.api.v1 import supervisor_pb2 as pb
 from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
 from runtime.audit import AuditLog
+from runtime.backends.base import Removed
 from runtime.gate import Gate, Sampler
 from runtime.hostload import HostSampler
 from runtime.server.healthcheck import HealthMonitor
@@ -43,7 +45,7 @@ class App:
         self.transport = Transport(security, cfg.listen, cfg.socket_mode)
         self.audit = AuditLog(security.audit.file, max_bytes=security.audit.max_bytes, keep=security.audit.keep) \
             if security.audit is not None else None
-        self.gate = Gate(security, audit=self.audit,
+        self.gate = Gate(security, audit=self.audit, known_tool=supervisor.known_tool,
                          sampler=sampler or (HostSampler() if security.admission.enabled else None))
         verifier = JwtVerifier(security.jwt) if security.jwt is not None else None
         self.authenticator = Authenticator(security.policy, verifier, self.transport.peers)
@@ -57,6 +59,14 @@ class App:
         self.monitor = HealthMonitor(supervisor, self._set_health)
         self.address = ""
 
+    async def _record_swept(self, removed: list[Removed]) -> None:
+        """A previous run crashed mid-call: each of its calls ends on record now, as ``swept``."""
+        instance = self.supervisor.config.server.instance
+        for sandbox in removed:
+            tool = sandbox.tool if self.supervisor.known_tool(sandbox.tool) else "unknown"
+            metrics.record_end(tool, "swept", "swept", 0.0, {})
+            await self.gate.sweep_end(sandbox.invocation_id, sandbox.tool, instance, sandbox_id=sandbox.sandbox_id)
+
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
@@ -65,6 +75,7 @@ class App:
     async def start(self) -> str:
         """Sweep leftovers, bind, start serving; returns the bound address."""
         self.supervisor.on_ready = self.monitor.check_now  # engine.wait_at_start: SERVING at once
+        self.supervisor.on_swept = self._record_swept
         await self.supervisor.start()
         self.transport.bind(self.server)
         self.authenticator.peers = self.transport.peers
@@ -97,6 +108,7 @@ class App:
             await self.supervisor.backend.close()
         await self.transport.close()
         await self.service.flush()  # end records of calls cut off by the shutdown
+        await self.gate.flush_refusals()
         if self.audit is not None:
             self.audit.close()
 

@@ -6,8 +6,9 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 import grpc
 from opentelemetry import context as otel_context
@@ -22,7 +23,9 @@ from runtime.gate import Gate
 from runtime.model import Event, Result, Started
 from runtime.pipeline import Emit, describe
 from runtime.policy.access import Principal
+from runtime.policy.requests import check_cancel, check_request
 from runtime.policy.scrub import Redactor
+from runtime.quoting import quote
 from runtime.server.convert import event_to_pb, request_from_pb, result_to_pb, tool_to_pb
 from runtime.server.identity import Authenticator
 from runtime.server.status import RETRY_AFTER_KEY, status_for
@@ -56,7 +59,7 @@ async def _abort(context: grpc.aio.ServicerContext, span: trace.Span, exc: Toolc
     metrics.record_rejection(exc)
     span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
     span.set_attribute("rpc.grpc.status_code", code.value[0])
-    log.info("%.160s rejected: %s (%s)", what, code.name, describe(exc, redactor),
+    log.info("%s rejected: %s (%s)", what, code.name, describe(exc, redactor),
              extra={"code": code.name, "error": type(exc).__name__})
     if isinstance(exc, ResourceExhausted):
         context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
@@ -68,22 +71,45 @@ def _trace_id(span: trace.Span) -> str:
 
 
 class SupervisorService(pb_grpc.SupervisorServicer):
+    """Every RPC passes the same screen first (``_screen``), cheapest check first:
+
+        peer's refusal budget -> caller strings bounded and well-formed -> authenticate -> (the RPC)
+
+    A refusal anywhere is charged to the peer (``Gate.refused``), so refusals cost the caller, not
+    the supervisor: a peer over its budget is turned away before its request is even looked at.
+    """
+
     def __init__(self, supervisor: Supervisor, gate: Gate, authenticator: Authenticator) -> None:
         self.supervisor = supervisor
         self.gate = gate
         self.auth = authenticator
         self._ends: set[asyncio.Future[None]] = set()
 
-    async def _principal(self, context: grpc.aio.ServicerContext, span: trace.Span, action: str,
-                         tool: str = "") -> Principal:
+    async def _refuse(self, context: grpc.aio.ServicerContext, span: trace.Span, peer: str, exc: ToolcellError,
+                      what: str) -> NoReturn:
+        self.gate.refused(peer, exc)
+        await _abort(context, span, exc, what, self.supervisor.redactor)
+        raise exc  # unreachable: abort raises
+
+    async def _screen(self, context: grpc.aio.ServicerContext, span: trace.Span, action: str,
+                      check: Callable[[], object], tool: str = "") -> tuple[str, Principal]:
+        """Refusal budget, edge checks, authentication; returns (peer, principal) or aborts the RPC."""
+        peer = self.auth.peer_key(context)
         try:
-            return await self.auth.principal(context)
+            await self.gate.check_peer(peer)
         except ToolcellError as exc:
-            await self.gate.record(None, "decision", action=action, tool=tool, decision="deny",
-                                   status="UNAUTHENTICATED", reason=str(exc), peer=context.peer(),
-                                   trace_id=_trace_id(span))
             await _abort(context, span, exc, action, self.supervisor.redactor)
             raise  # unreachable: abort raises
+        try:
+            check()
+        except ToolcellError as exc:
+            await self._refuse(context, span, peer, exc, action)
+        try:
+            return peer, await self.auth.principal(context)
+        except ToolcellError as exc:
+            await self.gate.record(None, "decision", action=action, tool=tool, decision="deny",
+                                   status="UNAUTHENTICATED", reason=str(exc), peer=peer, trace_id=_trace_id(span))
+            await self._refuse(context, span, peer, exc, action)
 
     async def Execute(self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext) -> None:
         async def emit(event: Event) -> None:
@@ -104,7 +130,7 @@ class SupervisorService(pb_grpc.SupervisorServicer):
 
     async def _invoke(self, method: str, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext,
                       span: trace.Span, emit: Emit) -> Result | None:
-        """Authenticate, authorize, admit, run, account. None: the call was refused (the RPC is aborted).
+        """Screen, authorize, admit, run, account. None: the call was refused (the RPC is aborted).
 
         Once an invocation has its id, whatever ends it (result, error, cancel, disconnect, deadline,
         shutdown, internal error) is accounted for once, in the ``finally`` below: audit record, metric,
@@ -112,6 +138,10 @@ class SupervisorService(pb_grpc.SupervisorServicer):
         """
         remaining = context.time_remaining()
         deadline_s = time.monotonic() + remaining if remaining is not None else None
+        call = request_from_pb(request, deadline_s)
+        peer, principal = await self._screen(
+            context, span, "call", lambda: check_request(call, self.supervisor.config.limits), request.tool)
+        # From here on the caller's strings are bounded and of a small character set.
         ending: Ending | None = None
 
         async def emit_and_note(event: Event) -> None:
@@ -119,13 +149,12 @@ class SupervisorService(pb_grpc.SupervisorServicer):
                 ending.profile = event.profile
             await emit(event)
 
-        principal = await self._principal(context, span, "call", request.tool)
         try:
-            await self.gate.authorize(principal, "call", request.tool, _trace_id(span))
-            async with self.gate.admit(principal, request.tool, _trace_id(span)):
-                call = request_from_pb(request, deadline_s)
+            await self.gate.authorize(principal, "call", call.tool, _trace_id(span))
+            async with self.gate.admit(principal, call.tool, _trace_id(span)):
                 call = dataclasses.replace(call, invocation_id=call.invocation_id or new_invocation_id())
-                ending = Ending(call.invocation_id, request.tool, self.supervisor.known_tool(request.tool))
+                ending = Ending(call.invocation_id, call.tool, self.supervisor.known_tool(call.tool))
+                span.set_attribute("toolcell.invocation_id", call.invocation_id)
                 try:
                     ending.result = await self.supervisor.execute(call, emit_and_note, owner=principal.id)
                 except ToolcellError as exc:
@@ -139,10 +168,10 @@ class SupervisorService(pb_grpc.SupervisorServicer):
                     log.exception("%s: internal error", method, extra={"invocation_id": ending.invocation_id})
                     raise ToolcellError(f"internal error (trace id {_trace_id(span)})") from exc
                 finally:
-                    await self._end(ending, principal, context, span, request.arguments_json)
+                    await self._end(ending, principal, context, span, call.arguments_json)
         except ToolcellError as exc:
-            await _abort(context, span, exc, f"{method} {request.tool[:64]!r}", self.supervisor.redactor)
-            return None
+            await self._refuse(context, span, peer, exc, f"{method} {quote(call.tool)}")
+        assert ending is not None  # nosec B101 - every other path raised
         return ending.result
 
     async def _end(self, ending: Ending, principal: Principal, context: grpc.aio.ServicerContext,
@@ -162,7 +191,8 @@ class SupervisorService(pb_grpc.SupervisorServicer):
         # On disk before the caller sees the result; shielded: a cancelled call still leaves its record.
         record = asyncio.ensure_future(self.gate.invocation_end(
             principal, ending.tool, arguments_json, result=ending.result, status=ending.status,
-            profile=ending.profile, duration_ms=int(ending.duration_s * 1000), trace_id=_trace_id(span)))
+            profile=ending.profile, duration_ms=int(ending.duration_s * 1000), trace_id=_trace_id(span),
+            invocation_id=ending.invocation_id, ending=ending.kind))
         self._ends.add(record)
         record.add_done_callback(self._ends.discard)
         await asyncio.shield(record)  # cancelled again meanwhile: the record is still written (``flush``)
@@ -175,19 +205,18 @@ class SupervisorService(pb_grpc.SupervisorServicer):
     async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext
                         ) -> pb.ListToolsResponse:
         with caller_trace(context, "toolcell.v1.Supervisor/ListTools") as span:
-            principal = await self._principal(context, span, "list")
+            peer, principal = await self._screen(context, span, "list", lambda: None)
             tools = {t.name: t for t in self.supervisor.list_tools()}
             try:
                 shown = await self.gate.visible(principal, tools)
             except ToolcellError as exc:
-                await _abort(context, span, exc, "ListTools", self.supervisor.redactor)
-                raise
+                await self._refuse(context, span, peer, exc, "ListTools")
             return pb.ListToolsResponse(tools=[tool_to_pb(tools[name]) for name in shown])
 
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
                      ) -> pb.CancelResponse:
         with caller_trace(context, "toolcell.v1.Supervisor/Cancel") as span:
-            principal = await self._principal(context, span, "cancel")
+            peer, principal = await self._screen(context, span, "cancel", lambda: check_cancel(request.invocation_id))
             try:
                 try:
                     await self.supervisor.cancel(request.invocation_id, owner=principal.id)
@@ -196,5 +225,5 @@ class SupervisorService(pb_grpc.SupervisorServicer):
                     raise
                 await self.gate.cancel_decision(principal, request.invocation_id, allowed=True)
             except ToolcellError as exc:
-                await _abort(context, span, exc, "Cancel", self.supervisor.redactor)
+                await self._refuse(context, span, peer, exc, "Cancel")
             return pb.CancelResponse(cancelled=True)
