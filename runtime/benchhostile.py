@@ -172,8 +172,12 @@ class StallProbe:
         return w
 
     async def close(self, w: Window) -> Window:
-        """Stop recording into ``w`` after the probe's next wake-up (which reports a stall just ended)."""
-        await asyncio.sleep(2 * self.period_s)
+        """Stop recording into ``w`` once the supervisor's loop is free again and the probe woke up after it.
+
+        A round trip through that loop: a request the bench gave up on (deadline) may still hold it, and that
+        stall is the request's, not the next one's.
+        """
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(asyncio.sleep(2 * self.period_s), self.loop))
         self._windows.remove(w)
         return w
 
@@ -234,6 +238,9 @@ async def climb(full: int, ladder: Ladder, probe: StallProbe, deadline: float,
         await probe.close(window)
         record.rungs.append({"bytes": size, "stall_ms": window.max_s * 1000, "loop_cpu_ms": window.max_cpu_s * 1000,
                              "seconds": elapsed, "outcome": outcome})
+        if outcome == "DEADLINE_EXCEEDED" and i + 1 < len(rungs):
+            record.stopped = f"the bench gave up on {size} bytes (deadline)"
+            break
         if i + 1 < len(rungs) and not ladder.climb(size, rungs[i + 1], window.max_s):
             record.stopped = (f"a {window.max_s * 1000:.0f} ms stall at {size} bytes predicts over "
                               f"{ladder.budget_s:g} s at {rungs[i + 1]}")

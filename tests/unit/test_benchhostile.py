@@ -95,3 +95,27 @@ def test_climb_measures_each_rungs_stall_on_the_loop_and_stops_over_budget(
     for rung in record.rungs:
         # The probe saw the block whole (less the part of its 5 ms sleep that had passed when it began).
         assert rung["stall_ms"] >= (stall_at.get(rung["bytes"], 0.0) - 0.005) * 1000
+
+
+@pytest.mark.parametrize(("hold_s", "minimum_ms"), [(0.0, 0.0), (0.5, 495.0)])
+def test_a_stall_that_outlasts_its_request_is_that_requests(hold_s: float, minimum_ms: float) -> None:
+    """The bench gave up on a request (deadline) while the loop still holds: the rung waits for the loop."""
+    async def run() -> AttackRecord:
+        loop = asyncio.get_running_loop()
+        probe = StallProbe(loop)
+        await probe._spawn()
+
+        async def one(size: int) -> str:
+            if hold_s:
+                loop.call_later(0.01, time.sleep, hold_s)  # begins after the request returned
+            return "DEADLINE_EXCEEDED"
+
+        try:
+            return await climb(1024, Ladder((), 1000.0), probe, time.monotonic() + 60, one)
+        finally:
+            probe.stop()
+
+    record = asyncio.run(run())
+    assert record.rungs[0]["stall_ms"] >= minimum_ms
+    if not hold_s:  # the same probe with nothing holding the loop: no such stall (a busy machine's are shorter)
+        assert record.rungs[0]["stall_ms"] < 495.0
