@@ -466,7 +466,8 @@ class Bench:
                 return
             await asyncio.sleep(0.02)
 
-    async def _hostile_call(self, tool: str, args: str, timeout: float) -> str:
+    async def _call_status(self, tool: str, args: str, timeout: float) -> str:
+        """One call that may fail: its result's status, or the error's code (never retried)."""
         try:
             return (await self._client.call(tool, args, timeout=timeout, idempotent=False)).status.value
         except ClientError as exc:
@@ -485,7 +486,7 @@ class Bench:
             while not finished.is_set():
                 await self._pool_settled(2.0)
                 t0 = time.perf_counter()
-                outcome = await self._hostile_call("bench.warm", TRIVIAL_ARGS, 30.0)
+                outcome = await self._call_status("bench.warm", TRIVIAL_ARGS, 30.0)
                 warm.append(time.perf_counter() - t0)
                 if outcome != Status.OK.value:
                     failures[outcome] = failures.get(outcome, 0) + 1
@@ -545,7 +546,7 @@ class Bench:
 
             async def attack() -> Any:
                 return await benchhostile.run_attacks(
-                    self._hostile_call, self.server.address, probe, tool_ladder, caller_ladder,
+                    self._call_status, self.server.address, probe, tool_ladder, caller_ladder,
                     plan.tool_attacks, deadline, self._tick)
 
             attacked, records = await self._phase(probe, attack)
