@@ -96,8 +96,9 @@ async def test_three_fat_anonymous_requests_keep_every_real_record(tmp_path: Pat
     records = _records(audit)
     ends = {r["invocation_id"] for r in records if r["event"] == "invocation_end" and r.get("status") == "ok"}
     assert ends >= set(ids) and len(ids) == 6  # every real record kept
+    # Each attack costs at most one (bounded) record: a denial, or none when the edge refused it unread.
     refusals = [r for r in records if r.get("decision") == "deny" or r.get("status") == "UNAUTHENTICATED"]
-    assert len(refusals) >= 3
+    assert len(refusals) <= 3
     longest = _longest_line(audit)
     assert longest <= MAX_RECORD_BYTES
     verdict = verify([*rotated_files(audit), audit])
