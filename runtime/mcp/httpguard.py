@@ -37,7 +37,6 @@ from runtime.server.tokens import JwtVerifier
 log = logging.getLogger("toolcell.mcp")
 
 LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]")
-WILDCARD_HOSTS = ("0.0.0.0", "::")  # noqa: S104 # nosec B104 - names, compared, never bound here
 MAX_HOST_BYTES = 300  # a DNS name (253) plus a port, with room for brackets
 MAX_ORIGIN_BYTES = 320
 MAX_AUTHORIZATION_BYTES = 8192  # a JWT with generous claims; the HTTP server caps all headers at 16 KiB
