@@ -1,18 +1,30 @@
-"""Output accounting and scrubbing for one invocation: byte caps, UTF-8, redaction. Pure.
+"""Output accounting and scrubbing for one invocation: byte caps, UTF-8, redaction, a CPU budget. Pure.
 
 Per stream: raw bytes -> ``StreamBuffer`` (cap, count, decode as valid UTF-8) -> ``StreamScrubber``
-(escapes/controls removed, secrets redacted, chunk boundaries handled) -> what the caller sees.
-Only scrubbed text is kept; what a tool printed in the clear never leaves this module.
+(escapes/controls/invisible characters removed, NFKC, secrets redacted, chunk boundaries handled) ->
+what the caller sees. Only scrubbed text is kept; what a tool printed in the clear never leaves this
+module.
+
+The work is CPU-bound and linear, and meant to run off the event loop (``asyncio.to_thread``), one
+call at a time per stream; a lock makes the two streams of one invocation safe to feed from different
+threads. ``ScrubBudget`` caps the CPU seconds scrubbing one invocation may take: once spent, nothing
+more is released (what is held, unscrubbed, is dropped and counted) and ``Collected.budget_exceeded``
+says so.
 """
 
 from __future__ import annotations
 
 import codecs
+import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from runtime.policy.scrub import Redactor, StreamScrubber
+from runtime.policy.scrub import Redactor, StreamScrubber, detect_injection
+
+DEFAULT_SCRUB_BUDGET_S = 2.0
 
 StreamName = Literal["stdout", "stderr"]
 
@@ -77,24 +89,55 @@ class StreamBuffer:
 
 
 @dataclass
+class ScrubBudget:
+    """CPU seconds (of the feeding thread) both streams of one invocation may spend scrubbing."""
+
+    limit_s: float = DEFAULT_SCRUB_BUDGET_S
+    used_s: float = 0.0
+    exceeded: bool = False
+    # Output not released because the budget ran out: bytes fed afterwards plus the UTF-8 size of what
+    # was held (unscrubbed) at that moment.
+    dropped_bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+
+@dataclass
 class ScrubbedStream:
-    """One stream: capped, decoded, scrubbed; keeps only the scrubbed text."""
+    """One stream: capped, decoded, scrubbed within the budget; keeps only the scrubbed text."""
 
     buffer: StreamBuffer
     scrubber: StreamScrubber
+    budget: ScrubBudget = field(default_factory=ScrubBudget)
     _parts: list[str] = field(default_factory=list)
 
     def feed(self, data: bytes) -> str:
-        text = self.buffer.feed(data)
-        out = self.scrubber.feed(text) if text else ""
-        if out:
-            self._parts.append(out)
-        return out
+        """Scrubbed text newly releasable after ``data`` (may be empty)."""
+        with self.budget.lock:
+            if self.budget.exceeded:
+                self.buffer.feed(data)  # still counted (seen, truncated), never scrubbed
+                self.budget.dropped_bytes += len(data)
+                return ""
+            return self._charged(lambda: self.scrubber.feed(self.buffer.feed(data)))
 
     def finish(self) -> str:
-        out = self.scrubber.feed(self.buffer.finish()) + self.scrubber.finish()
+        """Everything still held, scrubbed (nothing when the budget is spent)."""
+        with self.budget.lock:
+            if self.budget.exceeded:
+                self.buffer.finish()
+                return ""
+            return self._charged(lambda: self.scrubber.feed(self.buffer.finish()) + self.scrubber.finish())
+
+    def _charged(self, work: Callable[[], str]) -> str:
+        started = time.thread_time()
+        out = work()
+        budget = self.budget
+        budget.used_s += time.thread_time() - started
         if out:
-            self._parts.append(out)
+            self._parts.append(out)  # scrubbed whole: releasable even if this call used up the budget
+        if budget.used_s > budget.limit_s and not budget.exceeded:
+            budget.exceeded = True
+        if budget.exceeded:
+            budget.dropped_bytes += self.scrubber.discard()
         return out
 
     @property
@@ -104,25 +147,37 @@ class ScrubbedStream:
 
 @dataclass
 class Collected:
-    """Both streams of one invocation."""
+    """Both streams of one invocation, sharing the byte cap and the scrubbing budget."""
 
     stdout: ScrubbedStream
     stderr: ScrubbedStream
 
     @classmethod
-    def create(cls, stdout_cap: int, stderr_cap: int, total_cap: int, redactor: Redactor) -> Collected:
-        budget = Budget(total_cap)
+    def create(cls, stdout_cap: int, stderr_cap: int, total_cap: int, redactor: Redactor,
+               scrub_budget_s: float = DEFAULT_SCRUB_BUDGET_S) -> Collected:
+        budget, scrub_budget = Budget(total_cap), ScrubBudget(scrub_budget_s)
         return cls(
-            stdout=ScrubbedStream(StreamBuffer(stdout_cap, budget, keep_text=False), StreamScrubber(redactor)),
-            stderr=ScrubbedStream(StreamBuffer(stderr_cap, budget, keep_text=False), StreamScrubber(redactor)),
+            stdout=ScrubbedStream(StreamBuffer(stdout_cap, budget, keep_text=False), StreamScrubber(redactor),
+                                  scrub_budget),
+            stderr=ScrubbedStream(StreamBuffer(stderr_cap, budget, keep_text=False), StreamScrubber(redactor),
+                                  scrub_budget),
         )
 
     def stream(self, name: StreamName) -> ScrubbedStream:
         return self.stdout if name == "stdout" else self.stderr
 
     @property
+    def budget(self) -> ScrubBudget:
+        return self.stdout.budget
+
+    @property
+    def budget_exceeded(self) -> bool:
+        """Scrubbing ran out of CPU budget: the output is incomplete (say "output withheld")."""
+        return self.budget.exceeded
+
+    @property
     def truncated(self) -> bool:
-        return self.stdout.buffer.truncated or self.stderr.buffer.truncated
+        return self.stdout.buffer.truncated or self.stderr.buffer.truncated or self.budget.exceeded
 
     @property
     def redactions(self) -> Counter[str]:
@@ -131,3 +186,9 @@ class Collected:
     @property
     def sanitized(self) -> Counter[str]:
         return self.stdout.scrubber.sanitized + self.stderr.scrubber.sanitized
+
+
+def inspect_output(stdout: str, stderr: str) -> Counter[str]:
+    """Prompt-injection markers in both (scrubbed) streams, by kind. Linear in the text (RE2, counts
+    capped per kind); CPU-bound: call it off the event loop."""
+    return detect_injection(stdout) + detect_injection(stderr)

@@ -558,13 +558,9 @@ class StreamScrubber:
         self.redactions.update(redactions)
         return out
 
-    def held_chars(self) -> int:
-        """Characters taken in but not yet released (dropped, uncounted elsewhere, if never finished)."""
-        return len(self._raw) + len(self._unnormalized) + len(self._pending)
-
     def discard(self) -> int:
-        """Drop everything held without releasing it; returns how many characters that was."""
-        n = self.held_chars()
+        """Drop everything held (unscrubbed) without releasing it; returns its UTF-8 size in bytes."""
+        n = sum(len(part.encode("utf-8", "replace")) for part in (self._raw, self._unnormalized, self._pending))
         self._raw = self._unnormalized = self._pending = ""
         return n
 
