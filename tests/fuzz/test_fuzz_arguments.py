@@ -77,7 +77,7 @@ def parse_or_refuse(text: str) -> None:
     assert time.monotonic() - started < CALL_BOUND_S
 
 
-@fuzz_settings(300)
+@fuzz_settings(200)
 @given(argument_texts)
 @example('{"a": "\\ud800"}')
 @example('{"\\udc00": 1}')
@@ -88,7 +88,7 @@ def test_parser_returns_a_value_or_refuses(text: str) -> None:
     parse_or_refuse(text)
 
 
-@fuzz_settings(200)
+@fuzz_settings(100)
 @given(st.sampled_from(BAD_NUMBERS + BAD_STRINGS), st.lists(st.sampled_from(["a", "b c", "\u202e", 0, 3]),
                                                              max_size=12))
 def test_bad_values_are_refused_at_any_depth(bad: str, path: list[str | int]) -> None:
@@ -121,7 +121,7 @@ def test_ordinary_values_round_trip(value: Any, ascii_only: bool) -> None:
     assert parse_arguments(text, LIMITS) == {"v": value}
 
 
-@fuzz_settings(150)
+@fuzz_settings(100)
 @given(json_ish)
 def test_strict_parser_agrees_with_json_when_it_accepts(text: str) -> None:
     try:
@@ -149,14 +149,14 @@ def request_strings(tool: str, invocation_id: str, metadata: dict[str, str], arg
     assert time.monotonic() - started < CALL_BOUND_S
 
 
-@fuzz_settings(200)
+@fuzz_settings(150)
 @given(name_like, name_like, metadata_like, st.one_of(argument_texts, st.just("x" * (MIB + 1))))
 def test_check_request_returns_or_refuses(tool: str, invocation_id: str, metadata: dict[str, str],
                                           arguments: str) -> None:
     request_strings(tool, invocation_id, metadata, arguments)
 
 
-@fuzz_settings(400)
+@fuzz_settings(300)
 @given(st.one_of(any_text, huge_text, st.text(any_char, max_size=2000)), st.integers(0, 300))
 def test_quote_is_short_printable_and_exact(text: str, limit: int) -> None:
     shown = quote(text, limit)

@@ -8,12 +8,14 @@ Each probe runs next to its allowed twin.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from runtime.client import ClientError
 from runtime.model import Status
+from runtime.policy.plan import LABEL_OWNER
 from tests.support import engine, running_supervisor
 
 pytestmark = pytest.mark.docker
@@ -33,15 +35,22 @@ OUTPUTS = [
 
 
 async def test_arguments_and_tool_output_with_unrepresentable_json(tmp_path: Path) -> None:
-    engine()
-    async with running_supervisor(tmp_path) as (_, client):
-        for allowed, denied, path in ARGUMENTS:
-            result = await client.call("python.run", allowed)
-            assert result.status is Status.OK and result.output.strip() == "1", allowed
+    docker_client = engine()
+    async with running_supervisor(tmp_path) as (app, client):
+        owner = app.supervisor.config.server.instance
+        since = int(time.time()) - 1
+        for _, denied, path in ARGUMENTS:
             with pytest.raises(ClientError) as info:
                 await client.call("python.run", denied)
             assert info.value.code == "INVALID_ARGUMENT", denied
             assert info.value.details.startswith(f"{path}: "), info.value.details
+        created = list(docker_client.events(since=since, until=int(time.time()) + 1, decode=True,
+                                            filters={"type": "container", "event": "create",
+                                                     "label": f"{LABEL_OWNER}={owner}"}))
+        assert created == []  # refused before any sandbox
+        for allowed, _, _ in ARGUMENTS:
+            result = await client.call("python.run", allowed)
+            assert result.status is Status.OK and result.output.strip() == "1", allowed
         for allowed, denied in OUTPUTS:
             good = await client.call("python.run", {"code": f"print({allowed!r})"})
             assert good.status is Status.OK and good.structured_content == json.loads(allowed)
