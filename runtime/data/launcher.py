@@ -29,7 +29,7 @@ otherwise: the claim arrives on stdin; the status is a trailer
 ``--relay`` (attach transport, gVisor): the tool's stdout and stderr are pipes inside the sandbox that
     this launcher copies to its own, each write completed however many calls it takes. gVisor's donated
     host stdio answers a large write(2) with a short count (65,536 of 200,000 bytes) that tools (Python's
-    ``-u`` text layer among them) take as complete; a pipe inside gVisor blocks until it took everything,
+    ``sys.stdout`` among them) take as complete; a pipe inside gVisor blocks until it took everything,
     as on Linux. When the tool exits, what it wrote and the pipes still hold (FIONREAD) is copied, then
     the copy stops: a daemon that keeps the pipe open cannot hold the run open.
 ``--cold`` (with ``--relay``, an unpooled sandbox): no claim; the tool reads this launcher's stdin and the

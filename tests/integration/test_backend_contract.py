@@ -601,11 +601,12 @@ def _require_runtime(runtime: str) -> None:
         pytest.skip(f"the engine has no {runtime!r} runtime (scripts/setup.sh registers runsc where installed)")
 
 
-# (python flags, code): one write(2) of 200,000 bytes, and Python's unbuffered text layer (``-u``, as
-# python.run runs), which sends its whole text in one write(2) and drops whatever a short write left.
+# (python flags, code): one write(2) of 200,000 bytes, and sys.stdout.write with and without ``-u`` (as
+# python.run runs): measured under runsc before the relay, all three delivered 65,536 bytes and exited 0.
 LARGE_WRITERS = {
     "os.write": ((), LARGE_WRITE_CODE),
     "python -u sys.stdout.write": (("-u",), f"import sys; sys.stdout.write('x' * {LARGE_WRITE})"),
+    "python sys.stdout.write": ((), f"import sys; sys.stdout.write('x' * {LARGE_WRITE})"),
 }
 
 
@@ -627,6 +628,21 @@ async def test_one_large_write_arrives_whole(docker: Harness, runtime: str, writ
     finally:
         await sandbox.remove()
     assert (len(stdout), stdout.strip(b"x"), info) == (LARGE_WRITE, b"", ExitInfo(0, False)), stderr[-500:]
+
+
+@pytest.mark.docker
+async def test_without_the_relay_runsc_cuts_one_large_write(docker: Harness) -> None:
+    """The deny side: the same tool on gVisor's own container stdio is told 65,536 and exits 0 (if this ever
+    fails, this gVisor build writes whole and the relay is no longer needed)."""
+    _require_runtime("runsc")
+    plan = docker.plan("large-write", profile=IsolationProfile().with_runtime("runsc"))
+    assert isinstance(docker.backend, DockerBackend)
+    sandbox = await docker.backend._create(plan)  # the plan as it is, without the relay create() adds
+    try:
+        stdout, _, info = await asyncio.wait_for(run_to_end(sandbox, b"{}"), 60)
+    finally:
+        await sandbox.remove()
+    assert len(stdout) < LARGE_WRITE and info.exit_code == 3  # the tool saw the short count
 
 
 @pytest.mark.docker
