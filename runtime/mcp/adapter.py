@@ -38,6 +38,7 @@ from mcp_types.jsonrpc import INVALID_PARAMS
 
 from runtime.client import Client, ClientError, InvalidArgumentError, NotFoundError
 from runtime.model import OutputChunk, Result, Started, Status, Tool
+from runtime.quoting import printable
 
 log = logging.getLogger("toolcell.mcp")
 
@@ -165,7 +166,7 @@ class SandboxedTools:
                         ) -> types.CallToolResult:
         name = params.name
         if self.only is not None and name not in self.only:
-            raise MCPError(INVALID_PARAMS, f"Unknown tool: {name}")
+            raise MCPError(INVALID_PARAMS, f"Unknown tool: {printable(name)}")
         client = self.client_for(ctx)
         tool = self._tools.get(name)
         if tool is None:
@@ -173,7 +174,7 @@ class SandboxedTools:
                 tool = next((t for t in await self.tools(client) if t.name == name), None)
         # Chosen here, so a cancellation that arrives before the sandbox started can still name it.
         invocation_id = "mcp_" + secrets.token_hex(16)
-        caller = {"mcp.request_id": str(ctx.request_id)} if ctx.request_id is not None else {}
+        caller = {"mcp.request_id": printable(str(ctx.request_id), 64)} if ctx.request_id is not None else {}
         events = client.execute(name, dict(params.arguments or {}), invocation_id=invocation_id,
                                      caller_metadata=caller)
         sent = 0
@@ -191,12 +192,12 @@ class SandboxedTools:
             await self._cancel(client, invocation_id)
             raise
         except NotFoundError as exc:
-            raise MCPError(INVALID_PARAMS, f"Unknown tool: {name}") from exc
+            raise MCPError(INVALID_PARAMS, f"Unknown tool: {printable(name)}") from exc
         except InvalidArgumentError as exc:
-            return error_result(f"Invalid arguments for tool {name}: {exc.details}")
+            return error_result(f"Invalid arguments for tool {printable(name)}: {exc.details}")
         except ClientError as exc:
-            return error_result(f"Tool {name} could not run: {exc.code}: {exc.details}")
-        return error_result(f"Tool {name}: the supervisor ended the stream without a result")
+            return error_result(f"Tool {printable(name)} could not run: {exc.code}: {exc.details}")
+        return error_result(f"Tool {printable(name)}: the supervisor ended the stream without a result")
 
     async def _cancel(self, client: Client, invocation_id: str) -> None:
         """The MCP request was cancelled: kill the sandbox (shielded: we are inside a cancelled scope)."""

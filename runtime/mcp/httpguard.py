@@ -32,6 +32,7 @@ from starlette.authentication import AuthCredentials
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runtime.errors import Unauthenticated
+from runtime.quoting import quote as quote_string
 from runtime.server.tokens import JwtVerifier
 
 log = logging.getLogger("toolcell.mcp")
@@ -45,12 +46,8 @@ MAX_MESSAGE_CHARS = 200
 
 
 def quote(value: bytes | str, limit: int = QUOTE_CHARS) -> str:
-    """At most ``limit`` characters of ``value``, escaped, in quotes; marked with the length when cut."""
-    text = value[:limit].decode("latin-1") if isinstance(value, bytes) else value[:limit]
-    escaped = text.encode("unicode_escape").decode("ascii").replace("'", "\\'")
-    if len(value) <= limit and len(escaped) <= limit:
-        return f"'{escaped}'"
-    return f"'{escaped[:limit]}'... ({len(value)} {'bytes' if isinstance(value, bytes) else 'characters'})"
+    """A header value as ``runtime.quoting.quote`` shows a caller string: a short escaped prefix."""
+    return quote_string(value.decode("latin-1") if isinstance(value, bytes) else value, limit)
 
 
 def brief(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:

@@ -306,5 +306,5 @@ async def test_insecure_open_is_loud_and_still_checks_host(tmp_path: Path) -> No
     assert (good, bad) == (200, 421)
     assert not counted.is_error
     assert "INSECURE: --insecure-open" in log
-    assert "refused an MCP HTTP request: Host 'rebind.attacker.example" in log and "(8023 bytes)" in log
+    assert "refused an MCP HTTP request: Host 'rebind.attacker.example" in log and "...(8023 chars)" in log
     assert "x" * 41 not in log  # a short escaped prefix, never the hostile value
