@@ -33,10 +33,6 @@ MAX_NUMBER_CHARS = 64
 MAX_PATH_CHARS = 160
 MAX_MESSAGE_CHARS = 200
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-# Where a surrogate could come from: a \uD8xx-\uDFxx escape (pairs included) or a raw one. Only when
-# the text has one does the walk look into every string (a fast path for ordinary arguments).
-_SURROGATE_HINT = re.compile("\\\\u[dD][89a-fA-F]|[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -150,6 +146,25 @@ def _where(parent: _Node | None, part: str | int | None) -> str:
 _SCALARS = (int, float, bool, type(None))
 
 
+def _surrogate_at(text: str) -> int | None:
+    """Index of the first lone surrogate in ``text`` (json.loads joins valid pairs), or None. C speed."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def _may_hold_surrogates(raw: str) -> bool:
+    """Whether any parsed string could hold one: a raw surrogate, or a \\uD... escape (pairs included).
+
+    Substring searches only (C speed), so ordinary arguments skip the per-string check entirely.
+    """
+    return "\\ud" in raw or "\\uD" in raw or _surrogate_at(raw) is not None
+
+
 def _check_shape(root: dict[str, Any], limits: ArgumentLimits, surrogates: bool) -> None:
     """Walk the parsed value once and raise on the first problem, naming its path.
 
@@ -166,9 +181,9 @@ def _check_shape(root: dict[str, Any], limits: ArgumentLimits, surrogates: bool)
         if kind is str:
             if len(value) > limits.max_string_length:
                 raise InvalidArguments(f"string longer than {limits.max_string_length}", path=_where(parent, part))
-            if surrogates and (bad := _SURROGATE.search(value)) is not None:
-                raise InvalidArguments(f"string holds a lone UTF-16 surrogate {quote(bad.group())} at "
-                                       f"{bad.start()}", path=_where(parent, part))
+            if surrogates and (bad := _surrogate_at(value)) is not None:
+                raise InvalidArguments(f"string holds a lone UTF-16 surrogate {quote(value[bad])} at {bad}",
+                                       path=_where(parent, part))
             continue
         if kind is _Rejected:
             raise InvalidArguments(value.reason, path=_where(parent, part))
@@ -183,9 +198,9 @@ def _check_shape(root: dict[str, Any], limits: ArgumentLimits, surrogates: bool)
         for key in value:
             if len(key) > limits.max_string_length:
                 raise InvalidArguments("key too long", path=_where(node, None))
-            if surrogates and (bad := _SURROGATE.search(key)) is not None:
-                raise InvalidArguments(f"key holds a lone UTF-16 surrogate {quote(bad.group())} at "
-                                       f"{bad.start()}", path=_where(node, key))
+            if surrogates and (bad := _surrogate_at(key)) is not None:
+                raise InvalidArguments(f"key holds a lone UTF-16 surrogate {quote(key[bad])} at {bad}",
+                                       path=_where(node, key))
         stack.extend((value[k], node, k, depth + 1) for k in reversed(value))
 
 
@@ -214,7 +229,7 @@ def parse_arguments(arguments_json: str, limits: ArgumentLimits) -> dict[str, An
     if not isinstance(value, dict):
         kind = "a number" if isinstance(value, _Rejected) else type(value).__name__
         raise InvalidArguments(f"arguments must be a JSON object, not {kind}")
-    _check_shape(value, limits, surrogates=_SURROGATE_HINT.search(raw) is not None)
+    _check_shape(value, limits, surrogates=_may_hold_surrogates(raw))
     return value
 
 
