@@ -156,7 +156,7 @@ class HostOriginGuard:
         refused = self.refusal(scope)
         if refused is not None:
             status, reason = refused
-            await _respond(send, status, {"error": "forbidden", "error_description": reason})
+            await _respond(send, status, {"error": "refused", "error_description": reason})
             return
         await self.app(scope, receive, send)
 
