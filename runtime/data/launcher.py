@@ -52,6 +52,7 @@ import threading
 import typing
 
 CHUNK = 65536
+RELAY_FAILED = 125
 
 
 def write_all(fd: int, data: bytes) -> bool:
@@ -81,10 +82,16 @@ class Relay(threading.Thread):
         self.wake_r, self.wake_w = os.pipe()
         self.live = {t: True for t in (1, 2)}  # False once our side is gone: read and drop
 
-    def finish(self) -> None:
-        """The tool exited: every byte it wrote is in the pipes now (a pipe write completes or blocks)."""
+    def finish(self, status: int) -> int:
+        """The tool exited with ``status``: every byte it wrote is in the pipes now (a pipe write completes
+        or blocks). Copy that, then the status to report: a clean exit whose output we could not deliver
+        whole is not reported clean (125)."""
         os.write(self.wake_w, b"x")
         self.join()
+        if status == 0 and not all(self.live.values()):
+            write_all(2, b"toolcell launcher: the tool's output could not be delivered whole\n")
+            return RELAY_FAILED
+        return status
 
     def copy(self, r: int, size: int) -> int:
         """One read of up to ``size`` bytes, copied out; how many (0 at EOF)."""
@@ -155,9 +162,7 @@ def run_cold(command: list[str]) -> int:
     relay = Relay()
     children = [spawn(command, None, None, relay, stdin=0)]
     forward_signals(children)
-    code = children[0].wait()
-    relay.finish()
-    return exit_status(code)
+    return relay.finish(exit_status(children[0].wait()))
 
 
 def main() -> int:
@@ -203,7 +208,7 @@ def main() -> int:
             child.kill()
             child.wait()
         if relay is not None and children:
-            relay.finish()
+            relay.finish(125)
         return 125
     if defer:  # granted secrets arrive with the claim: the tool starts now, with them in its environment
         children.append(spawn(command, channel, {**os.environ, **extra}, relay))
@@ -219,7 +224,7 @@ def main() -> int:
             stdin.close()
     status = exit_status(child.wait())
     if relay is not None:  # the trailer comes after the last byte of output
-        relay.finish()
+        status = relay.finish(status)
     if channel is not None:
         with contextlib.suppress(OSError):
             channel[0].sendall(f"{status:03d}\n".encode())

@@ -107,3 +107,21 @@ def test_a_daemon_holding_the_pipe_does_not_hold_the_run() -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     assert out == b"before exit\n" + b"y" * 100000
     assert time.monotonic() - t0 < 20  # not the daemon's 30 s
+
+
+@pytest.mark.parametrize(("reader_stays", "expected"), [(True, 0), (False, 125)], ids=["delivered", "reader-gone"])
+def test_output_that_could_not_be_delivered_whole_is_not_reported_clean(reader_stays: bool, expected: int) -> None:
+    """A clean exit is reported clean only when every byte reached our side; else 125 and a note on stderr."""
+    r, w = os.pipe()
+    proc = subprocess.Popen(list(relay_command((sys.executable, "-c", ONE_WRITE), python=sys.executable)),
+                            stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.PIPE)
+    os.close(w)
+    received = 0
+    if reader_stays:
+        while chunk := os.read(r, 65536):
+            received += len(chunk)
+    os.close(r)  # reader gone: the launcher's writes fail (EPIPE)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == expected
+    assert (b"could not be delivered whole" in err) is (not reader_stays)
+    assert received == (SIZE if reader_stays else 0)
