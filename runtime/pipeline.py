@@ -319,7 +319,7 @@ class WarmClaim:
 
 async def contain(services: Services, resolved: ResolvedTool, plan: ContainerPlan, stdin: bytes, emit: Emit,
                   cancelled: asyncio.Event, redactor: Redactor, *, invocation_id: str, trace_id: str,
-                  warm: WarmClaim | None) -> Contained:
+                  warm: WarmClaim | None, deadline_s: float | None = None) -> Contained:
     """create (or claim warm) -> start(stdin) -> supervise -> collect -> remove, always removed."""
     policy = resolved.profile.output
     with step("toolcell.create", redactor, **{"toolcell.image": plan.image, "toolcell.runtime": plan.runtime}) as span:
@@ -345,6 +345,10 @@ async def contain(services: Services, resolved: ResolvedTool, plan: ContainerPla
                                      redactor)
         # In block mode nothing streams: the verdict needs the whole output first.
         stream_live = policy.injection != "block"
+        # Creating and starting took time out of the caller's deadline (a loaded engine: most of a second).
+        remaining = effective_timeout(resolved, deadline_s, time.monotonic())
+        if remaining is not None and remaining < plan.timeout_s:
+            plan = dataclasses.replace(plan, timeout_s=remaining)
         with step("toolcell.run", redactor, **{"toolcell.timeout_s": plan.timeout_s}):
             outcome = await supervise(sandbox, plan, collected, emit, cancelled, stream_live)
         with step("toolcell.collect", redactor):
@@ -392,7 +396,8 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
                              env=delivered.env if delivered is not None else {},
                              files=delivered.files if delivered is not None else {}) if egress is None else None
             done = await contain(services, resolved, plan, stdin, emit, cancelled, redactor,
-                                 invocation_id=invocation_id, trace_id=trace_id, warm=warm)
+                                 invocation_id=invocation_id, trace_id=trace_id, warm=warm,
+                                 deadline_s=request.deadline_s)
         finally:
             if egress is not None:
                 with step("toolcell.egress.close", redactor):

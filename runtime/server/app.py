@@ -40,11 +40,13 @@ class App:
         self.supervisor = supervisor
         cfg = supervisor.config.server
         security = supervisor.config.security
+        # First: a second supervisor on the same audit file is refused before anything else is built.
+        self.audit = AuditLog(security.audit.file, max_bytes=security.audit.max_bytes, keep=security.audit.keep,
+                              protect_s=security.audit.protect_s) \
+            if security.audit is not None else None
         self.server = grpc.aio.server(options=server_options(security, cfg.max_message_bytes))
         self.health = health.aio.HealthServicer()
         self.transport = Transport(security, cfg.listen, cfg.socket_mode)
-        self.audit = AuditLog(security.audit.file, max_bytes=security.audit.max_bytes, keep=security.audit.keep) \
-            if security.audit is not None else None
         self.gate = Gate(security, audit=self.audit, known_tool=supervisor.known_tool,
                          sampler=sampler or (HostSampler() if security.admission.enabled else None))
         verifier = JwtVerifier(security.jwt) if security.jwt is not None else None
