@@ -59,8 +59,6 @@ Sampler = Callable[[], HostSample]
 # The refusals that spend a peer's budget: the caller's own doing, cheap to send, work for us.
 REFUSALS: tuple[type[BaseException], ...] = (Unauthenticated, PermissionDenied, InvalidArguments, ToolNotFound,
                                              InvocationNotFound, InvocationConflict)
-# How an invocation that got an id ended (``invocation_end(ending=...)``).
-ENDINGS = ("result", "rejected", "disconnected", "deadline", "shutdown", "internal_error", "swept")
 # At most one ``refusals_suppressed`` record per peer per window.
 SUPPRESS_WINDOW_S = 60.0
 # Where the counts of peers forgotten by the bounded table go.
@@ -214,7 +212,7 @@ class Gate:
                              ending: str = "", injection_action: str = "", sandbox_id: str = "") -> None:
         """One record per invocation end, whatever ended it: sizes and SHA-256, never payloads.
 
-        ``ending`` is one of ``ENDINGS`` (default: ``result`` with a result, else ``rejected``);
+        ``ending`` is one of ``ENDINGS`` (``runtime.endings``; default: ``result`` with a result, else ``error``);
         ``status`` is the result's status or the gRPC code name / ending otherwise. With a result, the
         record carries the prompt-injection verdict: markers by kind and the action taken
         (``injection_action``, the profile's ``output.injection``; inferred from the result when empty).
@@ -222,7 +220,7 @@ class Gate:
         fields: dict[str, Any] = {
             "tool": tool, "arguments_bytes": len(arguments_json.encode("utf-8", "surrogatepass")),
             "arguments_sha256": sha256_text(arguments_json),
-            "ending": ending or ("result" if result is not None else "rejected"),
+            "ending": ending or ("result" if result is not None else "error"),
         }
         if result is not None:
             fields.update(_result_fields(result))

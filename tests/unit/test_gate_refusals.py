@@ -10,6 +10,7 @@ import pytest
 
 from runtime.access_settings import SecuritySettings, parse_security
 from runtime.audit import MAX_RECORD_BYTES, AuditLog, verify
+from runtime.endings import ENDINGS
 from runtime.errors import (
     ConfigError,
     InvalidArguments,
@@ -19,7 +20,7 @@ from runtime.errors import (
     ToolNotFound,
     Unauthenticated,
 )
-from runtime.gate import ENDINGS, SUPPRESS_WINDOW_S, Gate
+from runtime.gate import SUPPRESS_WINDOW_S, Gate
 from runtime.model import Result, Status, Usage
 from runtime.policy.access import AccessPolicy, PeerCred, Principal, parse_rules
 from runtime.policy.limits import BucketSpec
@@ -146,7 +147,7 @@ async def test_invocation_end_carries_the_injection_verdict(setup: Any, result: 
 @pytest.mark.parametrize("ending", [e for e in ENDINGS if e not in ("result", "swept")])
 async def test_every_ending_without_a_result_has_one_record(setup: Any, ending: str) -> None:
     gate, _clock, path = setup
-    await gate.invocation_end(ME, "text.echo", '{"a": 1}', status=ending if ending != "rejected" else "NOT_FOUND",
+    await gate.invocation_end(ME, "text.echo", '{"a": 1}', status=ending if ending != "error" else "NOT_FOUND",
                               duration_ms=7, trace_id="t" * 32, invocation_id="inv-2", ending=ending,
                               profile="default")
     [record] = _records(path)
@@ -160,7 +161,7 @@ async def test_legacy_call_shape_still_works(setup: Any) -> None:
     await gate.invocation_end(ME, "text.echo", "{}", status="NOT_FOUND", duration_ms=1, trace_id="t")
     await gate.invocation_end(ME, "text.echo", "{}", result=_result(), profile="default")
     endings = [r["ending"] for r in _records(path)]
-    assert endings == ["rejected", "result"]
+    assert endings == ["error", "result"]
 
 
 async def test_sweep_end_records_a_crashed_supervisors_invocation(setup: Any) -> None:
