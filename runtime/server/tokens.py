@@ -25,6 +25,7 @@ from jwt import PyJWK, PyJWKSet
 
 from runtime.access_settings import JwtSettings
 from runtime.errors import ConfigError, Unauthenticated
+from runtime.quoting import quote
 
 log = logging.getLogger("toolcell.auth")
 
@@ -149,7 +150,8 @@ class JwtVerifier:
             raise Unauthenticated("bearer token is not a well-formed JWT") from exc
         alg = header.get("alg")
         if alg not in s.algorithms:
-            raise Unauthenticated(f"token algorithm {alg!r} is not accepted (accepted: {', '.join(s.algorithms)})")
+            raise Unauthenticated(f"token algorithm {quote(str(alg), 16)} is not accepted "
+                                  f"(accepted: {', '.join(s.algorithms)})")
         key, raw = await self.jwks.key_for(str(header.get("kid", "")))
         if raw.get("alg") not in (None, alg) or raw.get("kty") != _KTY_FOR_ALG.get(str(alg)[:2]):
             raise Unauthenticated("token algorithm does not match its signing key")
