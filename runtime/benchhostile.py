@@ -95,9 +95,9 @@ CANCEL = "/toolcell.v1.Supervisor/Cancel"
 # (name, full size in bytes, request of a given size). Tool names top out at 120 KB (the issue's case); the
 # rest at 1 MiB, under the server's 4 MiB message limit so the supervisor's code, not gRPC, sees them.
 CALLER_ATTACKS: tuple[tuple[str, int, Callable[[int], Request]], ...] = (
-    ("tool_name_no_rule", 120 * KiB,  # no rule grants it: refused, and the refusal names the tool
+    ("tool_name_no_rule", 120 * KiB,  # no rule grants it (before issue 14 the refusal quoted it whole)
      lambda n: Request(CALL, _execute(tool=filler(n), arguments_json="{}"))),
-    ("tool_name_unknown", 120 * KiB,  # granted by the rule (bench.*), not in the catalogue: NOT_FOUND
+    ("tool_name_unknown", 120 * KiB,  # granted by the rule (bench.*), not in the catalogue
      lambda n: Request(CALL, _execute(tool="bench." + filler(n - 6), arguments_json="{}"))),
     ("invocation_id", MiB,
      lambda n: Request(CALL, _execute(tool="bench.cold", arguments_json="{}", invocation_id=filler(n)))),
