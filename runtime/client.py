@@ -27,6 +27,7 @@ Tracing
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import random
 import time
@@ -305,6 +306,16 @@ class Client:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    def with_token(self, token: str | None) -> Client:
+        """This client's channel with another caller's bearer token (a bridge acting for its callers).
+
+        The channel is shared: close the original, not the copies.
+        """
+        other = copy.copy(self)
+        other.token = token
+        other._annotations = None  # what one caller may see is not another's
+        return other
 
     async def execute(self, tool: str, arguments: Mapping[str, Any] | str | None = None, *,
                       invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None,

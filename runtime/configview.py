@@ -35,8 +35,8 @@ def effective(config: Config) -> dict[str, Any]:
     profiles: dict[str, Any] = {}
     for name, p in sorted(config.profiles.items()):
         profiles[name] = {
-            "memory_bytes": p.memory_bytes, "cpus": p.cpus, "pids": p.pids_limit, "nofile": p.nofile,
-            "timeout_s": p.timeout_s, "kill_grace_s": p.kill_grace_s, "runtime": p.runtime,
+            "memory_bytes": p.memory_bytes, "cpus": p.cpus, "pids": p.pids_limit, "shm": p.shm_bytes,
+            "nofile": p.nofile, "timeout_s": p.timeout_s, "kill_grace_s": p.kill_grace_s, "runtime": p.runtime,
             "seccomp": p.seccomp, "tmpfs_bytes": p.tmpfs_bytes, "user": p.user,
             "env": _mask_env(dict(p.env), redactor), "env_passthrough": list(p.env_passthrough),
             "mounts": [{"source": m.source, "target": m.target, "read_only": True} for m in p.mounts],

@@ -25,9 +25,10 @@ toolcell bench --quick --json "$bench_json"
 python - "$bench_json" <<'EOF'
 import json, sys
 figures = json.load(open(sys.argv[1]))
-missing = {"noop_grpc", "raw_docker", "cold", "warm", "throughput", "flood", "targets"} - set(figures)
+missing = {"noop_grpc", "raw_docker", "cold", "warm", "throughput", "flood", "hostile", "targets"} - set(figures)
 assert not missing, f"bench JSON lacks {missing}"
 assert figures["warm"]["warm_hits"] > 0, "no call was served warm"
+assert figures["hostile"]["attack"]["warm"]["n"] > 0, "no normal call was served under attack"
 EOF
 rm -f "$bench_json"
 # Restarting the engine disturbs everything else using it: on its own, nothing else running (runs when

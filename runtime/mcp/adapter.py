@@ -22,7 +22,6 @@ or ``install`` it on a server that has tools of its own.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import secrets
 from collections.abc import Callable, Iterable
@@ -148,9 +147,7 @@ class SandboxedTools:
         token = self.caller_token(ctx.request)
         if not token:
             raise MCPError(types.INVALID_REQUEST, "this MCP server requires an authenticated caller")
-        caller = copy.copy(self.client)  # shares the channel; only the bearer token differs
-        caller.token = token
-        return caller
+        return self.client.with_token(token)  # shares the channel; only the bearer token differs
 
     # -------------------------------------------------------------------------- MCP handlers
 
