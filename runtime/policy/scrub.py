@@ -215,28 +215,30 @@ _NORMALIZATION_LOOKBACK = 64  # Unicode's stream-safe format allows at most 30 n
 
 
 @functools.lru_cache(maxsize=4096)
-def _stable_starter(ch: str) -> bool:
-    """Nothing after ``ch`` can change how the text before it normalises."""
-    return (unicodedata.combining(ch) == 0 and ch not in COMPOSES_WITH_PREVIOUS
-            and unicodedata.is_normalized("NFKC", ch))
+def _cut_before(ch: str) -> bool:
+    """Nothing before ``ch`` can interact with ``ch`` or what follows it under NFKC: its decomposition
+    starts with a starter (canonical reordering stops there) that composes with nothing before it."""
+    first = unicodedata.normalize("NFKD", ch)[:1]
+    return bool(first) and unicodedata.combining(first) == 0 and first not in COMPOSES_WITH_PREVIOUS
 
 
 def normalization_boundary(text: str) -> int:
-    """Largest ``i`` (looking back at most 64 characters) such that ``text[:i]`` normalises the same
-    whatever follows ``text``; ``len(text)`` when none is found (degenerate runs of combining marks).
+    """Largest ``i`` such that ``text[:i]`` normalises the same whatever follows ``text``, looking back
+    at most 64 characters; ``len(text)`` past that (degenerate runs of combining marks).
 
     ``text`` is already cleaned (no controls or invisible characters left to remove between two
-    characters). Cut before a stable starter; after a digit, space, newline or ASCII punctuation other
-    than ``<=>`` (nothing composes with them), so a line's newline is never held back.
+    characters). Cut before a character whose decomposition starts with a starter that composes with
+    nothing before it; after a digit, space, newline or ASCII punctuation other than ``<=>`` (nothing
+    composes with them), so a line's newline is never held back.
     """
     n = len(text)
     for k in range(n - 1, max(-1, n - 1 - _NORMALIZATION_LOOKBACK), -1):
         ch = text[k]
         if ch < "\x80":
             return k if ch.isalpha() or ch in "<=>" else k + 1
-        if _stable_starter(ch):
+        if _cut_before(ch):
             return k
-    return n
+    return n if n > _NORMALIZATION_LOOKBACK else 0
 
 
 # -- 2. redact ------------------------------------------------------------------------------------

@@ -259,7 +259,9 @@ def test_composes_with_previous_is_derived_from_unicode() -> None:
         ("\u1100", 0),  # Hangul L: a V may follow
         ("\u1100\u1161", 0),  # Hangul LV: a T may follow; V composes with the L before it
         ("\u6f22\u5b57", 1),  # CJK: a stable starter, cut before it
-        ("\ufb01", 1),  # "ﬁ" is not NFKC-stable on its own: not a place to cut before; "\ufb01" then ends
+        ("\ufb01", 0),  # "ﬁ" becomes "fi": an acute accent arriving next composes with the "i"
+        ("\uff76\uff9e", 0),  # half-width voiced mark becomes a combining mark: held with its base
+        ("\u0301" * 3, 0),  # marks without a base yet: held (a few)
         ("\u0301" * 100, 100),  # degenerate: no boundary within the look-back, nothing held
     ],
 )
@@ -317,6 +319,20 @@ def test_full_width_token_is_redacted() -> None:
 )
 def test_injection_markers_survive_evasions(text: str, kinds: set[str]) -> None:
     assert set(detect_injection(text)) == kinds
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        ["aaaaaaaa0", "\ufb01", "\u0301aaa"],  # found by the fuzzer: "ﬁ" then an accent for its "i"
+        ["x\u1100", "\u1161", "\u11a8y"],  # Hangul L | V | T compose into one syllable
+        ["\uff76", "\uff9e!"],  # half-width KA | voiced mark -> GA
+        ["a", "\u0328", "\u0301"],  # two marks reordered and composed across two cuts
+    ],
+)
+def test_stream_normalises_like_the_whole_text(chunks: list[str]) -> None:
+    scrubber = StreamScrubber(Redactor())
+    assert "".join(scrubber.feed(c) for c in chunks) + scrubber.finish() == sanitize("".join(chunks))[0]
 
 
 def test_a_combining_mark_in_the_next_chunk_still_composes() -> None:
