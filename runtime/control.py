@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runtime.errors import ToolcellError
+from runtime.safepath import private_dir
 
 
 class ControlError(ToolcellError):
@@ -40,7 +41,7 @@ class State:
 def write_state(path: str, state: State) -> None:
     """Atomically replace the state file (0600)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(target.parent, key="server.state_file")
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         with os.fdopen(fd, "w") as fh:
@@ -53,7 +54,13 @@ def write_state(path: str, state: State) -> None:
 
 def read_state(path: str) -> State:
     try:
-        raw: dict[str, Any] = json.loads(Path(path).read_text())
+        # The file names the pid that ``toolcell reload`` signals: never through a symlink, only ours or root's.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            owner = os.fstat(fh.fileno()).st_uid
+            if owner not in (os.geteuid(), 0):
+                raise ControlError(f"supervisor state {path} is owned by uid {owner}, not by us or root: refusing it")
+            raw: dict[str, Any] = json.loads(fh.read(1 << 16))
         return State(**raw)
     except FileNotFoundError as exc:
         raise ControlError(f"no supervisor state at {path}: is `toolcell serve` running with this socket?") from exc

@@ -6,6 +6,7 @@ jsonschema, OS) are translated at the seam where they occur (``raise XError(...)
 
     ToolcellError
     ├── ConfigError              the admin's config is invalid (refuse to start / reload)
+    │   └── UnsafePath           a directory/file/socket we would trust is not ours alone (safepath.py)
     ├── ToolNotFound             the caller named a tool that does not exist      -> NOT_FOUND
     ├── InvalidArguments         arguments are not JSON or break the schema       -> INVALID_ARGUMENT
     ├── InvocationConflict       invocation id already in use                     -> ALREADY_EXISTS

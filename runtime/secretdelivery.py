@@ -21,6 +21,7 @@ from pathlib import Path
 from runtime.errors import ConfigError
 from runtime.model import SecretGrant
 from runtime.policy.profile import Mount
+from runtime.safepath import private_dir
 
 log = logging.getLogger("toolcell.secrets")
 _MEMORY_FS = {"tmpfs", "ramfs"}
@@ -56,8 +57,8 @@ class SecretDelivery:
 
     def ensure_tmpfs(self) -> None:
         """Make sure secret files can only ever live in memory."""
-        self.files_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.files_dir, 0o700)
+        # Ours alone (no symlink, no other owner, no group/other write): nobody plants files for a tool.
+        private_dir(self.files_dir, chmod=0o700, key="secrets.files_dir")
         if filesystem_type(self.files_dir) in _MEMORY_FS:
             return
         if os.geteuid() != 0:

@@ -46,7 +46,9 @@ class App:
             if security.audit is not None else None
         self.server = grpc.aio.server(options=server_options(security, cfg.max_message_bytes))
         self.health = health.aio.HealthServicer()
-        self.transport = Transport(security, cfg.listen, cfg.socket_mode)
+        self.transport = Transport(security, cfg.listen, cfg.socket_mode,
+                                   max_connections_per_uid=cfg.max_connections_per_uid,
+                                   handshake_timeout_s=cfg.handshake_timeout_s)
         self.gate = Gate(security, audit=self.audit, known_tool=supervisor.known_tool,
                          sampler=sampler or (HostSampler() if security.admission.enabled else None))
         verifier = JwtVerifier(security.jwt) if security.jwt is not None else None

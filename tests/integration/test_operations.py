@@ -407,8 +407,12 @@ async def test_metrics_on_prometheus_and_at_an_otlp_receiver(tmp_path: Path, mak
         # Logs: JSON lines, trace ids on the invocation lines, no argument or output text anywhere.
         serve.close()
         log = serve.log.read_text()
-        finished = [m for m in serve.lines() if m["message"] == "invocation finished"]
-        assert len(finished) == 3 and all(len(m["trace_id"]) == 32 for m in finished)
+        # Every invocation with an id ends with one line: the unknown tool and the invalid arguments too.
+        ended = [m for m in serve.lines() if m["message"] == "invocation finished"]
+        assert sorted(m["ending"] for m in ended) == ["error", "error", "result", "result", "result"]
+        assert {m["status"] for m in ended if m["ending"] == "error"} == {"NOT_FOUND", "INVALID_ARGUMENT"}
+        finished = [m for m in ended if m["ending"] == "result"]
+        assert all(len(m["trace_id"]) == 32 for m in ended)
         assert {m["trace_id"] for m in finished} == {ok.trace_id, leaked.trace_id, warm.trace_id}
         assert "one two" not in log and "ghp_" not in log and "is not of type" not in log
     finally:
