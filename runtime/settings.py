@@ -168,10 +168,10 @@ def parse_size(value: int | str, key: str) -> int:
 def parse_duration(value: float | str, key: str) -> float:
     if isinstance(value, int | float):
         return float(value)
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m)\s*", value)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)\s*", value)
     if not m:
         raise ConfigError(f"not a duration: {value!r} (use e.g. 30s)", key=key)
-    return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[m.group(2)]
+    return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2)]
 
 
 def _schema() -> dict[str, Any]:
