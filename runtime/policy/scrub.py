@@ -378,7 +378,8 @@ def _common_suffix(text: str, end: int, floor: int, value: str, off: int) -> int
 class Redactor:
     """Replaces known token shapes and the given secret values with ``[REDACTED:<kind>]``."""
 
-    secrets: Mapping[str, str] = field(default_factory=dict)  # name -> value injected into this sandbox
+    # name -> value injected into this sandbox (never in a repr)
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     # Longest text one match can cover outside a key block (set from the secrets in __post_init__).
     max_match: int = field(init=False, default=MAX_TOKEN_CHARS)
     # Fragments of the secrets are sampled at this stride (1 unless the secrets are very long).
@@ -513,9 +514,10 @@ class StreamScrubber:
     hold_chars: int = 64 * 1024
     redactions: Counter[str] = field(default_factory=Counter)
     sanitized: Counter[str] = field(default_factory=Counter)
-    _raw: str = ""
-    _unnormalized: str = ""
-    _pending: str = ""
+    # Held text, not yet scrubbed: never in a repr.
+    _raw: str = field(default="", repr=False)
+    _unnormalized: str = field(default="", repr=False)
+    _pending: str = field(default="", repr=False)
 
     def feed(self, text: str) -> str:
         raw = self._raw + text

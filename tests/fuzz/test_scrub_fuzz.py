@@ -80,9 +80,9 @@ def test_a_secret_never_comes_out(before: str, after: str, secret: str, where: l
     streamed = _stream(text, cuts)
     detect_injection(text)
     assert time.thread_time() - started < 5.0  # small inputs: anything near this is a hang
-    if secret in (GRANTED, GRANTED_UNICODE) or sep in (" ", "\n"):
-        # Granted secrets always; token shapes when they stand as words (glued to random letters, a
-        # token shape is legitimately no longer one).
+    # Granted secrets always. A token shape when, once sanitised, it stands as a word: glued to random
+    # letters it is no longer one, and an escape sequence just before it may eat its first character.
+    if secret in (GRANTED, GRANTED_UNICODE) or (sep in (" ", "\n") and f"{sep}{secret}{sep}" in sanitize(text)[0]):
         assert _leaks(whole, secret) == [] and _leaks(streamed, secret) == []
     assert streamed == whole
 

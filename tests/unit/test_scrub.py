@@ -452,3 +452,11 @@ def test_translation_of_a_trailing_lookahead_and_flags() -> None:
     assert translate(re.compile(r"x{5,2000}\Z")) == (r"x{5,}\z", 0)
     with pytest.raises(ValueError, match="not a linear-time"):
         compile_linear(r"(?<=a)b")
+
+
+def test_repr_shows_neither_a_secret_nor_held_text() -> None:
+    redactor = Redactor({"canary": INJECTED})
+    scrubber = StreamScrubber(redactor)
+    assert scrubber.feed(f"partial {GH[:20]}") == ""  # held: an incomplete line
+    shown = repr(redactor) + repr(scrubber)
+    assert INJECTED not in shown and GH[:20] not in shown and "partial" not in shown
