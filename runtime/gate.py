@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from runtime.access_settings import SecuritySettings
-from runtime.audit import AuditLog, quote, sha256_text
+from runtime.audit import AuditLog, sha256_text
 from runtime.errors import (
     HostOverloaded,
     InvalidArguments,
@@ -156,7 +156,7 @@ class Gate:
         if not self.policy.allows(principal, action, tool):
             await self.record(principal, "decision", action=action, tool=tool, decision="deny",
                               status="PERMISSION_DENIED", trace_id=trace_id)
-            raise PermissionDenied(f"not permitted to {action} tool {quote(tool, 64)!r}")
+            raise PermissionDenied.to(action, tool)
 
     async def visible(self, principal: Principal, names: Iterable[str]) -> list[str]:
         shown = self.policy.visible(principal, names)
