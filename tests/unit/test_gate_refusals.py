@@ -112,7 +112,7 @@ async def test_authorize_quotes_a_huge_tool_name_briefly(setup: Any) -> None:
     name = "a." * 2**19
     with pytest.raises(PermissionDenied) as err:
         await gate.authorize(ME, "call", name)
-    assert len(str(err.value)) < 300 and "chars, sha256:" in str(err.value)
+    assert len(str(err.value)) < 300 and "...(1048576 chars)" in str(err.value)
     assert len(path.read_bytes()) <= MAX_RECORD_BYTES
 
 
