@@ -46,10 +46,11 @@ class LinearPattern:
 
     __slots__ = ("_raw", "groups", "pattern")
 
-    def __init__(self, pattern: str) -> None:
+    def __init__(self, pattern: str, capture: bool = True) -> None:
         options = re2.Options()
         options.max_mem = _MAX_MEM
         options.log_errors = False
+        options.never_capture = not capture
         try:
             compiled: Any = re2.compile(pattern, options)
         except re2.error as exc:
@@ -102,9 +103,10 @@ class LinearPattern:
         return n
 
 
-def compile_linear(pattern: str) -> LinearPattern:
-    """The one compile helper: RE2 syntax (``\\z`` not ``\\Z``; no lookaround, no backreference)."""
-    return LinearPattern(pattern)
+def compile_linear(pattern: str, *, capture: bool = True) -> LinearPattern:
+    """The one compile helper: RE2 syntax (``\\z`` not ``\\Z``; no lookaround, no backreference).
+    ``capture=False`` ignores the groups (faster when only whether or where a match is matters)."""
+    return LinearPattern(pattern, capture)
 
 
 def escape(literal: str) -> str:
