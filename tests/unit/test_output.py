@@ -104,3 +104,12 @@ def test_two_threads_feeding_the_two_streams_give_the_sequential_result() -> Non
 )
 def test_inspect_output(stdout: str, stderr: str, markers: dict[str, int]) -> None:
     assert inspect_output(stdout, stderr) == markers
+
+
+def test_a_chatty_tool_fits_the_default_budget() -> None:
+    # 50,000 short lines, each its own write (an unbuffered tool): ~0.25 s here of the default 2 s.
+    both = Collected.create(1 << 20, 1 << 20, 2 << 20, Redactor({"canary": SECRET}))
+    for i in range(50_000):
+        both.stdout.feed(f"step {i} ok\n".encode())
+    both.stdout.finish()
+    assert not both.budget_exceeded and both.stdout.text.count("\n") == 50_000
