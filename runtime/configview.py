@@ -46,6 +46,7 @@ def effective(config: Config) -> dict[str, Any]:
                 "max_total_bytes": p.output.max_total_bytes, "injection": p.output.injection,
                 "structured_max_bytes": p.output.structured_max_bytes,
                 "structured_max_depth": p.output.structured_max_depth,
+                "scrub_budget_s": p.output.scrub_budget_s,
             },
         }
     return {

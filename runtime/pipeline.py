@@ -40,10 +40,10 @@ from runtime.model import (
     Status,
     Usage,
 )
-from runtime.output import Collected
+from runtime.output import Collected, inspect_output
 from runtime.policy.arguments import ArgumentLimits, parse_arguments, validate_arguments
 from runtime.policy.plan import ContainerPlan, compile_plan, pooled_plan
-from runtime.policy.scrub import Redactor, detect_injection, wrap_untrusted
+from runtime.policy.scrub import Redactor, wrap_untrusted
 from runtime.secretdelivery import Delivered, SecretDelivery
 from runtime.settings import Config
 
@@ -266,7 +266,12 @@ def finalize(config: Config, resolved: ResolvedTool, outcome: Outcome) -> dict[s
     """Prompt-injection verdict and structured content, on scrubbed output only."""
     status, message = decide(outcome)
     output, stderr = outcome.collected.stdout.text, outcome.collected.stderr.text
-    markers = detect_injection(output) + detect_injection(stderr)
+    budget = outcome.collected.budget
+    if budget.exceeded:  # what was released is scrubbed; the rest was dropped, never sent unscrubbed
+        cut = (f"output cut: scrubbing it took over its budget ({budget.limit_s:g} s CPU); "
+               f"{budget.dropped_bytes} bytes withheld")
+        message = f"{message}; {cut}" if message else cut
+    markers = inspect_output(output, stderr)
     action = resolved.profile.output.injection
     content, _ = structured(config, resolved, output)
     if markers and action == "block":
@@ -296,6 +301,13 @@ def _set_result_attributes(span: trace.Span, result: Result) -> None:
         "toolcell.injection_markers": sorted(result.injection_markers),
         "toolcell.structured_content": result.structured_content is not None,
     })
+
+
+def _set_scrub_attributes(span: trace.Span, collected: Collected) -> None:
+    budget = collected.budget
+    span.set_attributes({"toolcell.scrub.cpu_s": round(budget.used_s, 4),
+                         "toolcell.scrub.budget_exceeded": budget.exceeded,
+                         "toolcell.scrub.withheld_bytes": budget.dropped_bytes})
 
 
 @dataclass
@@ -342,7 +354,7 @@ async def contain(services: Services, resolved: ResolvedTool, plan: ContainerPla
         await emit(Started(invocation_id=invocation_id, sandbox_id=sandbox.id, profile=resolved.profile.name,
                            tool=resolved.tool.name, trace_id=trace_id))
         collected = Collected.create(policy.stdout_max_bytes, policy.stderr_max_bytes, policy.max_total_bytes,
-                                     redactor)
+                                     redactor, scrub_budget_s=policy.scrub_budget_s)
         # In block mode nothing streams: the verdict needs the whole output first.
         stream_live = policy.injection != "block"
         # Creating and starting took time out of the caller's deadline (a loaded engine: most of a second).
@@ -423,6 +435,7 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
             **verdict,
         )
         _set_result_attributes(span, result)
+        _set_scrub_attributes(span, collected)
         if egress is not None:
             span.set_attributes(egress_attributes(resolved.profile.network, destinations))
         if result.status is not Status.OK:

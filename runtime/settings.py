@@ -323,6 +323,8 @@ def _build_output(raw: Mapping[str, Any], base: OutputPolicy, key: str) -> Outpu
         sizes["max_total_bytes"] = (sizes.get("stdout_max_bytes", base.stdout_max_bytes)
                                     + sizes.get("stderr_max_bytes", base.stderr_max_bytes))
     other = {name: raw[name] for name in ("injection", "structured_max_depth") if name in raw}
+    if "scrub_budget" in raw:
+        other["scrub_budget_s"] = parse_duration(raw["scrub_budget"], f"{key}.scrub_budget")
     return dataclasses.replace(base, **sizes, **other)
 
 

@@ -44,6 +44,9 @@ class OutputPolicy:
     # Largest stdout that is parsed as structured (JSON) content, and its nesting limit.
     structured_max_bytes: int = 256 * 1024
     structured_max_depth: int = 32
+    # CPU seconds scrubbing one invocation's output may take (both streams): a tool crafting output that
+    # is slow to scrub costs the supervisor at most this; past it nothing more is released (truncated).
+    scrub_budget_s: float = 2.0
 
 
 @dataclass(frozen=True)

@@ -43,12 +43,16 @@ def setup(tmp_path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     owner = f"test-{uuid.uuid4().hex[:10]}"
     doc = config_doc(owner, str(tmp_path / "s.sock"),
                      wrapped={"output": {"injection": "wrap"}}, blocked={"output": {"injection": "block"}},
-                     small={"output": {"stdout_max_bytes": "4Ki", "stderr_max_bytes": "4Ki"}})
+                     small={"output": {"stdout_max_bytes": "4Ki", "stderr_max_bytes": "4Ki"}},
+                     stingy={"output": {"scrub_budget": "1ms"}})
     doc["secrets"] = {"store": str(store), "files_dir": str(tmp_path / "secret-files")}
     doc["tools"] += [
         {"name": "leaky", "description": "granted the canary", "image": RUNNER_IMAGE, "command": PYRUN,
          "input_schema": CODE_SCHEMA,
          "secrets": [{"name": "canary", "env": "CANARY_TOKEN"}, {"name": "canary", "file": "/run/secrets/canary"}]},
+        {"name": "leaky.stingy", "description": "granted the canary, 1 ms to scrub", "image": RUNNER_IMAGE,
+         "command": PYRUN, "profile": "stingy", "input_schema": CODE_SCHEMA,
+         "secrets": [{"name": "canary", "env": "CANARY_TOKEN"}]},
         {"name": "py.wrapped", "description": "wrap", "image": RUNNER_IMAGE, "command": PYRUN, "profile": "wrapped",
          "input_schema": CODE_SCHEMA},
         {"name": "py.blocked", "description": "block", "image": RUNNER_IMAGE, "command": PYRUN, "profile": "blocked",
@@ -95,6 +99,40 @@ async def test_injected_secret_never_leaves_in_any_encoding(setup: tuple[dict[st
     assert result.redactions["injected_secret"] >= 13
     assert "mode 0o400 10001" in result.output  # delivered as a read-only file owned by the tool's uid
     assert list((tmp_path / "secret-files").iterdir()) == []  # the per-invocation files are gone
+
+
+FLOOD_WITH_SECRET = """
+import os, sys
+v = os.environ["CANARY_TOKEN"]
+for i in range(6000):
+    sys.stdout.write(f"line {i} {v} eyJhbGciOiJI.eyJzdWIiOiIx.sig ghp_{'a' * 36}\\n")
+    if i % 500 == 0:
+        sys.stdout.flush()
+"""
+
+
+@pytest.mark.parametrize(("tool", "cut"), [("leaky", False), ("leaky.stingy", True)])
+async def test_scrubbing_budget_cuts_output_and_never_releases_it_unscrubbed(
+        setup: tuple[dict[str, Any], dict[str, str]], tmp_path: Path, tool: str, cut: bool) -> None:
+    """Same flood, two budgets: within it all is scrubbed and delivered; past it the rest is withheld, said so."""
+    doc, environ = setup
+    async with running_supervisor(tmp_path, doc, environ) as (_, client):
+        chunks: list[str] = []
+        result: Result | None = None
+        async for event in client.execute(tool, code(FLOOD_WITH_SECRET)):
+            if isinstance(event, OutputChunk):
+                chunks.append(event.text)
+            elif isinstance(event, Result):
+                result = event
+        assert result is not None and result.status is Status.OK, result and result.stderr
+        everything = "".join(chunks) + result.output + result.stderr + result.message
+        assert not [v for v in encoded_variants(CANARY) if v in everything]
+        assert "ghp_" + "a" * 36 not in everything
+        assert ("scrubbing it took over its budget" in result.message) is cut
+        assert result.truncated is cut
+        assert (result.output.count("\n") < 6000) is cut
+        # The supervisor keeps serving after either.
+        assert (await client.call("text.wordcount", json.dumps({"text": "a b"}))).status is Status.OK
 
 
 async def test_ungranted_tool_sees_no_secret(setup: tuple[dict[str, Any], dict[str, str]], tmp_path: Path) -> None:
