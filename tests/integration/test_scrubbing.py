@@ -18,6 +18,7 @@ import pytest
 
 from runtime.api.v1 import supervisor_pb2 as pb
 from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
+from runtime.client import Client
 from runtime.model import OutputChunk, Result, Status
 from runtime.policy.scrub import SECRET_FRAGMENT_CHARS, encoded_variants
 from runtime.secretstore import SecretStore, generate_key
@@ -31,6 +32,18 @@ GH = "ghp_" + "Z9y8X7w6V5u4T3s2R1q0P9o8N7m6L5k4J3i2"
 
 def code(src: str) -> str:
     return json.dumps({"code": src})
+
+
+async def streamed(client: Client, tool: str, arguments: str) -> tuple[list[str], Result | None]:
+    """Every chunk the caller saw live, and the final result."""
+    chunks: list[str] = []
+    result: Result | None = None
+    async for event in client.execute(tool, arguments):
+        if isinstance(event, OutputChunk):
+            chunks.append(event.text)
+        elif isinstance(event, Result):
+            result = event
+    return chunks, result
 
 
 @pytest.fixture
@@ -85,13 +98,7 @@ async def test_injected_secret_never_leaves_in_any_encoding(setup: tuple[dict[st
                                                           tmp_path: Path) -> None:
     doc, environ = setup
     async with running_supervisor(tmp_path, doc, environ) as (_, client):
-        chunks: list[str] = []
-        result: Result | None = None
-        async for event in client.execute("leaky", code(LEAK_EVERYTHING)):
-            if isinstance(event, OutputChunk):
-                chunks.append(event.text)
-            elif isinstance(event, Result):
-                result = event
+        chunks, result = await streamed(client, "leaky", code(LEAK_EVERYTHING))
     assert result is not None and result.status is Status.OK, result and result.stderr
     everything = "".join(chunks) + result.output + result.stderr + result.message
     assert not [v for v in encoded_variants(CANARY) if v in everything]
@@ -117,13 +124,7 @@ async def test_scrubbing_budget_cuts_output_and_never_releases_it_unscrubbed(
     """Same flood, two budgets: within it all is scrubbed and delivered; past it the rest is withheld, said so."""
     doc, environ = setup
     async with running_supervisor(tmp_path, doc, environ) as (_, client):
-        chunks: list[str] = []
-        result: Result | None = None
-        async for event in client.execute(tool, code(FLOOD_WITH_SECRET)):
-            if isinstance(event, OutputChunk):
-                chunks.append(event.text)
-            elif isinstance(event, Result):
-                result = event
+        chunks, result = await streamed(client, tool, code(FLOOD_WITH_SECRET))
         assert result is not None and result.status is Status.OK, result and result.stderr
         everything = "".join(chunks) + result.output + result.stderr + result.message
         assert not [v for v in encoded_variants(CANARY) if v in everything]
@@ -293,13 +294,7 @@ async def test_a_granted_secret_split_between_stdout_and_stderr_is_caught(
     other = "tc-other-" + uuid.uuid4().hex
     control = SPLIT_ACROSS_STREAMS.format(value=repr(other), cut=cut)
     async with running_supervisor(tmp_path, doc, environ) as (_, client):
-        chunks: list[str] = []
-        result: Result | None = None
-        async for event in client.execute("leaky", code(granted)):
-            if isinstance(event, OutputChunk):
-                chunks.append(event.text)
-            elif isinstance(event, Result):
-                result = event
+        chunks, result = await streamed(client, "leaky", code(granted))
         plain = await client.call("leaky", code(control))
     assert result is not None and result.status is Status.OK, result and result.message
     everything = "".join(chunks) + result.output + result.stderr + result.message
