@@ -20,6 +20,8 @@ second (with a count of those not logged).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -43,6 +45,9 @@ MAX_ORIGIN_BYTES = 320
 MAX_AUTHORIZATION_BYTES = 8192  # a JWT with generous claims; the HTTP server caps all headers at 16 KiB
 QUOTE_CHARS = 40
 MAX_MESSAGE_CHARS = 200
+# A refused request's body is read up to this much, for this long, before the answer (see ``_drain``).
+DRAIN_BYTES = 64 * 1024
+DRAIN_TIMEOUT_S = 1.0
 
 
 def quote(value: bytes | str, limit: int = QUOTE_CHARS) -> str:
@@ -104,8 +109,29 @@ class _RefusalLog:
         log.warning(message + more, *args)
 
 
-async def _respond(send: Send, status: int, body: dict[str, str], headers: Sequence[tuple[bytes, bytes]] = ()
-                   ) -> None:
+async def _drain(receive: Receive) -> None:
+    """Read (and drop) a refused request's body, bounded in size and time, before answering it.
+
+    Closing a connection with unread bytes makes the kernel send a reset, which can reach the client
+    before our answer does: it then sees "connection reset" instead of the 4xx and its reason.
+    """
+    async def read() -> None:
+        left = DRAIN_BYTES
+        while left > 0:
+            message = await receive()
+            if message.get("type") != "http.request":
+                return
+            left -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(read(), DRAIN_TIMEOUT_S)
+
+
+async def _respond(receive: Receive, send: Send, status: int, body: dict[str, str],
+                   headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    await _drain(receive)
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
@@ -156,7 +182,7 @@ class HostOriginGuard:
         refused = self.refusal(scope)
         if refused is not None:
             status, reason = refused
-            await _respond(send, status, {"error": "refused", "error_description": reason})
+            await _respond(receive, send, status, {"error": "refused", "error_description": reason})
             return
         await self.app(scope, receive, send)
 
@@ -198,7 +224,7 @@ class BearerGuard:
             self.refusals.warn("refused an MCP HTTP request from %s: %s", quote(str(scope.get("client"))),
                                quote(reason, MAX_MESSAGE_CHARS))
             challenge = b'Bearer realm="toolcell", error="invalid_token"'
-            await _respond(send, 401, {"error": "invalid_token", "error_description": reason},
+            await _respond(receive, send, 401, {"error": "invalid_token", "error_description": reason},
                            [(b"www-authenticate", challenge)])
             return
         scope["user"] = user
