@@ -179,7 +179,10 @@ async def test_bearer_refusal_says_why_briefly(bearer: tuple[Idp, BearerGuard, l
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    await guard(scope(authorization=b"Bearer " + header + b".e30.sig"), None, send)  # type: ignore[arg-type]
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    await guard(scope(authorization=b"Bearer " + header + b".e30.sig"), receive, send)
     body = json.loads(sent[1]["body"])
     assert sent[0]["status"] == 401 and body["error_description"].startswith("token algorithm 'xxx")
     assert body["error_description"].endswith("is not accepted (accepted: RS256, ES256)")
