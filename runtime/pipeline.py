@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import secrets as _secrets
 import signal
@@ -190,18 +191,31 @@ async def terminate(sandbox: Sandbox, waiter: asyncio.Future[ExitInfo], grace_s:
         await sandbox.signal(signal.SIGKILL)
 
 
+# Output up to this size is scrubbed on the event loop: every pattern is linear-time, so that is well under
+# a millisecond, cheaper than a hop to a worker thread (a warm call's few small chunks). Larger pieces go
+# to a worker thread, so a flood never holds the loop.
+INLINE_SCRUB_CHARS = 8 * 1024
+
+
+async def _off_loop_if_large(size: int, work: Callable[[], str]) -> str:
+    return work() if size <= INLINE_SCRUB_CHARS else await asyncio.to_thread(work)
+
+
 async def pump(sandbox: Sandbox, collected: Collected, emit: Emit, stream_live: bool) -> None:
     """Forward scrubbed output as it happens, keeping at most each stream's cap.
 
-    Scrubbing is CPU work on hostile bytes: it runs in a worker thread, one chunk (bounded by the
-    backend's read size) at a time, so the event loop keeps serving other calls, health and cancels.
+    Scrubbing is CPU work on hostile bytes: anything larger than a few KiB runs in a worker thread, one
+    chunk (bounded by the backend's read size) at a time, so the event loop keeps serving other calls,
+    health and cancels.
     """
     async for name, data in sandbox.output():
-        text = await asyncio.to_thread(collected.stream(name).feed, data)
+        stream = collected.stream(name)
+        text = await _off_loop_if_large(len(data), functools.partial(stream.feed, data))
         if text and stream_live:
             await emit(OutputChunk(stream=name, text=text))
     for name in ("stdout", "stderr"):
-        tail = await asyncio.to_thread(collected.stream(name).finish)
+        stream = collected.stream(name)
+        tail = await _off_loop_if_large(stream.scrubber.held_chars, stream.finish)
         if tail and stream_live:
             await emit(OutputChunk(stream=name, text=tail))
 
@@ -417,7 +431,9 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
             if delivered is not None and services.delivery is not None:
                 services.delivery.cleanup(delivered)
         with step("toolcell.finalize", redactor):  # injection markers, JSON: CPU work on output, off the loop
-            verdict = await asyncio.to_thread(finalize, config, resolved, done.outcome)
+            kept = done.outcome.collected.stdout.buffer.kept + done.outcome.collected.stderr.buffer.kept
+            verdict = finalize(config, resolved, done.outcome) if kept <= INLINE_SCRUB_CHARS else \
+                await asyncio.to_thread(finalize, config, resolved, done.outcome)
         collected = done.outcome.collected
         result = Result(
             exit_code=done.outcome.exit.exit_code,

@@ -569,6 +569,11 @@ class StreamScrubber:
         head, self._pending = self._pending[:cut], self._pending[cut:]
         return self.redactor.redact_into(head, self.redactions)
 
+    @property
+    def held_chars(self) -> int:
+        """Characters held back, not yet scrubbed and released (what ``finish`` will work on)."""
+        return len(self._raw) + len(self._unnormalized) + len(self._pending)
+
     def discard(self) -> int:
         """Drop everything held (unscrubbed) without releasing it; returns its UTF-8 size in bytes."""
         n = sum(len(part.encode("utf-8", "replace")) for part in (self._raw, self._unnormalized, self._pending))
