@@ -13,14 +13,13 @@ from grpc_reflection.v1alpha import reflection
 
 from runtime import metrics
 from runtime.api.v1 import supervisor_pb2 as pb
-from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
 from runtime.audit import AuditLog
 from runtime.backends.base import Removed
 from runtime.gate import Gate, Sampler
 from runtime.hostload import HostSampler
 from runtime.server.healthcheck import HealthMonitor
 from runtime.server.identity import Authenticator
-from runtime.server.service import SupervisorService
+from runtime.server.service import SupervisorService, add_to_server
 from runtime.server.tokens import JwtVerifier
 from runtime.server.transport import Transport, server_options
 from runtime.supervisor import Supervisor
@@ -54,7 +53,7 @@ class App:
         verifier = JwtVerifier(security.jwt) if security.jwt is not None else None
         self.authenticator = Authenticator(security.policy, verifier, self.transport.peers)
         self.service = SupervisorService(supervisor, self.gate, self.authenticator)
-        pb_grpc.add_SupervisorServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]
+        add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

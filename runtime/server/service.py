@@ -8,9 +8,10 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
@@ -18,7 +19,7 @@ from runtime import metrics
 from runtime.api.v1 import supervisor_pb2 as pb
 from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
 from runtime.endings import Ending
-from runtime.errors import InvocationNotFound, ResourceExhausted, ToolcellError
+from runtime.errors import InvalidArguments, InvocationNotFound, ResourceExhausted, ToolcellError
 from runtime.gate import Gate
 from runtime.model import Event, Result, Started
 from runtime.pipeline import Emit, describe
@@ -70,6 +71,51 @@ def _trace_id(span: trace.Span) -> str:
     return format(span.get_span_context().trace_id, "032x")
 
 
+@dataclasses.dataclass(frozen=True)
+class Undecodable:
+    """What a request that is not a valid protobuf message becomes: refused INVALID_ARGUMENT by the screen,
+    charged to the peer (gRPC's own handling would answer UNKNOWN and log a traceback per request)."""
+
+    message: str
+
+
+def _lenient(parse: Callable[[bytes], Any], message: str) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return Undecodable(message)
+
+    return deserialize
+
+
+class _Capture:
+    """Stands in for the server while the generated code registers its handlers, so we can adjust them."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        return
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_to_server(servicer: SupervisorService, server: grpc.aio.Server) -> None:
+    """The generated registration, with every request deserializer made lenient (``Undecodable``)."""
+    capture = _Capture()
+    pb_grpc.add_SupervisorServicer_to_server(servicer, capture)  # type: ignore[no-untyped-call]
+    service = pb.DESCRIPTOR.services_by_name["Supervisor"]
+    handlers = {
+        name: handler._replace(request_deserializer=_lenient(
+            handler.request_deserializer, service.methods_by_name[name].input_type.name))
+        for name, handler in capture.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 class SupervisorService(pb_grpc.SupervisorServicer):
     """Every RPC passes the same screen first (``_screen``), cheapest check first:
 
@@ -91,7 +137,7 @@ class SupervisorService(pb_grpc.SupervisorServicer):
         await _abort(context, span, exc, what, self.supervisor.redactor)
         raise exc  # unreachable: abort raises
 
-    async def _screen(self, context: grpc.aio.ServicerContext, span: trace.Span, action: str,
+    async def _screen(self, context: grpc.aio.ServicerContext, span: trace.Span, action: str, request: object,
                       check: Callable[[], object], tool: str = "") -> tuple[str, Principal]:
         """Refusal budget, edge checks, authentication; returns (peer, principal) or aborts the RPC."""
         peer = self.auth.peer_key(context)
@@ -101,6 +147,8 @@ class SupervisorService(pb_grpc.SupervisorServicer):
             await _abort(context, span, exc, action, self.supervisor.redactor)
             raise  # unreachable: abort raises
         try:
+            if isinstance(request, Undecodable):
+                raise InvalidArguments(f"not a valid {request.message} message", path="request")
             check()
         except ToolcellError as exc:
             await self._refuse(context, span, peer, exc, action)
@@ -138,9 +186,11 @@ class SupervisorService(pb_grpc.SupervisorServicer):
         """
         remaining = context.time_remaining()
         deadline_s = time.monotonic() + remaining if remaining is not None else None
-        call = request_from_pb(request, deadline_s)
+        undecodable = isinstance(request, Undecodable)
+        call = request_from_pb(pb.ExecuteRequest() if undecodable else request, deadline_s)
         peer, principal = await self._screen(
-            context, span, "call", lambda: check_request(call, self.supervisor.config.limits), request.tool)
+            context, span, "call", request, lambda: check_request(call, self.supervisor.config.limits),
+            "" if undecodable else request.tool)
         # From here on the caller's strings are bounded and of a small character set.
         ending: Ending | None = None
 
@@ -205,7 +255,7 @@ class SupervisorService(pb_grpc.SupervisorServicer):
     async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext
                         ) -> pb.ListToolsResponse:
         with caller_trace(context, "toolcell.v1.Supervisor/ListTools") as span:
-            peer, principal = await self._screen(context, span, "list", lambda: None)
+            peer, principal = await self._screen(context, span, "list", request, lambda: None)
             tools = {t.name: t for t in self.supervisor.list_tools()}
             try:
                 shown = await self.gate.visible(principal, tools)
@@ -216,7 +266,8 @@ class SupervisorService(pb_grpc.SupervisorServicer):
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
                      ) -> pb.CancelResponse:
         with caller_trace(context, "toolcell.v1.Supervisor/Cancel") as span:
-            peer, principal = await self._screen(context, span, "cancel", lambda: check_cancel(request.invocation_id))
+            peer, principal = await self._screen(context, span, "cancel", request,
+                                                 lambda: check_cancel(request.invocation_id))
             try:
                 try:
                     await self.supervisor.cancel(request.invocation_id, owner=principal.id)

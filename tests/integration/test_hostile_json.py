@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
+from runtime.api.v1 import supervisor_pb2 as pb
 from runtime.client import ClientError
 from runtime.model import Status
 from runtime.policy.plan import LABEL_OWNER
@@ -57,3 +60,38 @@ async def test_arguments_and_tool_output_with_unrepresentable_json(tmp_path: Pat
             bad = await client.call("python.run", {"code": f"print({denied!r})"})
             assert bad.status is Status.OK and bad.structured_content is None
             assert bad.output.strip() == denied
+
+
+# Every method, fed bytes that are not its request message, next to the same method fed a valid one.
+UNDECODABLE = b"\xff\xff\xff\xff\x0f"
+METHODS = [("Call", pb.ExecuteRequest(tool="text.wordcount", arguments_json='{"text": "a"}')),
+           ("Execute", pb.ExecuteRequest(tool="text.wordcount", arguments_json='{"text": "a"}')),
+           ("ListTools", pb.ListToolsRequest()),
+           ("Cancel", pb.CancelRequest(invocation_id="inv_not_running_1"))]
+
+
+@pytest.mark.parametrize(("method", "valid"), METHODS, ids=[m for m, _ in METHODS])
+async def test_an_undecodable_request_is_invalid_argument_not_unknown(tmp_path: Path, method: str,
+                                                                      valid: Any) -> None:
+    async with running_supervisor(tmp_path) as (app, client), grpc.aio.insecure_channel(app.address) as channel:
+        path = f"/toolcell.v1.Supervisor/{method}"
+        rpc = channel.unary_stream(path) if method == "Execute" else channel.unary_unary(path)
+
+        async def send(payload: bytes) -> grpc.StatusCode:
+            try:
+                result = rpc(payload, timeout=30)
+                if method == "Execute":
+                    async for _ in result:
+                        pass
+                else:
+                    await result
+            except grpc.aio.AioRpcError as exc:
+                assert len(exc.details() or "") < 200
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        denied = await send(UNDECODABLE)
+        allowed = await send(valid.SerializeToString())
+        assert denied is grpc.StatusCode.INVALID_ARGUMENT
+        assert allowed in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND)  # Cancel of an id not running
+        assert (await client.call("text.wordcount", json.dumps({"text": "still"}))).status is Status.OK
