@@ -683,3 +683,54 @@ async def test_megabyte_tool_names_leave_no_limiter_state_and_small_records(tmp_
     lines = audit.read_bytes().splitlines()
     assert lines and max(map(len, lines)) <= MAX_RECORD_BYTES
     assert verify([audit]).ok
+
+
+HOLDER_SCRIPT = """
+import asyncio, sys
+from runtime.client import Client
+from runtime.model import Result, Started
+async def main():
+    async with Client(sys.argv[1]) as c:
+        events = c.execute("python.hold", "{}", invocation_id=sys.argv[2], timeout=60)
+        async for event in events:
+            if isinstance(event, Started):
+                print("started", flush=True)
+                await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+                await c.cancel(sys.argv[2])
+            elif isinstance(event, Result):
+                print(event.status.value, flush=True)
+asyncio.run(main())
+"""
+
+
+async def test_a_caller_chosen_invocation_id_is_scoped_to_its_caller() -> None:
+    """uid 1234 runs 'inv_shared_id_1'; to root that id is neither taken (ALREADY_EXISTS would leak it) nor
+    cancellable (NOT_FOUND, as for no run); root's own run with the same id is root's alone."""
+    shared = "inv_shared_id_1"
+    with shared_dir() as d:
+        doc = _doc(f"unix://{d}/tc.sock", auth={"require": ["peer"], "rules": [
+            {"match": {"uid": os.geteuid()}, "tools": ["*"]}, {"match": {"uid": OTHER_UID}, "tools": ["*"]}]})
+        async with serving(doc) as app:
+            other = await asyncio.create_subprocess_exec(
+                "setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups",
+                sys.executable, "-c", HOLDER_SCRIPT, app.address, shared,
+                cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)},
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert other.stdin is not None and other.stdout is not None
+            assert (await asyncio.wait_for(other.stdout.readline(), 60)).strip() == b"started"
+            async with Client(app.address) as me:
+                with pytest.raises(ClientError) as info:
+                    await me.cancel(shared)
+                assert info.value.code == "NOT_FOUND"
+                mine = me.execute("python.hold", "{}", invocation_id=shared, timeout=60)
+                async for event in mine:
+                    if isinstance(event, Started):
+                        await me.cancel(shared)  # cancels root's run only
+                    elif isinstance(event, Result):
+                        assert event.status is Status.KILLED
+            assert app.supervisor.in_flight == 1  # the other uid's run is untouched
+            other.stdin.write(b"go\n")
+            await other.stdin.drain()
+            out, err = await asyncio.wait_for(other.communicate(), 60)
+            assert other.returncode == 0, err.decode()
+            assert out.decode().split() == ["killed"]
