@@ -390,6 +390,10 @@ async def test_metrics_on_prometheus_and_at_an_otlp_receiver(tmp_path: Path, mak
         assert prom_value(text, "toolcell_invocation_duration_seconds_count", tool="text.wordcount") == 1
         assert prom_value(text, "toolcell_rejections_total", reason="tool_not_found") == 1
         assert prom_value(text, "toolcell_rejections_total", reason="invalid_arguments") == 1
+        # Every invocation with an id counted by how it ended; an unknown tool's name is never a label.
+        assert prom_value(text, "toolcell_invocation_endings_total", tool="text.wordcount", ending="result") == 1
+        assert prom_value(text, "toolcell_invocation_endings_total", tool="text.wordcount", ending="error") == 1
+        assert prom_value(text, "toolcell_invocation_endings_total", tool="unknown", ending="error") == 1
         assert (prom_value(text, "toolcell_redactions_total", tool="leaky") or 0) >= 1
         assert prom_value(text, "toolcell_sandboxes_active") == 0
         assert prom_value(text, "toolcell_health_serving") == 1
