@@ -17,6 +17,7 @@ from typing import Any
 from runtime.errors import ConfigError
 from runtime.policy.access import AccessPolicy, parse_rules
 from runtime.policy.limits import AdmissionSpec, BucketSpec, ConcurrencySpec
+from runtime.units import parse_duration, parse_size
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,6 @@ def _refusal_bucket(rl: Mapping[str, Any]) -> BucketSpec | None:
 
 
 def parse_security(doc: Mapping[str, Any], *, listen: str, base_dir: Path, runtime_dir: str) -> SecuritySettings:
-    from runtime.settings import parse_duration, parse_size
-
     server = doc.get("server", {})
     unix = listen.startswith("unix:")
     tls = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,13 +29,11 @@ from runtime.policy.profile import IsolationProfile, Mount, OutputPolicy
 from runtime.policy.seccomp import SeccompProfile, load_seccomp
 from runtime.safepath import UnsafePath, trusted_socket
 from runtime.secretstore import SecretStoreSettings
+from runtime.units import parse_duration, parse_size
 
 ENV_CONFIG = "TOOLCELL_CONFIG"
 ENV_LISTEN = "TOOLCELL_LISTEN"
 ENV_TOKEN = "TOOLCELL_TOKEN"  # noqa: S105 # nosec B105 - the variable name, not a token
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-               "mi": 1024**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3}
 
 
 @dataclass(frozen=True)
@@ -153,25 +150,6 @@ def default_target() -> str:
 def client_token() -> str | None:
     """A caller's bearer JWT from the environment (the CLI's default)."""
     return os.environ.get(ENV_TOKEN) or None
-
-
-def parse_size(value: int | str, key: str) -> int:
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
-    unit = m.group(2).lower() if m else ""
-    if not m or unit not in _SIZE_UNITS:
-        raise ConfigError(f"not a size: {value!r} (use e.g. 256Mi)", key=key)
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
-
-
-def parse_duration(value: float | str, key: str) -> float:
-    if isinstance(value, int | float):
-        return float(value)
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)\s*", value)
-    if not m:
-        raise ConfigError(f"not a duration: {value!r} (use e.g. 30s)", key=key)
-    return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2)]
 
 
 def _schema() -> dict[str, Any]:

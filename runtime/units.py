@@ -1,0 +1,40 @@
+"""Sizes and durations as the config writes them (``256Mi``, ``30s``, ``24h``): a leaf module.
+
+Both ``settings`` and ``access_settings`` parse them; neither imports the other for it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from runtime.errors import ConfigError
+from runtime.quoting import quote
+
+__all__ = ["parse_duration", "parse_size"]
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mi": 1024**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)\s*")
+
+
+def parse_size(value: int | str, key: str) -> int:
+    """Bytes from an integer or ``<number><unit>`` (k, Ki, M, Mi, G, Gi, with or without b)."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.fullmatch(value)
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _SIZE_UNITS:
+        raise ConfigError(f"not a size: {quote(value)} (use e.g. 256Mi)", key=key)
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_duration(value: float | str, key: str) -> float:
+    """Seconds from a number or ``<number><unit>`` (ms, s, m, h)."""
+    if isinstance(value, int | float):
+        return float(value)
+    m = _DURATION.fullmatch(value)
+    if not m:
+        raise ConfigError(f"not a duration: {quote(value)} (use e.g. 30s)", key=key)
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
