@@ -7,8 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from runtime.policy.profile import IsolationProfile
-
 
 class Status(enum.Enum):
     """Final status of an invocation. Decided from what the engine reports, never from tool output."""
@@ -45,12 +43,6 @@ class Tool:
     output_schema: Mapping[str, Any] | None = None
     annotations: Mapping[str, Any] = field(default_factory=dict)
     secrets: tuple[SecretGrant, ...] = ()
-
-
-@dataclass(frozen=True)
-class ResolvedTool:
-    tool: Tool
-    profile: IsolationProfile
 
 
 @dataclass(frozen=True)

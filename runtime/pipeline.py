@@ -29,13 +29,12 @@ from opentelemetry import trace
 
 from runtime.backends.base import Backend, ExitInfo, Sandbox, WarmSandbox
 from runtime.egress.session import EgressSession, egress_attributes
-from runtime.errors import InvalidArguments, SecretError, ToolcellError, ToolNotFound
+from runtime.errors import InvalidArguments, SecretError, ToolcellError
 from runtime.model import (
     EgressDestination,
     Event,
     InvocationRequest,
     OutputChunk,
-    ResolvedTool,
     Result,
     Started,
     Status,
@@ -44,6 +43,7 @@ from runtime.model import (
 from runtime.output import Collected, inspect_output
 from runtime.policy.arguments import ArgumentLimits, parse_arguments, validate_arguments
 from runtime.policy.plan import ContainerPlan, compile_plan, pooled_plan
+from runtime.policy.resolve import ResolvedTool, resolve_tool
 from runtime.policy.scrub import Redactor, wrap_untrusted
 from runtime.secretdelivery import Delivered, SecretDelivery
 from runtime.settings import Config
@@ -116,10 +116,7 @@ def describe(exc: ToolcellError, redactor: Redactor) -> str:
 
 def resolve(config: Config, name: str) -> ResolvedTool:
     """Look the tool up by name; the caller can choose nothing else."""
-    tool = config.tools.get(name)
-    if tool is None:
-        raise ToolNotFound(name)
-    return ResolvedTool(tool=tool, profile=config.profiles[tool.profile])
+    return resolve_tool(config.tools, config.profiles, name)
 
 
 def validate(config: Config, resolved: ResolvedTool, arguments_json: str) -> dict[str, Any]:
