@@ -31,7 +31,7 @@ import pytest
 import yaml
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 
-from runtime.client import Client, ClientError
+from runtime.client import Client, ClientError, UnavailableError
 from runtime.control import check_health, read_state
 from runtime.model import Status
 from tests.support import REPO, config_doc, engine, leftovers
@@ -155,10 +155,19 @@ async def test_sigterm_cancels_what_outlives_the_grace(tmp_path: Path, make_serv
         with pytest.raises(ClientError) as info:
             await client.call("text.wordcount", json.dumps({"text": "late"}))
         assert info.value.code == "UNAVAILABLE"
-        result = await task
+        try:
+            result = await task
+        except UnavailableError as exc:
+            # Known race (about 1 run in 8 on a loaded 2-core machine): the connection closes at the end of
+            # the shutdown before the call's last message reaches the caller. The call itself ended killed,
+            # on record; the supervisor's log line says so (checked below).
+            assert "Server shutdown" in str(exc)
+            result = None
     elapsed = time.monotonic() - t0
-    assert result.status is Status.KILLED and result.output == "start\n"
+    assert result is None or (result.status is Status.KILLED and result.output == "start\n")
     assert serve.wait() == 0
+    ended = [m for m in serve.lines() if m["message"] == "invocation finished" and m.get("tool") == "python.run"]
+    assert [(m["ending"], m["status"]) for m in ended] == [("result", "killed")]
     assert 1.0 <= elapsed < 1.0 + 1.0 + 8.0  # grace + kill grace + engine slack
     assert leftovers(engine(), serve.owner) == []
     with pytest.raises(Exception, match="No such container"):
