@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from runtime import metrics
 from runtime.backends.base import Backend, Removed, Sandbox
 from runtime.errors import (
     EngineUnavailable,
-    InvalidArguments,
     InvocationConflict,
     InvocationNotFound,
     ShuttingDown,
@@ -28,6 +26,7 @@ from runtime.errors import (
 from runtime.model import InvocationRequest, Result, Tool
 from runtime.pipeline import Emit, Services, run_invocation
 from runtime.policy.annotations import tool_annotations
+from runtime.policy.requests import check_invocation_id
 from runtime.policy.scrub import Redactor
 from runtime.pool import PoolManager
 from runtime.secretdelivery import SecretDelivery
@@ -42,7 +41,6 @@ _ENGINE_POLL_MAX_S = 5.0
 # Removal retries while the engine is unreachable: 0.25 s doubling to 5 s, about two minutes in all.
 REMOVE_RETRIES = 30
 
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{8,128}$")
 
 
 def new_invocation_id() -> str:
@@ -190,8 +188,7 @@ class Supervisor:
         if self.awaiting_engine:
             raise EngineUnavailable(f"waiting for the Docker engine (engine.wait_at_start): {self._absent}")
         invocation_id = request.invocation_id or new_invocation_id()
-        if not _ID_PATTERN.match(invocation_id):
-            raise InvalidArguments("must be 8-128 characters of [A-Za-z0-9_.:-]", path="invocation_id")
+        check_invocation_id(invocation_id, required=True)  # the edge's own check (callers other than gRPC too)
         key = (owner, invocation_id)
         if key in self._running:
             raise InvocationConflict("this invocation id is already running")
