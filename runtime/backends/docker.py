@@ -1,9 +1,12 @@
 """Docker engine backend: the only module in toolcell that imports ``docker``.
 
-One ``ContainerPlan`` becomes one container, translated 1:1 (nothing is added that weakens the plan).
-The docker SDK is synchronous, so every engine call runs in this backend's own small thread pool,
-never on the event loop; one low-level ``APIClient`` (pinned API version, so constructing it does no
-I/O) serves every call. Engine exceptions are translated here, at the seam, into ``runtime.errors``.
+One ``SandboxSpec`` becomes one container, translated here into the engine's terms (``_create_container``);
+nothing is added that weakens the spec, and the hardening every sandbox gets (read-only root, no
+capabilities, no-new-privileges, init, own IPC and cgroup namespaces, no log driver, core dumps off) is
+fixed here, not read from the spec. The docker SDK is synchronous, so every engine call runs in this
+backend's own small thread pool, never on the event loop; one low-level ``APIClient`` (pinned API
+version, so constructing it does no I/O) serves every call. Engine exceptions are translated here, at
+the seam, into ``runtime.errors``.
 
 One sandbox's life, and the engine round trips it costs::
 
@@ -18,7 +21,12 @@ One sandbox's life, and the engine round trips it costs::
 
 Usage (peak memory, CPU time) is sampled from the host's cgroup files while the container runs
 (``cgroup.py``); the cgroup disappears when the container exits, so the last sample is the best-known value.
-A pooled sandbox (``create_warm``) runs the launcher (``launcher.py``) and is claimed by ``start``.
+A pooled sandbox (``create_warm``) runs the launcher (``launcher.py``) and is claimed by ``start``; so
+does a cold sandbox whose spec has ``defer`` (granted secrets): the secrets travel in the launcher's
+claim envelope on stdin and are written inside the sandbox, never as host files.
+A spec without ``egress`` gets ``NetworkDisabled``: a private network namespace holding only loopback,
+without the engine's network allocation. With ``egress`` the sandbox joins its own internal network
+next to its own proxy (``docker_egress.py``), both gone with its ``remove``.
 Under runsc every sandbox runs the tool behind the launcher's relay: gVisor's donated host stdio answers
 a large write(2) with a short count (65,536 of 200,000 bytes) that tools take as complete, so the tool
 writes into pipes inside gVisor that the launcher copies out whole.
@@ -44,19 +52,35 @@ import docker.errors
 import requests.exceptions
 from docker.types import IPAMConfig, IPAMPool, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
+from opentelemetry import trace
 
 from runtime.backends.attach import RECV_BYTES, AttachStream, SandboxStream
 from runtime.backends.base import ExitInfo, Removed, StreamName
 from runtime.backends.cgroup import CgroupLayout, CgroupProbe, UsageSampler
 from runtime.backends.channel import CHANNEL_DIR, ChannelListener, ChannelStream
+from runtime.backends.docker_egress import (
+    LABEL_INVOCATION,
+    LABEL_MANAGED,
+    LABEL_OWNER,
+    LABEL_PROFILE,
+    LABEL_ROLE,
+    LABEL_TOOL,
+    EgressSession,
+    NetworkAttachment,
+    NetworkSpec,
+    identity_labels,
+)
 from runtime.backends.launcher import envelope, launch_command, new_nonce, relay_command
-from runtime.errors import BackendError, EngineUnavailable, ImageMissing, RuntimeMissing
-from runtime.model import Usage
-from runtime.policy.network import LABEL_ROLE, NetworkSpec
-from runtime.policy.plan import LABEL_INVOCATION, LABEL_MANAGED, LABEL_OWNER, LABEL_TOOL, ContainerPlan
+from runtime.errors import BackendError, ConfigError, EngineUnavailable, ImageMissing, RuntimeMissing
+from runtime.model import EgressDestination, Usage
+from runtime.policy.network import EgressSettings
 from runtime.policy.profile import Mount
+from runtime.policy.spec import NO_SECRETS, POOL_PREFIX, SandboxSpec, Secrets, sandbox_pids
 
-__all__ = ["DEFAULT_BASE_URL", "DockerBackend", "DockerSandbox"]
+__all__ = [
+    "DEFAULT_BASE_URL", "LABEL_INVOCATION", "LABEL_MANAGED", "LABEL_OWNER", "LABEL_PROFILE", "LABEL_ROLE",
+    "LABEL_TOOL", "DockerBackend", "DockerSandbox",
+]
 
 DEFAULT_BASE_URL: Final = "unix:///var/run/docker.sock"
 # API 1.41 (engine 20.10) is the first with a private cgroup namespace; newer engines accept it too.
@@ -75,6 +99,13 @@ _ATTACH_PARAMS: Final = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
 # with a short count, which many tools take as complete: their tools write into pipes inside the sandbox
 # that the launcher copies out whole (``runtime/data/launcher.py`` --relay).
 _SHORT_WRITE_RUNTIMES: Final = frozenset({"runsc"})
+# Scratch directories: noexec (a dropped binary can't run), nosuid/nodev (no privilege via files), size-capped
+# (the tool can't fill host memory through tmpfs); mode and owner from the spec.
+_SCRATCH_OPTIONS: Final = "rw,noexec,nosuid,nodev,size={size},mode={mode:o}"
+# The engine always mounts a writable mqueue filesystem at /dev/mqueue (under runc, even with IPC "none"):
+# an empty read-only tmpfs hides it, so no path but the spec's scratch can be written.
+_MQUEUE_DIR: Final = "/dev/mqueue"
+_MQUEUE_OPTIONS: Final = "ro,noexec,nosuid,nodev,size=4k,mode=0555"
 # Messages of 5xx answers that mean "the engine went away under us", not "the request was wrong".
 _ENGINE_GONE_HINTS: Final = ("connection reset", "broken pipe", "transport is closing", "unexpected eof")
 # No socket, connection refused or reset, engine restarted mid-call, read timeout.
@@ -94,7 +125,7 @@ def _removed(summary: Mapping[str, Any]) -> Removed:
     """What a swept container served, from its labels (a proxy or pooled sandbox served no invocation)."""
     labels = summary.get("Labels") or {}
     invocation = str(labels.get(LABEL_INVOCATION, ""))
-    serving = LABEL_ROLE not in labels and not invocation.startswith("pool-")  # a pooled sandbox's claim is unknown
+    serving = LABEL_ROLE not in labels and not invocation.startswith(POOL_PREFIX)  # a pooled one's claim is unknown
     return Removed(sandbox_id=str(summary["Id"]), invocation_id=invocation if serving else "",
                    tool=str(labels.get(LABEL_TOOL, "")) if serving else "")
 
@@ -103,7 +134,9 @@ class DockerBackend:
     """Runs sandboxes on a Docker engine (``base_url`` e.g. ``unix:///var/run/docker.sock``).
 
     ``max_workers`` bounds concurrent engine calls; a blocked ``wait()`` holds one worker for the
-    lifetime of its container, so size it above the supervisor's concurrency cap.
+    lifetime of its container, so size it above the supervisor's concurrency cap. ``egress``: the
+    supervisor's egress settings, without which a spec granting egress is refused (``check``);
+    ``proxy_seccomp_json``: the egress proxy's seccomp profile (the default profile's).
     """
 
     name = "docker"
@@ -112,18 +145,22 @@ class DockerBackend:
         self,
         base_url: str | None = None,
         *,
+        channel_dir: str | None = None,
+        egress: EgressSettings | None = None,
+        proxy_seccomp_json: str = "",
         api_version: str = DEFAULT_API_VERSION,
         timeout_s: float = 60.0,
         max_workers: int = 64,
         sample_interval_s: float = 0.05,
         cgroup_root: str = "/sys/fs/cgroup",
-        channel_dir: str | None = None,
     ) -> None:
         self._address = base_url or DEFAULT_BASE_URL
         # Pooled sandboxes talk over a private channel under this directory (``channel.py``) when the
         # engine can mount it; None: always through the engine's attach relay.
         self._channel_dir = Path(channel_dir) if channel_dir else None
         self._channel_works: bool | None = None  # unknown until the first pooled sandbox
+        self._egress = egress
+        self._proxy_seccomp_json = proxy_seccomp_json
         try:
             self._api = docker.APIClient(
                 base_url=self._address, version=api_version, timeout=timeout_s, max_pool_size=max_workers
@@ -147,32 +184,76 @@ class DockerBackend:
             return "attach"
         return "channel" if self._channel_works else "channel?"
 
-    async def create(self, plan: ContainerPlan) -> DockerSandbox:
-        if plan.runtime in _SHORT_WRITE_RUNTIMES:  # the launcher takes the tool's output whole (launcher.py)
-            plan = dataclasses.replace(plan, command=relay_command(plan.command))
-        return await self._create(plan)
+    def check(self, spec: SandboxSpec) -> None:
+        """Egress needs the supervisor's egress settings (the proxy's image, the subnet pool)."""
+        if spec.egress and self._egress is None:
+            raise ConfigError(f"tool {spec.identity.tool!r} is granted egress, but the Docker backend was "
+                              "given no egress settings", key=f"tools.{spec.identity.tool}")
+        if spec.egress and not self._proxy_seccomp_json.strip():
+            raise ConfigError(f"tool {spec.identity.tool!r} is granted egress, but the Docker backend has no "
+                              "seccomp profile for its egress proxy", key=f"tools.{spec.identity.tool}")
 
-    async def _create(self, plan: ContainerPlan) -> DockerSandbox:
-        if not plan.seccomp_json.strip():
+    async def create(self, spec: SandboxSpec) -> DockerSandbox:
+        self.check(spec)
+        relay = spec.isolation in _SHORT_WRITE_RUNTIMES
+        if spec.defer:  # the launcher spawns the tool at start, with the secrets start brings (attach transport)
+            run = dataclasses.replace(spec, command=launch_command(spec.command, defer=True, relay=relay))
+        elif relay:  # the launcher takes the tool's output whole (launcher.py)
+            run = dataclasses.replace(spec, command=relay_command(spec.command))
+        else:
+            run = spec
+        if not spec.egress:
+            sandbox = await self._create(run)
+            sandbox._launcher = spec.defer
+            return sandbox
+        return await self._create_with_egress(run, spec)
+
+    async def _create_with_egress(self, run: SandboxSpec, spec: SandboxSpec) -> DockerSandbox:
+        """The sandbox's own network and proxy first, then the sandbox on that network, pointed at the proxy."""
+        assert self._egress is not None  # check() refused otherwise  # nosec B101
+        session = EgressSession(self, self._egress, spec.egress, spec.identity, seccomp_json=self._proxy_seccomp_json)
+        span = trace.get_current_span()
+        t0 = time.perf_counter()
+        try:
+            attachment, proxy_env = await session.open()
+            span.add_event("toolcell.egress.ready", {"toolcell.egress.setup_ms": (time.perf_counter() - t0) * 1000})
+            run = dataclasses.replace(run, env={**run.env, **proxy_env})
+            sandbox = await self._create(run, attachment)
+        except BaseException:
+            await asyncio.shield(asyncio.ensure_future(session.close()))
+            raise
+        span.set_attribute("toolcell.egress.setup_ms", round((time.perf_counter() - t0) * 1000, 1))
+        sandbox._launcher, sandbox._session = spec.defer, session
+        return sandbox
+
+    async def create_attached(self, spec: SandboxSpec, attachment: NetworkAttachment) -> DockerSandbox:
+        """A container on a given network at a given address (the egress proxy; ``docker_egress.EgressEngine``)."""
+        return await self._create(spec, attachment)
+
+    async def _create(self, spec: SandboxSpec, attachment: NetworkAttachment | None = None) -> DockerSandbox:
+        if not spec.seccomp_json.strip():
             # An empty SecurityOpt would fall back to the engine's default profile: refuse instead.
-            raise BackendError("the plan carries no seccomp profile; refusing to create the sandbox")
+            raise BackendError("the spec carries no seccomp profile; refusing to create the sandbox")
         container_id = await self._call(
-            functools.partial(self._create_container, plan), image=plan.image, runtime=plan.runtime
-        )
-        return DockerSandbox(self, container_id)
+            functools.partial(self._create_container, spec, attachment=attachment),
+            image=spec.image, runtime=spec.isolation)
+        return DockerSandbox(self, container_id, defer=spec.defer)
 
-    async def create_warm(self, plan: ContainerPlan, on_exit: Callable[[], None], *,
-                          defer: bool = False) -> DockerSandbox:
+    async def create_warm(self, spec: SandboxSpec, on_exit: Callable[[], None]) -> DockerSandbox:
         """Create and start a pooled sandbox: the launcher in front of the tool, both waiting for a claim.
 
         ``on_exit`` is called (on the event loop) if the sandbox's output ends before it is claimed.
         Over the private channel where it works (runc, an engine that sees our filesystem), else attach.
+        With ``spec.defer`` the tool is spawned at the claim, with the claim's secrets.
         """
-        if self._channel_dir is not None and plan.runtime == "runc" and self._channel_works is not False:
+        if spec.egress:  # its network and proxy are made per invocation: never pooled (settings refuse it)
+            raise ConfigError(f"tool {spec.identity.tool!r} is granted egress: it cannot be pooled",
+                              key=f"tools.{spec.identity.tool}")
+        if self._channel_dir is not None and spec.isolation == "runc" and self._channel_works is not False:
             if self._channel_works is None:  # first use: clear what a killed supervisor may have left
                 ChannelListener.sweep(self._channel_dir)
             try:
-                sandbox = await self._create_warm_channel(plan, self._channel_dir, on_exit, defer)
+                sandbox = await self._create_warm_channel(spec, self._channel_dir, on_exit)
             except _ChannelDown as exc:
                 if self._channel_works:
                     raise BackendError(str(exc)) from exc
@@ -181,10 +262,10 @@ class DockerBackend:
             else:
                 self._channel_works = True
                 return sandbox
-        relay = plan.runtime in _SHORT_WRITE_RUNTIMES
-        warm_plan = dataclasses.replace(plan, command=launch_command(plan.command, defer=defer, relay=relay))
-        sandbox = await self._create(warm_plan)
-        sandbox._warm, sandbox._defer = True, defer
+        relay = spec.isolation in _SHORT_WRITE_RUNTIMES
+        warm = dataclasses.replace(spec, command=launch_command(spec.command, defer=spec.defer, relay=relay))
+        sandbox = await self._create(warm)
+        sandbox._warm = sandbox._launcher = True
         sandbox._on_exit = on_exit
         try:
             await sandbox._launch()
@@ -193,22 +274,22 @@ class DockerBackend:
             raise
         return sandbox
 
-    async def _create_warm_channel(self, plan: ContainerPlan, base: Path, on_exit: Callable[[], None],
-                                   defer: bool) -> DockerSandbox:
+    async def _create_warm_channel(self, spec: SandboxSpec, base: Path, on_exit: Callable[[], None]) -> DockerSandbox:
         listener = ChannelListener(base)
-        warm_plan = dataclasses.replace(
-            plan, command=launch_command(plan.command, channel=f"{CHANNEL_DIR}/c.sock", defer=defer),
-            mounts=(*plan.mounts, Mount(source=str(listener.directory), target=CHANNEL_DIR)))
+        warm = dataclasses.replace(
+            spec, command=launch_command(spec.command, channel=f"{CHANNEL_DIR}/c.sock", defer=spec.defer),
+            mounts=(*spec.mounts, Mount(source=str(listener.directory), target=CHANNEL_DIR)))
         try:
-            container_id = await self._call(functools.partial(self._create_container, warm_plan, attach=False),
-                                            image=plan.image, runtime=plan.runtime)
+            container_id = await self._call(functools.partial(self._create_container, warm, attach=False),
+                                            image=spec.image, runtime=spec.isolation)
         except BackendError as exc:
             listener.close()
             if "bind source path does not exist" in str(exc) or "invalid mount config" in str(exc):
                 raise _ChannelDown(f"the engine cannot mount {base}: {exc}") from exc
             raise
-        sandbox = DockerSandbox(self, container_id)
-        sandbox._warm, sandbox._on_exit, sandbox._started, sandbox._defer = True, on_exit, True, defer
+        sandbox = DockerSandbox(self, container_id, defer=spec.defer)
+        sandbox._warm = sandbox._launcher = sandbox._started = True
+        sandbox._on_exit = on_exit
         try:
             await self._call(functools.partial(self._api.start, container_id))
             try:
@@ -225,9 +306,10 @@ class DockerBackend:
         return sandbox
 
     async def list_sandboxes(self, owner: str) -> list[str]:
+        """The owner's tool sandboxes (an egress proxy is part of its sandbox, not one of its own)."""
         filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={owner}"]}
         found = await self._call(functools.partial(self._api.containers, all=True, filters=filters))
-        return [str(c["Id"]) for c in found]
+        return [str(c["Id"]) for c in found if LABEL_ROLE not in (c.get("Labels") or {})]
 
     async def remove_orphans(self, owner: str) -> list[Removed]:
         filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={owner}"]}
@@ -235,16 +317,22 @@ class DockerBackend:
         removed = await asyncio.gather(*(self._remove(str(c["Id"])) for c in found))
         networks = await self._call(functools.partial(self._api.networks, filters=filters))
         await asyncio.gather(*(self.remove_network(str(n["Id"])) for n in networks))
-        return [_removed(c) for c, gone in zip(found, removed, strict=True) if gone]
+        return [_removed(c) for c, gone in zip(found, removed, strict=True)
+                if gone and LABEL_ROLE not in (c.get("Labels") or {})]
+
+    # -- egress networks (``docker_egress.EgressEngine``; not part of ``Backend``) ---------------------
 
     async def create_network(self, spec: NetworkSpec) -> str:
+        """Create ``spec`` with the first of its subnets that is free; returns that subnet."""
         return await self._call(functools.partial(self._create_network_blocking, spec))
 
     async def ensure_network(self, name: str, labels: Mapping[str, str]) -> None:
+        """Make sure the routable bridge network ``name`` exists (created with ``labels`` if missing)."""
         async with self._network_lock:  # the engine does not stop two concurrent creates of one name
             await self._call(functools.partial(self._ensure_network_blocking, name, dict(labels)))
 
     async def remove_network(self, name: str) -> None:
+        """Remove a network; no error if it is already gone."""
         await self._call(functools.partial(self._remove_network_blocking, name))
 
     async def ping(self) -> None:
@@ -275,13 +363,15 @@ class DockerBackend:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._api.close()
 
-    def baseline_cycle(self, plan: ContainerPlan, stdin: bytes) -> tuple[int, int]:
-        """Blocking, for ``toolcell bench``: the raw docker-py cycle with the plan's exact hardening.
+    def baseline_cycle(self, spec: SandboxSpec, stdin: bytes, *, network_disabled: bool = True) -> tuple[int, int]:
+        """Blocking, for ``toolcell bench``: the raw docker-py cycle with the spec's exact hardening.
 
         create, attach, start, write stdin, read the output to EOF, wait, remove: no pipeline, no
         event loop, no threads of ours. Returns (exit code, output bytes incl. frame headers).
+        ``network_disabled=False``: the older ``network_mode: none`` (the engine's network allocation
+        for the "none" network), for comparison.
         """
-        container_id = self._create_container(plan)
+        container_id = self._create_container(spec, network_disabled=network_disabled)
         try:
             raw = self._api.attach_socket(container_id, params=dict(_ATTACH_PARAMS))
             sock: socket.socket = getattr(raw, "_sock", raw)
@@ -333,53 +423,61 @@ class DockerBackend:
         with contextlib.suppress(docker.errors.NotFound):
             self._api.remove_network(name)
 
-    def _create_container(self, plan: ContainerPlan, attach: bool = True) -> str:
+    def _create_container(self, spec: SandboxSpec, attach: bool = True, *,
+                          attachment: NetworkAttachment | None = None, network_disabled: bool = True) -> str:
+        """The spec in the engine's terms. Fixed, whatever the spec: read-only root, every capability
+        dropped, no-new-privileges, an init, core dumps off, own IPC namespace without /dev/shm (a
+        profile's shm is a scratch tmpfs), a private cgroup namespace, no log driver (output is ours only)."""
         api = self._api
-        security_opt = [f"seccomp={plan.seccomp_json}"]
-        if plan.no_new_privileges:
-            security_opt.insert(0, "no-new-privileges")
+        pids_limit, nproc = sandbox_pids(spec.isolation, spec.pids)
+        # No egress: the engine allocates no network at all (NetworkDisabled), and the runtime's default
+        # namespaces give the sandbox a private network namespace holding only loopback.
+        disabled = attachment is None and network_disabled
         host_config = api.create_host_config(
-            network_mode=plan.network_mode,
-            read_only=plan.read_only_rootfs,
-            tmpfs=dict(plan.tmpfs),
-            mem_limit=plan.memory_bytes,
-            memswap_limit=plan.memory_bytes,
-            nano_cpus=plan.nano_cpus,
-            pids_limit=plan.pids_limit,
+            network_mode=attachment.network if attachment else (None if disabled else "none"),
+            read_only=True,
+            tmpfs=_tmpfs(spec),
+            mem_limit=spec.memory_bytes,
+            memswap_limit=spec.memory_bytes,  # no escape into swap
+            nano_cpus=int(spec.cpus * 1e9),
+            pids_limit=pids_limit,
             ulimits=[
-                Ulimit(name="nofile", soft=plan.nofile, hard=plan.nofile),
-                Ulimit(name="core", soft=0, hard=0),
-                *([Ulimit(name="nproc", soft=plan.nproc, hard=plan.nproc)] if plan.nproc else []),
+                Ulimit(name="nofile", soft=spec.nofile, hard=spec.nofile),
+                Ulimit(name="core", soft=0, hard=0),  # no core dump carries a tool's memory to the host
+                # runsc: the tool's own limit, enforced by gVisor per sandbox; runc: the pids cgroup (nproc
+                # would count the uid's processes host-wide).
+                *([Ulimit(name="nproc", soft=nproc, hard=nproc)] if nproc else []),
             ],
-            cap_drop=list(plan.cap_drop),
-            security_opt=security_opt,
-            init=plan.init,
-            ipc_mode=plan.ipc_mode,
-            cgroupns=plan.cgroupns_mode,
-            log_config=LogConfig(type=plan.log_driver),
-            runtime=plan.runtime,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges", f"seccomp={spec.seccomp_json}"],
+            init=True,
+            ipc_mode="none",
+            cgroupns="private",
+            log_config=LogConfig(type="none"),
+            runtime=spec.isolation,
             # ``Mounts`` (not ``Binds``): a missing source is an error instead of a new root-owned dir.
-            mounts=[DockerMount(m.target, m.source, type="bind", read_only=True) for m in plan.mounts],
+            mounts=[DockerMount(m.target, m.source, type="bind", read_only=True) for m in spec.mounts],
             auto_remove=False,
         )
         created = api.create_container(
-            image=plan.image,
-            command=list(plan.command),
-            user=plan.user,
-            environment=dict(plan.env),
-            labels=dict(plan.labels),
-            working_dir=plan.working_dir,
-            hostname=plan.hostname,
+            image=spec.image,
+            command=list(spec.command),
+            user=spec.user,
+            environment=dict(spec.env),
+            labels=identity_labels(spec.identity),
+            working_dir=spec.working_dir,
+            hostname=spec.hostname,
             stdin_open=attach,  # with detach=False this also sets StdinOnce and the Attach* flags
             tty=False,
+            network_disabled=disabled,
             host_config=host_config,
-            networking_config=_networking_config(api, plan),
+            networking_config=_networking_config(api, attachment),
             # Otherwise docker-py copies proxy settings from ~/.docker/config.json into the tool's env.
             use_config_proxy=False,
         )
         container_id = str(created["Id"])
         try:
-            for network in plan.extra_networks:
+            for network in attachment.extra if attachment else ():
                 api.connect_container_to_network(container_id, network)
         except BaseException:
             with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
@@ -439,7 +537,7 @@ class DockerBackend:
 class DockerSandbox:
     """One container created by ``DockerBackend``. Single use: start once, then remove."""
 
-    def __init__(self, backend: DockerBackend, container_id: str) -> None:
+    def __init__(self, backend: DockerBackend, container_id: str, *, defer: bool = False) -> None:
         self._backend = backend
         self._api = backend._api
         self._id = container_id
@@ -451,12 +549,17 @@ class DockerSandbox:
         self._closing = False  # remove() was called
         self._removed = False
         self._exit: ExitInfo | None = None
-        # Warm (pooled) sandboxes only: started before the claim; the launcher's trailers end the streams.
+        # Pooled sandboxes only: started before the claim; ``on_exit`` if they end unclaimed.
         self._warm = False
         self._on_exit: Callable[[], None] = lambda: None
+        # The launcher runs in front of the tool (pooled, or deferred): a claim envelope starts the tool
+        # and its trailers end the streams.
+        self._launcher = False
         self._claimed = False
-        self._defer = False  # the launcher spawns the tool at the claim, with the claim's environment
+        self._defer = defer  # the launcher spawns the tool at the claim, with the claim's secrets
         self._sent_kill = False  # a SIGKILL exit is then ours, not the OOM killer's
+        self._session: EgressSession | None = None  # its own network and proxy, closed after it
+        self._egress: tuple[EgressDestination, ...] = ()
 
     @property
     def id(self) -> str:
@@ -468,19 +571,26 @@ class DockerSandbox:
         stream = self._stream
         return self._warm and stream is not None and not stream.ended and not self._claimed and not self._closing
 
-    async def start(self, stdin: bytes) -> None:
+    @property
+    def egress(self) -> tuple[EgressDestination, ...]:
+        return self._egress
+
+    async def start(self, stdin: bytes, secrets: Secrets = NO_SECRETS) -> None:
+        if secrets and not self._defer:
+            # Its tool may already run (pooled) or would start without them: refuse rather than drop them.
+            raise BackendError(f"sandbox {self._id[:12]} was not created to take secrets at its start")
         if self._warm:
-            self._claim(stdin, {}, {})
+            self._claim(stdin, secrets)
             return
-        await self._launch(stdin)
+        if not self._launcher:
+            await self._launch(stdin)
+            return
+        await self._launch()
+        if self._stream is not None:  # else removed while starting: nothing to claim
+            self._claim(stdin, secrets)
 
-    async def claim(self, stdin: bytes, env: Mapping[str, str], files: Mapping[str, str]) -> None:
-        if not (self._warm and self._defer):
-            raise BackendError(f"sandbox {self._id[:12]} cannot take secrets at its claim")
-        self._claim(stdin, env, files)
-
-    def _claim(self, stdin: bytes, env: Mapping[str, str], files: Mapping[str, str]) -> None:
-        """Deliver the claim envelope (nonce + arguments [+ env]) to the waiting launcher."""
+    def _claim(self, stdin: bytes, secrets: Secrets) -> None:
+        """Deliver the claim envelope (nonce + arguments [+ secrets]) to the waiting launcher."""
         if self._claimed:
             raise BackendError(f"sandbox {self._id[:12]} was already claimed")
         self._claimed = True
@@ -489,10 +599,11 @@ class DockerSandbox:
             raise BackendError(f"pooled sandbox {self._id[:12]} ended before it was claimed")
         nonce = new_nonce()
         stream.expect_trailer(nonce, self._judge_trailer)
-        # Periodic sampling from a little later: waking the sampler thread now would compete with a short
-        # run (whose end is sampled anyway, when its trailer arrives).
-        asyncio.get_running_loop().call_later(_WARM_SAMPLE_DELAY_S, self._sample_from_now_on)
-        stream.send(envelope(nonce, stdin, env, files), half_close=False)
+        if self._warm:
+            # Periodic sampling from a little later: waking the sampler thread now would compete with a short
+            # run (whose end is sampled anyway, when its trailer arrives).
+            asyncio.get_running_loop().call_later(_WARM_SAMPLE_DELAY_S, self._sample_from_now_on)
+        stream.send(envelope(nonce, stdin, secrets.env, secrets.files), half_close=False)
 
     def _judge_trailer(self, status: int) -> int | None:
         """The launcher's status is final only for a clean run with no OOM kill in the sandbox's cgroup."""
@@ -533,8 +644,8 @@ class DockerSandbox:
             raise self._backend._translate(exc) from exc
 
     async def wait(self) -> ExitInfo:
-        if self._exit is None and self._warm and self._stream is not None:
-            # The launcher's trailer ends a pooled run without waiting for the engine to process the
+        if self._exit is None and self._launcher and self._stream is not None:
+            # The launcher's trailer ends a claimed run without waiting for the engine to process the
             # exit. Only a clean run is decided from it; anything else asks the engine (OOM flag, signal).
             status = await asyncio.shield(self._stream.trailer)
             if status == 0:
@@ -554,10 +665,12 @@ class DockerSandbox:
         self._closing = True
         self._stop_streams()
         self._backend._sampler.discard(self._probe)
-        if self._removed:
-            return
-        await self._backend._remove(self._id)
-        self._removed = True
+        if not self._removed:
+            await self._backend._remove(self._id)
+            self._removed = True
+        session, self._session = self._session, None
+        if session is not None:  # after the sandbox: the proxy's accounting is complete now
+            self._egress = await session.close()
 
     def _stop_streams(self) -> None:
         if self._stream is not None:
@@ -618,12 +731,23 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-def _networking_config(api: docker.APIClient, plan: ContainerPlan) -> dict[str, Any] | None:
-    """A fixed address on the plan's network (egress: the proxy's and the sandbox's), else the engine's pick."""
-    if not plan.network_ip:
+def _tmpfs(spec: SandboxSpec) -> dict[str, str]:
+    """The spec's scratch as the engine's tmpfs options, and /dev/mqueue covered read-only."""
+    tmpfs = {_MQUEUE_DIR: _MQUEUE_OPTIONS}
+    for scratch in spec.scratch:
+        options = _SCRATCH_OPTIONS.format(size=scratch.size_bytes, mode=scratch.mode)
+        if scratch.uid is not None:
+            options += f",uid={scratch.uid},gid={scratch.uid if scratch.gid is None else scratch.gid}"
+        tmpfs[scratch.path] = options
+    return tmpfs
+
+
+def _networking_config(api: docker.APIClient, attachment: NetworkAttachment | None) -> dict[str, Any] | None:
+    """A fixed address on the attachment's network (egress: the proxy's and the sandbox's)."""
+    if attachment is None or not attachment.ip:
         return None
     config: dict[str, Any] = api.create_networking_config(
-        {plan.network_mode: api.create_endpoint_config(ipv4_address=plan.network_ip)})
+        {attachment.network: api.create_endpoint_config(ipv4_address=attachment.ip)})
     return config
 
 

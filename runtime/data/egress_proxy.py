@@ -1,6 +1,7 @@
 """toolcell's egress proxy: one per granted invocation, the only peer a granted sandbox can reach.
 
-This file is a self-contained program (Python standard library only). The supervisor sends it as the
+This file is a self-contained program (Python standard library only), package data beside the launcher.
+The Docker backend (``runtime/backends/docker_egress.py``) sends it as the
 stdin of ``python3 -I -u -`` in a hardened sidecar container that sits on two networks: the invocation's
 ``internal`` network (no route out; the proxy listens on its address there) and the upstream network
 (where it resolves names and connects). It is also importable, so its rules are unit-tested in process.

@@ -1,12 +1,13 @@
-"""Network grants: which destinations a tool may reach, and the plans that enforce it. Pure.
+"""Network grants: which destinations a tool may reach, and the addresses that enforce it. Pure.
 
 A profile's ``network`` is a tuple of ``EgressGrant``; empty (the default, or ``network: none``) means
-the sandbox has no network interface but loopback. A granted invocation gets (see ``runtime/egress``):
+the sandbox has no network interface but loopback. A granted invocation gets (the Docker backend's
+``runtime/backends/docker_egress.py`` builds it):
 
     its own network   internal (no route out), no address on the host side (``inhibit_ipv4``: the host
                       is not a peer either), a /29 of ``egress.subnet_pool``: .2 proxy, .3 sandbox
-    an egress proxy   a hardened sidecar container on that network and on the upstream network, running
-                      ``runtime/egress/proxy.py``, which enforces exactly this invocation's grants
+    an egress proxy   a hardened sidecar on that network and on the upstream network, running
+                      ``runtime/data/egress_proxy.py``, which enforces exactly this invocation's grants
     the sandbox       on the internal network only, ``HTTP(S)_PROXY`` pointing at the proxy by address
 
 Two invocations never share a network or a proxy, so they never share an allowlist.
@@ -19,15 +20,12 @@ import json
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-from runtime.egress.proxy import is_ip_literal, normalize_host
+from runtime.data.egress_proxy import is_ip_literal, normalize_host
+from runtime.model import EgressDestination
 
-PROXY_PORT = 3128
-LABEL_ROLE = "io.toolcell.role"
-ROLE_PROXY = "egress-proxy"
-ROLE_NETWORK = "egress-network"
-ROLE_UPSTREAM = "egress-upstream"
+PROXY_PORT: Final = 3128
 
 
 class GrantError(ValueError):
@@ -90,18 +88,6 @@ class EgressSettings:
 
 
 @dataclass(frozen=True)
-class NetworkSpec:
-    """An engine network to create. ``subnets`` are tried in order (another may already use one)."""
-
-    name: str
-    labels: Mapping[str, str]
-    internal: bool = True
-    subnets: tuple[str, ...] = ()
-    # No address on the host side of the bridge: the host is not reachable from the network.
-    host_isolated: bool = True
-
-
-@dataclass(frozen=True)
 class EgressLayout:
     """Addresses of one invocation's internal network."""
 
@@ -141,3 +127,18 @@ def proxy_env(layout: EgressLayout) -> dict[str, str]:
     url = layout.proxy_url
     return {"HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
             "ALL_PROXY": url, "NO_PROXY": "", "no_proxy": ""}
+
+
+def egress_attributes(grants: Sequence[EgressGrant], destinations: Sequence[EgressDestination]) -> dict[str, Any]:
+    """Span attributes for one invocation's egress: what was granted, reached and refused, bytes each way."""
+    allowed = [d for d in destinations if d.allowed]
+    denied = [d for d in destinations if not d.allowed]
+    return {
+        "toolcell.egress.granted": [f"{g.host}:{','.join(map(str, g.ports))}" for g in grants],
+        "toolcell.egress.allowed": [f"{d.host}:{d.port}" for d in allowed],
+        "toolcell.egress.denied": [f"{d.host}:{d.port} {d.reason}" for d in denied],
+        "toolcell.egress.connections": sum(d.connections for d in allowed),
+        "toolcell.egress.refused": sum(d.connections for d in denied),
+        "toolcell.egress.bytes_up": sum(d.bytes_up for d in destinations),
+        "toolcell.egress.bytes_down": sum(d.bytes_down for d in destinations),
+    }
