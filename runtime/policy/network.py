@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from runtime.data.egress_proxy import is_ip_literal, normalize_host
-from runtime.model import EgressDestination
 
 PROXY_PORT: Final = 3128
 
@@ -128,17 +127,3 @@ def proxy_env(layout: EgressLayout) -> dict[str, str]:
     return {"HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
             "ALL_PROXY": url, "NO_PROXY": "", "no_proxy": ""}
 
-
-def egress_attributes(grants: Sequence[EgressGrant], destinations: Sequence[EgressDestination]) -> dict[str, Any]:
-    """Span attributes for one invocation's egress: what was granted, reached and refused, bytes each way."""
-    allowed = [d for d in destinations if d.allowed]
-    denied = [d for d in destinations if not d.allowed]
-    return {
-        "toolcell.egress.granted": [f"{g.host}:{','.join(map(str, g.ports))}" for g in grants],
-        "toolcell.egress.allowed": [f"{d.host}:{d.port}" for d in allowed],
-        "toolcell.egress.denied": [f"{d.host}:{d.port} {d.reason}" for d in denied],
-        "toolcell.egress.connections": sum(d.connections for d in allowed),
-        "toolcell.egress.refused": sum(d.connections for d in denied),
-        "toolcell.egress.bytes_up": sum(d.bytes_up for d in destinations),
-        "toolcell.egress.bytes_down": sum(d.bytes_down for d in destinations),
-    }

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from runtime.egress.proxy import (
+from runtime.data.egress_proxy import (
     Grant,
     Proxy,
     address_verdict,
@@ -111,7 +111,7 @@ def test_plain_http_is_rewritten_to_origin_form_for_one_destination() -> None:
     (b"GET /\r\n\r\n", "bad-request"),
 ])
 def test_unusable_requests_are_refused(head: bytes, reason: str) -> None:
-    from runtime.egress.proxy import Denied
+    from runtime.data.egress_proxy import Denied
 
     with pytest.raises(Denied) as info:
         parse_request(head)
