@@ -48,7 +48,7 @@ from runtime.errors import ToolcellError
 from runtime.model import Result, Started, Status
 from runtime.pipeline import compile_step, resolve
 from runtime.server.app import App
-from runtime.server.lifecycle import docker_backend
+from runtime.backends.factory import open_backend
 from runtime.settings import Config, parse_config
 from runtime.supervisor import Supervisor
 
@@ -141,7 +141,7 @@ class _ServerThread:
         self._thread.start()
 
         async def boot() -> str:
-            self.backend = docker_backend(self.config)
+            self.backend = open_backend(self.config)
             self.app = App(Supervisor(self.config, self.backend))
             return await self.app.start()
 

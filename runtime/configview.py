@@ -54,7 +54,7 @@ def effective(config: Config) -> dict[str, Any]:
         "server": {"listen": s.listen, "socket_mode": f"{s.socket_mode:04o}", "instance": s.instance,
                    "shutdown_grace_s": s.shutdown_grace_s, "max_message_bytes": s.max_message_bytes,
                    "health_interval_s": s.health_interval_s, "state_file": s.state_file},
-        "engine": {"docker_host": _mask_text(config.docker_host or "unix:///var/run/docker.sock", redactor)},
+        "engine": _engine(config, redactor),
         "limits": {k: getattr(config.limits, k) for k in
                    ("max_argument_bytes", "max_depth", "max_string_length", "max_array_length")},
         "telemetry": {"service_name": t.service_name,
@@ -63,7 +63,7 @@ def effective(config: Config) -> dict[str, Any]:
                       "metrics_interval_s": t.metrics_interval_s, "prometheus_listen": t.prometheus_listen},
         "secrets": None if config.secrets is None else {
             "store": config.secrets.store.store, "key_file": config.secrets.store.key_file,
-            "key_env": config.secrets.store.key_env, "files_dir": config.secrets.files_dir},
+            "key_env": config.secrets.store.key_env},
         "profiles": profiles,
         "tools": [{"name": tool.name, "title": tool.title, "description": tool.description, "image": tool.image,
                    "command": list(tool.command), "profile": tool.profile,
@@ -71,3 +71,11 @@ def effective(config: Config) -> dict[str, Any]:
                                for g in tool.secrets]}
                   for tool in sorted(config.tools.values(), key=lambda x: x.name)],
     }
+
+
+def _engine(config: Config, redactor: Redactor) -> dict[str, Any]:
+    engine = config.engine
+    if engine.kind == "oci":
+        return {"kind": "oci", "oci": {"runtime": engine.oci_runtime, "rootfs_dir": engine.oci_rootfs_dir,
+                                       "state_dir": engine.oci_state_dir}}
+    return {"kind": "docker", "docker_host": _mask_text(engine.docker_host or "unix:///var/run/docker.sock", redactor)}

@@ -1,11 +1,13 @@
 """One invocation, as a short sequence of steps that fail closed.
 
-    resolve -> validate -> compile -> inject secrets -> [egress] -> contain: create (or claim warm)
-            -> start(stdin) -> supervise -> collect -> remove -> finalize (scrub verdict, structured content)
+    resolve -> validate -> compile (policy: the neutral SandboxSpec) -> gather secrets
+            -> contain: create (or claim warm) -> start(stdin, secrets) -> supervise -> collect -> remove
+            -> finalize (scrub verdict, structured content)
 
 Every step before ``create`` rejects the call with no sandbox in existence. From ``create`` on, the
 sandbox is removed in a ``finally`` shielded from cancellation, so it goes on success, error,
-timeout, cancel, client disconnect and supervisor shutdown alike; delivered secret files go with it.
+timeout, cancel, client disconnect and supervisor shutdown alike; with it goes whatever the backend
+made for it (egress network and proxy, delivered secret files: they live inside the sandbox only).
 Status is decided from what the engine reports (exit code, OOM flag) and what the supervisor did
 (timeout, cancel, blocked output), never from what the tool printed. Output is scrubbed before it
 leaves (``output.py``): nothing the tool printed reaches the caller, a span or a log unscrubbed.
@@ -18,17 +20,15 @@ import contextlib
 import dataclasses
 import functools
 import json
-import secrets as _secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from opentelemetry import trace
 
 from runtime.backends.base import Backend, ExitInfo, Sandbox, WarmSandbox
-from runtime.egress.session import EgressSession, egress_attributes
 from runtime.errors import InvalidArguments, SecretError, ToolcellError
 from runtime.model import (
     EgressDestination,
@@ -42,10 +42,10 @@ from runtime.model import (
 )
 from runtime.output import Collected, inspect_output
 from runtime.policy.arguments import ArgumentLimits, parse_arguments, validate_arguments
-from runtime.policy.plan import ContainerPlan, compile_plan, pooled_plan
-from runtime.policy.resolve import ResolvedTool, resolve_tool
+from runtime.policy.network import EgressGrant
+from runtime.policy.resolve import ResolvedTool
 from runtime.policy.scrub import Redactor, wrap_untrusted
-from runtime.secretdelivery import Delivered, SecretDelivery
+from runtime.policy.spec import NO_SECRETS, SandboxSpec, Secrets
 from runtime.settings import Config
 
 tracer = trace.get_tracer("toolcell.pipeline")
@@ -69,13 +69,12 @@ class Services:
     config: Config
     backend: Backend
     secrets: SecretSource | None = None
-    delivery: SecretDelivery | None = None
     # Called with the sandbox once created (and with late sandboxes created after abandonment).
     on_sandbox: Callable[[Sandbox], None] = lambda s: None
     remove: Callable[[Sandbox], Awaitable[None]] = lambda s: s.remove()
-    # A started sandbox made from this plan, from a warm pool (deferred: the claim brings the secrets);
+    # A started sandbox made from this spec, from a warm pool (deferred: the claim brings the secrets);
     # None: create one (the cold path).
-    claim: Callable[[ContainerPlan, bool], WarmSandbox | None] = lambda plan, defer: None
+    claim: Callable[[SandboxSpec], WarmSandbox | None] = lambda spec: None
     # Redacts everything the supervisor knows as secret (for error messages and span status).
     redactor: Redactor = dataclasses.field(default_factory=Redactor)
 
@@ -116,7 +115,7 @@ def describe(exc: ToolcellError, redactor: Redactor) -> str:
 
 def resolve(config: Config, name: str) -> ResolvedTool:
     """Look the tool up by name; the caller can choose nothing else."""
-    return resolve_tool(config.tools, config.profiles, name)
+    return config.resolve(name)
 
 
 def validate(config: Config, resolved: ResolvedTool, arguments_json: str) -> dict[str, Any]:
@@ -130,48 +129,27 @@ def effective_timeout(resolved: ResolvedTool, deadline_s: float | None, now: flo
     return max(0.05, deadline_s - now - resolved.profile.kill_grace_s - DEADLINE_MARGIN_S)
 
 
-def compile_step(config: Config, resolved: ResolvedTool, invocation_id: str, timeout_s: float | None) -> ContainerPlan:
-    return compile_plan(
-        resolved.tool,
-        resolved.profile,
-        invocation_id=invocation_id,
-        owner=config.server.instance,
-        seccomp_json=config.seccomp[resolved.profile.name].json_text,
-        environ=config.environ,
-        timeout_s=timeout_s,
-    )
+def compile_step(config: Config, resolved: ResolvedTool, invocation_id: str, timeout_s: float | None) -> SandboxSpec:
+    """Policy compiles the tool and its profile into the neutral spec; nothing of the caller's is in it."""
+    return config.compile(resolved, invocation_id, timeout_s)
 
 
-def inject_secrets(services: Services, resolved: ResolvedTool, plan: ContainerPlan,
-                   invocation_id: str) -> tuple[ContainerPlan, Redactor, Delivered | None]:
-    """Add the tool's granted secrets to the plan; the redactor learns every injected value."""
+def gather_secrets(services: Services, resolved: ResolvedTool) -> tuple[Secrets, Redactor]:
+    """The tool's granted secrets, for its sandbox's start; the redactor learns every value."""
     grants = resolved.tool.secrets
     if not grants:
-        return plan, services.redactor, None
-    if services.secrets is None or services.delivery is None:
+        return NO_SECRETS, services.redactor
+    if services.secrets is None:
         raise SecretError("tool is granted secrets but the supervisor has no secret store")
     values = services.secrets.get_many(sorted({g.name for g in grants}))
-    # Unique per run: a caller-chosen id is scoped to its caller, so two principals may share one.
-    delivered = services.delivery.prepare(f"{invocation_id}.{_secrets.token_hex(4)}", grants, values, plan.user)
-    plan = dataclasses.replace(plan, env={**plan.env, **delivered.env}, mounts=plan.mounts + delivered.mounts)
-    redactor = Redactor({**services.redactor.secrets, **values})
-    return plan, redactor, delivered
+    secrets = Secrets(env={g.env: values[g.name] for g in grants if g.env},
+                      files={str(g.file): values[g.name] for g in grants if g.file})
+    return secrets, Redactor({**services.redactor.secrets, **values})
 
 
-def open_egress(services: Services, resolved: ResolvedTool, invocation_id: str,
-                redactor: Redactor) -> EgressSession | None:
-    """The invocation's own network and proxy when its profile grants egress; None means no network."""
-    if not resolved.profile.network:
-        return None
-    config = services.config
-    return EgressSession(services.backend, config.egress, resolved.profile.network, invocation_id=invocation_id,
-                         tool=resolved.tool.name, owner=config.server.instance,
-                         seccomp_json=config.seccomp["default"].json_text, redact=lambda s: redactor.redact(s)[0])
-
-
-async def create(backend: Backend, plan: ContainerPlan, on_orphan: Callable[[Sandbox], None]) -> Sandbox:
+async def create(backend: Backend, spec: SandboxSpec, on_orphan: Callable[[Sandbox], None]) -> Sandbox:
     """Create the sandbox; if we are cancelled mid-create, hand the late sandbox to ``on_orphan``."""
-    task = asyncio.ensure_future(backend.create(plan))
+    task = asyncio.ensure_future(backend.create(spec))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -217,7 +195,7 @@ async def pump(sandbox: Sandbox, collected: Collected, emit: Emit, stream_live: 
             await emit(OutputChunk(stream=name, text=tail))
 
 
-async def supervise(sandbox: Sandbox, plan: ContainerPlan, collected: Collected, emit: Emit,
+async def supervise(sandbox: Sandbox, spec: SandboxSpec, collected: Collected, emit: Emit,
                     cancelled: asyncio.Event, stream_live: bool) -> Outcome:
     """Stream output while enforcing the timeout and honouring cancellation."""
     pumping = asyncio.ensure_future(pump(sandbox, collected, emit, stream_live))
@@ -225,11 +203,11 @@ async def supervise(sandbox: Sandbox, plan: ContainerPlan, collected: Collected,
     cancel_wait = asyncio.ensure_future(cancelled.wait())
     reason = ""
     try:
-        done, _ = await asyncio.wait({waiter, cancel_wait}, timeout=plan.timeout_s,
+        done, _ = await asyncio.wait({waiter, cancel_wait}, timeout=spec.timeout_s,
                                      return_when=asyncio.FIRST_COMPLETED)
         if waiter not in done:
             reason = "killed" if cancel_wait in done else "timeout"
-            await terminate(sandbox, waiter, plan.kill_grace_s)
+            await terminate(sandbox, waiter, spec.kill_grace_s)
         exit_info = await waiter
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(pumping), timeout=DRAIN_TIMEOUT_S)
@@ -321,6 +299,21 @@ def _set_scrub_attributes(span: trace.Span, collected: Collected) -> None:
                          "toolcell.scrub.withheld_bytes": budget.dropped_bytes})
 
 
+def egress_attributes(grants: Sequence[EgressGrant], destinations: Sequence[EgressDestination]) -> dict[str, Any]:
+    """Span attributes for one invocation's egress: what was granted, reached and refused, bytes each way."""
+    allowed = [d for d in destinations if d.allowed]
+    denied = [d for d in destinations if not d.allowed]
+    return {
+        "toolcell.egress.granted": [f"{g.host}:{','.join(map(str, g.ports))}" for g in grants],
+        "toolcell.egress.allowed": [f"{d.host}:{d.port}" for d in allowed],
+        "toolcell.egress.denied": [f"{d.host}:{d.port} {d.reason}" for d in denied],
+        "toolcell.egress.connections": sum(d.connections for d in allowed),
+        "toolcell.egress.refused": sum(d.connections for d in denied),
+        "toolcell.egress.bytes_up": sum(d.bytes_up for d in destinations),
+        "toolcell.egress.bytes_down": sum(d.bytes_down for d in destinations),
+    }
+
+
 @dataclass
 class Contained:
     """What one sandbox's lifetime produced."""
@@ -328,39 +321,27 @@ class Contained:
     outcome: Outcome
     usage: Usage
     sandbox_id: str
+    egress: tuple[EgressDestination, ...]
 
 
-@dataclass(frozen=True)
-class WarmClaim:
-    """How to take this invocation from a pool: the pooled plan, and the secrets the claim carries."""
-
-    plan: ContainerPlan
-    defer: bool  # the tool is granted secrets: its pooled sandbox spawns it at the claim, with them
-    env: Mapping[str, str]
-    files: Mapping[str, str]
-
-
-async def contain(services: Services, resolved: ResolvedTool, plan: ContainerPlan, stdin: bytes, emit: Emit,
-                  cancelled: asyncio.Event, redactor: Redactor, *, invocation_id: str, trace_id: str,
-                  warm: WarmClaim | None, deadline_s: float | None = None) -> Contained:
-    """create (or claim warm) -> start(stdin) -> supervise -> collect -> remove, always removed."""
+async def contain(services: Services, resolved: ResolvedTool, spec: SandboxSpec, stdin: bytes, secrets: Secrets,
+                  emit: Emit, cancelled: asyncio.Event, redactor: Redactor, *, invocation_id: str, trace_id: str,
+                  deadline_s: float | None = None) -> Contained:
+    """create (or claim warm) -> start(stdin, secrets) -> supervise -> collect -> remove, always removed."""
     policy = resolved.profile.output
-    with step("toolcell.create", redactor, **{"toolcell.image": plan.image, "toolcell.runtime": plan.runtime}) as span:
-        # Warm: already started, waiting for its input (and, deferred, its secrets); start() or claim()
-        # below delivers them. Never with secret files or egress (settings keeps such tools out of pools;
-        # the caller checks again: ``warm`` is None then).
-        pooled = services.claim(warm.plan, warm.defer) if warm is not None else None
+    with step("toolcell.create", redactor, **{"toolcell.image": spec.image, "toolcell.runtime": spec.isolation,
+                                               "toolcell.backend": services.backend.name}) as span:
+        # Warm: already started, waiting for its input (and, deferred, its secrets), which start() delivers.
+        # The backend makes what the spec asks for beyond the sandbox itself (egress network and proxy).
+        pooled = services.claim(spec)
         span.set_attribute("toolcell.warm", pooled is not None)
-        sandbox = pooled if pooled is not None else await create(services.backend, plan,
+        sandbox = pooled if pooled is not None else await create(services.backend, spec,
                                                                  on_orphan=services.on_sandbox)
     services.on_sandbox(sandbox)
     trace.get_current_span().set_attribute("toolcell.sandbox_id", sandbox.id)  # the invocation's span
     try:
         with step("toolcell.start", redactor):
-            if pooled is not None and warm is not None and warm.defer:
-                await pooled.claim(stdin, warm.env, warm.files)
-            else:
-                await sandbox.start(stdin)
+            await sandbox.start(stdin, secrets)
         # After start: telling the caller overlaps with the tool's run (output waits, bounded).
         await emit(Started(invocation_id=invocation_id, sandbox_id=sandbox.id, profile=resolved.profile.name,
                            tool=resolved.tool.name, trace_id=trace_id))
@@ -370,16 +351,16 @@ async def contain(services: Services, resolved: ResolvedTool, plan: ContainerPla
         stream_live = policy.injection != "block"
         # Creating and starting took time out of the caller's deadline (a loaded engine: most of a second).
         remaining = effective_timeout(resolved, deadline_s, time.monotonic())
-        if remaining is not None and remaining < plan.timeout_s:
-            plan = dataclasses.replace(plan, timeout_s=remaining)
-        with step("toolcell.run", redactor, **{"toolcell.timeout_s": plan.timeout_s}):
-            outcome = await supervise(sandbox, plan, collected, emit, cancelled, stream_live)
+        if remaining is not None and remaining < spec.timeout_s:
+            spec = dataclasses.replace(spec, timeout_s=remaining)
+        with step("toolcell.run", redactor, **{"toolcell.timeout_s": spec.timeout_s}):
+            outcome = await supervise(sandbox, spec, collected, emit, cancelled, stream_live)
         with step("toolcell.collect", redactor):
             usage: Usage = await sandbox.usage()
     finally:
         with step("toolcell.remove", redactor):
             await asyncio.shield(asyncio.ensure_future(services.remove(sandbox)))
-    return Contained(outcome=outcome, usage=usage, sandbox_id=sandbox.id)
+    return Contained(outcome=outcome, usage=usage, sandbox_id=sandbox.id, egress=sandbox.egress)
 
 
 async def run_invocation(services: Services, request: InvocationRequest, invocation_id: str, emit: Emit,
@@ -397,36 +378,14 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
         with step("toolcell.validate", services.redactor):
             arguments = validate(config, resolved, request.arguments_json)
         with step("toolcell.compile", services.redactor):
-            plan = compile_step(config, resolved, invocation_id,
+            spec = compile_step(config, resolved, invocation_id,
                                 effective_timeout(resolved, request.deadline_s, time.monotonic()))
         stdin = json.dumps(arguments, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        unsecret = plan
-        with step("toolcell.inject_secrets", services.redactor, **{"toolcell.secrets": len(resolved.tool.secrets)}):
-            plan, redactor, delivered = inject_secrets(services, resolved, plan, invocation_id)
-        egress = open_egress(services, resolved, invocation_id, redactor)
-        destinations: tuple[EgressDestination, ...] = ()
-        try:
-            if egress is not None:
-                grants = {"toolcell.egress.grants": len(resolved.profile.network)}
-                with step("toolcell.egress.open", redactor, **grants):
-                    plan = await egress.open(plan)
-                # Setting up the network took time out of the caller's deadline, if there is one.
-                remaining = effective_timeout(resolved, request.deadline_s, time.monotonic())
-                if remaining is not None and remaining < plan.timeout_s:
-                    plan = dataclasses.replace(plan, timeout_s=remaining)
-            # Secrets reach a pooled sandbox with its claim: variables, and files into its own tmpfs.
-            warm = WarmClaim(plan=pooled_plan(unsecret, resolved.tool.secrets), defer=bool(resolved.tool.secrets),
-                             env=delivered.env if delivered is not None else {},
-                             files=delivered.files if delivered is not None else {}) if egress is None else None
-            done = await contain(services, resolved, plan, stdin, emit, cancelled, redactor,
-                                 invocation_id=invocation_id, trace_id=trace_id, warm=warm,
-                                 deadline_s=request.deadline_s)
-        finally:
-            if egress is not None:
-                with step("toolcell.egress.close", redactor):
-                    destinations = await asyncio.shield(asyncio.ensure_future(egress.close()))
-            if delivered is not None and services.delivery is not None:
-                services.delivery.cleanup(delivered)
+        with step("toolcell.gather_secrets", services.redactor, **{"toolcell.secrets": len(resolved.tool.secrets)}):
+            secrets, redactor = gather_secrets(services, resolved)
+        done = await contain(services, resolved, spec, stdin, secrets, emit, cancelled, redactor,
+                             invocation_id=invocation_id, trace_id=trace_id, deadline_s=request.deadline_s)
+        del secrets
         with step("toolcell.finalize", redactor):  # injection markers, JSON: CPU work on output, off the loop
             kept = done.outcome.collected.stdout.buffer.kept + done.outcome.collected.stderr.buffer.kept
             verdict = finalize(config, resolved, done.outcome) if kept <= INLINE_SCRUB_CHARS else \
@@ -444,13 +403,13 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
             sandbox_id=done.sandbox_id,
             redactions=dict(collected.redactions),
             sanitized=dict(collected.sanitized),
-            egress=destinations,
+            egress=done.egress,
             **verdict,
         )
         _set_result_attributes(span, result)
         _set_scrub_attributes(span, collected)
-        if egress is not None:
-            span.set_attributes(egress_attributes(resolved.profile.network, destinations))
+        if resolved.profile.network:
+            span.set_attributes(egress_attributes(resolved.profile.network, done.egress))
         if result.status is not Status.OK:
             span.set_status(trace.Status(trace.StatusCode.ERROR, result.message))
         return result

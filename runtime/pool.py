@@ -2,7 +2,7 @@
 
 For every tool with a ``pool`` in the config, ``PoolManager`` keeps ``size`` sandboxes created with
 the full hardening of the tool's profile and started (``Backend.create_warm``): the tool's process is
-up and waiting for its input. ``claim(plan)`` hands one to an invocation (never twice); the pipeline
+up and waiting for its input. ``claim(spec)`` hands one to an invocation (never twice); the pipeline
 runs it exactly as a cold sandbox, and it is destroyed afterwards. A pooled sandbox holds no
 arguments and no secrets until claimed: a tool granted secrets is spawned by the launcher only at the
 claim, which carries them (variables; files, written into the sandbox's empty tmpfs at their directory).
@@ -13,10 +13,11 @@ starves live calls), removal of used, dead and expired sandboxes (bounded the sa
 and rebuilding after the engine restarts (creation failures back off and retry). An empty pool is not
 an error: ``claim`` returns None and the invocation takes the cold path.
 
-A pooled sandbox matches an invocation only if the invocation's plan is the one it was created from
-(labels naming the invocation and the timeout aside): a config reload that changes a tool's image,
-command or profile drains its pool; a size change resizes it. Pooled sandboxes carry the owner label,
-so the start-up and shutdown sweeps remove them like any other.
+A pooled sandbox matches an invocation only if the invocation's spec is the one it was created from
+(the invocation id and the timeout aside: ``policy.spec.fingerprint``): a config reload that changes a
+tool's image, command or profile drains its pool; a size change resizes it. Pooled sandboxes carry
+their owner, so the start-up and shutdown sweeps remove them like any other. Removal is the reaper's
+(``reaper.py``), as for every sandbox.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runtime.backends.base import Backend, Sandbox, WarmSandbox
-from runtime.errors import EngineUnavailable
-from runtime.pipeline import compile_step, resolve
-from runtime.policy.plan import LABEL_INVOCATION, LABEL_TOOL, ContainerPlan, pooled_plan
+from runtime.policy.spec import POOL_PREFIX, SandboxSpec, fingerprint, pooled
+from runtime.reaper import Reaper
 from runtime.settings import Config, PoolSpec
 
 log = logging.getLogger("toolcell.pool")
@@ -45,18 +45,8 @@ REFILL_CONCURRENCY = 2
 REFILL_DELAY_S = 0.1
 # After a claimed sandbox's invocation ends: its removal and refill start this much later.
 AFTER_CALL_S = 0.05
-REMOVAL_CONCURRENCY = 4
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.2, 5.0
 _CAP_POLL_S = 0.25
-_REMOVE_TRIES = 12  # with back-off: about a minute for the engine to come back
-
-
-def fingerprint(plan: ContainerPlan) -> int:
-    """Identity of what a sandbox is made from, ignoring what only names the invocation."""
-    labels = tuple(sorted((k, v) for k, v in plan.labels.items() if k != LABEL_INVOCATION))
-    rest = dataclasses.replace(plan, labels={}, timeout_s=0.0, seccomp_json="")
-    # str hashes are cached on the object: the (large) seccomp text is hashed once per config.
-    return hash((repr(rest), labels, hash(plan.seccomp_json)))
 
 
 @dataclass
@@ -81,10 +71,8 @@ class _Entry:
 class _Pool:
     tool: str
     spec: PoolSpec
-    plan: ContainerPlan
+    sandbox_spec: SandboxSpec
     key: int
-    # The tool is granted secrets: its sandboxes spawn it at the claim, with the secrets (``defer``).
-    defer: bool = False
     ready: collections.deque[_Entry] = field(default_factory=collections.deque)
     creating: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -96,13 +84,13 @@ class _Pool:
 
 class PoolManager:
     def __init__(self, backend: Backend, *, headroom: Callable[[], int] = lambda: 1 << 30,
-                 refill_concurrency: int = REFILL_CONCURRENCY, removal_concurrency: int = REMOVAL_CONCURRENCY) -> None:
+                 refill_concurrency: int = REFILL_CONCURRENCY, reaper: Reaper | None = None) -> None:
         """``headroom()``: how many more sandboxes may exist now (the concurrency cap less live and pooled)."""
         self.backend = backend
         self._headroom = headroom
         self._pools: dict[str, _Pool] = {}
         self._refill = asyncio.Semaphore(refill_concurrency)
-        self._removal = asyncio.Semaphore(removal_concurrency)
+        self._reaper = reaper if reaper is not None else Reaper()
         self._owned: set[str] = set()  # ids of sandboxes that came from a pool (claimed or not)
         self._claimed_from: dict[str, _Pool] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -114,21 +102,19 @@ class PoolManager:
         """Start, resize, drain or stop pools to match ``config`` (at start-up and on reload)."""
         if self._closed:
             return
-        wanted: dict[str, tuple[PoolSpec, ContainerPlan, int, bool]] = {}
+        wanted: dict[str, tuple[PoolSpec, SandboxSpec, int]] = {}
         for name, spec in config.pools.items():
-            resolved = resolve(config, name)
-            plan = pooled_plan(compile_step(config, resolved, "pool-" + secrets.token_hex(8), None),
-                               resolved.tool.secrets)
-            wanted[name] = (spec, plan, fingerprint(plan), bool(resolved.tool.secrets))
+            sandbox_spec = pooled(config.compile(config.resolve(name), POOL_PREFIX))
+            wanted[name] = (spec, sandbox_spec, fingerprint(sandbox_spec))
         for name, pool in list(self._pools.items()):
-            if name not in wanted or wanted[name][2:] != (pool.key, pool.defer):
+            if name not in wanted or wanted[name][2] != pool.key:
                 log.info("draining the pool of %s (%s)", name, "removed" if name not in wanted else "changed")
                 self._stop(pool)
                 del self._pools[name]
-        for name, (spec, plan, key, defer) in wanted.items():
+        for name, (spec, sandbox_spec, key) in wanted.items():
             existing = self._pools.get(name)
             if existing is None:
-                pool = self._pools[name] = _Pool(tool=name, spec=spec, plan=plan, key=key, defer=defer)
+                pool = self._pools[name] = _Pool(tool=name, spec=spec, sandbox_spec=sandbox_spec, key=key)
                 pool.task = self._spawn(self._maintain(pool))
             else:
                 existing.spec = spec
@@ -136,15 +122,15 @@ class PoolManager:
 
     # -- the critical path: no await, no engine call --------------------------------------------------
 
-    def claim(self, plan: ContainerPlan, defer: bool = False) -> WarmSandbox | None:
-        """A started sandbox made from ``plan``, for this one invocation; None when the pool is empty.
+    def claim(self, spec: SandboxSpec) -> WarmSandbox | None:
+        """A started sandbox made from ``spec``, for this one invocation; None when the pool is empty.
 
-        ``defer``: the invocation brings secrets, to be delivered with the claim (a deferred sandbox).
+        A deferred spec (granted secrets): the invocation's start delivers them with the claim.
         """
-        pool = self._pools.get(plan.labels.get(LABEL_TOOL, ""))
+        pool = self._pools.get(spec.identity.tool)
         if pool is None or pool.closed:
             return None
-        if fingerprint(plan) != pool.key or defer != pool.defer:
+        if fingerprint(spec) != pool.key:
             return None  # e.g. an invocation still running under the previous config
         while pool.ready:
             entry = pool.ready.popleft()
@@ -167,17 +153,20 @@ class PoolManager:
         return sandbox.id in self._owned
 
     def retire(self, sandbox: Sandbox) -> asyncio.Task[None]:
-        """Remove a pooled sandbox in the background (bounded); returns the removal task.
+        """Hand a pooled sandbox to the reaper (background, bounded); returns the removal task.
 
         A claimed sandbox is retired as its invocation ends, before the result is sent: its removal and
         the refill wait ``AFTER_CALL_S`` so the engine's work does not compete with sending the result.
         (Its tool has exited; what could linger is capped and has no network, and goes with it.)
         """
         pool = self._claimed_from.pop(sandbox.id, None)
-        if pool is None:
-            return self._spawn(self._remove(sandbox))
-        asyncio.get_running_loop().call_later(AFTER_CALL_S, pool.wake.set)
-        return self._spawn(self._remove(sandbox, delay=AFTER_CALL_S))
+        delay = 0.0 if pool is None or self._closed else AFTER_CALL_S
+        if pool is not None:
+            asyncio.get_running_loop().call_later(AFTER_CALL_S, pool.wake.set)
+        task = self._reaper.remove(sandbox, delay_s=delay, done=lambda: self._owned.discard(sandbox.id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- introspection -------------------------------------------------------------------------------
 
@@ -281,12 +270,13 @@ class PoolManager:
             async with self._refill:
                 if pool.closed:
                     return
-                plan = dataclasses.replace(pool.plan, labels={**pool.plan.labels,
-                                                              LABEL_INVOCATION: "pool-" + secrets.token_hex(8)})
-                sandbox = await self.backend.create_warm(plan, on_exit=pool.wake.set, defer=pool.defer)
+                identity = dataclasses.replace(pool.sandbox_spec.identity,
+                                               invocation_id=POOL_PREFIX + secrets.token_hex(8))
+                spec = dataclasses.replace(pool.sandbox_spec, identity=identity)
+                sandbox = await self.backend.create_warm(spec, on_exit=pool.wake.set)
             self._owned.add(sandbox.id)
             if pool.closed:
-                await self._remove(sandbox)
+                await self.retire(sandbox)
                 return
             pool.ready.append(_Entry(sandbox=sandbox, created_at=time.monotonic()))
             pool.stats.created += 1
@@ -297,23 +287,3 @@ class PoolManager:
         finally:
             pool.creating -= 1
             pool.wake.set()
-
-    async def _remove(self, sandbox: Sandbox, delay: float = 0.0) -> None:
-        """Remove, retrying while the engine is away (a restart kills the pool); the sweeps are the backstop."""
-        try:
-            if delay and not self._closed:
-                await asyncio.sleep(delay)
-            backoff = _BACKOFF_MIN_S
-            for _ in range(_REMOVE_TRIES):
-                try:
-                    async with self._removal:
-                        await sandbox.remove()
-                    return
-                except EngineUnavailable:
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, _BACKOFF_MAX_S)
-            log.error("gave up removing pooled sandbox %s; the next sweep removes it", sandbox.id)
-        except Exception:
-            log.exception("failed to remove pooled sandbox %s", sandbox.id)
-        finally:
-            self._owned.discard(sandbox.id)

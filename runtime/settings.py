@@ -24,9 +24,10 @@ from runtime.errors import ConfigError
 from runtime.model import SecretGrant, Tool
 from runtime.policy.arguments import ArgumentLimits, compile_schema
 from runtime.policy.network import EgressSettings, GrantError, candidate_subnets, parse_grant
-from runtime.policy.plan import min_pids, unpoolable_secret_dir
 from runtime.policy.profile import IsolationProfile, Mount, OutputPolicy
+from runtime.policy.resolve import ResolvedTool, resolve_tool
 from runtime.policy.seccomp import SeccompProfile, load_seccomp
+from runtime.policy.spec import SandboxSpec, compile_spec, min_pids, system_secret_dir
 from runtime.safepath import UnsafePath, trusted_socket
 from runtime.secretstore import SecretStoreSettings
 from runtime.units import parse_duration, parse_size
@@ -70,7 +71,30 @@ class TelemetrySettings:
 @dataclass(frozen=True)
 class SecretsSettings:
     store: SecretStoreSettings
-    files_dir: str
+
+
+ENGINE_KINDS = ("docker", "oci")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Which backend runs the sandboxes (``engine.kind``) and where it finds what it needs.
+
+    ``docker``: a Docker engine at ``docker_host`` (its socket is root-equivalent on its host).
+    ``oci``: no daemon: an OCI runtime binary (``oci.runtime``, runc or crun) on per-call bundles over
+    root filesystems unpacked once into ``oci.rootfs_dir`` (``toolcell images build`` writes them).
+    """
+
+    kind: str = "docker"
+    docker_host: str | None = None
+    # Pooled sandboxes' private channels live under this directory (None: the engine's attach relay).
+    pool_channel_dir: str | None = None
+    # Serve (NOT_SERVING, calls refused UNAVAILABLE) while the engine is unreachable at start-up, instead of exiting.
+    wait_at_start: bool = False
+    oci_runtime: str = "runc"
+    oci_rootfs_dir: str = "/var/lib/toolcell/rootfs"
+    # Bundles, the runtime's own state and per-sandbox records (a crash's leftovers are swept from here).
+    oci_state_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,11 +114,7 @@ class Config:
     tools: Mapping[str, Tool]
     validators: Mapping[str, Draft202012Validator]
     seccomp: Mapping[str, SeccompProfile]
-    docker_host: str | None = None
-    # Pooled sandboxes' private channels live under this directory (None: the engine's attach relay).
-    pool_channel_dir: str | None = None
-    # Serve (NOT_SERVING, calls refused UNAVAILABLE) while the engine is unreachable at start-up, instead of exiting.
-    engine_wait_at_start: bool = False
+    engine: EngineSettings = field(default_factory=EngineSettings)
     secrets: SecretsSettings | None = None
     output_validators: Mapping[str, Draft202012Validator] = field(default_factory=dict)
     source: str = "<built-in>"
@@ -104,6 +124,17 @@ class Config:
     # Tool name -> its warm pool (the tool's own ``pool``, else its profile's). A pooled container holds no
     # secret before it is claimed: the claim carries them.
     pools: Mapping[str, PoolSpec] = field(default_factory=dict)
+
+    def resolve(self, name: str) -> ResolvedTool:
+        """The tool called ``name`` and its profile; the caller can choose nothing else."""
+        return resolve_tool(self.tools, self.profiles, name)
+
+    def compile(self, resolved: ResolvedTool, invocation_id: str, timeout_s: float | None = None) -> SandboxSpec:
+        """The neutral sandbox spec of one run of ``resolved`` (policy's ``compile_spec`` with this config's
+        owner, seccomp profile and environment)."""
+        return compile_spec(resolved.tool, resolved.profile, invocation_id=invocation_id,
+                            owner=self.server.instance, seccomp_json=self.seccomp[resolved.profile.name].json_text,
+                            environ=self.environ, timeout_s=timeout_s)
 
 
 def runtime_dir() -> Path:
@@ -123,6 +154,19 @@ def runtime_dir() -> Path:
 def _pool_channel_dir(engine: Mapping[str, Any]) -> str | None:
     raw = engine.get("pool_channel", "{runtime_dir}/channels")
     return raw.replace("{runtime_dir}", str(runtime_dir())) if raw else None
+
+
+def _build_engine(raw: Mapping[str, Any], env: Mapping[str, str]) -> EngineSettings:
+    oci = raw.get("oci", {})
+    return EngineSettings(
+        kind=raw.get("kind", "docker"),
+        docker_host=raw.get("docker_host") or env.get("DOCKER_HOST"),
+        pool_channel_dir=_pool_channel_dir(raw),
+        wait_at_start=bool(raw.get("wait_at_start", False)),
+        oci_runtime=oci.get("runtime", "runc"),
+        oci_rootfs_dir=oci.get("rootfs_dir", "/var/lib/toolcell/rootfs"),
+        oci_state_dir=oci.get("state_dir", "{runtime_dir}/oci").replace("{runtime_dir}", str(runtime_dir())),
+    )
 
 
 def default_socket() -> Path:
@@ -191,14 +235,11 @@ def _build_pools(doc: Mapping[str, Any], tools: Mapping[str, Tool],
     pools: dict[str, PoolSpec] = {}
     for i, raw in enumerate(doc.get("tools", [])):
         tool = tools[raw["name"]]
-        system_dir = unpoolable_secret_dir(tool.secrets)
-        unpoolable = system_dir or profiles[tool.profile].network
+        unpoolable = profiles[tool.profile].network
         if "pool" in raw:
             if unpoolable and raw["pool"].get("size", 0) > 0:
-                why = (f"granted a secret file in {system_dir}: a pooled sandbox covers a secret file's directory "
-                       "with its own tmpfs, which would hide the image's files there (use e.g. /run/secrets)"
-                       if system_dir else "granted egress: its network is made for each invocation")
-                raise ConfigError(f"this tool cannot be pooled: it is {why}", key=f"tools[{i}].pool")
+                raise ConfigError("this tool cannot be pooled: it is granted egress: its network is made for "
+                                  "each invocation", key=f"tools[{i}].pool")
             spec: PoolSpec | None = _pool_spec(raw["pool"], profile_pool(tool.profile), f"tools[{i}].pool")
         else:
             spec = None if unpoolable else profile_pool(tool.profile)
@@ -342,7 +383,6 @@ def _build_secrets(raw: Mapping[str, Any] | None, base_dir: Path) -> SecretsSett
             key_file=resolve(raw["key_file"]) if raw.get("key_file") else None,
             key_env=raw.get("key_env", "TOOLCELL_SECRETS_KEY"),
         ),
-        files_dir=resolve(raw.get("files_dir", "{runtime_dir}/secrets")),
     )
 
 
@@ -367,6 +407,12 @@ def _check_grants(grants: tuple[SecretGrant, ...], profile: IsolationProfile, ke
             if g.file in seen_files or g.file == "/" or g.file.startswith("/tmp/"):  # noqa: S108 # nosec B108
                 raise ConfigError(f"file {g.file!r} is reused or inside the scratch tmpfs", key=f"{key}[{i}].file")
             seen_files.add(g.file)
+    system_dir = system_secret_dir(grants)
+    if system_dir is not None:
+        # Secret files arrive with the sandbox's start, written into an empty tmpfs at their directory:
+        # covering a system directory would hide the image's own files there.
+        raise ConfigError(f"a secret file's directory must be its own (e.g. /run/secrets), not {system_dir}",
+                          key=key)
 
 
 def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None = None,
@@ -465,9 +511,7 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         output_validators=output_validators,
         secrets=secrets,
         seccomp=seccomp,
-        docker_host=doc.get("engine", {}).get("docker_host") or env.get("DOCKER_HOST"),
-        pool_channel_dir=_pool_channel_dir(doc.get("engine", {})),
-        engine_wait_at_start=bool(doc.get("engine", {}).get("wait_at_start", False)),
+        engine=_build_engine(doc.get("engine", {}), env),
         source=source,
         environ=env,
         egress=_build_egress(doc.get("egress", {})),

@@ -1,7 +1,8 @@
 """The long-lived supervisor: in-flight invocations, cancellation, start-up and shutdown sweeps.
 
-It owns the live config (swappable on reload; each invocation keeps the config it started with)
-and the backend, and runs each invocation through ``pipeline.run_invocation``.
+It owns the live config (swappable on reload; each invocation keeps the config it started with),
+the backend and the reaper (every sandbox's removal), and runs each invocation through
+``pipeline.run_invocation``.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from runtime import metrics
 from runtime.backends.base import Backend, Removed, Sandbox
 from runtime.errors import (
+    ConfigError,
     EngineUnavailable,
     InvocationConflict,
     InvocationNotFound,
@@ -29,7 +30,7 @@ from runtime.policy.annotations import tool_annotations
 from runtime.policy.requests import check_invocation_id
 from runtime.policy.scrub import Redactor
 from runtime.pool import PoolManager
-from runtime.secretdelivery import SecretDelivery
+from runtime.reaper import Reaper
 from runtime.secretstore import SecretStore
 from runtime.settings import Config
 
@@ -37,9 +38,6 @@ log = logging.getLogger("toolcell.supervisor")
 # engine.wait_at_start: how often an absent engine is asked again (doubling up to the max).
 _ENGINE_POLL_MIN_S = 0.5
 _ENGINE_POLL_MAX_S = 5.0
-
-# Removal retries while the engine is unreachable: 0.25 s doubling to 5 s, about two minutes in all.
-REMOVE_RETRIES = 30
 
 
 
@@ -62,15 +60,14 @@ class Supervisor:
         self.config = config
         self.backend = backend
         self.secrets: SecretStore | None = None
-        self.delivery: SecretDelivery | None = None
         # Knows every secret value granted to any tool: used on error messages, spans and logs.
         self.redactor = Redactor()
         # Keyed by (owner, invocation id): a caller-chosen id is scoped to its caller, so another
         # principal's id neither conflicts nor answers (ids do not leak across principals).
         self._running: dict[tuple[str, str], Running] = {}
-        self._cleanups: set[asyncio.Task[None]] = set()
+        self.reaper = Reaper()
         self._closing = False
-        self.pools = PoolManager(backend, headroom=self._headroom)
+        self.pools = PoolManager(backend, headroom=self._headroom, reaper=self.reaper)
         metrics.watch_pools(self.pools)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -90,10 +87,11 @@ class Supervisor:
         the supervisor serves, refusing calls, and keeps asking until the engine answers.
         """
         self._open_secrets(self.config)
+        self._check_backend(self.config)
         try:
             await self.backend.ping()
         except EngineUnavailable as exc:
-            if not self.config.engine_wait_at_start:
+            if not self.config.engine.wait_at_start:
                 raise
             log.warning("%s; refusing calls (health NOT_SERVING) until it answers", exc)
             self.awaiting_engine, self._absent = True, str(exc)
@@ -134,7 +132,7 @@ class Supervisor:
     def _open_secrets(self, config: Config) -> None:
         """Open the store and check every granted secret opens now, not at the first call.
 
-        All or nothing: on any error the current store, redactor and delivery stay as they were.
+        All or nothing: on any error the current store and redactor stay as they were.
         """
         granted = sorted({g.name for t in config.tools.values() for g in t.secrets})
         if config.secrets is None:
@@ -142,12 +140,16 @@ class Supervisor:
             return
         store = SecretStore.open(config.secrets.store, config.environ)
         redactor = Redactor(store.get_many(granted))
-        delivery = self.delivery
-        if delivery is None or str(delivery.files_dir) != config.secrets.files_dir:
-            delivery = SecretDelivery(config.secrets.files_dir)
-        if any(g.file for t in config.tools.values() for g in t.secrets):
-            delivery.ensure_tmpfs()
-        self.secrets, self.redactor, self.delivery = store, redactor, delivery
+        self.secrets, self.redactor = store, redactor
+
+    def _check_backend(self, config: Config) -> None:
+        """Every tool's sandbox must be one this backend can make as written (e.g. network grants): a
+        ``ConfigError`` naming the tool at start-up or reload, never a weaker sandbox at call time."""
+        for name in sorted(config.tools):
+            try:
+                self.backend.check(config.compile(config.resolve(name), "check"))
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (engine.kind {config.engine.kind})", key=exc.key or f"tools.{name}") from exc
 
     def reload(self, config: Config) -> None:
         """Swap the config; in-flight invocations finish under the config they started with.
@@ -156,6 +158,7 @@ class Supervisor:
         failure leaves the running config in place.
         """
         self._open_secrets(config)
+        self._check_backend(config)
         self.config = config
         if not self.awaiting_engine:  # else the pools start when the engine answers
             self.pools.configure(config)
@@ -186,7 +189,7 @@ class Supervisor:
         if self._closing:
             raise ShuttingDown()
         if self.awaiting_engine:
-            raise EngineUnavailable(f"waiting for the Docker engine (engine.wait_at_start): {self._absent}")
+            raise EngineUnavailable(f"waiting for the engine (engine.wait_at_start): {self._absent}")
         invocation_id = request.invocation_id or new_invocation_id()
         check_invocation_id(invocation_id, required=True)  # the edge's own check (callers other than gRPC too)
         key = (owner, invocation_id)
@@ -205,7 +208,7 @@ class Supervisor:
             else:  # created after the call was abandoned
                 self._track(sandbox)
 
-        services = Services(config=self.config, backend=self.backend, secrets=self.secrets, delivery=self.delivery,
+        services = Services(config=self.config, backend=self.backend, secrets=self.secrets,
                             on_sandbox=on_sandbox, remove=self._remove, redactor=self.redactor,
                             claim=self.pools.claim)
         try:
@@ -226,57 +229,18 @@ class Supervisor:
             raise InvocationNotFound("no running invocation with this id")
         running.cancelled.set()
 
-    def _track(self, sandbox: Sandbox, first: asyncio.Future[EngineUnavailable | None] | None = None
-               ) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(self._remove_quietly(sandbox, first))
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
-        return task
-
-    async def _remove_quietly(self, sandbox: Sandbox,
-                              first: asyncio.Future[EngineUnavailable | None] | None = None) -> None:
-        """Remove; while the engine is unreachable (e.g. restarting), keep retrying with backoff.
-
-        ``first`` gets the outcome of the first try (None, or the EngineUnavailable it met), so a call
-        can end without waiting for the engine to come back.
-        """
-        try:
-            await self._remove_with_retries(sandbox, first)
-        finally:
-            metrics.active_sandboxes.add(-1)
-
-    async def _remove_with_retries(self, sandbox: Sandbox, first: asyncio.Future[EngineUnavailable | None] | None,
-                                   ) -> None:
-        delay = 0.25
-        for attempt in range(REMOVE_RETRIES):
-            outcome: EngineUnavailable | None = None
-            try:
-                await sandbox.remove()
-                return
-            except EngineUnavailable as exc:
-                outcome = exc
-                log.warning("engine unavailable; retrying removal of sandbox %s in %.1f s", sandbox.id, delay)
-            except Exception:  # the shutdown/start-up sweep by label is the backstop
-                log.exception("failed to remove sandbox %s", sandbox.id)
-                return
-            finally:
-                if attempt == 0 and first is not None and not first.done():
-                    first.set_result(outcome)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-        log.error("gave up removing sandbox %s; the next start-up sweep removes it", sandbox.id)
+    def _track(self, sandbox: Sandbox) -> None:
+        """A sandbox created after its call was abandoned: the reaper's at once."""
+        self.reaper.remove(sandbox, done=lambda: metrics.active_sandboxes.add(-1))
 
     async def _remove(self, sandbox: Sandbox) -> None:
-        if self.pools.owns(sandbox):  # warm path: removal is off the critical path (bounded, tracked)
+        """A call's sandbox at its end: pooled ones are retired off the critical path; others are removed
+        now (the first try; while the engine is away the reaper retries and the call ends UNAVAILABLE)."""
+        if self.pools.owns(sandbox):
             metrics.active_sandboxes.add(-1)
             self.pools.retire(sandbox)
             return
-        first: asyncio.Future[EngineUnavailable | None] = asyncio.get_running_loop().create_future()
-        task = self._track(sandbox, first)
-        pending: set[asyncio.Future[Any]] = {task, first}
-        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        if first.done() and first.result() is not None:
-            raise EngineUnavailable(f"{first.result()}; the sandbox will be removed when the engine is back")
+        await self.reaper.remove_now(sandbox, done=lambda: metrics.active_sandboxes.add(-1))
 
     async def drain(self, grace_s: float) -> bool:
         """Refuse new invocations; wait up to ``grace_s`` for the running ones. True when none is left."""
@@ -299,12 +263,11 @@ class Supervisor:
             self._waiting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._waiting
-        if self._cleanups:  # bounded: an unreachable engine must not hold shutdown for minutes
-            await asyncio.wait(list(self._cleanups), timeout=self.config.server.shutdown_grace_s + 5.0)
+        # Bounded: an unreachable engine must not hold shutdown for minutes.
+        await self.reaper.drain(self.config.server.shutdown_grace_s + 5.0)
         await self.pools.close()
+        self.reaper.abandon()
         try:
             await self.backend.remove_orphans(self.config.server.instance)
         except Exception:
             log.exception("final sandbox sweep failed")
-        if self.delivery is not None:
-            self.delivery.close()

@@ -12,10 +12,9 @@ from typing import Any
 import docker
 import pytest
 
+from runtime.backends.factory import open_backend
 from runtime.client import Client
-from runtime.policy.plan import LABEL_OWNER
 from runtime.server.app import App
-from runtime.server.lifecycle import docker_backend
 from runtime.settings import Config, parse_config
 from runtime.supervisor import Supervisor
 
@@ -23,6 +22,8 @@ RUNNER_IMAGE = os.environ.get("TOOLCELL_TEST_IMAGE", "toolcell/python:bookworm")
 # Granted to test tools that print it; must never appear in any output, span or log of the run.
 CANARY = "tc-canary-" + uuid.uuid4().hex
 REPO = Path(__file__).resolve().parent.parent
+# The Docker backend records a sandbox's owner in this label (what the engine-side leak checks filter on).
+LABEL_OWNER = "io.toolcell.owner"
 
 
 def engine() -> docker.DockerClient:
@@ -34,6 +35,15 @@ def engine() -> docker.DockerClient:
     except Exception as exc:
         pytest.fail(f"a real Docker engine with image {RUNNER_IMAGE} is required (run scripts/setup.sh): {exc}")
     return client
+
+
+async def left_behind(config: Config) -> list[str]:
+    """Sandboxes of ``config``'s owner still present, asked of a fresh backend of the configured kind."""
+    backend = open_backend(config)
+    try:
+        return await backend.list_sandboxes(config.server.instance)
+    finally:
+        await backend.close()
 
 
 def leftovers(client: docker.DockerClient, owner: str) -> list[str]:
@@ -81,7 +91,7 @@ async def running_supervisor(tmp_path: Path, doc: dict[str, Any] | None = None,
 @contextlib.asynccontextmanager
 async def serving(config: Config) -> AsyncIterator[tuple[App, Client]]:
     """A supervisor for ``config`` on the real engine, with a client; nothing of its owner may be left after."""
-    app = App(Supervisor(config, docker_backend(config)))
+    app = App(Supervisor(config, open_backend(config)))
     address = await app.start()
     client = Client(address)
     try:
@@ -89,5 +99,5 @@ async def serving(config: Config) -> AsyncIterator[tuple[App, Client]]:
     finally:
         await client.close()
         await app.stop(grace_s=1.0)
-        left = leftovers(engine(), config.server.instance)
+        left = await left_behind(config)
         assert left == [], f"sandboxes left behind: {left}"

@@ -1,19 +1,27 @@
 """The narrow backend Protocol every sandbox engine implements.
 
-A backend turns a ``ContainerPlan`` into a running sandbox and reports on it. It owns no policy:
-timeouts, caps and status decisions live in ``pipeline``. Backend methods raise only
+A backend turns a ``SandboxSpec`` (``runtime/policy/spec.py``) into a running sandbox and reports on it,
+in no engine's terms: no labels, networks, bundles or container ids leak above this seam. It owns no
+policy: timeouts, caps and status decisions live in ``pipeline``. Backend methods raise only
 ``runtime.errors.BackendError`` subclasses; engine exceptions are translated inside the backend.
+
+Capabilities a backend provides behind the same calls:
+
+- ``spec.egress``: the sandbox's own network with a filtering proxy (``Sandbox.egress`` reports what it
+  asked for, once removed); a backend that cannot grant network raises ``ConfigError`` naming the tool
+  from ``check``, at configuration time, never more network than granted.
+- ``spec.defer`` with ``start(stdin, secrets)``: granted secrets reach the sandbox with its start (or its
+  claim, pooled), never through host files the pipeline prepares.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from runtime.model import Usage
-from runtime.policy.network import NetworkSpec
-from runtime.policy.plan import ContainerPlan
+from runtime.model import EgressDestination, Usage
+from runtime.policy.spec import NO_SECRETS, SandboxSpec, Secrets
 
 StreamName = Literal["stdout", "stderr"]
 
@@ -34,13 +42,16 @@ class ExitInfo:
 
 
 class Sandbox(Protocol):
-    """One created container. Single use: start once, then remove."""
+    """One sandbox. Single use: start once, then remove."""
 
     @property
     def id(self) -> str: ...
 
-    async def start(self, stdin: bytes) -> None:
-        """Start the sandbox, write ``stdin`` and close it (EOF)."""
+    async def start(self, stdin: bytes, secrets: Secrets = NO_SECRETS) -> None:
+        """Start the sandbox (claim it, pooled), write ``stdin`` and close it (EOF).
+
+        ``secrets`` only for a sandbox whose spec has ``defer``: its tool is spawned now, with them.
+        """
 
     def output(self) -> AsyncIterator[tuple[StreamName, bytes]]:
         """Raw output chunks as they arrive, until both streams close. Call once, after start."""
@@ -55,59 +66,52 @@ class Sandbox(Protocol):
         """Best-known resource usage (peak memory, CPU time); zeros when the engine can't tell."""
 
     async def remove(self) -> None:
-        """Force-remove the sandbox. Idempotent; must succeed even if it never started."""
+        """Force-remove the sandbox and everything it had (network, proxy). Idempotent; must succeed even
+        if it never started."""
+
+    @property
+    def egress(self) -> tuple[EgressDestination, ...]:
+        """What the sandbox asked its egress proxy for, as the proxy accounted it (after ``remove``)."""
 
 
 class WarmSandbox(Sandbox, Protocol):
     """A pooled sandbox: created and started ahead of time, waiting for its one invocation.
 
-    ``start(stdin)`` claims it: the arguments are delivered on its input; nothing was in it before.
+    ``start(stdin, secrets)`` claims it: the arguments (and, deferred, the secrets) are delivered on its
+    input; nothing was in it before.
     """
 
     @property
     def alive(self) -> bool:
         """Started, unclaimed, and its process has not ended."""
 
-    async def claim(self, stdin: bytes, env: Mapping[str, str], files: Mapping[str, str]) -> None:
-        """Like ``start``, and the tool is spawned now with its granted secrets: ``env`` added to its
-        environment, ``files`` (path -> content) written first. Only for a sandbox created with ``defer=True``."""
-
 
 class Backend(Protocol):
     name: str
 
-    async def create(self, plan: ContainerPlan) -> Sandbox:
-        """Create (not start) a sandbox for ``plan``. Raises ImageMissing/RuntimeMissing/EngineUnavailable."""
+    def check(self, spec: SandboxSpec) -> None:
+        """Raise ``ConfigError`` (naming the tool) when this backend cannot run ``spec`` as written."""
 
-    async def create_warm(self, plan: ContainerPlan, on_exit: Callable[[], None], *,
-                          defer: bool = False) -> WarmSandbox:
-        """Create and start a pooled sandbox for ``plan`` that waits for its claim (see ``WarmSandbox``).
+    async def create(self, spec: SandboxSpec) -> Sandbox:
+        """Create (not start) a sandbox for ``spec``. Raises ImageMissing/RuntimeMissing/EngineUnavailable."""
 
-        ``defer``: its tool is spawned at the claim (``claim(stdin, env)``), for tools granted secrets.
+    async def create_warm(self, spec: SandboxSpec, on_exit: Callable[[], None]) -> WarmSandbox:
+        """Create and start a pooled sandbox for ``spec`` that waits for its claim (see ``WarmSandbox``).
 
-        ``on_exit`` is called on the event loop if it ends before being claimed. A clean run's end may
-        be reported in-band (before the engine processes the exit); other outcomes come from the engine.
+        With ``spec.defer`` its tool is spawned at the claim, with the claim's secrets.
+        ``on_exit`` is called on the event loop if it ends before being claimed.
         """
 
     async def remove_orphans(self, owner: str) -> list[Removed]:
-        """Remove every sandbox, then every network, labelled as ``owner``'s; returns the sandboxes removed."""
-
-    async def create_network(self, spec: NetworkSpec) -> str:
-        """Create ``spec`` with the first of its subnets that is free; returns that subnet."""
-
-    async def ensure_network(self, name: str, labels: Mapping[str, str]) -> None:
-        """Make sure the routable bridge network ``name`` exists (created with ``labels`` if missing)."""
-
-    async def remove_network(self, name: str) -> None:
-        """Remove a network; no error if it is already gone."""
+        """Remove every sandbox (and whatever it had) recorded as ``owner``'s; returns the sandboxes removed."""
 
     async def list_sandboxes(self, owner: str) -> list[str]:
-        """Ids of live sandboxes labelled as ``owner``'s."""
+        """Ids of live sandboxes recorded as ``owner``'s."""
 
     async def ping(self) -> None:
         """Raise EngineUnavailable when the engine cannot be reached."""
 
     async def has_image(self, image: str) -> bool:
-        """Whether ``image`` is present on the engine (never pulled). Raises EngineUnavailable."""
+        """Whether ``image`` is present (never pulled). Raises EngineUnavailable."""
 
     async def close(self) -> None: ...

@@ -1,6 +1,6 @@
 """An in-process backend for tests: sandboxes whose "process" is a Python coroutine.
 
-A behaviour is keyed by the plan's image and plays the tool::
+A behaviour is keyed by the spec's image and plays the tool::
 
     async def echo(proc: FakeProcess) -> int:
         await proc.stdout(proc.stdin)
@@ -14,7 +14,8 @@ output is bounded (a writer blocks while the consumer is behind, like a pipe); a
 behaviour with exit code 128+signum unless the behaviour ignores it (SIGKILL can't be ignored);
 ``proc.oom()`` ends it as the kernel's OOM killer would (137, ``oom_killed``); ``remove`` is idempotent
 and kills what still runs. Everything is recorded (``created``, ``removed``, ``signals``) so tests can
-assert cleanup.
+assert cleanup. Egress is modelled as a capability: a behaviour of a spec with grants records what it
+reached (``proc.reach``), which the sandbox reports as ``egress``; ``egress=False`` refuses such specs.
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from runtime.backends.base import ExitInfo, Removed, StreamName
-from runtime.errors import BackendError, EngineUnavailable, ImageMissing, RuntimeMissing
-from runtime.model import Usage
-from runtime.policy.network import NetworkSpec
-from runtime.policy.plan import LABEL_INVOCATION, LABEL_MANAGED, LABEL_OWNER, LABEL_TOOL, ContainerPlan
+from runtime.errors import BackendError, ConfigError, EngineUnavailable, ImageMissing, RuntimeMissing
+from runtime.model import EgressDestination, Usage
+from runtime.policy.spec import NO_SECRETS, SandboxSpec, Secrets
 
 __all__ = ["Behaviour", "FakeBackend", "FakeProcess", "FakeSandbox"]
 
@@ -58,13 +58,16 @@ class _Killed(BaseException):
 
 @dataclass
 class FakeProcess:
-    """What a behaviour sees: its stdin, its plan, and ways to write, ignore signals or get OOM-killed."""
+    """What a behaviour sees: its stdin, its spec, and ways to write, ignore signals or get OOM-killed."""
 
     stdin: bytes
-    plan: ContainerPlan
+    spec: SandboxSpec
     _write: Callable[[StreamName, bytes], Awaitable[None]] = field(repr=False)
     ignored_signals: set[int] = field(default_factory=set)
     usage: Usage = field(default_factory=Usage)
+    # Secret files the start delivered (path -> content), and the destinations reached through egress.
+    files: Mapping[str, str] = field(default_factory=dict)
+    reached: list[EgressDestination] = field(default_factory=list)
 
     async def stdout(self, data: bytes) -> None:
         """Write to stdout; blocks while the consumer is behind (like a full pipe)."""
@@ -80,6 +83,12 @@ class FakeProcess:
     def set_usage(self, peak_memory_bytes: int = 0, cpu_time_ns: int = 0) -> None:
         self.usage = Usage(peak_memory_bytes=peak_memory_bytes, cpu_time_ns=cpu_time_ns)
 
+    def reach(self, host: str, port: int = 443, *, allowed: bool = True, reason: str = "") -> None:
+        """Record a destination asked for through the sandbox's egress proxy (granted specs only)."""
+        if not self.spec.egress:
+            raise OSError(101, "Network is unreachable")
+        self.reached.append(EgressDestination(host=host, port=port, allowed=allowed, reason=reason))
+
     def oom(self) -> None:
         """End the process as the OOM killer would: exit 137 with ``oom_killed``."""
         raise _Killed(_OOM_EXIT, oom=True)
@@ -90,11 +99,11 @@ Behaviour = Callable[[FakeProcess], Awaitable[int]]
 
 class FakeSandbox:
     def __init__(
-        self, backend: FakeBackend, sandbox_id: str, plan: ContainerPlan, behaviour: Behaviour
+        self, backend: FakeBackend, sandbox_id: str, spec: SandboxSpec, behaviour: Behaviour
     ) -> None:
         self._backend = backend
         self._id = sandbox_id
-        self.plan = plan
+        self.spec = spec
         self._behaviour = behaviour
         self._queue: asyncio.Queue[tuple[StreamName, bytes] | _Eof] = asyncio.Queue()
         self._credits = asyncio.Semaphore(_QUEUE_CHUNKS)
@@ -105,7 +114,6 @@ class FakeSandbox:
         self.removed = False
         # Pooled: "started" at creation, waiting for its claim; ``died()`` ends it before the claim.
         self.warm = False
-        self.defer = False  # spawned at the claim, with the claim's env (granted secrets)
         self.claimed_files: dict[str, str] = {}
         self.claimed = False
         self._on_exit: Callable[[], None] = lambda: None
@@ -129,27 +137,29 @@ class FakeSandbox:
     def running(self) -> bool:
         return self._task is not None and self._exit is None
 
-    async def start(self, stdin: bytes) -> None:
+    async def start(self, stdin: bytes, secrets: Secrets = NO_SECRETS) -> None:
+        """Start (claim, pooled); with ``secrets`` (a deferred spec only) the behaviour sees their ``env``
+        added to its spec's environment and their ``files`` as ``proc.files``."""
         self._backend._check_available()
         if self.removed:
             raise BackendError(f"no such sandbox {self._id}")
         if self._task is not None:
             raise BackendError(f"sandbox {self._id} was already started")
+        if secrets and not self.spec.defer:
+            raise BackendError(f"sandbox {self._id} cannot take secrets at its start: its tool is running")
         if self.warm:
             if self._dead:
                 raise BackendError(f"pooled sandbox {self._id} ended before it was claimed")
             self.claimed = True
-        self._proc = FakeProcess(stdin=stdin, plan=self.plan, _write=self._write)
+        if secrets:
+            self.spec = dataclasses.replace(self.spec, env={**self.spec.env, **secrets.env})
+            self.claimed_files = dict(secrets.files)
+        self._proc = FakeProcess(stdin=stdin, spec=self.spec, _write=self._write, files=dict(secrets.files))
         self._task = asyncio.create_task(self._run(self._proc), name=f"fake-sandbox-{self._id}")
 
-    async def claim(self, stdin: bytes, env: Mapping[str, str], files: Mapping[str, str]) -> None:
-        """A deferred pooled sandbox's claim: the behaviour sees ``env`` added to its plan's environment
-        (and ``claimed_files``)."""
-        if not (self.warm and self.defer):
-            raise BackendError(f"sandbox {self._id} cannot take secrets at its claim")
-        self.plan = dataclasses.replace(self.plan, env={**self.plan.env, **env})
-        self.claimed_files = dict(files)
-        await self.start(stdin)
+    @property
+    def egress(self) -> tuple[EgressDestination, ...]:
+        return tuple(self._proc.reached) if self._proc is not None and self.removed else ()
 
     async def output(self) -> AsyncIterator[tuple[StreamName, bytes]]:
         if self._task is None:
@@ -222,7 +232,7 @@ class FakeSandbox:
 
 
 class FakeBackend:
-    """Backend whose sandboxes run ``behaviours[plan.image]`` in-process."""
+    """Backend whose sandboxes run ``behaviours[spec.image]`` in-process."""
 
     name = "fake"
 
@@ -232,17 +242,17 @@ class FakeBackend:
         *,
         runtimes: Iterable[str] = ("runc",),
         available: bool = True,
+        egress: bool = True,
     ) -> None:
         self.behaviours: dict[str, Behaviour] = dict(behaviours or {})
         self.runtimes = set(runtimes)
         self.available = available
+        self.egress = egress
         self.created: list[str] = []
         self.removed: list[str] = []
         self.signals: list[tuple[str, int]] = []
-        self.plans: dict[str, ContainerPlan] = {}
+        self.specs: dict[str, SandboxSpec] = {}
         self.warm_created: list[str] = []
-        # Networks by name -> labels (what a leak check asserts empty, with ``live``).
-        self.networks: dict[str, Mapping[str, str]] = {}
         self._live: dict[str, FakeSandbox] = {}
         self._ids = itertools.count(1)
 
@@ -254,61 +264,46 @@ class FakeBackend:
     def sandbox(self, sandbox_id: str) -> FakeSandbox:
         return self._live[sandbox_id]
 
-    async def create(self, plan: ContainerPlan) -> FakeSandbox:
+    def check(self, spec: SandboxSpec) -> None:
+        if spec.egress and not self.egress:
+            raise ConfigError(f"tool {spec.identity.tool!r}: network grants are not available on this backend",
+                              key=f"tools.{spec.identity.tool}")
+
+    async def create(self, spec: SandboxSpec) -> FakeSandbox:
         self._check_available()
-        behaviour = self.behaviours.get(plan.image)
+        self.check(spec)
+        behaviour = self.behaviours.get(spec.image)
         if behaviour is None:
-            raise ImageMissing(plan.image)
-        if plan.runtime not in self.runtimes:
-            raise RuntimeMissing(plan.runtime)
-        for network in (plan.network_mode, *plan.extra_networks):
-            if network != "none" and network not in self.networks:
-                raise BackendError(f"network {network!r} not found")
+            raise ImageMissing(spec.image)
+        if spec.isolation not in self.runtimes:
+            raise RuntimeMissing(spec.isolation)
         sandbox_id = f"fake-{next(self._ids):06d}"
-        sandbox = FakeSandbox(self, sandbox_id, plan, behaviour)
+        sandbox = FakeSandbox(self, sandbox_id, spec, behaviour)
         self._live[sandbox_id] = sandbox
         self.created.append(sandbox_id)
-        self.plans[sandbox_id] = plan
+        self.specs[sandbox_id] = spec
         return sandbox
 
-    async def create_warm(self, plan: ContainerPlan, on_exit: Callable[[], None], *,
-                          defer: bool = False) -> FakeSandbox:
-        sandbox = await self.create(plan)
-        sandbox.warm, sandbox.defer = True, defer
+    async def create_warm(self, spec: SandboxSpec, on_exit: Callable[[], None]) -> FakeSandbox:
+        sandbox = await self.create(spec)
+        sandbox.warm = True
         sandbox._on_exit = on_exit
         self.warm_created.append(sandbox.id)
         return sandbox
 
     async def list_sandboxes(self, owner: str) -> list[str]:
         self._check_available()
-        return [sid for sid, sb in self._live.items() if _owned_by(sb.plan, owner)]
+        return [sid for sid, sb in self._live.items() if sb.spec.identity.owner == owner]
 
     async def remove_orphans(self, owner: str) -> list[Removed]:
         ids = await self.list_sandboxes(owner)
         removed = []
         for sid in ids:
-            labels = self._live[sid].plan.labels
-            removed.append(Removed(sid, labels.get(LABEL_INVOCATION, ""), labels.get(LABEL_TOOL, "")))
+            identity = self._live[sid].spec.identity
+            serving = identity.serving
+            removed.append(Removed(sid, identity.invocation_id if serving else "", identity.tool if serving else ""))
             await self._live[sid].remove()
-        for name, labels in list(self.networks.items()):
-            if labels.get(LABEL_MANAGED) == "true" and labels.get(LABEL_OWNER) == owner:
-                del self.networks[name]
         return removed
-
-    async def create_network(self, spec: NetworkSpec) -> str:
-        self._check_available()
-        if spec.name in self.networks or not spec.subnets:
-            raise BackendError(f"cannot create network {spec.name!r}")
-        self.networks[spec.name] = dict(spec.labels)
-        return spec.subnets[0]
-
-    async def ensure_network(self, name: str, labels: Mapping[str, str]) -> None:
-        self._check_available()
-        self.networks.setdefault(name, dict(labels))
-
-    async def remove_network(self, name: str) -> None:
-        self._check_available()
-        self.networks.pop(name, None)
 
     async def ping(self) -> None:
         self._check_available()
@@ -330,6 +325,3 @@ class FakeBackend:
         if self._live.pop(sandbox.id, None) is not None:
             self.removed.append(sandbox.id)
 
-
-def _owned_by(plan: ContainerPlan, owner: str) -> bool:
-    return plan.labels.get(LABEL_MANAGED) == "true" and plan.labels.get(LABEL_OWNER) == owner

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from runtime import metrics
-from runtime.backends.docker import DockerBackend
+from runtime.backends.factory import open_backend
 from runtime.control import State, write_state
 from runtime.errors import ToolcellError
 from runtime.server.app import App
@@ -82,17 +82,12 @@ class Reloader:
         return ok
 
 
-def docker_backend(config: Config) -> DockerBackend:
-    """The engine backend ``config`` asks for (address, pooled sandboxes' channel directory)."""
-    return DockerBackend(config.docker_host, channel_dir=config.pool_channel_dir)
-
-
 async def serve(config_path: str | None, listen: str | None, verbose: bool = False) -> int:
     config: Config = load_config(config_path, listen=listen)
     setup_logging(config.telemetry.log_format, verbose)
     tracing = setup_tracing(config.telemetry)
     meters = setup_metrics(config.telemetry)
-    backend = docker_backend(config)
+    backend = open_backend(config)
     supervisor = Supervisor(config, backend)
     install_log_redaction(supervisor)
     app = App(supervisor)

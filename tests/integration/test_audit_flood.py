@@ -30,7 +30,7 @@ from runtime.audit import MAX_RECORD_BYTES, rotated_files, verify
 from runtime.client import Client
 from runtime.errors import ConfigError
 from runtime.server.app import App
-from runtime.server.lifecycle import docker_backend
+from runtime.backends.factory import open_backend
 from runtime.settings import parse_config
 from runtime.supervisor import Supervisor
 from tests.security_support import AUDIENCE, ISSUER, Idp, serve_jwks
@@ -189,7 +189,7 @@ async def test_two_supervisors_on_one_audit_file_the_second_refuses_to_start(tmp
     async with serving(config_a) as (_app, client):
         ids = await _wordcount(client, 1)
         with pytest.raises(ConfigError) as err:
-            App(Supervisor(config_b, docker_backend(config_b)))
+            App(Supervisor(config_b, open_backend(config_b)))
         message = str(err.value)
         assert str(audit) in message and "in use by another supervisor" in message
         assert f"pid {os.getpid()}" in message

@@ -23,7 +23,7 @@ from runtime.client import Client, ClientError
 from runtime.model import OutputChunk, Started, Status
 from runtime.pipeline import compile_step, resolve
 from runtime.server.app import App
-from runtime.server.lifecycle import docker_backend
+from runtime.backends.factory import open_backend
 from runtime.settings import Config, parse_config
 from runtime.supervisor import Supervisor
 from tests.conftest import LOGS, SPANS
@@ -157,7 +157,7 @@ CASES: dict[str, Case] = {"ok": _ok, "invalid": _invalid, "cancel_rpc": _cancel_
 @pytest.mark.parametrize("case", list(CASES))
 async def test_each_ending_leaves_exactly_one_record_a_span_status_and_a_log_line(tmp_path: Path, case: str) -> None:
     config = _config(tmp_path)
-    app = App(Supervisor(config, docker_backend(config)))
+    app = App(Supervisor(config, open_backend(config)))
     client = Client(await app.start())
     finished = sum("invocation finished" in line for line in LOGS.lines)
     try:
@@ -183,7 +183,7 @@ async def test_each_ending_leaves_exactly_one_record_a_span_status_and_a_log_lin
 
 async def test_shutdown_mid_call_leaves_one_record(tmp_path: Path) -> None:
     config = _config(tmp_path)
-    app = App(Supervisor(config, docker_backend(config)))
+    app = App(Supervisor(config, open_backend(config)))
     client = Client(await app.start())
     events = client.execute("python.run", SLEEP, invocation_id="inv_end_shutdown_1")
     await _until_output(events)
@@ -205,13 +205,13 @@ async def test_a_crashed_runs_sandbox_is_recorded_by_the_next_starts_sweep(tmp_p
     owner = f"test-{uuid.uuid4().hex[:10]}"
     config = _config(tmp_path, owner)
     # What a killed supervisor leaves: a labelled sandbox of a running invocation, and nobody to remove it.
-    backend = docker_backend(config)
+    backend = open_backend(config)
     plan = compile_step(config, resolve(config, "python.run"), "inv_end_crashed_1", 30.0)
     sandbox = await backend.create(plan)
     await sandbox.start(SLEEP.encode() + b"\n")
     await backend.close()
     assert len(leftovers(engine(), owner)) == 1
-    app = App(Supervisor(config, docker_backend(config)))
+    app = App(Supervisor(config, open_backend(config)))
     client = Client(await app.start())
     try:
         assert leftovers(engine(), owner) == []

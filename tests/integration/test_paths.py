@@ -31,7 +31,7 @@ from runtime.errors import ConfigError
 from runtime.model import Status
 from runtime.safepath import UnsafePath
 from runtime.server.app import App
-from runtime.server.lifecycle import docker_backend
+from runtime.backends.factory import open_backend
 from runtime.settings import parse_config
 from runtime.supervisor import Supervisor
 from tests.support import REPO, RUNNER_IMAGE, config_doc, engine, leftovers, running_supervisor
@@ -183,7 +183,7 @@ async def test_the_supervisor_serves_only_from_a_socket_directory_it_controls(
     with _socket_dir(owner, mode) as d:
         instance = f"test-{uuid.uuid4().hex[:10]}"
         config = parse_config(config_doc(instance, str(d / "tc.sock")), environ={}, base_dir=d)
-        app = App(Supervisor(config, docker_backend(config)))
+        app = App(Supervisor(config, open_backend(config)))
         try:
             if refused:
                 with pytest.raises(UnsafePath) as caught:

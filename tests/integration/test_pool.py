@@ -19,7 +19,7 @@ import pytest
 
 from runtime.backends.docker import DockerBackend
 from runtime.model import Result, Started, Status
-from runtime.policy.plan import LABEL_OWNER
+from tests.support import LABEL_OWNER
 from runtime.secretstore import SecretStore, generate_key
 from runtime.server.app import App
 from runtime.settings import parse_config

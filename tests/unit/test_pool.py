@@ -19,8 +19,7 @@ from runtime.backends.fake import FakeBackend, FakeProcess
 from runtime.errors import ConfigError, EngineUnavailable
 from runtime.model import Event, InvocationRequest, Result, Started, Status
 from runtime.pipeline import compile_step, resolve
-from runtime.policy.plan import pooled_plan
-from runtime.pool import fingerprint
+from runtime.policy.spec import Scratch, fingerprint
 from runtime.settings import PoolSpec, parse_config
 from runtime.supervisor import Supervisor
 
@@ -170,7 +169,7 @@ async def test_reload_resizes_and_a_changed_tool_drains_its_pool() -> None:
     kept = {e.sandbox.id for e in sup.pools._pools["echo"].ready}
     sup.reload(parse_config(changed))
     await eventually(lambda: sup.pools.ready("echo") == 2 and kept <= set(backend.removed))
-    assert all(backend.plans[e.sandbox.id].command == ("run", "--changed") for e in sup.pools._pools["echo"].ready)
+    assert all(backend.specs[e.sandbox.id].command == ("run", "--changed") for e in sup.pools._pools["echo"].ready)
     await sup.shutdown()
     assert backend.live == []
 
@@ -211,41 +210,43 @@ async def test_shutdown_removes_every_pooled_sandbox_even_while_creating() -> No
     assert backend.live == []
 
 
-def test_pool_config_tool_overrides_profile_and_secrets_in_system_dirs_are_never_pooled() -> None:
+def test_pool_config_tool_overrides_profile_and_secrets_come_with_the_claim() -> None:
     d = doc()
     d["profiles"]["default"]["pool"] = {"size": 4, "ttl": "30s"}
-    d["secrets"] = {"store": "/nonexistent/store.json", "files_dir": "/tmp/x"}
+    d["secrets"] = {"store": "/nonexistent/store.json"}
     d["tools"].append({"name": "secretive", "description": "s", "image": "echo", "command": ["run"],
                        "secrets": [{"name": "k", "env": "K"}]})
     d["tools"].append({"name": "filed", "description": "s", "image": "echo", "command": ["run"],
                        "secrets": [{"name": "k", "env": "K"}, {"name": "k", "file": "/run/secrets/k"}]})
-    d["tools"].append({"name": "etc", "description": "s", "image": "echo", "command": ["run"],
-                       "secrets": [{"name": "k", "file": "/etc/k"}]})
     config = parse_config(d)
     assert config.pools["echo"] == PoolSpec(size=2, ttl_s=300.0)
     assert config.pools["cold"] == PoolSpec(size=4, ttl_s=30.0), "the profile's pool applies"
     assert config.pools["secretive"] == PoolSpec(size=4, ttl_s=30.0), "env secrets come with the claim"
     assert config.pools["filed"] == PoolSpec(size=4, ttl_s=30.0), "files too, into the sandbox's own tmpfs"
-    assert "etc" not in config.pools, "a tmpfs over /etc would hide the image's files: cold path"
-    d["tools"][-1]["pool"] = {"size": 1}
-    with pytest.raises(ConfigError, match="cannot be pooled: it is granted a secret file in /etc") as err:
-        parse_config(d)
-    assert err.value.key == "tools[5].pool"
 
 
-def test_a_pooled_plan_covers_each_secret_files_directory_with_the_users_own_tmpfs() -> None:
+def test_a_secret_file_in_a_system_directory_is_a_config_error() -> None:
+    """Secret files arrive in an empty tmpfs at their directory: over /etc it would hide the image's files."""
     d = doc()
-    d["secrets"] = {"store": "/nonexistent/store.json", "files_dir": "/tmp/x"}
+    d["secrets"] = {"store": "/nonexistent/store.json"}
+    d["tools"].append({"name": "etc", "description": "s", "image": "echo", "command": ["run"],
+                       "secrets": [{"name": "k", "file": "/etc/k"}]})
+    with pytest.raises(ConfigError, match=r"must be its own .* not /etc") as err:
+        parse_config(d)
+    assert err.value.key == "tools[3].secrets"
+
+
+def test_a_spec_covers_each_secret_files_directory_with_the_users_own_scratch() -> None:
+    d = doc()
+    d["secrets"] = {"store": "/nonexistent/store.json"}
     d["tools"].append({"name": "filed", "description": "s", "image": "echo", "command": ["run"],
                        "secrets": [{"name": "a", "file": "/run/secrets/a"}, {"name": "b", "file": "/run/secrets/b"},
                                    {"name": "c", "file": "/var/run/app/c"}, {"name": "d", "env": "D"}]})
     config = parse_config(d)
-    resolved = resolve(config, "filed")
-    plan = pooled_plan(compile_step(config, resolved, "inv_a", None), resolved.tool.secrets)
-    opts = "rw,noexec,nosuid,nodev,size=1m,mode=0700,uid=10001,gid=10001"
-    covered = {k: v for k, v in plan.tmpfs.items() if k not in ("/tmp", "/dev/mqueue")}
-    assert covered == {"/run/secrets": opts, "/var/run/app": opts}
-    assert pooled_plan(plan, ()) is plan
+    spec = compile_step(config, resolve(config, "filed"), "inv_a", None)
+    covered = {s.path: s for s in spec.scratch if s.path != "/tmp"}
+    assert covered == {d: Scratch(d, 1024 * 1024, 0o700, 10001, 10001) for d in ("/run/secrets", "/var/run/app")}
+    assert spec.defer and "D" not in spec.env, "secrets are never in the spec: the start brings them"
 
 
 def test_fingerprint_ignores_the_invocation_and_timeout_only() -> None:
@@ -301,7 +302,7 @@ async def test_an_absent_engine_at_start_is_an_error_or_waited_for(wait: bool) -
             await sup.start()
         return
     assert await sup.start() == 0 and sup.awaiting_engine
-    with pytest.raises(EngineUnavailable, match="waiting for the Docker engine"):
+    with pytest.raises(EngineUnavailable, match="waiting for the engine"):
         await call(sup)
     assert backend.created == [], "no sandbox, no pool before the engine answers"
     ready = asyncio.Event()

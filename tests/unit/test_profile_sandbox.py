@@ -8,7 +8,7 @@ import pytest
 
 from runtime.errors import ConfigError
 from runtime.model import Tool
-from runtime.policy.plan import compile_plan, min_pids
+from runtime.policy.spec import Scratch, compile_spec, min_pids
 from runtime.settings import parse_config
 
 
@@ -17,22 +17,22 @@ def config(**profile: Any) -> dict[str, Any]:
             "tools": [{"name": "t", "description": "d", "image": "img", "command": ["cat"]}]}
 
 
-def shm_of(doc: dict[str, Any]) -> str | None:
+def shm_of(doc: dict[str, Any]) -> Scratch | None:
     cfg = parse_config(doc)
-    plan = compile_plan(Tool(name="t", description="d", image="img", command=("cat",)), cfg.profiles["default"],
+    spec = compile_spec(Tool(name="t", description="d", image="img", command=("cat",)), cfg.profiles["default"],
                         invocation_id="i", owner="o", seccomp_json="{}", environ={})
-    return plan.tmpfs.get("/dev/shm")
+    return next((s for s in spec.scratch if s.path == "/dev/shm"), None)
 
 
 @pytest.mark.parametrize(
     ("profile", "expected"),
     [
         ({}, None),  # no shm key: no /dev/shm
-        ({"shm": "16Mi"}, "rw,noexec,nosuid,nodev,size=16777216,mode=1777"),
+        ({"shm": "16Mi"}, Scratch("/dev/shm", 16 * 1024 * 1024, 0o1777)),
         ({"shm": 0}, None),
     ],
 )
-def test_shm_key(profile: dict[str, Any], expected: str | None) -> None:
+def test_shm_key(profile: dict[str, Any], expected: Scratch | None) -> None:
     assert shm_of(config(**profile)) == expected
 
 
