@@ -1,183 +1,258 @@
-"""Egress orchestration over the fake backend: order, per-invocation isolation, cleanup on every path.
+"""The Docker backend's egress orchestration over a fake engine: order, isolation, cleanup on every path.
 
-Enforcement itself is proven against the real engine (tests/integration/test_egress.py); this checks
-that the pipeline wires it: network before proxy before sandbox, each invocation its own network and
-proxy with its own grants, everything removed afterwards, accounting carried into the Result.
+Enforcement itself is proven against the real engine (tests/integration/test_egress.py); this checks that
+the backend wires it: upstream network, then the invocation's own network, then the proxy on both, its
+program on stdin, the sandbox's place and environment; afterwards the accounting, the proxy and the network
+gone, whatever failed on the way. Also the backend's refusals that need no engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+import signal
+from collections.abc import AsyncIterator, Mapping
 
 import pytest
 
-from runtime.backends.fake import FakeBackend, FakeProcess
-from runtime.egress.session import PROGRAM
-from runtime.errors import BackendError
-from runtime.model import Event, InvocationRequest, Result, Status
-from runtime.policy.network import LABEL_ROLE, ROLE_PROXY
-from runtime.settings import parse_config
-from runtime.supervisor import Supervisor
+from runtime.backends.base import ExitInfo, StreamName
+from runtime.backends.docker import DockerBackend, DockerSandbox
+from runtime.backends.docker_egress import (
+    LABEL_OWNER,
+    LABEL_ROLE,
+    PROGRAM,
+    EgressSession,
+    NetworkAttachment,
+    NetworkSpec,
+)
+from runtime.errors import BackendError, ConfigError
+from runtime.model import EgressDestination, Tool, Usage
+from runtime.policy.network import EgressGrant, EgressSettings
+from runtime.policy.profile import IsolationProfile
+from runtime.policy.spec import NO_SECRETS, ROLE_PROXY, Identity, SandboxSpec, Secrets, compile_spec
 
-PROXY_IMAGE = "toolcell/python:bookworm"
 SUMMARY = [{"host": "allowed.test", "port": 443, "allowed": True, "reason": "", "connections": 2,
             "bytes_up": 10, "bytes_down": 20},
            {"host": "denied.test", "port": 443, "allowed": False, "reason": "not-granted", "connections": 1,
-            "bytes_up": 0, "bytes_down": 0}]
+            "bytes_up": 0, "bytes_down": 0},
+           {"host": "broken"}]  # a malformed entry is dropped, not fatal
+GRANTS = (EgressGrant("allowed.test"),)
+IDENTITY = Identity(owner="unit-egress", invocation_id="inv_1", tool="a")
 
 
-async def fake_proxy(proc: FakeProcess) -> int:
-    assert proc.stdin == PROGRAM
-    await proc.stdout(b'{"event":"listening"}\n')
-    await proc.stdout(json.dumps({"event": "summary", "destinations": SUMMARY}).encode() + b"\n")
-    await asyncio.sleep(3600)
-    return 0
+class FakeProxy:
+    """The sidecar as the session sees it: prints "listening", and its summary on SIGTERM."""
+
+    def __init__(self, spec: SandboxSpec, *, starts: bool = True) -> None:
+        self.spec = spec
+        self.stdin = b""
+        self.removed = False
+        self.signals: list[int] = []
+        self._starts = starts
+        self._out: asyncio.Queue[tuple[StreamName, bytes] | None] = asyncio.Queue()
+
+    @property
+    def id(self) -> str:
+        return "proxy0123456789"
+
+    @property
+    def egress(self) -> tuple[EgressDestination, ...]:
+        return ()
+
+    async def start(self, stdin: bytes, secrets: Secrets = NO_SECRETS) -> None:
+        self.stdin = stdin
+        if self._starts:
+            self._out.put_nowait(("stdout", b'{"event":"listen'))  # a line split across chunks
+            self._out.put_nowait(("stdout", b'ing"}\nnot json\n'))
+        else:
+            self._out.put_nowait(("stderr", b"Traceback ...\nOSError: cannot assign requested address\n"))
+            self._out.put_nowait(None)
+
+    async def output(self) -> AsyncIterator[tuple[StreamName, bytes]]:
+        while (item := await self._out.get()) is not None:
+            yield item
+
+    async def signal(self, signum: int) -> None:
+        self.signals.append(signum)
+        line = json.dumps({"event": "summary", "destinations": SUMMARY}).encode() + b"\n"
+        self._out.put_nowait(("stdout", line))
+        self._out.put_nowait(None)
+
+    async def wait(self) -> ExitInfo:
+        raise AssertionError("the session never waits for the proxy")
+
+    async def usage(self) -> Usage:
+        return Usage()
+
+    async def remove(self) -> None:
+        self.removed = True
 
 
-async def broken_proxy(proc: FakeProcess) -> int:
-    await proc.stderr(b"Traceback ...\nOSError: cannot assign requested address\n")
-    return 1
+class FakeEngine:
+    """Records every engine call in order; networks and proxies as the session asked for them."""
+
+    def __init__(self, *, proxy_starts: bool = True, fail_remove_network: bool = False,
+                 proxy_delay_s: float = 0.0) -> None:
+        self.calls: list[str] = []
+        self.networks: dict[str, Mapping[str, str]] = {}
+        self.proxies: list[tuple[FakeProxy, NetworkAttachment]] = []
+        self._proxy_starts = proxy_starts
+        self._fail_remove_network = fail_remove_network
+        self._proxy_delay_s = proxy_delay_s
+
+    async def ensure_network(self, name: str, labels: Mapping[str, str]) -> None:
+        self.calls.append(f"ensure {name}")
+        self.networks.setdefault(name, dict(labels))
+
+    async def create_network(self, spec: NetworkSpec) -> str:
+        self.calls.append("create network")
+        assert spec.internal and spec.host_isolated and spec.subnets
+        self.networks[spec.name] = dict(spec.labels)
+        return spec.subnets[0]
+
+    async def remove_network(self, name: str) -> None:
+        self.calls.append("remove network")
+        if self._fail_remove_network:
+            raise BackendError("network has active endpoints")
+        del self.networks[name]
+
+    async def create_attached(self, spec: SandboxSpec, attachment: NetworkAttachment) -> FakeProxy:
+        self.calls.append("create proxy")
+        await asyncio.sleep(self._proxy_delay_s)
+        proxy = FakeProxy(spec, starts=self._proxy_starts)
+        self.proxies.append((proxy, attachment))
+        return proxy
 
 
-async def tool(proc: FakeProcess) -> int:
-    plan = proc.plan
-    await proc.stdout(json.dumps({"network": plan.network_mode, "ip": plan.network_ip,
-                                  "proxy": plan.env.get("HTTPS_PROXY", "")}).encode())
-    return 0
+def session(engine: FakeEngine, settings: EgressSettings | None = None,
+            grants: tuple[EgressGrant, ...] = GRANTS, identity: Identity = IDENTITY) -> EgressSession:
+    return EgressSession(engine, settings or EgressSettings(ready_timeout_s=2.0), grants, identity,
+                         seccomp_json='{"defaultAction": "SCMP_ACT_ERRNO"}')
 
 
-def config(**egress: Any) -> Any:
-    probe = {"description": "d", "image": "tool", "command": ["run"]}
-    return parse_config({
-        "version": 1,
-        "server": {"instance": "unit-egress"},
-        "egress": egress,
-        "profiles": {"default": {"timeout": "5s", "kill_grace": "100ms"},
-                     "a": {"network": ["allowed.test"]},
-                     "b": {"network": [{"host": "*.other.test", "ports": [80]}]}},
-        "tools": [{**probe, "name": "plain"}, {**probe, "name": "a", "profile": "a"},
-                  {**probe, "name": "b", "profile": "b"}],
-    })
-
-
-async def run(sup: Supervisor, name: str) -> Result:
-    async def emit(_: Event) -> None:
-        return None
-
-    return await sup.execute(InvocationRequest(tool=name, arguments_json="{}"), emit)
-
-
-def policies(backend: FakeBackend) -> list[dict[str, Any]]:
-    return [json.loads(p.env["TOOLCELL_EGRESS_POLICY"]) for p in backend.plans.values()
-            if p.labels.get(LABEL_ROLE) == ROLE_PROXY]
-
-
-async def test_granted_call_gets_its_own_network_and_proxy_then_both_go() -> None:
-    backend = FakeBackend({PROXY_IMAGE: fake_proxy, "tool": tool})
-    result = await run(Supervisor(config(), backend), "a")
-    assert result.status is Status.OK, result.message
-    seen = json.loads(result.output)
-    [policy] = policies(backend)
-    assert seen["network"].startswith("toolcell-egress-") and seen["proxy"] == f"http://{policy['listen']}:3128"
-    assert seen["ip"].split(".")[:3] == policy["listen"].split(".")[:3]
+async def test_open_makes_network_then_proxy_and_close_removes_both_with_the_accounting() -> None:
+    engine = FakeEngine()
+    s = session(engine)
+    place, env = await s.open()
+    [(proxy, proxy_place)] = engine.proxies
+    assert engine.calls == ["ensure toolcell-egress-unit-egress", "create network", "create proxy"]
+    assert proxy.stdin == PROGRAM and b"def main" in PROGRAM
+    policy = json.loads(proxy.spec.env["TOOLCELL_EGRESS_POLICY"])
     assert policy["grants"] == [{"host": "allowed.test", "ports": [443], "allow_private": False}]
-    proxy_plan = next(p for p in backend.plans.values() if p.labels.get(LABEL_ROLE) == ROLE_PROXY)
-    assert proxy_plan.extra_networks == ("toolcell-egress-unit-egress",) and proxy_plan.read_only_rootfs
-    assert proxy_plan.cap_drop == ("ALL",) and proxy_plan.user == "10001:10001"
-    assert [(d.host, d.allowed, d.connections, d.bytes_up, d.bytes_down) for d in result.egress] == [
-        ("allowed.test", True, 2, 10, 20), ("denied.test", False, 1, 0, 0)]
-    assert backend.live == []
-    # The upstream network stays for the next call; the invocation's own network is gone.
-    assert list(backend.networks) == ["toolcell-egress-unit-egress"]
+    # .2 the proxy (internal network + upstream), .3 the sandbox (internal only), pointed at the proxy.
+    assert proxy_place.network == place.network and place.network.startswith("toolcell-egress-")
+    assert proxy_place.extra == ("toolcell-egress-unit-egress",) and place.extra == ()
+    assert proxy_place.ip == policy["listen"] and place.ip.split(".")[:3] == policy["listen"].split(".")[:3]
+    assert int(place.ip.rsplit(".", 1)[1]) == int(proxy_place.ip.rsplit(".", 1)[1]) + 1
+    assert env["HTTPS_PROXY"] == env["http_proxy"] == f"http://{policy['listen']}:3128" and env["NO_PROXY"] == ""
+    assert engine.networks[place.network][LABEL_OWNER] == "unit-egress"
+    destinations = await s.close()
+    assert proxy.signals == [signal.SIGTERM] and proxy.removed
+    assert [(d.host, d.allowed, d.reason, d.connections, d.bytes_up, d.bytes_down) for d in destinations] == [
+        ("allowed.test", True, "", 2, 10, 20), ("denied.test", False, "not-granted", 1, 0, 0)]
+    assert engine.calls[-1] == "remove network"
+    # The upstream network stays for the next call (swept with the owner's objects at shutdown).
+    assert list(engine.networks) == ["toolcell-egress-unit-egress"]
+    assert await s.close() == destinations and engine.calls.count("remove network") == 1  # idempotent
 
 
-async def test_ungranted_call_has_no_network_and_no_proxy() -> None:
-    backend = FakeBackend({PROXY_IMAGE: fake_proxy, "tool": tool})
-    result = await run(Supervisor(config(), backend), "plain")
-    assert json.loads(result.output) == {"network": "none", "ip": "", "proxy": ""}
-    assert result.egress == () and policies(backend) == [] and backend.networks == {}
+def test_the_proxy_is_contained_like_a_tool() -> None:
+    from runtime.backends.docker_egress import proxy_spec
+
+    spec = proxy_spec(EgressSettings(), IDENTITY, policy_json="{}", seccomp_json="{...}")
+    assert (spec.user, spec.isolation, spec.seccomp_json, spec.egress, spec.defer) == ("10001:10001", "runc",
+                                                                                      "{...}", (), False)
+    assert spec.identity == Identity("unit-egress", "inv_1", "a", role=ROLE_PROXY) and not spec.identity.serving
+    assert [s.path for s in spec.scratch] == ["/tmp"] and spec.mounts == ()
+    assert spec.memory_bytes == EgressSettings().proxy_memory_bytes and spec.pids == 16
 
 
-async def test_concurrent_calls_have_separate_networks_and_allowlists() -> None:
-    backend = FakeBackend({PROXY_IMAGE: fake_proxy, "tool": tool})
-    sup = Supervisor(config(), backend)
-    a, b = await asyncio.gather(run(sup, "a"), run(sup, "b"))
-    assert json.loads(a.output)["network"] != json.loads(b.output)["network"]
-    grants = sorted(json.dumps(p["grants"]) for p in policies(backend))
+async def test_an_admin_named_upstream_network_is_not_labelled_as_ours() -> None:
+    engine = FakeEngine()
+    s = session(engine, EgressSettings(network="corp-egress"))
+    await s.open()
+    await s.close()
+    assert engine.calls[0] == "ensure corp-egress" and LABEL_OWNER not in engine.networks["corp-egress"]
+    assert engine.networks["corp-egress"][LABEL_ROLE] == "egress-upstream"
+
+
+async def test_concurrent_sessions_have_separate_networks_and_allowlists() -> None:
+    engine = FakeEngine()
+    a = session(engine)
+    b = session(engine, grants=(EgressGrant("*.other.test", (80,)),))
+    (place_a, _), (place_b, _) = await asyncio.gather(a.open(), b.open())
+    assert place_a.network != place_b.network
+    grants = sorted(json.dumps(json.loads(p.spec.env["TOOLCELL_EGRESS_POLICY"])["grants"]) for p, _ in engine.proxies)
     assert grants == [json.dumps([{"host": "*.other.test", "ports": [80], "allow_private": False}]),
                       json.dumps([{"host": "allowed.test", "ports": [443], "allow_private": False}])]
-    assert backend.live == []
+    await asyncio.gather(a.close(), b.close())
+    assert list(engine.networks) == ["toolcell-egress-unit-egress"]
 
 
-async def test_a_proxy_that_fails_to_start_fails_the_call_and_leaves_nothing() -> None:
-    backend = FakeBackend({PROXY_IMAGE: broken_proxy, "tool": tool})
+async def test_a_proxy_that_fails_to_start_fails_open_and_close_leaves_nothing() -> None:
+    engine = FakeEngine(proxy_starts=False)
+    s = session(engine)
     with pytest.raises(BackendError, match="egress proxy did not start: OSError: cannot assign"):
-        await run(Supervisor(config(), backend), "a")
-    tools = [p for p in backend.plans.values() if p.image == "tool"]
-    assert tools == [] and backend.live == [] and list(backend.networks) == ["toolcell-egress-unit-egress"]
+        await s.open()
+    assert await s.close() == ()
+    assert engine.proxies[0][0].removed and list(engine.networks) == ["toolcell-egress-unit-egress"]
 
 
-async def test_missing_proxy_image_is_a_precondition_error_and_leaves_nothing() -> None:
-    from runtime.errors import ImageMissing
-
-    backend = FakeBackend({"tool": tool})
-    with pytest.raises(ImageMissing):
-        await run(Supervisor(config(), backend), "a")
-    assert backend.live == [] and list(backend.networks) == ["toolcell-egress-unit-egress"]
-
-
-async def test_shutdown_sweep_removes_the_owners_networks() -> None:
-    backend = FakeBackend({PROXY_IMAGE: fake_proxy, "tool": tool})
-    sup = Supervisor(config(), backend)
-    await run(sup, "a")
-    await sup.shutdown()
-    assert backend.networks == {}
+async def test_close_after_a_cancelled_open_removes_what_was_created() -> None:
+    engine = FakeEngine(proxy_delay_s=0.2)
+    s = session(engine)
+    opening = asyncio.ensure_future(s.open())
+    while "create proxy" not in engine.calls:
+        await asyncio.sleep(0.01)
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    await s.close()  # waits for the proxy still being created, then removes it and the network
+    assert engine.proxies[0][0].removed and list(engine.networks) == ["toolcell-egress-unit-egress"]
 
 
-async def test_an_admin_named_upstream_network_is_not_swept() -> None:
-    backend = FakeBackend({PROXY_IMAGE: fake_proxy, "tool": tool})
-    sup = Supervisor(config(network="corp-egress"), backend)
-    await run(sup, "a")
-    await sup.shutdown()
-    assert list(backend.networks) == ["corp-egress"]
+async def test_close_never_raises_for_cleanup() -> None:
+    engine = FakeEngine(fail_remove_network=True)
+    s = session(engine)
+    await s.open()
+    destinations = await s.close()
+    assert engine.proxies[0][0].removed and len(destinations) == 2
 
 
-async def slow_proxy(proc: FakeProcess) -> int:
-    await asyncio.sleep(0.6)
-    return await fake_proxy(proc)
+# -- the backend's refusals (no engine call is made) --------------------------------------------------
 
 
-async def sleeper(proc: FakeProcess) -> int:
-    await asyncio.sleep(3600)
-    return 0
+def _spec(egress: bool = False) -> SandboxSpec:
+    tool = Tool(name="net.tool", description="", image="img", command=("run",))
+    profile = IsolationProfile().with_network(*GRANTS) if egress else IsolationProfile()
+    return compile_spec(tool, profile, invocation_id="inv_1", owner="unit", seccomp_json="{}", environ={})
 
 
-async def test_network_set_up_time_comes_out_of_the_callers_deadline() -> None:
-    import time
+async def test_egress_without_egress_settings_is_a_config_error_naming_the_tool() -> None:
+    backend = DockerBackend("unix:///nonexistent.sock")
+    try:
+        backend.check(_spec())  # no egress: nothing to check
+        with pytest.raises(ConfigError, match=r"net\.tool"):
+            backend.check(_spec(egress=True))
+        with pytest.raises(ConfigError, match=r"net\.tool"):
+            await backend.create(_spec(egress=True))
+        with pytest.raises(ConfigError, match="cannot be pooled"):
+            await backend.create_warm(_spec(egress=True), lambda: None)
+    finally:
+        await backend.close()
+    configured = DockerBackend("unix:///nonexistent.sock", egress=EgressSettings(), proxy_seccomp_json="{}")
+    try:
+        configured.check(_spec(egress=True))
+    finally:
+        await configured.close()
 
-    backend = FakeBackend({PROXY_IMAGE: slow_proxy, "tool": sleeper})
-    sup = Supervisor(config(), backend)
 
-    async def emit(_: Event) -> None:
-        return None
+async def test_secrets_for_a_sandbox_not_created_to_take_them_are_refused() -> None:
+    backend = DockerBackend("unix:///nonexistent.sock")
+    try:
+        sandbox = DockerSandbox(backend, "0123456789abcdef", defer=False)
+        with pytest.raises(BackendError, match="not created to take secrets"):
+            await sandbox.start(b"{}", Secrets(env={"TOKEN": "s3cret"}))
+    finally:
+        await backend.close()
 
-    t0 = time.monotonic()
-    result = await sup.execute(InvocationRequest(tool="a", arguments_json="{}", deadline_s=t0 + 1.5), emit)
-    assert result.status is Status.TIMEOUT and time.monotonic() - t0 < 1.5
-    assert backend.live == []
-
-
-def test_the_audit_record_carries_the_egress_accounting() -> None:
-    from runtime.gate import _result_fields
-    from runtime.model import EgressDestination, Usage
-
-    base = Result(status=Status.OK, exit_code=0, output="", stderr="", truncated=False, duration_ms=1,
-                  usage=Usage(), trace_id="t", invocation_id="inv_x")
-    import dataclasses
-
-    granted = dataclasses.replace(base, egress=(EgressDestination("allowed.test", 443, True, "", 1, 5, 10),))
-    assert "egress" not in _result_fields(base)
-    assert _result_fields(granted)["egress"] == [{"host": "allowed.test", "port": 443, "allowed": True, "reason": "",
-                                                  "connections": 1, "bytes_up": 5, "bytes_down": 10}]
