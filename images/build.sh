@@ -6,6 +6,8 @@
 #   toolcell/supervisor:<ver> images/supervisor/Dockerfile on the base: the supervisor (toolcell serve) in a
 #                             venv, installed --no-index from wheels built on the host (pinned by
 #                             images/supervisor/requirements.lock; pip on the host may use PyPI), user 10002
+#   rootfs store              the runner images' root filesystems unpacked for the oci engine (no daemon at
+#                             run time): $TOOLCELL_ROOTFS_DIR/<image id>/rootfs, index.json maps names to ids
 #
 # Each image carries the label io.toolcell.inputs-hash=<sha256 of its inputs>; a build is skipped when the
 # existing image's label matches.  The debootstrap tarball is cached under $TOOLCELL_CACHE_DIR keyed by
@@ -15,6 +17,7 @@
 #   TOOLCELL_DEBIAN_MIRROR  Debian mirror        (default http://deb.debian.org/debian)
 #   TOOLCELL_CACHE_DIR      tarball cache        (default /var/cache/toolcell)
 #   TOOLCELL_FORCE_REBUILD  1 = ignore labels and the tarball cache
+#   TOOLCELL_ROOTFS_DIR     the oci engine's rootfs store (default /var/lib/toolcell/rootfs)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -33,6 +36,8 @@ readonly SUPERVISOR_IMAGE="toolcell/supervisor:$VERSION"
 # The Python that builds the wheels (pip wheel); scripts/setup.sh creates it before running this script.
 readonly BUILD_PYTHON="${TOOLCELL_BUILD_PYTHON:-$REPO/.venv/bin/python}"
 readonly LABEL=io.toolcell.inputs-hash
+# Where the oci engine finds unpacked root filesystems (engine.oci.rootfs_dir).
+readonly ROOTFS_DIR="${TOOLCELL_ROOTFS_DIR:-/var/lib/toolcell/rootfs}"
 
 # What the runner needs: Python 3 with the whole standard library as Debian splits it.  No compilers, no
 # network tools.  Changing this list changes the base hash and so rebuilds both images.
@@ -227,6 +232,18 @@ main() {
   build_supervisor "$(supervisor_hash "$bhash")"
   # Superseded builds of our images are left dangling; drop them (only ours: they carry the label).
   docker image prune --force --filter "label=$LABEL" >/dev/null 2>&1 || true
+  unpack_rootfs
+}
+
+# The oci engine runs the same images with no daemon: each runner image's root filesystem is unpacked once
+# into a content-addressed directory (keyed by the image id; skipped when present).
+unpack_rootfs() {
+  local out
+  if ! out="$("$BUILD_PYTHON" -m runtime images unpack --store "$ROOTFS_DIR" "$BASE_IMAGE" "$PYTHON_IMAGE" 2>&1)"; then
+    printf '%s\n' "$out" >&2
+    die "unpacking the root filesystems into $ROOTFS_DIR failed"
+  fi
+  log "rootfs store $ROOTFS_DIR: $BASE_IMAGE $PYTHON_IMAGE unpacked"
 }
 
 main "$@"

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -320,10 +321,24 @@ def _secrets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _images_build(args: argparse.Namespace) -> int:
+def _images(args: argparse.Namespace) -> int:
     from runtime.images import build_images
 
-    return build_images()
+    if args.subcommand == "build":
+        return build_images()
+    from runtime.backends.oci.rootfs import RootfsStore
+
+    store = RootfsStore(args.store)
+    if args.subcommand == "unpack":
+        for image in args.image:
+            digest = store.unpack_docker_image(image)
+            print(f"{image}: {digest} in {store.directory}")
+        return EXIT_OK
+    references = store.references()
+    for reference, digest in sorted(references.items()):
+        if reference != digest:
+            print(f"{reference}\t{digest}")
+    return EXIT_OK
 
 
 def parser() -> argparse.ArgumentParser:
@@ -381,7 +396,17 @@ def parser() -> argparse.ArgumentParser:
     chk.add_argument("file")
     im = sub.add_parser("images", help="runner images")
     ims = im.add_subparsers(dest="subcommand", required=True)
-    ims.add_parser("build", help="build the runner images offline (debootstrap + docker import/build)")
+    ims.add_parser("build", help="build the runner images offline (debootstrap + docker import/build) and unpack "
+                   "their root filesystems for the oci engine")
+    store_help = "rootfs store of the oci engine (default $TOOLCELL_ROOTFS_DIR or /var/lib/toolcell/rootfs)"
+    unp = ims.add_parser("unpack", help="unpack images from the local Docker engine into the oci engine's rootfs "
+                         "store (content-addressed; skipped when present)")
+    unp.add_argument("image", nargs="+")
+    unp.add_argument("--store", default=os.environ.get("TOOLCELL_ROOTFS_DIR", "/var/lib/toolcell/rootfs"),
+                     help=store_help)
+    lst = ims.add_parser("list", help="images in the oci engine's rootfs store")
+    lst.add_argument("--store", default=os.environ.get("TOOLCELL_ROOTFS_DIR", "/var/lib/toolcell/rootfs"),
+                     help=store_help)
     d = sub.add_parser("doctor", help="check the host: engine, seccomp, cgroups, runtimes, socket, sysctls")
     d.add_argument("--config", help="YAML config file (its engine address and profiles' runtimes)")
     d.add_argument("--json", action="store_true")
@@ -436,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "audit":
             return _audit_verify(args)
         if args.command == "images":
-            return _images_build(args)
+            return _images(args)
         if args.command == "secrets":
             return _secrets(args)
         if args.command == "bench":
