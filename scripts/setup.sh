@@ -2,11 +2,11 @@
 # Set up everything toolcell needs on a Debian 12 (bookworm) machine, as root.  Safe to re-run; when all is
 # in place it finishes in a few seconds.  Used by both README commands (main job and tests) and by CI.
 #
-#   1. Debian packages (docker.io, debootstrap, runsc, python3-venv, iproute2, ...), apt only when missing
+#   1. Debian packages (docker.io, debootstrap, runc, tini, runsc, python3-venv, iproute2, ...), apt only when missing
 #   2. runsc (gVisor) registered as an extra engine runtime in /etc/docker/daemon.json (merged, not clobbered)
 #   3. the Docker engine running (started directly when there is no systemd; reloaded when daemon.json changed)
 #   4. .venv with `pip install -e '.[dev]'` (skipped while pyproject.toml is unchanged)
-#   5. images/build.sh (skips images whose inputs are unchanged)
+#   5. images/build.sh (skips images whose inputs are unchanged; unpacks their root filesystems for the oci engine)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,7 +17,8 @@ readonly RUNSC=/usr/bin/runsc
 readonly VENV="$REPO/.venv"
 readonly STAMP="$VENV/.toolcell-setup-stamp"
 # runsc is optional: it is only built for some architectures.
-readonly REQUIRED_PACKAGES=(ca-certificates debootstrap docker.io iproute2 python3 python3-venv tar util-linux)
+# runc and tini: the oci engine (engine.kind oci) runs sandboxes with them directly, no daemon.
+readonly REQUIRED_PACKAGES=(ca-certificates debootstrap docker.io iproute2 python3 python3-venv runc tar tini util-linux)
 readonly OPTIONAL_PACKAGES=(runsc)
 export DEBIAN_FRONTEND=noninteractive
 
