@@ -356,12 +356,12 @@ class Bench:
 
         What a supervisor running in a container gets (the engine cannot mount its channel directories).
         """
-        if self.config.pool_channel_dir is None:
+        if self.config.engine.pool_channel_dir is None:
             return
         self._step("4c warm, attach relay")
-        config = dataclasses.replace(
-            bench_config(os.path.join(self._tmp.name, "a.sock"), self.owner + "-a", self.plan.pool_size,
-                         self.plan.flood_mib), pool_channel_dir=None)
+        config = bench_config(os.path.join(self._tmp.name, "a.sock"), self.owner + "-a", self.plan.pool_size,
+                              self.plan.flood_mib)
+        config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, pool_channel_dir=None))
         server = _ServerThread(config)
         samples = []
         try:
@@ -566,7 +566,7 @@ class Bench:
         })
 
     async def run(self) -> dict[str, Any]:
-        backend = DockerBackend(self.config.docker_host)
+        backend = DockerBackend(self.config.engine.docker_host)
         try:
             self.server.start()
             self.client = Client(self.server.address)
