@@ -1,15 +1,19 @@
 """``toolcell doctor``: check the host the way the sandbox (and its hostile test suite) needs it.
 
-Each check returns a ``Finding`` (ok / warn / fail, what was seen, how to fix it). Engine facts come from
-the backend's ``info()``; host facts from ``/proc/sys`` and the engine socket's mode. ``evaluate`` is
-pure (engine info and host facts in, findings out) so every rule is unit-tested without a host.
+Each check returns a ``Finding`` (ok / warn / fail, what was seen, how to fix it). For ``engine.kind
+docker`` engine facts come from the backend's ``info()`` and host facts from ``/proc/sys`` and the engine
+socket's mode; for ``oci`` (no daemon) from the host itself: the OCI runtime binary, privileges, cgroup
+controllers, the init binary and the rootfs store (``OciFacts``). ``evaluate`` and ``evaluate_oci`` are
+pure (facts in, findings out) so every rule is unit-tested without a host.
 """
 
 from __future__ import annotations
 
 import enum
 import os
+import shutil
 import stat
+import subprocess  # nosec B404 - fixed argv: the configured OCI runtime's --version
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +172,124 @@ async def run_doctor(address: str, get_info: Callable[[], Any], wanted_runtimes:
     except ToolcellError as exc:
         error = str(exc)
     return evaluate(address, info, error, host_facts(address), wanted_runtimes)
+
+
+@dataclass(frozen=True)
+class OciFacts:
+    """What doctor reads from the host for the daemonless engine."""
+
+    runtime: str  # as configured (a name on PATH or a path)
+    runtime_path: str | None  # resolved, None: not found
+    runtime_version: str
+    euid: int
+    cgroup_mode: str  # "v1", "hybrid", "v2" or "none"
+    controllers: frozenset[str]  # memory, pids, cpu, cpuacct ... available to per-call cgroups
+    v2_controllers: frozenset[str]  # controllers bound to the unified hierarchy (hybrid: crun refuses any)
+    swap_accounting: bool
+    init_path: str | None
+    store_dir: str
+    store_images: frozenset[str]  # references present in the rootfs store
+    seccomp_filter: bool
+    io_uring_disabled: int | None
+    unprivileged_userns_clone: int | None
+    max_user_namespaces: int | None
+
+
+def _cgroup_layout(root: Path) -> tuple[str, frozenset[str], frozenset[str], bool]:
+    """(mode, controllers usable for limits, controllers on the unified hierarchy, swap accounting)."""
+    if (root / "cgroup.controllers").is_file():  # the unified hierarchy at the root: v2
+        v2 = frozenset((root / "cgroup.controllers").read_text().split())
+        return "v2", v2, v2, (root / "memory.swap.max").exists() or "memory" in v2
+    v1 = frozenset(c for c in ("memory", "pids", "cpu", "cpuacct", "freezer") if (root / c).is_dir())
+    unified = root / "unified" / "cgroup.controllers"
+    v2 = frozenset(unified.read_text().split()) if unified.is_file() else frozenset()
+    mode = "hybrid" if unified.is_file() else ("v1" if v1 else "none")
+    return mode, v1, v2, (root / "memory" / "memory.memsw.limit_in_bytes").exists()
+
+
+def oci_facts(runtime: str, store_dir: str, *, init_path: str = "/usr/bin/tini-static",
+              cgroup_root: str = "/sys/fs/cgroup") -> OciFacts:
+    from runtime.backends.oci.rootfs import RootfsStore
+
+    path = shutil.which(runtime)
+    version = ""
+    if path is not None:
+        try:
+            out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,  # noqa: S603 # nosec B603
+                                 check=False).stdout
+            version = out.splitlines()[0].strip() if out else ""
+        except (OSError, subprocess.TimeoutExpired):
+            version = ""
+    mode, controllers, v2, swap = _cgroup_layout(Path(cgroup_root))
+    try:
+        images = frozenset(k for k, v in RootfsStore(store_dir).references().items() if k != v)
+    except ToolcellError:
+        images = frozenset()
+    status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
+    return OciFacts(
+        runtime=runtime, runtime_path=path, runtime_version=version, euid=os.geteuid(), cgroup_mode=mode,
+        controllers=controllers, v2_controllers=v2, swap_accounting=swap,
+        init_path=init_path if os.access(init_path, os.X_OK) else None, store_dir=store_dir, store_images=images,
+        seccomp_filter="Seccomp_filters:" in status or "Seccomp:" in status,
+        io_uring_disabled=_read_int("/proc/sys/kernel/io_uring_disabled"),
+        unprivileged_userns_clone=_read_int("/proc/sys/kernel/unprivileged_userns_clone"),
+        max_user_namespaces=_read_int("/proc/sys/user/max_user_namespaces"),
+    )
+
+
+def evaluate_oci(facts: OciFacts, wanted_images: set[str], wanted_runtimes: set[str]) -> list[Finding]:
+    """Findings for ``engine.kind: oci``: the same sandbox as the Docker engine's, with no daemon."""
+    findings = []
+    if facts.runtime_path is None:
+        findings.append(Finding("OCI runtime", Level.FAIL, f"{facts.runtime!r} not found on PATH",
+                                "apt-get install runc (or set engine.oci.runtime to its path)"))
+    elif os.path.basename(facts.runtime) == "crun" and facts.cgroup_mode == "hybrid" and facts.v2_controllers:
+        findings.append(Finding("OCI runtime", Level.FAIL,
+                                f"{facts.runtime_version or 'crun'} refuses a hybrid cgroup host with controllers on "
+                                f"cgroup v2 ({', '.join(sorted(facts.v2_controllers))})",
+                                "use runc (engine.oci.runtime: runc), or boot with cgroup v2 only"))
+    else:
+        findings.append(Finding("OCI runtime", Level.OK, f"{facts.runtime_path}: {facts.runtime_version or '?'}"))
+    if facts.euid != 0:
+        findings.append(Finding("privileges", Level.FAIL, f"running as uid {facts.euid}",
+                                "the oci engine creates namespaces, mounts and cgroups: run the supervisor as root "
+                                "(see deploy/README.md for what that means in a sidecar)"))
+    else:
+        findings.append(Finding("privileges", Level.OK, "root (no Docker socket needed)"))
+    missing = sorted({"memory", "pids", "cpu"} - facts.controllers)
+    detail = f"cgroup {facts.cgroup_mode}; controllers {', '.join(sorted(facts.controllers)) or 'none'}"
+    if missing:
+        findings.append(Finding("cgroups", Level.FAIL, f"{detail}; no {', '.join(missing)}",
+                                "mount the memory, pids and cpu controllers (v1) or enable them in cgroup.subtree_"
+                                "control (v2)"))
+    elif not facts.swap_accounting:
+        findings.append(Finding("cgroups", Level.WARN, f"{detail}; no swap accounting: memory+swap can't be capped",
+                                "boot with swapaccount=1 (cgroup v1) or disable swap"))
+    else:
+        findings.append(Finding("cgroups", Level.OK, f"{detail}; memory+swap, pids and cpu limits available"))
+    if facts.init_path is None:
+        findings.append(Finding("init", Level.FAIL, "no tini-static: a tool would run as pid 1 (no reaping, SIGTERM "
+                                "ignored)", "apt-get install tini"))
+    else:
+        findings.append(Finding("init", Level.OK, f"{facts.init_path}"))
+    absent = sorted(wanted_images - facts.store_images)
+    if absent:
+        findings.append(Finding("rootfs store", Level.FAIL, f"{facts.store_dir}: no {', '.join(absent)}",
+                                f"toolcell images unpack --store {facts.store_dir} {' '.join(absent)} "
+                                "(or toolcell images build)"))
+    else:
+        findings.append(Finding("rootfs store", Level.OK,
+                                f"{facts.store_dir}: {len(facts.store_images)} image(s), every tool's present"))
+    findings.append(Finding("seccomp", Level.OK if facts.seccomp_filter else Level.FAIL,
+                            "kernel supports seccomp filters" if facts.seccomp_filter else "no seccomp in this kernel",
+                            "" if facts.seccomp_filter else "use a kernel with CONFIG_SECCOMP_FILTER"))
+    if "runsc" in wanted_runtimes:
+        findings.append(Finding("runtimes", Level.FAIL, "profiles use runsc, which the oci engine does not run",
+                                "use engine.kind docker for runsc profiles"))
+    host = HostFacts(engine_socket=None, socket_mode=None, socket_uid=None, io_uring_disabled=facts.io_uring_disabled,
+                     unprivileged_userns_clone=facts.unprivileged_userns_clone,
+                     max_user_namespaces=facts.max_user_namespaces)
+    return [*findings, check_io_uring(host), check_userns(host)]
 
 
 def render(findings: list[Finding]) -> str:
