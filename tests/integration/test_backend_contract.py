@@ -1,19 +1,20 @@
-"""The backend contract, run against the in-process fake and a real Docker engine.
+"""The backend contract, run against the in-process fake, a real Docker engine and the OCI backend.
 
 One behaviour table: each row is a tool written twice, as Python source run in the runner image
-(docker) and as a ``FakeProcess`` coroutine (fake). The contract tests run every row on both
-backends and expect the same observable result. Docker-only tests below check what only a real
-engine can show (hardening as the engine sees it, OOM, streaming memory, cgroup usage, errors).
+(docker, oci) and as a ``FakeProcess`` coroutine (fake). The contract tests run every row on every
+backend in ``BACKENDS`` and expect the same observable result. Docker-only tests below check what only
+the engine can show (hardening as the engine sees it, OOM, streaming memory, cgroup usage, errors, egress).
 
-Docker tests fail (never skip) when no engine is reachable. Every sandbox carries an owner label
-``test-<session>-<n>``; each test's teardown checks its owner has nothing left, and the session's
-end checks every owner used.
+Engine tests fail (never skip) when no engine is reachable. Every sandbox is recorded as owner
+``test-<session>-<n>``; each test's teardown checks its owner has nothing left, and the session's end
+checks every Docker owner used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -29,12 +30,13 @@ import psutil
 import pytest
 
 from runtime.backends.base import Backend, ExitInfo, Sandbox
-from runtime.backends.docker import DockerBackend
+from runtime.backends.docker import LABEL_OWNER, DockerBackend
 from runtime.backends.fake import Behaviour, FakeBackend, FakeProcess
 from runtime.errors import BackendError, EngineUnavailable, ImageMissing, RuntimeMissing
-from runtime.model import Tool
-from runtime.policy.plan import ContainerPlan, compile_plan
+from runtime.model import SecretGrant, Tool
+from runtime.policy.network import EgressGrant, EgressSettings
 from runtime.policy.profile import IsolationProfile, MiB
+from runtime.policy.spec import NO_SECRETS, SandboxSpec, Secrets, compile_spec, sandbox_pids
 from tests.support import engine
 
 TEST_IMAGE = os.environ.get("TOOLCELL_TEST_IMAGE", "toolcell/python:bookworm")
@@ -47,6 +49,9 @@ _SECCOMP_FILES = (
     Path("/work/shared/reference/moby-seccomp-default.json"),
 )
 SESSION = f"test-{uuid.uuid4().hex[:8]}"
+# The backends the contract runs on; "oci" joins with one line here once runtime/backends/oci has OciBackend.
+BACKENDS = ["fake", pytest.param("docker", marks=pytest.mark.docker)]
+ENGINE_KINDS = frozenset({"docker", "oci"})  # run the runner image's Python, not a fake behaviour
 _owner_numbers = itertools.count(1)
 _owners_used: set[str] = set()
 
@@ -106,6 +111,23 @@ async def _stubborn(proc: FakeProcess) -> int:
     return 0
 
 
+async def _secrets(proc: FakeProcess) -> int:
+    seen = {"env": proc.spec.env.get("TOKEN"), "file": proc.files.get(SECRET_FILE), "stdin": proc.stdin.decode()}
+    await proc.stdout(json.dumps(seen, sort_keys=True).encode())
+    return 0
+
+
+SECRET_FILE = "/run/secrets/token"
+SECRETS_CODE = (
+    "import json, os, sys\n"
+    "seen = {'env': os.environ.get('TOKEN'), 'stdin': sys.stdin.read()}\n"
+    f"seen['file'] = open({SECRET_FILE!r}).read() if os.path.exists({SECRET_FILE!r}) else None\n"
+    "sys.stdout.write(json.dumps(seen, sort_keys=True))"
+)
+SECRET_GRANTS = (SecretGrant("token-env", env="TOKEN"), SecretGrant("token-file", file=SECRET_FILE))
+SECRETS = Secrets(env={"TOKEN": "s3cret-env"}, files={SECRET_FILE: "s3cret-file\n"})
+
+
 # One write(2) bigger than a pipe's 64 KiB: under gVisor the container's own stdio answers it with 65,536.
 LARGE_WRITE = 200_000
 LARGE_WRITE_CODE = f"import os; n = os.write(1, b'x' * {LARGE_WRITE}); raise SystemExit(0 if n == {LARGE_WRITE} else 3)"
@@ -125,6 +147,7 @@ BEHAVIOURS: dict[str, Behave] = {
         "time.sleep(60)",
         _stubborn,
     ),
+    "secrets": Behave(SECRETS_CODE, _secrets),
 }
 
 
@@ -153,7 +176,7 @@ class Harness:
     backend: Backend
     owner: str
 
-    def plan(
+    def spec(
         self,
         behaviour: str,
         *,
@@ -161,12 +184,14 @@ class Harness:
         image: str | None = None,
         code: str | None = None,
         owner: str | None = None,
-    ) -> ContainerPlan:
+        secrets: tuple[SecretGrant, ...] = (),
+    ) -> SandboxSpec:
         if image is None:
-            image = TEST_IMAGE if self.kind == "docker" else f"fake/{behaviour}"
+            image = TEST_IMAGE if self.kind in ENGINE_KINDS else f"fake/{behaviour}"
         source = code if code is not None else BEHAVIOURS[behaviour].code
-        tool = Tool(name=f"contract.{behaviour}", description="", image=image, command=("python3", "-c", source))
-        return compile_plan(
+        tool = Tool(name=f"contract.{behaviour}", description="", image=image, command=("python3", "-c", source),
+                    secrets=secrets)
+        return compile_spec(
             tool,
             profile or IsolationProfile(),
             invocation_id=uuid.uuid4().hex,
@@ -217,12 +242,34 @@ def _session_leak_check() -> Iterator[None]:
     assert not left, f"sandboxes left at session end: {left}"
 
 
-@pytest.fixture(params=["fake", pytest.param("docker", marks=pytest.mark.docker)])
+@pytest.fixture(scope="session")
+def oci_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The OCI backend's rootfs store, with the test image unpacked from the Docker engine (once a session)."""
+    from runtime.backends.oci.rootfs import unpack_docker_image
+
+    store = tmp_path_factory.mktemp("oci-store")
+    unpack_docker_image(TEST_IMAGE, store)
+    return store
+
+
+async def _oci_backend(request: pytest.FixtureRequest) -> Backend:
+    from runtime.backends.oci import OciBackend  # type: ignore[attr-defined,unused-ignore]
+
+    store: Path = request.getfixturevalue("oci_store")
+    state = Path(request.getfixturevalue("tmp_path")) / "oci-state"
+    backend: Backend = OciBackend(runtime_path="runc", store_dir=str(store), state_dir=str(state))
+    await backend.ping()  # a missing runtime binary fails the test: engine tests never skip
+    return backend
+
+
+@pytest.fixture(params=BACKENDS)
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     owner = new_owner(request.param)
     backend: Backend
     if request.param == "fake":
         backend = FakeBackend(behaviours={f"fake/{name}": b.fake for name, b in BEHAVIOURS.items()})
+    elif request.param == "oci":
+        backend = await _oci_backend(request)
     else:
         backend = await _docker_backend()
     try:
@@ -243,8 +290,9 @@ async def docker() -> AsyncIterator[Harness]:
         await backend.close()
 
 
-async def run_to_end(sandbox: Sandbox, stdin: bytes) -> tuple[bytes, bytes, ExitInfo]:
-    await sandbox.start(stdin)
+async def run_to_end(sandbox: Sandbox, stdin: bytes,
+                     secrets: Secrets = NO_SECRETS) -> tuple[bytes, bytes, ExitInfo]:
+    await sandbox.start(stdin, secrets)
     streams = {"stdout": bytearray(), "stderr": bytearray()}
     async for stream, data in sandbox.output():
         streams[stream] += data
@@ -260,13 +308,13 @@ async def read_line(stream: AsyncIterator[tuple[str, bytes]]) -> bytes:
     return seen
 
 
-# -- the contract (both backends) ----------------------------------------------------------------
+# -- the contract (every backend) ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
 async def test_runs_tool_and_collects_streams_and_exit_code(harness: Harness, name: str) -> None:
     expect = RUNS[name]
-    sandbox = await harness.backend.create(harness.plan(name))
+    sandbox = await harness.backend.create(harness.spec(name))
     try:
         stdout, stderr, info = await asyncio.wait_for(run_to_end(sandbox, expect.stdin), 30)
         assert (stdout, stderr, info) == (expect.stdout, expect.stderr, ExitInfo(expect.exit_code, False))
@@ -276,7 +324,7 @@ async def test_runs_tool_and_collects_streams_and_exit_code(harness: Harness, na
 
 
 async def test_sigterm_ends_a_sleeper(harness: Harness) -> None:
-    sandbox = await harness.backend.create(harness.plan("sleeper"))
+    sandbox = await harness.backend.create(harness.spec("sleeper"))
     try:
         await sandbox.start(b"{}")
         output = sandbox.output()
@@ -290,7 +338,7 @@ async def test_sigterm_ends_a_sleeper(harness: Harness) -> None:
 
 
 async def test_sigterm_then_sigkill_ends_a_sleeper_that_ignores_sigterm(harness: Harness) -> None:
-    sandbox = await harness.backend.create(harness.plan("stubborn"))
+    sandbox = await harness.backend.create(harness.spec("stubborn"))
     try:
         await sandbox.start(b"{}")
         output = sandbox.output()
@@ -308,8 +356,8 @@ async def test_sigterm_then_sigkill_ends_a_sleeper_that_ignores_sigterm(harness:
 
 async def test_remove_is_idempotent_and_leaves_nothing(harness: Harness) -> None:
     backend = harness.backend
-    never_started = await backend.create(harness.plan("echo"))
-    ran = await backend.create(harness.plan("echo"))
+    never_started = await backend.create(harness.spec("echo"))
+    ran = await backend.create(harness.spec("echo"))
     assert sorted(await backend.list_sandboxes(harness.owner)) == sorted([never_started.id, ran.id])
     await run_to_end(ran, b"{}")
     for sandbox in (never_started, ran):
@@ -321,10 +369,10 @@ async def test_remove_is_idempotent_and_leaves_nothing(harness: Harness) -> None
 async def test_remove_orphans_removes_only_the_owners_sandboxes(harness: Harness) -> None:
     backend = harness.backend
     orphan_owner = new_owner(harness.kind)
-    running = await backend.create(harness.plan("sleeper", owner=orphan_owner))
+    running = await backend.create(harness.spec("sleeper", owner=orphan_owner))
     await running.start(b"{}")
-    await backend.create(harness.plan("echo", owner=orphan_owner))
-    mine = await backend.create(harness.plan("echo"))
+    await backend.create(harness.spec("echo", owner=orphan_owner))
+    mine = await backend.create(harness.spec("echo"))
     try:
         assert len(await backend.remove_orphans(orphan_owner)) == 2
         assert await backend.list_sandboxes(orphan_owner) == []
@@ -335,15 +383,38 @@ async def test_remove_orphans_removes_only_the_owners_sandboxes(harness: Harness
 
 async def test_missing_image_is_image_missing(harness: Harness) -> None:
     with pytest.raises(ImageMissing) as caught:
-        await harness.backend.create(harness.plan("echo", image=MISSING_IMAGE))
+        await harness.backend.create(harness.spec("echo", image=MISSING_IMAGE))
     assert caught.value.image == MISSING_IMAGE
 
 
 async def test_missing_runtime_is_runtime_missing(harness: Harness) -> None:
-    plan = harness.plan("echo", profile=IsolationProfile().with_runtime(MISSING_RUNTIME))
+    spec = harness.spec("echo", profile=IsolationProfile().with_runtime(MISSING_RUNTIME))
     with pytest.raises(RuntimeMissing) as caught:
-        await harness.backend.create(plan)
+        await harness.backend.create(spec)
     assert caught.value.runtime == MISSING_RUNTIME
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["cold", "pooled"])
+async def test_granted_secrets_arrive_with_start(harness: Harness, pooled: bool) -> None:
+    """A deferred spec's tool is spawned by its start, with the start's secrets: env, and files in its scratch."""
+    spec = harness.spec("secrets", secrets=SECRET_GRANTS)
+    assert spec.defer and "/run/secrets" in [s.path for s in spec.scratch]
+    sandbox = await (harness.backend.create_warm(spec, lambda: None) if pooled else harness.backend.create(spec))
+    try:
+        stdout, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b'{"a": 1}', SECRETS), 60)
+    finally:
+        await sandbox.remove()
+    assert info == ExitInfo(0, False), stderr[-500:]
+    assert json.loads(stdout) == {"env": "s3cret-env", "file": "s3cret-file\n", "stdin": '{"a": 1}'}
+
+
+async def test_secrets_for_a_spec_without_defer_are_refused(harness: Harness) -> None:
+    sandbox = await harness.backend.create(harness.spec("echo"))
+    try:
+        with pytest.raises(BackendError):
+            await sandbox.start(b"{}", SECRETS)
+    finally:
+        await sandbox.remove()
 
 
 # -- docker only ---------------------------------------------------------------------------------
@@ -351,8 +422,8 @@ async def test_missing_runtime_is_runtime_missing(harness: Harness) -> None:
 
 @pytest.mark.docker
 async def test_engine_sees_the_hardening(docker: Harness) -> None:
-    plan = docker.plan("echo")
-    sandbox = await docker.backend.create(plan)
+    spec = docker.spec("echo")
+    sandbox = await docker.backend.create(spec)
     try:
         assert isinstance(docker.backend, DockerBackend)
         attrs = await docker.backend.inspect(sandbox.id)
@@ -360,10 +431,11 @@ async def test_engine_sees_the_hardening(docker: Harness) -> None:
         assert host["ReadonlyRootfs"] is True
         assert host["CapDrop"] == ["ALL"]
         assert not host.get("CapAdd")
-        assert host["NetworkMode"] == "none"
-        assert host["Memory"] == host["MemorySwap"] == plan.memory_bytes
-        assert host["NanoCpus"] == plan.nano_cpus
-        assert host["PidsLimit"] == plan.pids_limit
+        # No egress: the engine allocates no network; the runtime's own namespace holds only loopback.
+        assert config["NetworkDisabled"] is True and not attrs["NetworkSettings"]["Networks"]
+        assert host["Memory"] == host["MemorySwap"] == spec.memory_bytes
+        assert host["NanoCpus"] == int(spec.cpus * 1e9)
+        assert host["PidsLimit"] == sandbox_pids("runc", spec.pids)[0] == spec.pids
         assert host["Init"] is True
         assert host["IpcMode"] == "none"  # own IPC namespace, no /dev/shm
         assert host["CgroupnsMode"] == "private"
@@ -371,22 +443,99 @@ async def test_engine_sees_the_hardening(docker: Harness) -> None:
         assert host["Runtime"] == "runc"
         assert host["AutoRemove"] is False
         assert host["Privileged"] is False
-        assert host["Tmpfs"] == dict(plan.tmpfs)
-        assert "noexec" in host["Tmpfs"]["/tmp"] and "/dev/shm" not in host["Tmpfs"]
+        assert host["Tmpfs"] == {
+            "/tmp": f"rw,noexec,nosuid,nodev,size={IsolationProfile().tmpfs_bytes},mode=1777",
+            "/dev/mqueue": "ro,noexec,nosuid,nodev,size=4k,mode=0555",  # the engine's writable mqueue, covered
+        }
         ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]}
-        assert ulimits == {"nofile": (plan.nofile, plan.nofile), "core": (0, 0)}
+        assert ulimits == {"nofile": (spec.nofile, spec.nofile), "core": (0, 0)}
         security = host["SecurityOpt"]
         assert "no-new-privileges" in security
         seccomp = [opt.removeprefix("seccomp=") for opt in security if opt.startswith("seccomp=")]
         assert len(seccomp) == 1 and json.loads(seccomp[0]) == json.loads(SECCOMP_JSON)
-        assert config["User"] == plan.user
+        assert config["User"] == spec.user
         assert config["Tty"] is False and config["OpenStdin"] is True and config["StdinOnce"] is True
-        assert config["Labels"] == {**config["Labels"], **plan.labels}
-        env = dict(item.split("=", 1) for item in config["Env"])  # the plan's env over the image's
-        assert env == {**env, **plan.env}
+        assert config["Labels"] == {**config["Labels"], "io.toolcell.managed": "true", LABEL_OWNER: docker.owner,
+                                    "io.toolcell.invocation": spec.identity.invocation_id,
+                                    "io.toolcell.tool": "contract.echo", "io.toolcell.profile": "default"}
+        env = dict(item.split("=", 1) for item in config["Env"])  # the spec's env over the image's
+        assert env == {**env, **spec.env}
         assert not any("proxy" in name.lower() for name in env)
     finally:
         await sandbox.remove()
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("pooled", [False, True], ids=["cold", "pooled"])
+async def test_secret_files_live_in_the_sandbox_only(docker: Harness, pooled: bool) -> None:
+    """No host file, no bind mount: the launcher writes them (0400, the tool's user) into a 0700 tmpfs."""
+    code = (f"import json, os; st, d = os.stat({SECRET_FILE!r}), os.stat('/run/secrets')\n"
+            "print(json.dumps([oct(st.st_mode & 0o7777), st.st_uid, oct(d.st_mode & 0o7777), d.st_uid,"
+            " os.listdir('/run/secrets')]))")
+    spec = docker.spec("secret-files", code=code, secrets=SECRET_GRANTS)
+    sandbox = await (docker.backend.create_warm(spec, lambda: None) if pooled else docker.backend.create(spec))
+    try:
+        assert isinstance(docker.backend, DockerBackend)
+        attrs = await docker.backend.inspect(sandbox.id)
+        stdout, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b"{}", SECRETS), 60)
+    finally:
+        await sandbox.remove()
+    assert info == ExitInfo(0, False), stderr[-500:]
+    assert json.loads(stdout) == ["0o400", 10001, "0o700", 10001, ["token"]]
+    assert [m for m in attrs["Mounts"] if m["Destination"].startswith("/run/secrets")] == []
+    assert attrs["HostConfig"]["Tmpfs"]["/run/secrets"] == \
+        "rw,noexec,nosuid,nodev,size=1048576,mode=700,uid=10001,gid=10001"
+    assert "s3cret" not in json.dumps(attrs)  # not in the engine's record either (env, command, labels)
+
+
+EGRESS_PROBE = r"""
+import json, os, socket
+phost, _, pport = os.environ["HTTPS_PROXY"].removeprefix("http://").partition(":")
+s = socket.create_connection((phost, int(pport)), timeout=5)
+s.sendall(b"CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n\r\n")
+print(json.dumps({"status": s.recv(100).split(b" ")[1].decode(), "ifaces": sorted(os.listdir("/sys/class/net"))}))
+"""
+
+
+@pytest.mark.docker
+async def test_egress_is_the_sandboxs_own_network_and_proxy_gone_with_it(docker: Harness) -> None:
+    """create() opens the network and proxy, remove() closes them and reports the proxy's accounting."""
+    owner = new_owner("docker")
+    backend = DockerBackend(egress=EgressSettings(image=TEST_IMAGE), proxy_seccomp_json=SECCOMP_JSON)
+    try:
+        profile = IsolationProfile().with_network(EgressGrant("allowed.test"))
+        spec = docker.spec("egress", code=EGRESS_PROBE, profile=profile, owner=owner)
+        sandbox = await backend.create(spec)
+        try:
+            attrs = await backend.inspect(sandbox.id)
+            stdout, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b"{}"), 60)
+        finally:
+            await sandbox.remove()
+        assert info == ExitInfo(0, False), stderr[-500:]
+        assert json.loads(stdout) == {"status": "403", "ifaces": ["eth0", "lo"]}
+        [network] = attrs["NetworkSettings"]["Networks"]
+        assert network.startswith("toolcell-egress-") and not attrs["Config"].get("NetworkDisabled")
+        assert [(d.host, d.port, d.allowed, d.reason, d.connections) for d in sandbox.egress] == [
+            ("denied.test", 443, False, "not-granted", 1)]
+        client = engine()
+        labelled = {"label": f"{LABEL_OWNER}={owner}"}
+        assert client.containers.list(all=True, filters=labelled) == []  # the proxy went with the sandbox
+        assert [n.name for n in client.networks.list(filters=labelled)] == [f"toolcell-egress-{owner}"]
+        await backend.remove_orphans(owner)  # the upstream network is the owner's, swept with it
+        assert client.networks.list(filters=labelled) == []
+    finally:
+        await backend.close()
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("network_disabled", [True, False], ids=["network-disabled", "network-none"])
+async def test_the_baseline_cycle_runs_both_ways(docker: Harness, network_disabled: bool) -> None:
+    """The bench's raw cycle, with NetworkDisabled and with the older ``network_mode: none``."""
+    assert isinstance(docker.backend, DockerBackend)
+    cycle = functools.partial(docker.backend.baseline_cycle, docker.spec("echo"), b"hello",
+                              network_disabled=network_disabled)
+    code, received = await asyncio.to_thread(cycle)
+    assert (code, received) == (0, 8 + len(b"hello"))  # one frame: 8-byte header + the echo
 
 
 @pytest.mark.docker
@@ -402,7 +551,7 @@ async def test_the_kernel_enforces_the_hardening(docker: Harness) -> None:
         "    root = e.errno\n"
         "print(json.dumps({k: status[k].strip() for k in ('NoNewPrivs', 'Seccomp', 'CapEff', 'Uid')} | {'root': root}))"
     )
-    sandbox = await docker.backend.create(docker.plan("probe", code=code))
+    sandbox = await docker.backend.create(docker.spec("probe", code=code))
     try:
         stdout, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b""), 30)
     finally:
@@ -419,7 +568,7 @@ async def test_the_kernel_enforces_the_hardening(docker: Harness) -> None:
 @pytest.mark.docker
 async def test_memory_hog_is_oom_killed(docker: Harness) -> None:
     profile = IsolationProfile().with_memory(64 * MiB)
-    sandbox = await docker.backend.create(docker.plan("hog", profile=profile, code="x = b'x' * (512 << 20)"))
+    sandbox = await docker.backend.create(docker.spec("hog", profile=profile, code="x = b'x' * (512 << 20)"))
     try:
         _, _, info = await asyncio.wait_for(run_to_end(sandbox, b""), 60)
     finally:
@@ -431,7 +580,7 @@ async def test_memory_hog_is_oom_killed(docker: Harness) -> None:
 async def test_50_mib_streams_through_in_bounded_memory(docker: Harness) -> None:
     total = 50 * MiB
     code = "import sys\nb = b'x' * 65536\nfor _ in range(800):\n    sys.stdout.buffer.write(b)"
-    sandbox = await docker.backend.create(docker.plan("flood", code=code))
+    sandbox = await docker.backend.create(docker.spec("flood", code=code))
     me = psutil.Process()
     try:
         await sandbox.start(b"")
@@ -459,7 +608,7 @@ async def test_usage_reports_peak_memory_and_cpu(docker: Harness) -> None:
     # so the 50 ms sampler sees the final figures before the cgroup disappears at exit.
     code = ("import time\nx = b'x' * (40 << 20)\nwhile time.process_time() < 1.0:\n    pass\n"
             "time.sleep(0.3)")
-    sandbox = await docker.backend.create(docker.plan("busy", code=code))
+    sandbox = await docker.backend.create(docker.spec("busy", code=code))
     try:
         _, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b""), 30)
         usage = await sandbox.usage()
@@ -477,7 +626,7 @@ async def test_unreachable_engine_is_engine_unavailable_naming_the_socket(docker
         with pytest.raises(EngineUnavailable, match=r"/nonexistent\.sock"):
             await backend.ping()
         with pytest.raises(EngineUnavailable, match=r"/nonexistent\.sock"):
-            await backend.create(docker.plan("echo"))
+            await backend.create(docker.spec("echo"))
     finally:
         await backend.close()
 
@@ -486,7 +635,7 @@ async def test_unreachable_engine_is_engine_unavailable_naming_the_socket(docker
 async def test_output_from_a_fast_tool_is_not_lost(docker: Harness) -> None:
     """Attach happens before start, so a tool that prints and exits at once loses nothing."""
     for _ in range(3):
-        sandbox = await docker.backend.create(docker.plan("fast", code="print('x' * 100000)"))
+        sandbox = await docker.backend.create(docker.spec("fast", code="print('x' * 100000)"))
         try:
             stdout, _, info = await asyncio.wait_for(run_to_end(sandbox, b""), 30)
         finally:
@@ -497,7 +646,7 @@ async def test_output_from_a_fast_tool_is_not_lost(docker: Harness) -> None:
 @pytest.mark.docker
 async def test_calls_stay_off_the_event_loop(docker: Harness) -> None:
     """While a sandbox runs and is waited on, the loop keeps ticking (no blocking SDK call on it)."""
-    sandbox = await docker.backend.create(docker.plan("sleeper"))
+    sandbox = await docker.backend.create(docker.spec("sleeper"))
     try:
         await sandbox.start(b"")
         waiter = asyncio.ensure_future(sandbox.wait())
@@ -517,9 +666,9 @@ async def test_calls_stay_off_the_event_loop(docker: Harness) -> None:
 async def test_runsc_runs_the_tool_under_gvisor(docker: Harness) -> None:
     """A profile asking for runsc gets gVisor's kernel (its /proc/version is not the host's)."""
     code = "import sys; sys.stdout.write(open('/proc/version').read() + sys.stdin.read())"
-    plan = docker.plan("gvisor", code=code, profile=IsolationProfile().with_runtime("runsc"))
+    spec = docker.spec("gvisor", code=code, profile=IsolationProfile().with_runtime("runsc"))
     try:
-        sandbox = await docker.backend.create(plan)
+        sandbox = await docker.backend.create(spec)
     except RuntimeMissing:
         pytest.skip("the engine has no runsc runtime (scripts/setup.sh registers it when installed)")
     try:
@@ -547,13 +696,12 @@ async def test_runsc_runs_the_tool_under_gvisor(docker: Harness) -> None:
 )
 async def test_engine_errors_are_translated_at_the_seam(make: Any, expected: type[Exception] | None) -> None:
     """The engine-gone cases can't be provoked safely on a shared engine, so the table is checked directly."""
+    import docker.errors  # the SDK's own exceptions, as the backend (its only importer in runtime/) sees them
     import requests.exceptions
-
-    from runtime.backends import docker as docker_module  # the only module that imports the SDK
 
     backend = DockerBackend(base_url="unix:///run/toolcell-test.sock")
     try:
-        exc = make(docker_module.docker.errors, requests.exceptions)
+        exc = make(docker.errors, requests.exceptions)
         if expected is None:  # a 5xx "connection reset": the engine went away mid-call
             exc.response = type("R", (), {"status_code": 500, "reason": "Internal Server Error"})()
             expected = EngineUnavailable
@@ -569,8 +717,8 @@ async def test_engine_errors_are_translated_at_the_seam(make: Any, expected: typ
 
 @pytest.mark.docker
 async def test_a_sandbox_that_cannot_start_is_a_backend_error_and_still_removable(docker: Harness) -> None:
-    plan = dataclasses.replace(docker.plan("echo"), user="toolcell-no-such-user")
-    sandbox = await docker.backend.create(plan)
+    spec = dataclasses.replace(docker.spec("echo"), user="toolcell-no-such-user")
+    sandbox = await docker.backend.create(spec)
     try:
         with pytest.raises(BackendError, match="toolcell-no-such-user"):
             await sandbox.start(b"{}")
@@ -583,8 +731,8 @@ async def test_a_sandbox_that_cannot_start_is_a_backend_error_and_still_removabl
 @pytest.mark.docker
 async def test_a_missing_command_is_exit_127_from_init(docker: Harness) -> None:
     """With ``init`` the container starts (tini is PID 1); tini reports the failed exec as 127."""
-    plan = dataclasses.replace(docker.plan("echo"), command=("/nonexistent/tool",))
-    sandbox = await docker.backend.create(plan)
+    spec = dataclasses.replace(docker.spec("echo"), command=("/nonexistent/tool",))
+    sandbox = await docker.backend.create(spec)
     try:
         _, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b"{}"), 30)
     finally:
@@ -618,11 +766,11 @@ async def test_one_large_write_arrives_whole(docker: Harness, runtime: str, writ
     """Measured before the relay, under runsc: 65,536 of the 200,000 bytes arrived, and exit 0."""
     _require_runtime(runtime)
     flags, code = LARGE_WRITERS[writer]
-    plan = dataclasses.replace(docker.plan("large-write", profile=IsolationProfile().with_runtime(runtime)),
+    spec = dataclasses.replace(docker.spec("large-write", profile=IsolationProfile().with_runtime(runtime)),
                                command=("python3", *flags, "-c", code))
     assert isinstance(docker.backend, DockerBackend)
-    sandbox: Sandbox = (await docker.backend.create_warm(plan, lambda: None) if pooled
-                        else await docker.backend.create(plan))
+    sandbox: Sandbox = (await docker.backend.create_warm(spec, lambda: None) if pooled
+                        else await docker.backend.create(spec))
     try:
         stdout, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b"{}"), 60)
     finally:
@@ -635,9 +783,9 @@ async def test_without_the_relay_runsc_cuts_one_large_write(docker: Harness) -> 
     """The deny side: the same tool on gVisor's own container stdio is told 65,536 and exits 0 (if this ever
     fails, this gVisor build writes whole and the relay is no longer needed)."""
     _require_runtime("runsc")
-    plan = docker.plan("large-write", profile=IsolationProfile().with_runtime("runsc"))
+    spec = docker.spec("large-write", profile=IsolationProfile().with_runtime("runsc"))
     assert isinstance(docker.backend, DockerBackend)
-    sandbox = await docker.backend._create(plan)  # the plan as it is, without the relay create() adds
+    sandbox = await docker.backend._create(spec)  # the spec as it is, without the relay create() adds
     try:
         stdout, _, info = await asyncio.wait_for(run_to_end(sandbox, b"{}"), 60)
     finally:
@@ -651,8 +799,8 @@ async def test_exit_codes_and_signals_reach_us_through_the_relay(docker: Harness
     """Under runsc the tool runs behind the launcher's relay: its status and its signals are unchanged."""
     _require_runtime(runtime)
     profile = IsolationProfile().with_runtime(runtime)
-    failing = await docker.backend.create(docker.plan("exit-7", profile=profile))
-    stubborn = await docker.backend.create(docker.plan("stubborn", profile=profile))
+    failing = await docker.backend.create(docker.spec("exit-7", profile=profile))
+    stubborn = await docker.backend.create(docker.spec("stubborn", profile=profile))
     try:
         assert await asyncio.wait_for(run_to_end(failing, b"{}"), 60) == (b"", b"failing\n", ExitInfo(7, False))
         await stubborn.start(b"{}")
@@ -699,8 +847,8 @@ async def test_the_engine_enforces_the_tools_own_pids_limit(docker: Harness, run
     # gVisor charges each guest process ~5 MiB of host memory (64 forked Pythons peaked at ~320 MB): at the
     # default 256 MiB the memory cgroup stops the bomb first (status oom); here the pids limit must.
     profile = IsolationProfile().with_runtime(runtime).with_pids_limit(64).with_memory(512 * MiB)
-    plan = docker.plan("pids", code=code, profile=profile)
-    sandbox = await docker.backend.create(plan)
+    spec = docker.spec("pids", code=code, profile=profile)
+    sandbox = await docker.backend.create(spec)
     try:
         assert isinstance(docker.backend, DockerBackend)
         host = (await docker.backend.inspect(sandbox.id))["HostConfig"]
@@ -712,4 +860,5 @@ async def test_the_engine_enforces_the_tools_own_pids_limit(docker: Harness, run
     assert seen["four"] == [0, 0, 0, 0]
     assert seen["result"] == "Resource temporarily unavailable" and 50 <= seen["forked"] < 64
     ulimits = {u["Name"]: u["Hard"] for u in host["Ulimits"]}
-    assert (host["PidsLimit"], ulimits.get("nproc")) == (plan.pids_limit, plan.nproc or None)
+    pids_limit, nproc = sandbox_pids(runtime, spec.pids)
+    assert (host["PidsLimit"], ulimits.get("nproc")) == (pids_limit, nproc or None)
