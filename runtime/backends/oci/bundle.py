@@ -45,8 +45,9 @@ OCI_VERSION: Final = "1.0.2"
 # Where the init (tini, static) is bind-mounted: /dev is the sandbox's own tmpfs, so the shared
 # read-only rootfs needs no mountpoint for it.
 INIT_PATH: Final = "/dev/init"
-# tini: -g forwards a signal to the tool's whole process group, so a SIGTERM reaches what the tool forked.
-INIT_ARGS: Final = ("-g", "--")
+# tini forwards signals to the tool (not -g: runc 1.1 forwards its own SIGURG to the init, and a
+# group kill racing the child's setpgid makes tini print a warning into the tool's stderr).
+INIT_ARGS: Final = ("--",)
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Docker 20.10+'s defaults (oci/defaults.go): kernel interfaces that leak host state or let a process
 # poke the host (sysrq-trigger, /proc/sys) are hidden or read-only.

@@ -131,7 +131,7 @@ class SandboxCgroup:
         """Every directory of this sandbox in every hierarchy (whoever made it: us or runc)."""
         if self._tree.v2:
             return [self._tree.root / self._rel]
-        return [d.parent / self._rel.name for d in self._tree.owner_dirs(self._owner)]
+        return [d / self._rel.name for d in self._tree.owner_dirs(self._owner)]
 
     def create(self, limits: CgroupLimits) -> None:
         """Make the parents and write the limits; on any failure nothing is left behind."""
