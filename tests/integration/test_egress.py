@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from runtime.backends.docker import LABEL_OWNER
 from runtime.model import EgressDestination, Result, Status
-from runtime.policy.plan import LABEL_OWNER
 from tests.support import RUNNER_IMAGE, config_doc, engine, running_supervisor
 
 pytestmark = pytest.mark.docker

@@ -1,44 +1,50 @@
-"""Profile -> plan compilation: the plan carries the hardening, the caller can't change it."""
+"""Profile -> spec -> the Docker backend's terms: the hardening is fixed, the caller can't change it.
+
+``compile_spec`` (pure) and the Docker backend's translation of it (``_tmpfs``, labels, the pids
+pair), checked without an engine; the engine's own view is in tests/integration/test_backend_contract.py.
+"""
+
+from typing import Any
 
 import pytest
 
-from runtime.model import Tool
+from runtime.backends.docker import _tmpfs
+from runtime.backends.docker_egress import LABEL_MANAGED, LABEL_OWNER, LABEL_ROLE, identity_labels
+from runtime.model import SecretGrant, Tool
 from runtime.policy.network import parse_grant
-from runtime.policy.plan import (
+from runtime.policy.profile import IsolationProfile, Mount
+from runtime.policy.spec import (
     GVISOR_PIDS_BASE,
     GVISOR_PIDS_PER_TASK,
-    LABEL_MANAGED,
-    LABEL_OWNER,
-    compile_plan,
+    POOL_PREFIX,
+    SandboxSpec,
+    compile_spec,
+    pooled,
     sandbox_pids,
 )
-from runtime.policy.profile import IsolationProfile, Mount
 
 TOOL = Tool(name="t", description="d", image="img", command=("python3", "/x.py"))
-
-
 DEFAULT = IsolationProfile()
 
 
-def plan(profile: IsolationProfile = DEFAULT, **kw: object):  # type: ignore[no-untyped-def]
-    args = {"invocation_id": "inv_1", "owner": "o", "seccomp_json": "{}", "environ": {"SECRET": "s", "TZ": "UTC"}}
+def spec(profile: IsolationProfile = DEFAULT, tool: Tool = TOOL, **kw: Any) -> SandboxSpec:
+    args: dict[str, Any] = {"invocation_id": "inv_1", "owner": "o", "seccomp_json": "{}",
+                            "environ": {"SECRET": "s", "TZ": "UTC"}}
     args.update(kw)
-    return compile_plan(TOOL, profile, **args)  # type: ignore[arg-type]
+    return compile_spec(tool, profile, **args)
 
 
-def test_default_plan_is_hardened() -> None:
-    p = plan()
-    assert p.network_mode == "none"
-    assert p.read_only_rootfs and p.no_new_privileges and p.init
-    assert p.cap_drop == ("ALL",)
-    assert p.log_driver == "none"
-    assert p.user == "10001:10001"
-    assert p.ipc_mode == "none" and p.cgroupns_mode == "private"
-    assert p.tmpfs["/tmp"].startswith("rw,noexec,nosuid,nodev,size=")
-    assert "/dev/shm" not in p.tmpfs  # no POSIX shm unless the profile asks
-    assert p.tmpfs["/dev/mqueue"].startswith("ro,")  # the engine's writable mqueue mount is covered
-    assert p.memory_bytes == 256 * 1024 * 1024
-    assert p.labels[LABEL_MANAGED] == "true" and p.labels[LABEL_OWNER] == "o"
+def test_default_spec_translates_to_the_hardened_container() -> None:
+    s = spec()
+    assert s.egress == () and not s.defer  # no network at all, nothing deferred
+    assert s.user == "10001:10001" and s.memory_bytes == 256 * 1024 * 1024
+    tmpfs = _tmpfs(s)
+    assert tmpfs["/tmp"] == f"rw,noexec,nosuid,nodev,size={DEFAULT.tmpfs_bytes},mode=1777"
+    assert "/dev/shm" not in tmpfs  # no POSIX shm unless the profile asks
+    assert tmpfs["/dev/mqueue"].startswith("ro,")  # the engine's writable mqueue mount is covered
+    labels = identity_labels(s.identity)
+    assert labels[LABEL_MANAGED] == "true" and labels[LABEL_OWNER] == "o" and LABEL_ROLE not in labels
+    assert labels["io.toolcell.invocation"] == "inv_1" and labels["io.toolcell.tool"] == "t"
 
 
 @pytest.mark.parametrize(
@@ -50,7 +56,7 @@ def test_default_plan_is_hardened() -> None:
     ],
 )
 def test_env_is_an_allowlist(profile: IsolationProfile, environ_keys: set[str]) -> None:
-    assert set(plan(profile).env) == environ_keys
+    assert set(spec(profile).env) == environ_keys
 
 
 @pytest.mark.parametrize(
@@ -58,22 +64,22 @@ def test_env_is_an_allowlist(profile: IsolationProfile, environ_keys: set[str]) 
     [(30.0, None, 30.0), (30.0, 5.0, 5.0), (2.0, 5.0, 2.0)],
 )
 def test_caller_deadline_only_shortens(profile_timeout: float, caller_timeout: float | None, expected: float) -> None:
-    assert plan(IsolationProfile().with_timeout(profile_timeout), timeout_s=caller_timeout).timeout_s == expected
+    assert spec(IsolationProfile().with_timeout(profile_timeout), timeout_s=caller_timeout).timeout_s == expected
 
 
 def test_builders_return_new_values() -> None:
     base = IsolationProfile()
     derived = base.with_memory(64 * 1024 * 1024).with_pids_limit(8).with_mounts(Mount("/src", "/opt/tool"))
     assert base.memory_bytes == 256 * 1024 * 1024 and base.mounts == ()
-    p = plan(derived)
-    assert (p.memory_bytes, p.pids_limit, p.mounts) == (64 * 1024 * 1024, 8, (Mount("/src", "/opt/tool"),))
+    s = spec(derived)
+    assert (s.memory_bytes, s.pids, s.mounts) == (64 * 1024 * 1024, 8, (Mount("/src", "/opt/tool"),))
 
 
-def test_a_granted_profile_still_compiles_without_network() -> None:
-    """The plan alone never opens a network: only the egress session joins it to its internal one."""
-    p = plan(IsolationProfile().with_network(parse_grant("allowed.test")))
-    assert (p.network_mode, p.network_ip, p.extra_networks) == ("none", "", ())
-    assert not any(k.lower().endswith("_proxy") for k in p.env)
+def test_a_granted_profile_carries_its_grants_and_no_proxy_settings() -> None:
+    """The spec names the destinations; the backend makes the network and sets the proxy environment."""
+    s = spec(IsolationProfile().with_network(parse_grant("allowed.test")))
+    assert s.egress == (parse_grant("allowed.test"),)
+    assert not any(k.lower().endswith("_proxy") for k in s.env)
 
 
 @pytest.mark.parametrize(
@@ -85,11 +91,24 @@ def test_a_granted_profile_still_compiles_without_network() -> None:
     ],
 )
 def test_shm_only_when_asked_and_then_sized_noexec_nosuid_nodev(shm_bytes: int, expected: str | None) -> None:
-    p = plan(IsolationProfile().with_shm(shm_bytes))
-    assert p.tmpfs.get("/dev/shm") == expected
-    assert p.ipc_mode == "none"  # the engine's own 64 MiB /dev/shm is never mounted
-    writable = sorted(path for path, options in p.tmpfs.items() if options.startswith("rw"))
+    tmpfs = _tmpfs(spec(IsolationProfile().with_shm(shm_bytes)))
+    assert tmpfs.get("/dev/shm") == expected
+    writable = sorted(path for path, options in tmpfs.items() if options.startswith("rw"))
     assert writable == sorted(["/tmp"] + (["/dev/shm"] if expected else []))
+
+
+def test_a_secret_files_directory_is_an_empty_scratch_of_the_users_own() -> None:
+    tool = Tool(name="t", description="d", image="img", command=("run",),
+                secrets=(SecretGrant("a", file="/run/secrets/a"), SecretGrant("b", env="B")))
+    s = spec(tool=tool)
+    assert s.defer
+    assert _tmpfs(s)["/run/secrets"] == "rw,noexec,nosuid,nodev,size=1048576,mode=700,uid=10001,gid=10001"
+    assert s.mounts == ()  # never a host file
+
+
+def test_a_pooled_spec_names_no_invocation() -> None:
+    s = pooled(spec())
+    assert s.identity.invocation_id == POOL_PREFIX and not s.identity.serving and s.timeout_s == 0.0
 
 
 @pytest.mark.parametrize(
@@ -104,8 +123,8 @@ def test_shm_only_when_asked_and_then_sized_noexec_nosuid_nodev(shm_bytes: int, 
 )
 def test_pids_mean_the_tools_own_tasks_on_both_runtimes(runtime: str, pids: int, cgroup: int, nproc: int) -> None:
     assert sandbox_pids(runtime, pids) == (cgroup, nproc)
-    p = plan(IsolationProfile().with_runtime(runtime).with_pids_limit(pids))
-    assert (p.pids_limit, p.nproc) == (cgroup, nproc)
+    s = spec(IsolationProfile().with_runtime(runtime).with_pids_limit(pids))
+    assert (s.isolation, s.pids) == (runtime, pids)
 
 
 def test_the_sentry_backstop_covers_the_measured_overhead() -> None:
