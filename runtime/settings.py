@@ -35,6 +35,7 @@ from runtime.units import parse_duration, parse_size
 ENV_CONFIG = "TOOLCELL_CONFIG"
 ENV_LISTEN = "TOOLCELL_LISTEN"
 ENV_TOKEN = "TOOLCELL_TOKEN"  # noqa: S105 # nosec B105 - the variable name, not a token
+ENV_ENGINE = "TOOLCELL_ENGINE"  # overrides engine.kind (docker | oci)
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,12 @@ def _pool_channel_dir(engine: Mapping[str, Any]) -> str | None:
 
 def _build_engine(raw: Mapping[str, Any], env: Mapping[str, str]) -> EngineSettings:
     oci = raw.get("oci", {})
+    kind = env.get(ENV_ENGINE) or raw.get("kind", "docker")
+    if kind not in ENGINE_KINDS:
+        raise ConfigError(f"unknown engine kind {kind[:40]!r} (from ${ENV_ENGINE}); use one of "
+                          f"{', '.join(ENGINE_KINDS)}", key="engine.kind")
     return EngineSettings(
-        kind=raw.get("kind", "docker"),
+        kind=kind,
         docker_host=raw.get("docker_host") or env.get("DOCKER_HOST"),
         pool_channel_dir=_pool_channel_dir(raw),
         wait_at_start=bool(raw.get("wait_at_start", False)),

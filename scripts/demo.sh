@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main-job command: set up what is missing, start the supervisor on its default Unix
 # socket with the built-in config, run example tools through gRPC in disposable containers, print
-# their results and trace ids, then stop the supervisor.
+# their results and trace ids, then stop the supervisor. Then the same on the daemonless backend
+# (TOOLCELL_ENGINE=oci: runc on unpacked root filesystems, no Docker socket), on its own socket.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -26,3 +27,25 @@ echo; echo "\$ toolcell call text.wordcount --args '{\"text\": \"the quick brown
 "$TOOLCELL" call text.wordcount --args '{"text": "the quick brown fox\njumps over the lazy dog"}'
 echo; echo "\$ toolcell call python.run --args '{\"code\": ...}' --json"
 "$TOOLCELL" call python.run --json --args '{"code": "import os, platform, socket\nprint(\"uid\", os.getuid(), \"python\", platform.python_version())\nprint(\"interfaces\", [n for _, n in socket.if_nameindex()])\nfor path in (\"/tmp/scratch\", \"/pwned\"):\n    try:\n        open(path, \"w\").write(\"x\")\n        print(\"write\", path, \"ok\")\n    except OSError as e:\n        print(\"write\", path, e.strerror)"}'
+
+echo; echo "--- the same tools on the daemonless oci engine (TOOLCELL_ENGINE=oci) ---"
+cleanup
+OCI_DIR="$(mktemp -d /tmp/toolcell-oci-demo.XXXXXX)"
+OCI_SOCK="unix://$OCI_DIR/toolcell.sock"
+LOG="$OCI_DIR/serve.log"
+TOOLCELL_ENGINE=oci "$TOOLCELL" serve --listen "$OCI_SOCK" >"$LOG" 2>&1 &
+SERVER=$!
+cleanup() { kill -TERM "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null; rm -rf "$OCI_DIR"; }
+trap cleanup EXIT
+for _ in $(seq 1 100); do
+  grep -q "serving on" "$LOG" && break
+  kill -0 "$SERVER" 2>/dev/null || { cat "$LOG" >&2; exit 1; }
+  sleep 0.1
+done
+grep "serving on" "$LOG" >&2
+echo; echo "\$ TOOLCELL_ENGINE=oci toolcell doctor"
+TOOLCELL_ENGINE=oci "$TOOLCELL" doctor
+echo; echo "\$ toolcell call text.wordcount --target $OCI_SOCK --args '{\"text\": \"no daemon, same sandbox\"}'"
+"$TOOLCELL" call text.wordcount --target "$OCI_SOCK" --args '{"text": "no daemon, same sandbox"}'
+echo; echo "\$ toolcell call python.run --target $OCI_SOCK --args '{\"code\": ...}' --json"
+"$TOOLCELL" call python.run --target "$OCI_SOCK" --json --args '{"code": "import os, socket\nprint(\"uid\", os.getuid(), \"interfaces\", [n for _, n in socket.if_nameindex()])\ntry:\n    open(\"/pwned\", \"w\")\nexcept OSError as e:\n    print(\"write /pwned\", e.strerror)"}'

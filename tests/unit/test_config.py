@@ -113,3 +113,21 @@ def test_config_file_errors(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(BASE))
     assert load_config(good).source == str(good)
+
+
+@pytest.mark.parametrize(("doc_engine", "environ", "kind"), [
+    ({}, {}, "docker"),
+    ({"kind": "oci"}, {}, "oci"),
+    ({"kind": "docker"}, {"TOOLCELL_ENGINE": "oci"}, "oci"),
+])
+def test_engine_kind_from_the_config_or_the_environment(doc_engine: dict[str, Any], environ: dict[str, str],
+                                                        kind: str) -> None:
+    doc = {"version": 1, "engine": doc_engine, "tools": []}
+    assert parse_config(doc, environ=environ).engine.kind == kind
+
+
+@pytest.mark.parametrize(("doc_engine", "environ"), [({"kind": "podman"}, {}), ({}, {"TOOLCELL_ENGINE": "lxc"})])
+def test_an_unknown_engine_kind_is_refused_naming_the_key(doc_engine: dict[str, Any], environ: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"version": 1, "engine": doc_engine, "tools": []}, environ=environ)
+    assert err.value.key in ("engine.kind", "engine")
