@@ -32,7 +32,7 @@ import pytest
 from runtime.backends.base import Backend, ExitInfo, Sandbox
 from runtime.backends.docker import LABEL_OWNER, DockerBackend
 from runtime.backends.fake import Behaviour, FakeBackend, FakeProcess
-from runtime.errors import BackendError, EngineUnavailable, ImageMissing, RuntimeMissing
+from runtime.errors import BackendError, ConfigError, EngineUnavailable, ImageMissing, RuntimeMissing
 from runtime.model import SecretGrant, Tool
 from runtime.policy.network import EgressGrant, EgressSettings
 from runtime.policy.profile import IsolationProfile, MiB
@@ -49,8 +49,8 @@ _SECCOMP_FILES = (
     Path("/work/shared/reference/moby-seccomp-default.json"),
 )
 SESSION = f"test-{uuid.uuid4().hex[:8]}"
-# The backends the contract runs on; "oci" joins with one line here once runtime/backends/oci has OciBackend.
-BACKENDS = ["fake", pytest.param("docker", marks=pytest.mark.docker)]
+# The backends the contract runs on (oci: runc on bundles from a rootfs store unpacked from the Docker image).
+BACKENDS = ["fake", pytest.param("docker", marks=pytest.mark.docker), pytest.param("oci", marks=pytest.mark.docker)]
 ENGINE_KINDS = frozenset({"docker", "oci"})  # run the runner image's Python, not a fake behaviour
 _owner_numbers = itertools.count(1)
 _owners_used: set[str] = set()
@@ -253,7 +253,7 @@ def oci_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def _oci_backend(request: pytest.FixtureRequest) -> Backend:
-    from runtime.backends.oci import OciBackend  # type: ignore[attr-defined,unused-ignore]
+    from runtime.backends.oci.backend import OciBackend
 
     store: Path = request.getfixturevalue("oci_store")
     state = Path(request.getfixturevalue("tmp_path")) / "oci-state"
@@ -387,8 +387,16 @@ async def test_missing_image_is_image_missing(harness: Harness) -> None:
     assert caught.value.image == MISSING_IMAGE
 
 
-async def test_missing_runtime_is_runtime_missing(harness: Harness) -> None:
+async def test_missing_runtime_is_refused_naming_it(harness: Harness) -> None:
+    """By ``check`` at configuration time where the backend knows its runtimes (oci), else by ``create``."""
     spec = harness.spec("echo", profile=IsolationProfile().with_runtime(MISSING_RUNTIME))
+    try:
+        harness.backend.check(spec)
+    except ConfigError as exc:
+        assert MISSING_RUNTIME in str(exc)
+        with pytest.raises(ConfigError):
+            await harness.backend.create(spec)
+        return
     with pytest.raises(RuntimeMissing) as caught:
         await harness.backend.create(spec)
     assert caught.value.runtime == MISSING_RUNTIME
