@@ -46,6 +46,35 @@ async def left_behind(config: Config) -> list[str]:
         await backend.close()
 
 
+OCI_STATE = "/run/toolcell/oci"  # engine.oci.state_dir's default for root
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def oci_residue(owner: str, state_dir: str = OCI_STATE) -> list[str]:
+    """Everything of ``owner``'s on the host that the oci backend made: bundles, runc state, per-call cgroups
+    (any controller) and processes in them. Read straight from the host, not through the backend."""
+    from runtime.backends.oci.backend import owner_tag
+    from runtime.backends.oci.cgroups import TOP, safe_component
+
+    prefix = f"tc-{owner_tag(owner)}-"
+    found = [str(p) for sub in ("bundles", "runc") if (Path(state_dir) / sub).is_dir()
+             for p in (Path(state_dir) / sub).iterdir() if p.name.startswith(prefix)]
+    owned = safe_component(owner)
+    for parent in [*CGROUP_ROOT.glob(f"*/{TOP}/{owned}"), CGROUP_ROOT / TOP / owned]:
+        if parent.is_dir():
+            found += [str(d) for d in parent.iterdir() if d.is_dir()]
+    marker = f"/{TOP}/{owned}/"
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cgroups = (proc / "cgroup").read_text()
+            except OSError:
+                continue
+            if marker in cgroups:
+                found.append(f"pid {proc.name}")
+    return found
+
+
 def leftovers(client: docker.DockerClient, owner: str) -> list[str]:
     # The low-level list: containers.list() inspects each one, which races a removal in progress (404).
     return [c["Id"] for c in client.api.containers(all=True, filters={"label": f"{LABEL_OWNER}={owner}"})]
@@ -101,3 +130,6 @@ async def serving(config: Config) -> AsyncIterator[tuple[App, Client]]:
         await app.stop(grace_s=1.0)
         left = await left_behind(config)
         assert left == [], f"sandboxes left behind: {left}"
+        if config.engine.kind == "oci":
+            residue = oci_residue(config.server.instance, config.engine.oci_state_dir)
+            assert residue == [], f"left on the host: {residue}"

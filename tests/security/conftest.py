@@ -1,10 +1,11 @@
 """The hostile suite's harness: a real grpc.aio supervisor, the real engine, probes mounted read-only.
 
-Every test runs once per OCI runtime the engine offers (``runc``, and ``runsc`` where gVisor is
-registered).  Each check is recorded (attack, the layer that should stop it, what was observed, whether
-it held) and written at the end of the session to ``$TOOLCELL_SECURITY_OBSERVATIONS`` (default
-``build/security-observations.json``); ``scripts/gen_security_table.py`` renders docs/security.md's table
-from it.
+Every test runs once per backend and runtime: ``runc`` and ``runsc`` on the Docker engine (runsc where
+gVisor is registered), and ``oci``: the daemonless backend (``engine.kind: oci``, the host kernel's
+namespaces through runc), whose allow/deny outcomes must be identical to Docker's runc. Each check is
+recorded (attack, the layer that should stop it, what was observed, whether it held) and written at the
+end of the session to ``$TOOLCELL_SECURITY_OBSERVATIONS`` (default ``build/security-observations.json``);
+``scripts/gen_security_table.py`` renders docs/security.md's table from it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from runtime.backends.oci.rootfs import RootfsStore
 from runtime.client import Client
 from runtime.model import Result
 from runtime.server.app import App
@@ -33,19 +36,34 @@ CANARY_NAME = "TOOLCELL_TEST_CANARY_SECRET"
 CANARY_VALUE = "canary-" + uuid.uuid4().hex
 # Passed through by the `relaxed` profile only: proves the env check can see a passed variable.
 PASSED_NAME = "TOOLCELL_TEST_PASSED"
+ROOTFS_DIR = os.environ.get("TOOLCELL_ROOTFS_DIR", "/var/lib/toolcell/rootfs")
 OBSERVATIONS = Path(os.environ.get("TOOLCELL_SECURITY_OBSERVATIONS", REPO / "build" / "security-observations.json"))
 
 _records: list[dict[str, Any]] = []
+
+
+# The targets whose tools run on the host kernel's namespaces (docker + runc, and the oci backend over runc).
+HOST_KERNEL = frozenset({"runc", "oci"})
 
 
 def engine_runtimes() -> list[str]:
     return sorted(engine().info().get("Runtimes", {}))
 
 
-@pytest.fixture(params=["runc", "runsc"])
+def oci_ready() -> None:
+    """The oci backend's prerequisites; missing ones FAIL (never skip): containment is never assumed."""
+    if shutil.which("runc") is None:
+        pytest.fail("the oci backend needs runc (scripts/setup.sh installs it)")
+    if RUNNER_IMAGE not in RootfsStore(ROOTFS_DIR).references():
+        pytest.fail(f"{RUNNER_IMAGE} is not unpacked in {ROOTFS_DIR} (scripts/setup.sh runs images/build.sh)")
+
+
+@pytest.fixture(params=["runc", "runsc", "oci"])
 def runtime(request: pytest.FixtureRequest) -> str:
     name = str(request.param)
-    if name not in engine_runtimes():
+    if name == "oci":
+        oci_ready()
+    elif name not in engine_runtimes():
         pytest.skip(f"the engine has no {name!r} runtime (scripts/setup.sh registers runsc where it is installed)")
     return name
 
@@ -92,14 +110,16 @@ def probe_tool(name: str, profile: str) -> dict[str, Any]:
 
 def hostile_config(owner: str, socket_path: str, runtime: str) -> dict[str, Any]:
     mount = {"source": str(TOOLS_DIR), "target": "/opt/probes"}
+    oci = runtime == "oci"
     return {
         "version": 1,
         "server": {"listen": f"unix://{socket_path}", "instance": owner, "shutdown_grace": "2s"},
+        **({"engine": {"kind": "oci", "oci": {"rootfs_dir": ROOTFS_DIR}}} if oci else {}),
         "profiles": {
             "default": {"memory": "128Mi", "timeout": "20s", "kill_grace": "1s", "pids": 64, "nofile": 256,
-                        "tmpfs_size": "16Mi", "runtime": runtime,
+                        "tmpfs_size": "16Mi", "runtime": "runc" if oci else runtime,
                         # A read-only host mount (the probes' own directory); unusable under runsc here.
-                        **({"mounts": [mount]} if runtime == "runc" else {})},
+                        **({"mounts": [mount]} if runtime in HOST_KERNEL else {})},
             # The same sandbox with seccomp relaxed to allow-all, and one variable passed through.
             "relaxed": {"extends": "default", "seccomp": str(PERMISSIVE_SECCOMP),
                         "env_passthrough": [PASSED_NAME]},

@@ -23,6 +23,7 @@ from runtime.model import OutputChunk, Result, Started, Status
 from tests.security.conftest import (
     CANARY_NAME,
     CANARY_VALUE,
+    HOST_KERNEL,
     PASSED_NAME,
     Checks,
     args,
@@ -41,7 +42,8 @@ SENTRY = "gVisor Sentry (user-space kernel)"
 # Under runsc the host pids cgroup also counts the Sentry's own threads and ptrace stubs; when it hit the
 # profile's pids the whole sandbox exited with 2 and no output. The profile's pids are now the tool's own
 # (RLIMIT_NPROC inside gVisor), so an exit 2 with no output is a failure of that, never "contained".
-PIDS_LAYER = {"runc": "pids cgroup (64)", "runsc": "RLIMIT_NPROC (64) in gVisor; pids cgroup sized for the Sentry"}
+PIDS_LAYER = {"runc": "pids cgroup (64)", "oci": "pids cgroup (64)",
+              "runsc": "RLIMIT_NPROC (64) in gVisor; pids cgroup sized for the Sentry"}
 
 
 def status_of(result: Result) -> str:
@@ -83,7 +85,7 @@ async def test_network(sup, checks: Checks, runtime: str) -> None:
     for fam in ("AF_VSOCK", "AF_ALG"):
         seen, without = obs[f"socket {fam}"], rel[f"socket {fam}"]
         # Relaxed seccomp must answer differently, or the kernel alone refused it and seccomp proved nothing.
-        if runtime == "runc":
+        if runtime in HOST_KERNEL:
             checks.expect(f"socket({fam})", "seccomp", f"{seen} (allow-all seccomp: {without})",
                           seen in DENIED and without != seen, "network")
         else:
@@ -114,14 +116,14 @@ async def test_dangerous_syscalls_refused(sup, checks: Checks, runtime: str) -> 
     for name, seen in obs.items():
         # Where allow-all seccomp changes the answer, seccomp is the layer that stopped it; where the kernel
         # answers EPERM anyway, the missing capabilities stop it a second time.
-        if runtime == "runc":
+        if runtime in HOST_KERNEL:
             layer = "seccomp" if name in differs else "seccomp + no capabilities"
             checks.expect(name, layer, f"{seen} (allow-all seccomp: {rel[name]})", seen in DENIED, "syscalls")
         else:  # the engine's seccomp profile is not applied inside gVisor: the Sentry answers
             emulated = name in GVISOR_EMULATED and seen.startswith("ok")
             checks.expect(name, SENTRY, seen + (" (inside gVisor)" if emulated else ""),
                           emulated or not seen.startswith("ok"), "syscalls")
-    if runtime == "runc":  # the pair proves the probe reaches the kernel: most refusals are seccomp's own
+    if runtime in HOST_KERNEL:  # the pair proves the probe reaches the kernel: most refusals are seccomp's own
         checks.expect("allow-all seccomp changes most answers (probe sanity)", "-", f"{len(differs)}/{len(obs)}",
                       len(differs) >= len(obs) // 2, "syscalls")
     checks.done()
@@ -133,7 +135,7 @@ async def test_seccomp_kill_is_reported(sup, checks: Checks, runtime: str) -> No
     result = await client.call("probe", args("i386"))
     observed = f"status={result.status.value} exit={result.exit_code} message={result.message!r}"
     partial = result.output.startswith("about to enter the i386 ABI")
-    if runtime == "runc":
+    if runtime in HOST_KERNEL:
         held = (result.status is Status.ERROR and result.exit_code == 128 + 31
                 and result.message == "terminated by signal 31" and partial)
         layer = "seccomp (kill) -> status error, signal 31"
@@ -165,8 +167,9 @@ async def test_privilege(sup, checks: Checks, runtime: str) -> None:
                       "privilege")
     checks.expect("regain privilege via exec (NoNewPrivs)", "no-new-privileges", obs["NoNewPrivs"],
                   obs["NoNewPrivs"] == "1" or (runtime == "runsc" and obs["NoNewPrivs"] == "absent"), "privilege")
-    checks.expect("no seccomp filter (Seccomp mode)", "seccomp filter" if runtime == "runc" else SENTRY, obs["Seccomp"],
-                  obs["Seccomp"] == "2" if runtime == "runc" else obs["Seccomp"] in ("0", "2"), "privilege")
+    checks.expect("no seccomp filter (Seccomp mode)", "seccomp filter" if runtime in HOST_KERNEL else SENTRY,
+                  obs["Seccomp"],
+                  obs["Seccomp"] == "2" if runtime in HOST_KERNEL else obs["Seccomp"] in ("0", "2"), "privilege")
     for call in ("setuid(0)", "setgid(0)", "setresuid(0,0,0)", "setgroups([0])", "chown /tmp to root"):
         checks.expect(call, "no capabilities", obs[call], obs[call] == "EPERM", "privilege")
     checks.expect("setuid/setgid binaries in the image", "image build strips s-bits", obs["setuid/setgid files"],
@@ -185,7 +188,7 @@ async def test_filesystem(sup, checks: Checks, runtime: str) -> None:
     checks.expect("write /tmp (control)", "tmpfs", obs["write /tmp/x"], obs["write /tmp/x"] == "ok", "filesystem")
     for path, layer in (("/x", "read-only rootfs"), ("/etc/passwd", "read-only rootfs"),
                         ("/usr/bin/x", "read-only rootfs"),
-                        *((("/opt/probes/x", "read-only bind mount"),) if runtime == "runc" else ()),
+                        *((("/opt/probes/x", "read-only bind mount"),) if runtime in HOST_KERNEL else ()),
                         ("/proc/sys/kernel/hostname", "read-only /proc/sys"),
                         ("/proc/sys/vm/drop_caches", "read-only /proc/sys"),
                         ("/proc/sysrq-trigger", "read-only /proc"),
@@ -220,7 +223,7 @@ async def test_dev_shm_only_when_the_profile_asks(sup, checks: Checks, runtime: 
     options = set(shm["mounts"].get("/dev/shm", "").split(","))
     # gVisor's /proc/mounts shows noexec and the size but never nosuid/nodev (it has no setuid files or
     # device nodes to honour them for); the engine is given all three under both runtimes.
-    wanted = {"noexec", "nosuid", "nodev"} if runtime == "runc" else {"noexec"}
+    wanted = {"noexec", "nosuid", "nodev"} if runtime in HOST_KERNEL else {"noexec"}
     checks.expect("/dev/shm mount options (profile shm)", "tmpfs noexec,nosuid,nodev", shm["mounts"].get("/dev/shm"),
                   wanted <= options, "filesystem")
     checks.expect("exec a binary dropped in /dev/shm", "tmpfs noexec", shm["exec /dev/shm/dropped"],
@@ -280,7 +283,7 @@ async def test_cpu_spinner_held_to_quota_and_killed(sup, checks: Checks, runtime
                   result.status is Status.TIMEOUT and elapsed < 3.0 + 0.5 + 4.0
                   and result.output.startswith("spinning"), "resources")
     # Two spinning processes, a quota of 0.5 CPU: at most ~half a core over the run, never two cores.
-    if runtime == "runc":
+    if runtime in HOST_KERNEL:
         checks.expect("two spinning processes vs a 0.5 CPU quota", "cpu cgroup quota",
                       f"{cpu_s:.2f} CPU-s in {elapsed:.1f} s", 0 < cpu_s <= 0.5 * elapsed * 1.3, "resources")
     checks.done()
@@ -333,9 +336,13 @@ async def test_output_flood(sup, checks: Checks, runtime: str, stream: str, mode
     async for event in client.execute("probe", args("flood", stream=stream, mode=mode, bytes=100 * MiB)):
         peak = max(peak, me.memory_info().rss)
         if isinstance(event, Started):
-            info = await app.supervisor.backend.inspect(event.sandbox_id)  # type: ignore[attr-defined]
-            log_type = info["HostConfig"]["LogConfig"]["Type"]
-            container_dir = docker_root / "containers" / event.sandbox_id
+            if runtime == "oci":  # no daemon, no log driver: the tool's pipes end in the supervisor
+                log_type = "none"
+                container_dir = app.supervisor.backend.bundles_dir / event.sandbox_id  # type: ignore[attr-defined]
+            else:
+                info = await app.supervisor.backend.inspect(event.sandbox_id)  # type: ignore[attr-defined]
+                log_type = info["HostConfig"]["LogConfig"]["Type"]
+                container_dir = docker_root / "containers" / event.sandbox_id
         elif isinstance(event, OutputChunk):
             if event.stream != stream:
                 other_chunks.append(event.text)
@@ -460,7 +467,7 @@ async def test_double_forked_daemons_gone_after_result(sup, checks: Checks, runt
     held_result = call.result()
     quick = await client.call("probe", args("linger", marker=f"{marker}-quick", daemons=3, hold=0))
     after = host_processes_with(marker)
-    if runtime == "runc":  # proves the host-side check can see sandbox processes at all
+    if runtime in HOST_KERNEL:  # proves the host-side check can see sandbox processes at all
         checks.expect("daemons visible on the host while running (control)", "-", f"{len(seen_during)} seen",
                       len(seen_during) == 3, "lingering")
     statuses = (f"status {held_result.status.value}/{quick.status.value} "
