@@ -60,7 +60,7 @@ class IsolationProfile:
     cpus: float = 1.0
     # The tool's own processes and threads (the sandbox's init, and under runsc the launcher's two, count
     # too): fork and thread bombs stop here with EAGAIN. runc: the pids cgroup; runsc: RLIMIT_NPROC in
-    # gVisor's kernel, whose own threads the host cgroup then also holds (see plan.py).
+    # gVisor's kernel, whose own threads the host cgroup then also holds (see spec.py).
     pids_limit: int = 64
     # RLIMIT_NOFILE: fd exhaustion stays inside the sandbox.
     nofile: int = 256
