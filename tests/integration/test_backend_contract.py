@@ -557,7 +557,10 @@ async def test_the_kernel_enforces_the_hardening(docker: Harness) -> None:
         "    root = 'writable'\n"
         "except OSError as e:\n"
         "    root = e.errno\n"
-        "print(json.dumps({k: status[k].strip() for k in ('NoNewPrivs', 'Seccomp', 'CapEff', 'Uid')} | {'root': root}))"
+        "import os\n"
+        "net = {'netns': os.readlink('/proc/self/ns/net'), 'ifaces': sorted(os.listdir('/sys/class/net'))}\n"
+        "print(json.dumps({k: status[k].strip() for k in ('NoNewPrivs', 'Seccomp', 'CapEff', 'Uid')} | {'root': root}"
+        " | net))"
     )
     sandbox = await docker.backend.create(docker.spec("probe", code=code))
     try:
@@ -571,6 +574,8 @@ async def test_the_kernel_enforces_the_hardening(docker: Harness) -> None:
     assert int(seen["CapEff"], 16) == 0
     assert seen["Uid"].split()[0] == "10001"
     assert seen["root"] == 30  # EROFS
+    # NetworkDisabled: the runtime's own new network namespace (not the host's), holding only loopback.
+    assert seen["netns"] != os.readlink("/proc/self/ns/net") and seen["ifaces"] == ["lo"]
 
 
 @pytest.mark.docker
