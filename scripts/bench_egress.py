@@ -4,7 +4,8 @@
 
 Runs in process against the real engine (no gRPC), alternating the two so engine load affects both
 alike, and prints median and max wall time per call. The granted tool makes no connection: this is the
-price of its network and proxy alone. Everything it creates carries a unique owner label and is swept.
+price of its network and proxy alone (opened in the Docker backend's create, closed in its remove).
+Everything it creates carries a unique owner label and is swept.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import time
 import uuid
 
-from runtime.backends.docker import DockerBackend
+from runtime.backends.factory import open_backend
 from runtime.model import Event, InvocationRequest, Status
 from runtime.settings import parse_config
 from runtime.supervisor import Supervisor
@@ -30,7 +31,7 @@ async def main(rounds: int) -> None:
         "profiles": {"granted": {"network": ["allowed.test"]}},
         "tools": [{**tool, "name": "ungranted"}, {**tool, "name": "granted", "profile": "granted"}],
     }, environ={})
-    backend = DockerBackend(config.docker_host)
+    backend = open_backend(config)  # docker, with the config's egress settings (egress is its capability)
     sup = Supervisor(config, backend)
     await sup.start()
 
