@@ -29,7 +29,7 @@ import yaml
 
 from runtime.client import Client, ClientError
 from runtime.model import OutputChunk, Result, Started, Status
-from tests.support import REPO, config_doc, engine, leftovers, running_supervisor
+from tests.support import REPO, config_doc, engine, leftovers, oci_residue, running_supervisor
 
 pytestmark = pytest.mark.docker
 
@@ -46,11 +46,34 @@ def code(src: str) -> str:
     return json.dumps({"code": src})
 
 
-async def gone_within(owner: str, seconds: float) -> float:
-    """Seconds until no container labelled ``owner`` exists; fails after ``seconds``."""
+# The faults that are no engine's own run on both backends: docker, and the daemonless oci engine.
+BACKENDS = ["docker", "oci"]
+
+
+def present(kind: str, owner: str) -> list[str]:
+    """What of ``owner``'s sandboxes exists on the host: containers (docker), or bundles, runc state,
+    cgroups and processes (oci)."""
+    return leftovers(engine(), owner) if kind == "docker" else oci_residue(owner)
+
+
+def sandboxes(kind: str, owner: str) -> list[str]:
+    """Live sandboxes of ``owner`` (one entry each)."""
+    if kind == "docker":
+        return leftovers(engine(), owner)
+    return [r for r in oci_residue(owner) if "/bundles/" in r]
+
+
+def with_engine(doc: dict[str, Any], kind: str) -> dict[str, Any]:
+    if kind == "oci":
+        doc["engine"] = {"kind": "oci"}
+    return doc
+
+
+async def gone_within(owner: str, seconds: float, kind: str = "docker") -> float:
+    """Seconds until nothing of ``owner``'s exists; fails after ``seconds``."""
     t0 = time.monotonic()
-    while leftovers(engine(), owner):
-        assert time.monotonic() - t0 < seconds, f"containers still there after {seconds} s"
+    while left := present(kind, owner):
+        assert time.monotonic() - t0 < seconds, f"still there after {seconds} s: {left}"
         await asyncio.sleep(0.05)
     return time.monotonic() - t0
 
@@ -58,16 +81,18 @@ async def gone_within(owner: str, seconds: float) -> float:
 # -- client side ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", BACKENDS)
 @pytest.mark.parametrize("how", ["disconnect", "cancel"])
-async def test_client_goes_away_container_gone_within_2s(tmp_path: Path, how: str) -> None:
+async def test_client_goes_away_container_gone_within_2s(tmp_path: Path, how: str, kind: str) -> None:
     """A spinner that ignores SIGTERM: the client drops the stream or cancels; the sandbox goes anyway."""
-    async with running_supervisor(tmp_path) as (app, client):
-        owner = app.supervisor.config.server.instance
+    owner = f"test-{uuid.uuid4().hex[:10]}"
+    doc = with_engine(config_doc(owner, str(tmp_path / "toolcell.sock")), kind)
+    async with running_supervisor(tmp_path, doc) as (app, client):
         events = client.execute("python.tight", code(SPIN_IGNORING_TERM), invocation_id=f"inv_fault_{how}_1")
         async for event in events:
             if isinstance(event, OutputChunk):
                 break
-        assert len(leftovers(engine(), owner)) == 1
+        assert len(sandboxes(kind, owner)) == 1
         t0 = time.monotonic()
         if how == "disconnect":
             await events.aclose()
@@ -76,7 +101,7 @@ async def test_client_goes_away_container_gone_within_2s(tmp_path: Path, how: st
             async for event in events:
                 if isinstance(event, Result):
                     assert event.status is Status.KILLED
-        await gone_within(owner, 2.0 - (time.monotonic() - t0))
+        await gone_within(owner, 2.0 - (time.monotonic() - t0), kind)
         while app.supervisor.in_flight:
             assert time.monotonic() - t0 < 3.0, "the invocation is still tracked as running"
             await asyncio.sleep(0.05)
@@ -86,11 +111,11 @@ async def test_client_goes_away_container_gone_within_2s(tmp_path: Path, how: st
 # -- supervisor process killed --------------------------------------------------------------------
 
 
-def write_config(tmp_path: Path, owner: str, **engine_cfg: Any) -> Path:
-    doc = config_doc(owner, str(tmp_path / "toolcell.sock"))
+def write_config(tmp_path: Path, owner: str, kind: str = "docker", **engine_cfg: Any) -> Path:
+    doc = with_engine(config_doc(owner, str(tmp_path / "toolcell.sock")), kind)
     doc["telemetry"] = {"span_file": str(tmp_path / "spans.jsonl")}
     if engine_cfg:
-        doc["engine"] = engine_cfg
+        doc["engine"] = {**doc.get("engine", {}), **engine_cfg}
     path = tmp_path / "toolcell.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -129,9 +154,10 @@ async def wait_serving(proc: subprocess.Popen[str], sock: Path) -> None:
         await asyncio.sleep(0.1)
 
 
-async def test_supervisor_sigkilled_mid_run_then_restart_cleans_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_supervisor_sigkilled_mid_run_then_restart_cleans_up(tmp_path: Path, kind: str) -> None:
     owner = f"fault-{uuid.uuid4().hex[:10]}"
-    config, sock = write_config(tmp_path, owner), tmp_path / "toolcell.sock"
+    config, sock = write_config(tmp_path, owner, kind), tmp_path / "toolcell.sock"
     try:
         with serve(config) as proc:
             await wait_serving(proc, sock)
@@ -147,10 +173,12 @@ async def test_supervisor_sigkilled_mid_run_then_restart_cleans_up(tmp_path: Pat
                         pass
                 assert info.value.code == "UNAVAILABLE"
         # Nobody removed it: the sandbox outlived its supervisor (the control for what follows).
-        assert len(leftovers(engine(), owner)) == 1
+        assert len(sandboxes(kind, owner)) == 1
+        if kind == "oci":  # its process, cgroups and runc state too
+            assert any(r.startswith("pid ") for r in present(kind, owner)), present(kind, owner)
         with serve(config) as proc:
             await wait_serving(proc, sock)  # the stale socket file was cleared, not refused
-            assert leftovers(engine(), owner) == []  # swept before serving
+            assert present(kind, owner) == []  # swept before serving
             async with Client(f"unix://{sock}") as client:
                 result = await client.call("text.wordcount", json.dumps({"text": "after restart"}))
             assert result.status is Status.OK
@@ -159,8 +187,9 @@ async def test_supervisor_sigkilled_mid_run_then_restart_cleans_up(tmp_path: Pat
             assert proc.returncode == 0, stderr
             assert "removed 1 sandbox(es) left behind by a previous run" in stderr
     finally:
-        for cid in leftovers(engine(), owner):
-            engine().containers.get(cid).remove(force=True)
+        if kind == "docker":
+            for cid in leftovers(engine(), owner):
+                engine().containers.get(cid).remove(force=True)
 
 
 # -- engine faults at start-up and per call -------------------------------------------------------
@@ -239,13 +268,17 @@ async def test_engine_absent_at_startup_is_waited_for_when_configured(tmp_path: 
     assert leftovers(engine(), owner) == []
 
 
-async def test_image_missing_is_failed_precondition_with_a_fix(tmp_path: Path) -> None:
-    async with running_supervisor(tmp_path) as (app, client):
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_image_missing_is_failed_precondition_with_a_fix(tmp_path: Path, kind: str) -> None:
+    owner = f"test-{uuid.uuid4().hex[:10]}"
+    doc = with_engine(config_doc(owner, str(tmp_path / "toolcell.sock")), kind)
+    async with running_supervisor(tmp_path, doc) as (_, client):
         with pytest.raises(ClientError) as info:
             await client.call("ghost", "{}")
         assert info.value.code == "FAILED_PRECONDITION"
         assert "toolcell-test/missing:never" in info.value.details and "toolcell images build" in info.value.details
-        assert leftovers(engine(), app.supervisor.config.server.instance) == []
+        assert present(kind, owner) == []
+        assert (await client.call("text.wordcount", json.dumps({"text": "still serving"}))).status is Status.OK
 
 
 # -- load -----------------------------------------------------------------------------------------
@@ -263,7 +296,7 @@ MIX = [
 ]
 
 
-async def run_batch(client: Client, owner: str, app: Any) -> float:
+async def run_batch(client: Client, owner: str, app: Any, kind: str) -> float:
     """64 concurrent mixed calls; every one gets the result its tool deserves, nothing is left behind."""
     jobs = [MIX[i % len(MIX)] for i in range(64)]
     t0 = time.monotonic()
@@ -277,7 +310,7 @@ async def run_batch(client: Client, owner: str, app: Any) -> float:
     assert wrong == [], wrong
     assert len({r.invocation_id for r in results if isinstance(r, Result)}) == 64
     assert app.supervisor.in_flight == 0
-    assert leftovers(engine(), owner) == []
+    assert present(kind, owner) == []
     return time.monotonic() - t0
 
 
@@ -286,8 +319,9 @@ def rss_mib() -> float:
     return psutil.Process().memory_info().rss / (1 << 20)
 
 
-async def test_64_concurrent_mixed_calls_none_lost(tmp_path: Path) -> None:
-    doc = config_doc(f"load-{uuid.uuid4().hex[:10]}", str(tmp_path / "toolcell.sock"))
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_64_concurrent_mixed_calls_none_lost(tmp_path: Path, kind: str) -> None:
+    doc = with_engine(config_doc(f"load-{uuid.uuid4().hex[:10]}", str(tmp_path / "toolcell.sock")), kind)
     doc["rate_limits"] = {"concurrency": {"global": 64}}  # the default admits 32 at once
     # 64 containers starting at once on 2 cores: calls that should succeed must not hit the 10 s default
     # before their turn on the CPU (the ones meant to time out use the 3 s "tight" profile).
@@ -296,13 +330,14 @@ async def test_64_concurrent_mixed_calls_none_lost(tmp_path: Path) -> None:
         owner = app.supervisor.config.server.instance
         await client.call("text.wordcount", json.dumps({"text": "warm up"}))
         cold = rss_mib()
-        first = await run_batch(client, owner, app)
+        first = await run_batch(client, owner, app, kind)
         await asyncio.sleep(0.5)
         warm = rss_mib()  # worker threads, malloc arenas, gRPC buffers: paid once
-        second = await run_batch(client, owner, app)
+        second = await run_batch(client, owner, app, kind)
         await asyncio.sleep(0.5)
         after = rss_mib()
-        print(f"64 mixed calls: {first:.1f} s, again {second:.1f} s; RSS {cold:.0f} -> {warm:.0f} -> {after:.0f} MiB")
+        print(f"{kind}: 64 mixed calls: {first:.1f} s, again {second:.1f} s; "
+              f"RSS {cold:.0f} -> {warm:.0f} -> {after:.0f} MiB")
         assert warm - cold < 96, f"first batch grew RSS by {warm - cold:.1f} MiB"
         # 0.5 MiB per call: well under what a leaked output buffer or sandbox handle per call would cost,
         # above what malloc arena growth on a loaded 2-core machine shows.

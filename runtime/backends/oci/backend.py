@@ -362,6 +362,9 @@ class OciSandbox:
         self._defer = False
         self._claimed = False
         self._on_exit: Callable[[], None] = lambda: None
+        # A signal of ours was sent: a failing ``runc run`` is then our kill's doing (e.g. a timeout that
+        # fell while runc was still starting the container), not an engine error.
+        self._signalled = 0
 
     @property
     def id(self) -> str:
@@ -475,7 +478,10 @@ class OciSandbox:
         oom = await self._backend._call(self._after_exit)
         if code != 0 and not self._closing:
             failure = await self._backend._call(self._runc_failure)
-            if failure:
+            if failure and self._signalled:  # runc lost the race with our signal: the sandbox died of it
+                log.info("sandbox %s: killed while runc was starting it (%s)", self._id, failure[:200])
+                code = 128 + self._signalled if code < 128 else code
+            elif failure:
                 raise BackendError(f"runc could not run sandbox {self._id}: {failure}")
         self._exit = ExitInfo(exit_code=code, oom_killed=oom)
         return self._exit
@@ -506,6 +512,7 @@ class OciSandbox:
         proc = self._proc
         if proc is None or self._exited is None or self._exited.done():
             return
+        self._signalled = signals.SIGKILL if signum == signals.SIGKILL else (self._signalled or signum)
         if signum == signals.SIGKILL:
             await self._backend._call(self._kill)
             return
