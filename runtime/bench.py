@@ -1,19 +1,33 @@
 """``toolcell bench``: toolcell's speed, measured side by side in one run on this machine.
 
+The Docker backend (``engine.kind: docker``):
+
 1. no-op gRPC round trip to the supervisor (health Check): the floor of our own overhead;
-2. the raw docker-py baseline: create/attach/start/wait/remove, same image, same hardening;
+2. the raw docker-py baseline: create/attach/start/wait/remove, same image, same hardening, with
+   NetworkDisabled (what the backend does) and with the older ``network_mode: none``, interleaved with
 3. toolcell cold (no pool), a trivial tool, end to end through gRPC;
 4. toolcell warm (pooled), the same tool, at a rate the pool sustains (each call waits for a full pool);
+   4b: a Python tool, beside its own run time measured inside the sandbox (``benchoci`` says how);
    4c: the same over the engine's attach relay instead of the private channel (a second supervisor);
-5. throughput at concurrency 1, 4 and 16 for 2, 3 and 4, with the pool's refill rate;
+5. throughput at concurrency 1, 4 and 16 for 2, 3 and 4, with the pool's refill rate, and this process's
+   peak RSS meanwhile;
 6. a stdout flood (100 MiB): supervisor RSS growth and bytes the engine wrote to the host's disk;
 7. hostile (issue 14): the supervisor's event loop's longest stall and warm calls' p50/p99, quiet and while a
    hostile tool floods adversarial output at the cap and a hostile caller sends oversized and malformed
    requests (``benchhostile``).
 
-The bench starts its own supervisor (in this process, on its own thread and event loop, behind a real
-gRPC server on a temporary Unix socket) with its own owner label, and removes everything it made.
-Latency figures are p50/p95/p99 in milliseconds; the targets of issues 8 and 14 are checked at the end.
+The OCI backend (``engine.kind: oci``, runc with no daemon; issue 15), a second supervisor after the first
+stopped (``benchoci``): its floor (the same sandbox, bundle and cgroups by the backend's own code, ``runc
+run`` with no supervisor) interleaved with cold calls through gRPC; warm calls (a trivial and a Python
+tool, the latter beside its run time); throughput at concurrency 8 with a fresh sandbox per call, cold
+and with a pool of 8, and this process's peak RSS meanwhile. Skipped, and said so, when the OCI backend
+cannot be imported.
+
+The bench starts its own supervisors (in this process, on their own thread and event loop, behind a real
+gRPC server on a temporary Unix socket) with their own owner labels, and removes everything they made.
+The bench's client runs in the same process: RSS figures are the supervisor's and the client's together.
+Latency figures are p50/p95/p99 in milliseconds (medians of interleaved samples where two are compared);
+the targets of issues 8, 14 and 15 are checked at the end.
 """
 
 from __future__ import annotations
@@ -40,15 +54,16 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
-from runtime import benchhostile
+from runtime import benchhostile, benchoci
+from runtime.backends.base import Backend
 from runtime.backends.docker import DockerBackend
+from runtime.backends.factory import open_backend
 from runtime.benchhostile import HOSTILE_TOOL, Ladder, StallProbe
+from runtime.benchoci import OciFloor, RssPeak
 from runtime.client import Client, ClientError
 from runtime.errors import ToolcellError
 from runtime.model import Result, Started, Status
-from runtime.pipeline import compile_step, resolve
 from runtime.server.app import App
-from runtime.backends.factory import open_backend
 from runtime.settings import Config, parse_config
 from runtime.supervisor import Supervisor
 
@@ -84,6 +99,13 @@ class Plan:
     hostile_budget_s: float = 5.0
     tool_attacks: tuple[str, ...] = tuple(name for name, _ in benchhostile.TOOL_ATTACKS)
     hostile_deadline_s: float = 300.0
+    # The run-time probe's repetitions inside one sandbox (4b).
+    probe_reps: int = 15
+    # OCI: floor/cold rounds; calls per throughput measurement at ``oci_concurrency``; the pool of 8.
+    oci_n: int = 40
+    oci_calls: int = 96
+    oci_concurrency: int = 8
+    oci_pool: int = 8
 
     @staticmethod
     def full() -> Plan:
@@ -94,7 +116,8 @@ class Plan:
     def quick() -> Plan:
         return Plan(latency_n=5, noop_n=50, levels=(1, 4, 16), per_level=lambda c: c, pool_size=4, flood_mib=10,
                     hostile_n=15, tool_sizes=(4096, 16384, 65536, 262144),
-                    hostile_budget_s=2.0, tool_attacks=benchhostile.QUICK_TOOL_ATTACKS, hostile_deadline_s=90.0)
+                    hostile_budget_s=2.0, tool_attacks=benchhostile.QUICK_TOOL_ATTACKS, hostile_deadline_s=90.0,
+                    probe_reps=5, oci_n=8, oci_calls=24)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -129,9 +152,10 @@ class _ServerThread:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.loop = asyncio.new_event_loop()
-        self.backend: DockerBackend | None = None
+        self.backend: Backend | None = None
         self.app: App | None = None
         self.address = ""
+        self._stopped = False
         self._thread = threading.Thread(target=self.loop.run_forever, name="toolcell-bench-server", daemon=True)
 
     def run(self, coro: Awaitable[Any], timeout: float = 120) -> Any:
@@ -154,6 +178,9 @@ class _ServerThread:
         return self.app.supervisor
 
     def stop(self) -> None:
+        if self._stopped or not self._thread.is_alive():
+            return
+        self._stopped = True
         if self.app is not None and self.address:
             self.run(self.app.stop(grace_s=2.0))
         elif self.backend is not None:
@@ -166,10 +193,17 @@ async def _wrap(coro: Awaitable[Any]) -> Any:
     return await coro
 
 
-def bench_config(socket_path: str, owner: str, pool_size: int, flood_mib: int) -> Config:
+def bench_config(socket_path: str, owner: str, pool_size: int, flood_mib: int, *,
+                 engine: dict[str, Any] | None = None, throughput_pool: int = 0) -> Config:
+    """The bench supervisor's config; ``engine``: its ``engine`` section (None: Docker at DOCKER_HOST),
+    ``throughput_pool``: a ``bench.tp`` tool (trivial) pooled that large for the OCI throughput."""
     tool = {"image": IMAGE, "command": TRIVIAL,
             "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}}}
-    doc = {
+    extra: list[dict[str, Any]] = []
+    if throughput_pool:
+        extra.append({"name": "bench.tp", "description": "trivial tool, pooled for throughput", **tool,
+                      "pool": {"size": throughput_pool, "ttl": "10m"}})
+    doc: dict[str, Any] = {
         "version": 1,
         "server": {"listen": f"unix://{socket_path}", "instance": owner, "shutdown_grace": "2s"},
         # The built-in default profile's hardening; only the timeout is raised for the flood.
@@ -180,6 +214,10 @@ def bench_config(socket_path: str, owner: str, pool_size: int, flood_mib: int) -
              "pool": {"size": pool_size, "ttl": "10m"}},
             {"name": "bench.warm.python", "description": "Python tool, pooled", **tool, "command": PYTHON_TOOL,
              "pool": {"size": 2, "ttl": "10m"}},
+            {"name": "bench.cold.python", "description": "Python tool, cold", **tool, "command": PYTHON_TOOL},
+            {"name": "bench.probe", "description": "Python code: the run-time probe", "image": IMAGE,
+             "command": PYRUN, "input_schema": {"type": "object"}},
+            *extra,
             {"name": "bench.flood", "description": f"{flood_mib} MiB of stdout", "image": IMAGE, "command": PYRUN,
              "input_schema": {"type": "object"}},
             {"name": HOSTILE_TOOL, "description": "adversarial output at the output cap", "image": IMAGE,
@@ -189,6 +227,8 @@ def bench_config(socket_path: str, owner: str, pool_size: int, flood_mib: int) -
         # other tool names are refused as from a caller no rule grants them to.
         "auth": {"require": ["peer"], "rules": [{"match": {"uid": os.geteuid()}, "tools": ["bench.*"]}]},
     }
+    if engine is not None:
+        doc["engine"] = engine
     # Only the engine's address comes from the environment (the socket and all else are the bench's own).
     environ = {"DOCKER_HOST": os.environ["DOCKER_HOST"]} if "DOCKER_HOST" in os.environ else {}
     config = parse_config(doc, environ=environ, base_dir=Path.cwd())
@@ -205,28 +245,6 @@ def _engine_write_bytes() -> int:
             with contextlib.suppress(psutil.Error):
                 total += proc.io_counters().write_bytes
     return total
-
-
-class _RssSampler:
-    def __init__(self, interval_s: float = 0.005) -> None:
-        self._proc = psutil.Process()
-        self.base = self._proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def __enter__(self) -> _RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
 class Bench:
@@ -255,9 +273,9 @@ class Bench:
             raise RuntimeError("the bench client is not connected")
         return self.client
 
-    async def _call(self, tool: str, args: str = TRIVIAL_ARGS) -> tuple[float, Result]:
+    async def _call(self, tool: str, args: str = TRIVIAL_ARGS, client: Client | None = None) -> tuple[float, Result]:
         t0 = time.perf_counter()
-        result = await self._client.call(tool, args)
+        result = await (client or self._client).call(tool, args)
         elapsed = time.perf_counter() - t0
         if result.status is not Status.OK:
             raise RuntimeError(f"{tool}: {result.status.value} {result.message} {result.stderr[-300:]}")
@@ -271,8 +289,8 @@ class Bench:
         loop = (server or self.server).loop
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(read(), loop))
 
-    async def _stats(self) -> Any:
-        return (await self._query(self.server.supervisor.pools.stats))["bench.warm"]
+    async def _stats(self, server: _ServerThread | None = None, tool: str = "bench.warm") -> Any:
+        return (await self._query((server or self.server).supervisor.pools.stats, server))[tool]
 
     async def _pool_full(self, timeout: float = 60, server: _ServerThread | None = None,
                          tools: tuple[str, ...] = ("bench.warm", "bench.warm.python")) -> None:
@@ -303,53 +321,74 @@ class Bench:
                 self._tick()
         self.report.put("noop_grpc", summary(samples))
 
-    def _raw_plan(self) -> Any:
+    def _raw_spec(self) -> Any:
         config = self.config
-        return compile_step(config, resolve(config, "bench.cold"), "bench-raw-" + secrets.token_hex(4), None)
+        return config.compile(config.resolve("bench.cold"), "bench-raw-" + secrets.token_hex(4))
 
-    def raw_once(self, backend: DockerBackend) -> float:
+    def raw_once(self, backend: DockerBackend, network_disabled: bool = True) -> float:
+        """One raw docker-py cycle; ``network_disabled=False``: with ``network_mode: none`` instead."""
         stdin = TRIVIAL_ARGS.encode() + b"\n"
         t0 = time.perf_counter()
-        code, received = backend.baseline_cycle(self._raw_plan(), stdin)
+        code, received = backend.baseline_cycle(self._raw_spec(), stdin, network_disabled=network_disabled)
         elapsed = time.perf_counter() - t0
         if code != 0 or received == 0:
             raise RuntimeError(f"raw baseline cycle failed: exit {code}, {received} bytes")
         return elapsed
 
     async def latency(self, backend: DockerBackend) -> None:
+        """2 and 3 interleaved (raw ``network_mode: none``, raw NetworkDisabled, cold), then 4 and 4b."""
         n = self.plan.latency_n
         loop = asyncio.get_running_loop()
-        self._step("2 raw docker-py")
+        self._step("2-3 raw docker-py, cold")
         await self._pool_full()  # the engine is idle: no refill competes with what is measured
-        await loop.run_in_executor(None, self.raw_once, backend)  # warm the engine's caches
-        raw = []
-        for _ in range(n):
-            raw.append(await loop.run_in_executor(None, self.raw_once, backend))
-            self._tick()
-        self.report.put("raw_docker", summary(raw))
-        self._step("3 toolcell cold")
+        await loop.run_in_executor(None, self.raw_once, backend, False)  # warm the engine's caches
+        await loop.run_in_executor(None, self.raw_once, backend, True)
         await self._call("bench.cold")
-        cold = []
+        raw_none, raw, cold = [], [], []
         for _ in range(n):
+            raw_none.append(await loop.run_in_executor(None, self.raw_once, backend, False))
+            raw.append(await loop.run_in_executor(None, self.raw_once, backend, True))
             cold.append((await self._call("bench.cold"))[0])
-            self._tick()
+            self._tick(3)
+        self.report.put("raw_docker", summary(raw))
+        self.report.put("raw_docker_network_none", summary(raw_none))
         self.report.put("cold", summary(cold))
-        self._step("4 toolcell warm")
-        hits0 = (await self._stats()).hits
+        warm, warm_py = await self.warm_paths(self.server, self._client)
+        self.report.put("warm", warm)
+        self.report.put("warm_python_tool", warm_py)
+        self.report.put("python_run_time", await self.python_run_time(self._client))
+
+    async def warm_paths(self, server: _ServerThread, client: Client) -> tuple[dict[str, Any], dict[str, Any]]:
+        """4 and 4b on ``server``: warm ``cat`` and the warm Python tool, each call after the pool refilled."""
+        n = self.plan.latency_n
+        self._step(f"4 warm {server.config.engine.kind}")
+        hits0 = (await self._stats(server)).hits
         warm = []
         for _ in range(n):
-            await self._pool_full()
-            warm.append((await self._call("bench.warm"))[0])
+            await self._pool_full(server=server)
+            warm.append((await self._call("bench.warm", client=client))[0])
             self._tick()
-        hits = (await self._stats()).hits - hits0
-        self.report.put("warm", {**summary(warm), "warm_hits": hits})
-        self._step("4b warm, Python tool")
+        hits = (await self._stats(server)).hits - hits0
+        self._step(f"4b warm Python {server.config.engine.kind}")
+        hits0_py = (await self._stats(server, "bench.warm.python")).hits
         warm_py = []
         for _ in range(n):
-            await self._pool_full()
-            warm_py.append((await self._call("bench.warm.python"))[0])
+            await self._pool_full(server=server)
+            warm_py.append((await self._call("bench.warm.python", client=client))[0])
             self._tick()
-        self.report.put("warm_python_tool", summary(warm_py))
+        hits_py = (await self._stats(server, "bench.warm.python")).hits - hits0_py
+        return {**summary(warm), "warm_hits": hits}, {**summary(warm_py), "warm_hits": hits_py}
+
+    async def python_run_time(self, client: Client) -> dict[str, Any]:
+        """The Python tool's own run time inside the backend's sandbox (``benchoci.RUN_TIME_CODE``)."""
+        self._step("4b Python tool's run time")
+        args = benchoci.run_time_args(list(PYTHON_TOOL), TRIVIAL_ARGS, self.plan.probe_reps)
+        _, result = await self._call("bench.probe", args, client=client)
+        self._tick()
+        probe = benchoci.parse_run_time(result.output)
+        return {"input_to_exit": summary(probe.input_to_exit_s), "spawn_to_exit": summary(probe.spawn_to_exit_s),
+                "spawn_run_mean_ms": probe.spawn_run_mean_s * 1000, "settle_s": benchoci.SETTLE_S,
+                "reps": self.plan.probe_reps}
 
     async def warm_over_attach(self) -> None:
         """4c: the same warm call with pooled sandboxes on the engine's attach relay, side by side.
@@ -381,7 +420,7 @@ class Bench:
 
     async def throughput(self, backend: DockerBackend) -> None:
         rows: dict[str, dict[str, Any]] = {}
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(self.plan.levels)) as threads:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(self.plan.levels)) as threads, RssPeak() as rss:
             loop = asyncio.get_running_loop()
             for c in self.plan.levels:
                 total = self.plan.per_level(c)
@@ -402,9 +441,10 @@ class Bench:
                 row["refill_per_s"] = (after.created - before.created) / (time.perf_counter() - t0)
                 rows[f"warm_c{c}"] = row
         self.report.put("throughput", rows)
+        self.report.put("throughput_rss", rss.figures())
 
-    async def _timed_call(self, tool: str) -> float:
-        return (await self._call(tool))[0]
+    async def _timed_call(self, tool: str, client: Client | None = None) -> float:
+        return (await self._call(tool, client=client))[0]
 
     async def _closed_loop(self, concurrency: int, total: int, one: Callable[[], Awaitable[float]]) -> dict[str, Any]:
         """``concurrency`` workers issue ``total`` calls back to back; invocations/s over the wall time."""
@@ -432,12 +472,11 @@ class Bench:
         log_paths: list[str] = []
         disk0 = _engine_write_bytes()
         t0 = time.perf_counter()
-        with _RssSampler() as rss:
+        with RssPeak() as rss:
             result: Result | None = None
             async for event in self._client.execute("bench.flood", args):
                 if isinstance(event, Started):
-                    info = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                        backend.inspect(event.sandbox_id), self.server.loop))
+                    info = await backend.inspect(event.sandbox_id)
                     log_paths.append(str(info.get("LogPath") or ""))
                 elif isinstance(event, Result):
                     result = event
@@ -565,8 +604,105 @@ class Bench:
             "ladder_budget_s": plan.hostile_budget_s,
         })
 
+    # -- OCI (issue 15) -------------------------------------------------------------------------------
+
+    def _oci_config(self) -> Config:
+        state = os.path.join(self._tmp.name, "oci")
+        os.makedirs(state, mode=0o700, exist_ok=True)
+        return bench_config(os.path.join(self._tmp.name, "o.sock"), self.owner + "-oci", self.plan.pool_size,
+                            self.plan.flood_mib, engine={"kind": "oci", "oci": {"state_dir": state}},
+                            throughput_pool=self.plan.oci_pool)
+
+    async def oci(self) -> None:
+        """The OCI backend beside its floor, on a supervisor of its own (the Docker one has stopped).
+
+        A failure is recorded (``oci.error``) rather than raised: the Docker figures are printed anyway,
+        and the run then exits 1.
+        """
+        reason = benchoci.oci_available()
+        if reason:
+            self.report.put("oci", {"skipped": reason})
+            return
+        figures: dict[str, Any] = {}
+        self.report.put("oci", figures)
+        config = self._oci_config()
+        server = _ServerThread(config)
+        spec = config.compile(config.resolve("bench.cold.python"), "bench-floor")
+        floor: OciFloor | None = None
+        try:
+            floor = OciFloor(spec, runtime=config.engine.oci_runtime, rootfs_dir=config.engine.oci_rootfs_dir,
+                             owner=self.owner + "-floor")
+            figures["runtime"] = floor.runtime
+            server.start()
+            async with Client(server.address) as client:
+                await self._oci_floor_and_cold(server, client, floor, figures)
+                figures["warm"], figures["warm_python_tool"] = await self.warm_paths(server, client)
+                figures["python_run_time"] = await self.python_run_time(client)
+                await self._oci_throughput(server, client, floor, figures)
+        except (RuntimeError, ToolcellError, ClientError, OSError) as exc:
+            figures["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            server.stop()
+            if floor is not None:
+                floor.close()
+
+    async def _oci_floor_and_cold(self, server: _ServerThread, client: Client, floor: OciFloor,
+                                  figures: dict[str, Any]) -> None:
+        """The floor and cold calls through gRPC, one of each per round (after the pools filled)."""
+        loop = asyncio.get_running_loop()
+        stdin = TRIVIAL_ARGS.encode() + b"\n"
+        self._step("oci floor, cold")
+        await self._pool_full(server=server, tools=("bench.warm", "bench.warm.python", "bench.tp"))
+        await loop.run_in_executor(None, floor.once, stdin)  # page cache, runc's own start-up
+        await self._call("bench.cold.python", client=client)
+        floor_s, cold_s = [], []
+        for _ in range(self.plan.oci_n):
+            floor_s.append((await loop.run_in_executor(None, floor.once, stdin))[0])
+            cold_s.append((await self._call("bench.cold.python", client=client))[0])
+            self._tick(2)
+        figures["floor"] = summary(floor_s)
+        figures["cold"] = summary(cold_s)
+
+    async def _oci_throughput(self, server: _ServerThread, client: Client, floor: OciFloor,
+                              figures: dict[str, Any]) -> None:
+        """A fresh sandbox per call at ``oci_concurrency``: the floor (reference), cold, pooled."""
+        c, total = self.plan.oci_concurrency, self.plan.oci_calls
+        stdin = TRIVIAL_ARGS.encode() + b"\n"
+        cat = dataclasses.replace(floor.spec, command=tuple(TRIVIAL))
+        rows: dict[str, dict[str, Any]] = {}
+        cat_floor = OciFloor(cat, runtime=floor.runtime, rootfs_dir=floor.rootfs_dir, owner=self.owner + "-floor8")
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=c) as threads, RssPeak() as rss:
+                loop = asyncio.get_running_loop()
+                self._step(f"oci throughput c={c} floor")
+                rows[f"floor_c{c}"] = await self._closed_loop(
+                    c, total, lambda: self._timed_floor(loop, threads, cat_floor, stdin))
+                self._step(f"oci throughput c={c} cold")
+                rows[f"cold_c{c}"] = await self._closed_loop(c, total, lambda: self._timed_call("bench.cold", client))
+                self._step(f"oci throughput c={c} pool {self.plan.oci_pool}")
+                await self._pool_full(server=server, tools=("bench.tp",))
+                before = await self._stats(server, "bench.tp")
+                t0 = time.perf_counter()
+                row = await self._closed_loop(c, total, lambda: self._timed_call("bench.tp", client))
+                after = await self._stats(server, "bench.tp")
+                hits, misses = after.hits - before.hits, after.misses - before.misses
+                row.update(warm_hits=hits, cold_fallbacks=misses, warm_share=hits / max(1, hits + misses),
+                           refill_per_s=(after.created - before.created) / (time.perf_counter() - t0),
+                           pool_size=self.plan.oci_pool)
+                rows[f"pool_c{c}"] = row
+        finally:
+            cat_floor.close()
+        figures["throughput"] = rows
+        figures["throughput_rss"] = rss.figures()
+
+    @staticmethod
+    async def _timed_floor(loop: asyncio.AbstractEventLoop, threads: concurrent.futures.Executor, floor: OciFloor,
+                           stdin: bytes) -> float:
+        return (await loop.run_in_executor(threads, floor.once, stdin))[0]
+
     async def run(self) -> dict[str, Any]:
         backend = DockerBackend(self.config.engine.docker_host)
+        transport = "attach"
         try:
             self.server.start()
             self.client = Client(self.server.address)
@@ -574,8 +710,13 @@ class Bench:
             await self.latency(backend)
             await self.warm_over_attach()
             await self.throughput(backend)
-            await self.flood(self.server.backend or backend)
+            await self.flood(backend)
             await self.hostile()
+            transport = str(getattr(self.server.backend, "pool_transport", transport))
+            await self.client.close()
+            self.client = None
+            self.server.stop()
+            await self.oci()
         finally:
             if self.client is not None:
                 await self.client.close()
@@ -585,16 +726,17 @@ class Bench:
             await backend.close()
             self._tmp.cleanup()
         load = os.getloadavg()
-        transport = self.server.backend.pool_transport if self.server.backend is not None else "attach"
         self.report.put("machine", {"cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in load],
-                                    "pool_size": self.plan.pool_size, "pool_transport": transport})
+                                    "pool_size": self.plan.pool_size, "pool_transport": transport,
+                                    "client_in_process": True})
         self.report.put("targets", targets(self.report.figures))
         return self.report.figures
 
 
 def total_ticks(plan: Plan) -> int:
     hostile = plan.hostile_n + len(plan.tool_attacks) + len(benchhostile.CALLER_ATTACKS)
-    return plan.noop_n + 5 * plan.latency_n + 3 * sum(plan.per_level(c) for c in plan.levels) + 1 + hostile
+    docker = plan.noop_n + 6 * plan.latency_n + 1 + 3 * sum(plan.per_level(c) for c in plan.levels) + 1 + hostile
+    return docker + 2 * plan.oci_n + 2 * plan.latency_n + 1 + 3 * plan.oci_calls
 
 
 def targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -633,11 +775,12 @@ def targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "value": cpu, "limit": "<= 50, every attack at full size", "met": cpu <= 50 and h["all_full"]}
         out["hostile_warm_p99_attack_vs_quiet"] = {
             "value": ratio, "limit": "<= 2.0, every attack at full size", "met": ratio <= 2.0 and h["all_full"]}
+    out.update(benchoci.targets(f))  # issue 15: both backends
     return out
 
 
 def render(f: dict[str, Any]) -> str:
-    lines = []
+    lines = ["Docker backend (engine.kind docker)"]
     head = f"{'measurement':38} {'n':>5} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'inv/s':>8}"
     lines += [head, "-" * len(head)]
 
@@ -646,10 +789,14 @@ def render(f: dict[str, Any]) -> str:
                      f"{s['per_s']:>8.2f}{extra}")
 
     row("1 no-op gRPC (health Check)", f["noop_grpc"])
-    row("2 raw docker-py cycle", f["raw_docker"])
-    row("3 toolcell cold (gRPC, end to end)", f["cold"])
+    row("2 raw docker-py cycle (NetworkDisabled)", f["raw_docker"])
+    if "raw_docker_network_none" in f:
+        row("2b raw docker-py, network_mode none", f["raw_docker_network_none"], "   (the older cycle)")
+    row("3 toolcell cold (gRPC, end to end)", f["cold"], "   (interleaved with 2 and 2b)")
     row("4 toolcell warm (gRPC, end to end)", f["warm"], f"   warm hits {f['warm']['warm_hits']}/{int(f['warm']['n'])}")
     row("4b warm, Python tool (wordcount)", f["warm_python_tool"], "   (+ the interpreter's own exit)")
+    if "python_run_time" in f:
+        lines.append(benchoci.run_time_line(f["python_run_time"]))
     if "warm_attach" in f:
         row("4c warm over the engine's attach relay", f["warm_attach"], "   (a supervisor in a container)")
     for key, s in f["throughput"].items():
@@ -659,6 +806,10 @@ def render(f: dict[str, Any]) -> str:
             extra = (f"   warm {s['warm_hits']}, cold fallback {s['cold_fallbacks']}, "
                      f"refill {s['refill_per_s']:.1f}/s")
         row(f"5 throughput {kind:4} c={c}", s, extra)
+    if "throughput_rss" in f:
+        r = f["throughput_rss"]
+        lines.append(f"   this process's RSS under 5's load: peak {r['rss_peak_mib']:.1f} MiB (before "
+                     f"{r['rss_base_mib']:.1f}); the supervisor, the bench's client and the raw cycles share it")
     fl = f["flood"]
     lines += ["", f"6 flood: {fl['mib']} MiB stdout in {fl['seconds']:.2f}s ({fl['mib_per_s']:.0f} MiB/s), "
                   f"kept {fl['kept_bytes']} bytes; supervisor RSS growth {fl['rss_growth_mib']:.1f} MiB; "
@@ -667,18 +818,24 @@ def render(f: dict[str, Any]) -> str:
                   f"container log {fl['log_path']}: {fl['log_bytes']} bytes"]
     if "hostile" in f:
         lines += render_hostile(f["hostile"])
+    if "oci" in f:
+        benchoci.render_oci(f["oci"], row, lines)
     lines += ["", f"ratios: cold/raw p50 {f['cold']['p50_ms'] / f['raw_docker']['p50_ms']:.3f}, "
                   f"warm/no-op p50 {f['warm']['p50_ms'] / f['noop_grpc']['p50_ms']:.1f}, "
                   f"warm/cold p50 {f['warm']['p50_ms'] / f['cold']['p50_ms']:.3f}"
                   + (f", warm channel/attach relay p50 {f['warm']['p50_ms'] / f['warm_attach']['p50_ms']:.3f}"
                      if "warm_attach" in f else "")]
+    if "raw_docker_network_none" in f:
+        none = f["raw_docker_network_none"]["p50_ms"]
+        lines[-1] += f", cold/raw network_mode none p50 {f['cold']['p50_ms'] / none:.3f}"
     m = f["machine"]
     lines += [f"machine: {m['cpus']} cpus, load average {m['loadavg']}, pool size {m['pool_size']}, "
-              f"pooled sandboxes over the {m['pool_transport']} transport", "", "targets:"]
+              f"pooled sandboxes over the {m['pool_transport']} transport; the bench's client runs in the "
+              "supervisors' process", "", "targets:"]
     for name, t in f["targets"].items():
         value = t["value"]
         shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-        lines.append(f"  {'MET ' if t['met'] else 'MISS'} {name:46} {shown:>12}  (target {t['limit']})")
+        lines.append(f"  {'MET ' if t['met'] else 'MISS'} {name:50} {shown:>12}  (target {t['limit']})")
     return "\n".join(lines)
 
 
@@ -731,4 +888,8 @@ def main(quick: bool, json_path: str | None) -> int:
     if json_path:
         Path(json_path).write_text(json.dumps(figures, indent=2) + "\n")
         print(f"figures written to {json_path}", file=sys.stderr)
+    failed = (figures.get("oci") or {}).get("error")
+    if failed:  # the OCI backend is there but a measured call failed: the run fails, after its figures
+        print(f"toolcell: bench failed: oci: {failed}", file=sys.stderr)
+        return 1
     return 0

@@ -1,0 +1,316 @@
+"""``toolcell bench``'s OCI sections: the daemonless backend beside its own floor, and both backends' warm path.
+
+What is measured, side by side in the bench's one run (each figure a median of many samples; ratios of
+figures taken interleaved, so a busy machine slows both sides alike):
+
+- **floor**: the same sandbox with no supervisor. A bundle is written with the OCI backend's own code
+  (``oci.bundle.oci_config`` over the ``RootfsStore``'s unpacked rootfs, ``policy.seccomp_oci``), its
+  parent cgroups made and filled with the limits by ``oci.cgroups`` and ``runc run`` is a plain
+  subprocess with the arguments on its stdin; timed end to end: cgroups, bundle, run, usage read,
+  clean-up. The tool is the bench's Python tool (wordcount), so floor and cold run the same process.
+- **cold through gRPC**: the same tool on a supervisor whose ``engine.kind`` is ``oci``: p50 / floor p50.
+- **throughput**: a fresh sandbox per call at concurrency 8, the trivial tool (``cat``: what is
+  measured is toolcell and the runtime, not the tool): cold, and with a pool of 8 (its hits and misses).
+- **warm**, both backends (``Bench.warm_paths``): ``cat``'s p50 and the Python tool's p50 beside the
+  Python tool's *own run time*, measured inside the sandbox (``RUN_TIME_CODE``): a pooled sandbox has
+  spawned its tool before the claim, and the tool waits for its input; so what a warm call cannot avoid
+  is the tool's time from its input to its exit. The probe, run as the bench's ``python.run``-style tool
+  in the backend's own sandbox, spawns the tool as the launcher does, lets it reach its read of stdin
+  (``SETTLE_S``), then writes the arguments, closes stdin and times until the tool exited (``input_to_exit``);
+  ``spawn_to_exit`` (the whole process, interpreter start included) is reported beside it.
+
+``RssPeak`` samples this process's RSS (psutil): the supervisor *and the bench's own client* run here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import subprocess  # nosec B404 - runc, with fixed argument lists
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import psutil
+
+from runtime.backends.oci.bundle import oci_config
+from runtime.backends.oci.cgroups import CgroupLimits, CgroupTree
+from runtime.backends.oci.rootfs import RootfsStore
+from runtime.errors import ToolcellError
+from runtime.policy.seccomp_oci import to_oci_seccomp
+from runtime.policy.spec import SandboxSpec, sandbox_pids
+
+MiB: Final = 1024 * 1024
+# The init runc starts as pid 1: static, so it needs nothing of the image's libraries.
+INIT_CANDIDATES: Final = ("/usr/bin/tini-static", "/usr/local/bin/tini-static", "/usr/bin/tini")
+RUNC_TIMEOUT_S: Final = 60.0
+# How long the run-time probe lets a freshly spawned tool reach its read of stdin (a warm tool's state).
+SETTLE_S: Final = 0.15
+
+# Runs inside the sandbox (the ``python.run`` tool): the tool's own run time, ``reps`` times, as JSON.
+RUN_TIME_CODE: Final = """\
+import json, subprocess, time
+argv = {argv!r}
+stdin = {stdin!r}.encode()
+spawn, after_input = [], []
+for _ in range({reps}):
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    time.sleep({settle})
+    t1 = time.perf_counter()
+    out, _ = p.communicate(stdin)
+    t2 = time.perf_counter()
+    assert p.returncode == 0 and out, (p.returncode, out)
+    after_input.append(t2 - t1)
+    spawn.append(t2 - t0 - {settle})
+t0 = time.perf_counter()
+for _ in range({reps}):
+    p = subprocess.run(argv, input=stdin, capture_output=True)
+spawn_run = (time.perf_counter() - t0) / {reps}
+print(json.dumps({{"input_to_exit_s": after_input, "spawn_to_exit_s": spawn, "spawn_run_mean_s": spawn_run}}))
+"""
+
+
+def run_time_args(argv: list[str], stdin: str, reps: int) -> str:
+    """Arguments for the ``python.run`` tool that measure ``argv``'s run time inside its sandbox."""
+    return json.dumps({"code": RUN_TIME_CODE.format(argv=argv, stdin=stdin + "\n", reps=reps, settle=SETTLE_S)})
+
+
+@dataclass(frozen=True)
+class RunTime:
+    """What the run-time probe measured inside the sandbox (seconds)."""
+
+    input_to_exit_s: list[float]
+    spawn_to_exit_s: list[float]
+    spawn_run_mean_s: float
+
+
+def parse_run_time(stdout: str) -> RunTime:
+    """The probe's JSON line (the last line of its output)."""
+    try:
+        doc = json.loads(stdout.strip().splitlines()[-1])
+        return RunTime([float(x) for x in doc["input_to_exit_s"]], [float(x) for x in doc["spawn_to_exit_s"]],
+                       float(doc["spawn_run_mean_s"]))
+    except (ValueError, IndexError, KeyError, TypeError) as exc:
+        raise RuntimeError(f"run-time probe: unexpected output {stdout[-200:]!r}") from exc
+
+
+def find_init() -> str:
+    for path in INIT_CANDIDATES:
+        if os.access(path, os.X_OK):
+            return path
+    raise RuntimeError(f"no init for the OCI floor (looked for {', '.join(INIT_CANDIDATES)})")
+
+
+class OciFloor:
+    """One sandbox per ``once``, launched with no supervisor: the OCI backend's bundle and cgroup code
+    and ``runc run`` as a plain subprocess (blocking; thread-safe: each call has its own id and bundle)."""
+
+    def __init__(self, spec: SandboxSpec, *, runtime: str, rootfs_dir: str, owner: str,
+                 cgroup_root: str = "/sys/fs/cgroup") -> None:
+        self.spec = spec
+        self.runtime = shutil.which(runtime) or runtime
+        self.rootfs_dir = rootfs_dir
+        image = RootfsStore(rootfs_dir).get(spec.image)
+        self._rootfs = str(image.rootfs)
+        self._image = image.config
+        self._seccomp = to_oci_seccomp(spec.seccomp_json)
+        self._init = find_init()
+        self._tree = CgroupTree(cgroup_root)
+        self._owner = owner
+        pids, _ = sandbox_pids(spec.isolation, spec.pids)
+        self._limits = CgroupLimits(memory_bytes=spec.memory_bytes, pids=pids, cpus=spec.cpus)
+        self._tmp = tempfile.TemporaryDirectory(prefix="toolcell-bench-oci-")
+        self._state = os.path.join(self._tmp.name, "runc")
+        os.makedirs(self._state, mode=0o700)
+
+    def once(self, stdin: bytes) -> tuple[float, bytes]:
+        """(seconds end to end, the tool's stdout) for one sandbox; RuntimeError if the tool failed."""
+        sandbox_id = "floor-" + secrets.token_hex(6)
+        t0 = time.perf_counter()
+        cgroup = self._tree.sandbox(self._owner, sandbox_id)
+        bundle = Path(self._tmp.name, sandbox_id)
+        cgroup.create(self._limits)
+        try:
+            bundle.mkdir(mode=0o700)
+            config = oci_config(self.spec, rootfs=self._rootfs, image=self._image, command=self.spec.command,
+                                seccomp=self._seccomp, cgroups_path=self._tree.runc_path(self._owner, sandbox_id),
+                                init_path=self._init)
+            (bundle / "config.json").write_text(json.dumps(config))
+            # The OCI backend's own invocation (its log, JSON), with plain pipes as the sandbox's stdio.
+            done = subprocess.run(  # noqa: S603 # nosec B603 - fixed arguments, our own bundle
+                [self.runtime, "--root", self._state, "--log", str(bundle / "runc.log"), "--log-format", "json",
+                 "run", "--bundle", str(bundle), sandbox_id],
+                input=stdin, capture_output=True, timeout=RUNC_TIMEOUT_S, check=False)
+            cgroup.oom_kills()
+            cgroup.sample()
+        finally:
+            cgroup.kill_all()
+            cgroup.remove()
+            shutil.rmtree(bundle, ignore_errors=True)
+        elapsed = time.perf_counter() - t0
+        if done.returncode != 0 or not done.stdout:
+            raise RuntimeError(f"OCI floor: {self.runtime} run exited {done.returncode}: "
+                               f"{done.stderr.decode(errors='replace')[-400:]}")
+        return elapsed, done.stdout
+
+    def close(self) -> None:
+        """Remove whatever a failed run left (runc state, cgroups) and the bundles' directory."""
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            listed = subprocess.run(  # noqa: S603 # nosec B603
+                [self.runtime, "--root", self._state, "list", "-q"], capture_output=True, timeout=30, check=False)
+            for name in listed.stdout.decode().split():
+                subprocess.run([self.runtime, "--root", self._state, "delete", "--force", name],  # noqa: S603 # nosec B603
+                               capture_output=True, timeout=30, check=False)
+        for sandbox_id in self._tree.orphans(self._owner):
+            cgroup = self._tree.sandbox(self._owner, sandbox_id)
+            cgroup.kill_all()
+            cgroup.remove()
+        for d in self._tree.owner_dirs(self._owner):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        self._tmp.cleanup()
+
+
+class RssPeak:
+    """This process's peak RSS while the block runs (sampled every ``interval_s``)."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self._proc = psutil.Process()
+        self.base = self._proc.memory_info().rss
+        self.peak = self.base
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="toolcell-bench-rss", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def figures(self) -> dict[str, float]:
+        return {"rss_base_mib": self.base / MiB, "rss_peak_mib": self.peak / MiB}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target: a figure, its limit as text, met or not."""
+
+    value: float
+    limit: str
+    met: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "limit": self.limit, "met": self.met}
+
+
+def oci_available() -> str:
+    """"" when the OCI backend can be imported, else why not (the bench then measures Docker only)."""
+    try:
+        from runtime.backends.oci import OciBackend  # noqa: F401
+    except ImportError as exc:
+        return f"the OCI backend is not available: {exc}"
+    except ToolcellError as exc:
+        return f"the OCI backend is not available: {exc}"
+    return ""
+
+
+# -- targets (issue 15) and the OCI table -------------------------------------------------------------
+
+def _check(value: float, limit: str, met: bool) -> dict[str, Any]:
+    return Check(value, limit, met).as_dict()
+
+
+def _warm_targets(prefix: str, warm: dict[str, Any], warm_py: dict[str, Any], run_time: dict[str, Any],
+                  rss: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    over = warm_py["p50_ms"] - run_time["input_to_exit"]["p50_ms"]
+    return {
+        f"{prefix}_warm_cat_p50_ms": _check(warm["p50_ms"], "<= 3", warm["p50_ms"] <= 3),
+        f"{prefix}_warm_python_p50_over_its_run_time_ms": _check(
+            over, f"<= 3 (p50 {warm_py['p50_ms']:.2f} vs run time {run_time['input_to_exit']['p50_ms']:.2f})",
+            over <= 3),
+        f"{prefix}_rss_peak_under_throughput_mib": _check(
+            rss["rss_peak_mib"], "<= 100 (supervisor + the bench's client: one process)", rss["rss_peak_mib"] <= 100),
+    }
+
+
+def targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Issue 15's targets: the Docker backend's (cold vs ``network_mode: none``, warm, RSS) and the OCI one's."""
+    out: dict[str, dict[str, Any]] = {}
+    if {"cold", "raw_docker_network_none", "warm", "python_run_time", "throughput_rss"} <= f.keys():
+        ratio = f["cold"]["p50_ms"] / f["raw_docker_network_none"]["p50_ms"]
+        out["docker_cold_p50_vs_raw_network_none"] = _check(ratio, "<= 0.7", ratio <= 0.7)
+        out.update(_warm_targets("docker", f["warm"], f["warm_python_tool"], f["python_run_time"],
+                                 f["throughput_rss"]))
+    o = f.get("oci") or {}
+    if "error" in o or "skipped" in o or "throughput" not in o:
+        why = o.get("error") or o.get("skipped") or "not measured"
+        out["oci_measured"] = _check(0.0, f"the OCI section ran ({why[:200]})", False)
+        return out
+    ratio = o["cold"]["p50_ms"] / o["floor"]["p50_ms"]
+    out["oci_cold_p50_vs_floor"] = _check(ratio, "<= 1.3", ratio <= 1.3)
+    t = o["throughput"]
+    cold = next(v for k, v in t.items() if k.startswith("cold_c"))
+    pool = next(v for k, v in t.items() if k.startswith("pool_c"))
+    c = int(cold["concurrency"])
+    out[f"oci_throughput_c{c}_cold_per_s"] = _check(cold["per_s"], ">= 30", cold["per_s"] >= 30)
+    out[f"oci_throughput_c{c}_pool{pool['pool_size']}_per_s"] = _check(pool["per_s"], ">= 50", pool["per_s"] >= 50)
+    out[f"oci_throughput_c{c}_pool{pool['pool_size']}_warm_share"] = _check(
+        pool["warm_share"], ">= 0.90 of calls warm (pool hits / calls)", pool["warm_share"] >= 0.9)
+    out.update(_warm_targets("oci", o["warm"], o["warm_python_tool"], o["python_run_time"], o["throughput_rss"]))
+    return out
+
+
+Row = Any  # Callable[[str, dict[str, Any], str], None]: the bench's table row
+
+
+def run_time_line(r: dict[str, Any]) -> str:
+    return (f"   the Python tool's own run time in the sandbox: input->exit p50 {r['input_to_exit']['p50_ms']:.2f} ms "
+            f"(what a warm call cannot avoid), spawn->exit p50 {r['spawn_to_exit']['p50_ms']:.2f} ms, "
+            f"{r['reps']} runs")
+
+
+def render_oci(o: dict[str, Any], row: Row, lines: list[str]) -> None:
+    """The OCI backend's table (after the Docker one's)."""
+    lines += ["", f"OCI backend (engine.kind oci: {o.get('runtime', 'runc')}, no daemon), a supervisor of its own"]
+    if "skipped" in o:
+        lines.append(f"  not measured: {o['skipped']}")
+        return
+    if "floor" in o:
+        row("F floor: bundle+cgroups+runc, no sup.", o["floor"], "   (Python tool; our bundle/cgroup code)")
+        row("1 cold through gRPC (Python tool)", o["cold"],
+            f"   {o['cold']['p50_ms'] / o['floor']['p50_ms']:.3f}x the floor (interleaved)")
+    if "warm" in o:
+        row("2 warm, trivial tool (cat)", o["warm"], f"   warm hits {o['warm']['warm_hits']}/{int(o['warm']['n'])}")
+        row("2b warm, Python tool (wordcount)", o["warm_python_tool"],
+            f"   warm hits {o['warm_python_tool']['warm_hits']}/{int(o['warm_python_tool']['n'])}")
+    if "python_run_time" in o:
+        lines.append(run_time_line(o["python_run_time"]))
+    for key, s in o.get("throughput", {}).items():
+        kind, c = key.split("_c")
+        notes = {"floor": "   (runc, no supervisor: the machine's own rate)", "cold": "   (fresh sandbox per call)"}
+        extra = notes.get(kind, "")
+        if kind == "pool":
+            extra = (f"   pool of {s['pool_size']}: warm {s['warm_hits']}, cold fallback {s['cold_fallbacks']} "
+                     f"({s['warm_share']:.0%} warm), refill {s['refill_per_s']:.1f}/s")
+        row(f"3 throughput {kind:5} c={c} (cat)", s, extra)
+    if "throughput_rss" in o:
+        r = o["throughput_rss"]
+        lines.append(f"   this process's RSS under the throughput load: peak {r['rss_peak_mib']:.1f} MiB "
+                     f"(before {r['rss_base_mib']:.1f}); the supervisor and the bench's client share it")
+    if "error" in o:
+        lines.append(f"  FAILED: {o['error']}")
