@@ -71,6 +71,9 @@ _CONFIG: Final = "config.json"
 _LOG: Final = "runc.log"
 # How long a killed sandbox's ``runc run`` may take to tear down before runc itself is killed.
 _KILL_WAIT_S: Final = 10.0
+# A kill during start-up waits this long for runc to record its init's pid, polling.
+_INIT_WAIT_S: Final = 3.0
+_INIT_POLL_S: Final = 0.01
 _RMDIR_TRIES: Final = 50
 _RMDIR_PAUSE_S: Final = 0.02
 _RUNC_CALL_TIMEOUT_S: Final = 30.0
@@ -522,17 +525,29 @@ class OciSandbox:
     def _kill(self) -> None:
         """Blocking: SIGKILL the pid namespace's init (the kernel then kills everything in it), then any
         process still in the sandbox's cgroups (a runc that had not started the init yet)."""
-        init = _init_pid(self._backend._runc_root / self._id / "state.json")
-        if init:
-            with contextlib.suppress(OSError):
-                pidfd = os.pidfd_open(init)
-                try:
-                    # The pidfd pins this process: if the pid was recycled, it is not in our cgroup.
-                    if self._id in Path(f"/proc/{init}/cgroup").read_text():
-                        signals.pidfd_send_signal(pidfd, signals.SIGKILL)
-                finally:
-                    os.close(pidfd)
+        exited = self._exited
+        deadline = time.monotonic() + _INIT_WAIT_S
+        while True:
+            # runc records the init's pid a moment after starting it: a kill during start-up waits for it.
+            init = _init_pid(self._backend._runc_root / self._id / "state.json")
+            if init:
+                with contextlib.suppress(OSError):
+                    pidfd = os.pidfd_open(init)
+                    try:
+                        # The pidfd pins this process: if the pid was recycled, it is not in our cgroup.
+                        if self._id in Path(f"/proc/{init}/cgroup").read_text():
+                            signals.pidfd_send_signal(pidfd, signals.SIGKILL)
+                    finally:
+                        os.close(pidfd)
+                break
+            self._cgroup.kill_all()
+            if (exited is not None and exited.done()) or time.monotonic() > deadline:
+                break
+            time.sleep(_INIT_POLL_S)
         self._cgroup.kill_all()
+        if not init and self._proc is not None and exited is not None and not exited.done():
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()  # runc never got as far as an init: stop runc itself; remove() deletes
 
     async def usage(self) -> Usage:
         if self._exit is None and self._started and not self._removed:
