@@ -1,7 +1,8 @@
 """The warm-pool launcher protocol, engine-neutral and pure (no I/O beyond reading package data).
 
-A pooled sandbox runs ``launch_command(tool command)``: the launcher (``runtime/data/launcher.py``)
-spawns the tool, waits for one claim envelope on stdin, feeds the tool its arguments, and ends each
+A pooled sandbox, and a cold one whose tool is granted secrets (``SandboxSpec.defer``: claimed at its
+start), runs ``launch_command(tool command)``: the launcher (``runtime/data/launcher.py``) spawns the
+tool, waits for one claim envelope on stdin, feeds the tool its arguments, and ends each
 output stream with a trailer carrying a per-claim nonce and the tool's exit status. ``TrailerScanner``
 finds that trailer in a stream's chunks without ever passing it (or a partial one) on to the caller.
 """

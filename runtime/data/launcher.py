@@ -11,9 +11,10 @@ It writes the arguments to the tool's stdin and closes it, waits for the tool, r
 exit status (128+N for signal N), and exits with it. SIGTERM/SIGINT/SIGHUP are forwarded to the tool.
 This process is made non-dumpable before the tool exists, so the tool cannot read its memory or fds.
 
-``--defer`` (tools granted secrets): the tool is spawned only at the claim, whose ``env`` is added to its
-environment and whose ``files`` are written first (0400, into the empty tmpfs the sandbox has at each
-file's directory): nothing secret is in the sandbox before the claim.
+``--defer`` (tools granted secrets, pooled or cold: a cold sandbox is claimed at its start): the tool is
+spawned only at the claim, whose ``env`` is added to its environment and whose ``files`` are written
+first (0400, into the empty tmpfs the sandbox has at each file's directory): nothing secret is in the
+sandbox before the claim, and nothing secret is ever a host file or part of the engine's record.
 
 Two transports (``runtime/backends/channel.py``, ``attach.py``):
 
