@@ -387,8 +387,7 @@ class Bench:
         self._tick()
         probe = benchoci.parse_run_time(result.output)
         return {"input_to_exit": summary(probe.input_to_exit_s), "spawn_to_exit": summary(probe.spawn_to_exit_s),
-                "spawn_run_mean_ms": probe.spawn_run_mean_s * 1000, "settle_s": benchoci.SETTLE_S,
-                "reps": self.plan.probe_reps}
+                "settled_in_read": probe.settled_in_read, "reps": self.plan.probe_reps}
 
     async def warm_over_attach(self) -> None:
         """4c: the same warm call with pooled sandboxes on the engine's attach relay, side by side.
@@ -420,7 +419,8 @@ class Bench:
 
     async def throughput(self, backend: DockerBackend) -> None:
         rows: dict[str, dict[str, Any]] = {}
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(self.plan.levels)) as threads, RssPeak() as rss:
+        threads = concurrent.futures.ThreadPoolExecutor(max_workers=max(self.plan.levels))
+        with threads, RssPeak(trim=True) as rss:
             loop = asyncio.get_running_loop()
             for c in self.plan.levels:
                 total = self.plan.per_level(c)
@@ -672,7 +672,7 @@ class Bench:
         rows: dict[str, dict[str, Any]] = {}
         cat_floor = OciFloor(cat, runtime=floor.runtime, rootfs_dir=floor.rootfs_dir, owner=self.owner + "-floor8")
         try:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=c) as threads, RssPeak() as rss:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=c) as threads, RssPeak(trim=True) as rss:
                 loop = asyncio.get_running_loop()
                 self._step(f"oci throughput c={c} floor")
                 rows[f"floor_c{c}"] = await self._closed_loop(

@@ -15,16 +15,22 @@ figures taken interleaved, so a busy machine slows both sides alike):
   Python tool's *own run time*, measured inside the sandbox (``RUN_TIME_CODE``): a pooled sandbox has
   spawned its tool before the claim, and the tool waits for its input; so what a warm call cannot avoid
   is the tool's time from its input to its exit. The probe, run as the bench's ``python.run``-style tool
-  in the backend's own sandbox, spawns the tool as the launcher does, lets it reach its read of stdin
-  (``SETTLE_S``), then writes the arguments, closes stdin and times until the tool exited (``input_to_exit``);
-  ``spawn_to_exit`` (the whole process, interpreter start included) is reported beside it.
+  in the backend's own sandbox, spawns the tool as the launcher does, waits until it blocks reading its
+  stdin (``/proc/<pid>/syscall``), then writes the arguments, closes stdin and times until the tool exited
+  (``input_to_exit``); ``spawn_to_exit`` (the whole process, interpreter start included) is reported
+  beside it. Target: warm p50 <= input_to_exit p50 + 3 ms, i.e. what toolcell and the backend add to a
+  warm call. (The cold-minus-floor difference would be no run time: both start the same interpreter.)
 
-``RssPeak`` samples this process's RSS (psutil): the supervisor *and the bench's own client* run here.
+``RssPeak`` samples this process's RSS (psutil) under each backend's throughput load, after garbage was
+released (``release_garbage``): the supervisor *and the bench's own client* run in this one process, and
+so does the other backend's stopped supervisor's code (both backends' modules stay imported).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import secrets
@@ -33,6 +39,7 @@ import subprocess  # nosec B404 - runc, with fixed argument lists
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -50,36 +57,49 @@ MiB: Final = 1024 * 1024
 # The init runc starts as pid 1: static, so it needs nothing of the image's libraries.
 INIT_CANDIDATES: Final = ("/usr/bin/tini-static", "/usr/local/bin/tini-static", "/usr/bin/tini")
 RUNC_TIMEOUT_S: Final = 60.0
-# How long the run-time probe lets a freshly spawned tool reach its read of stdin (a warm tool's state).
-SETTLE_S: Final = 0.15
+# The run-time probe waits (polling every ms, at most this long) until a freshly spawned tool blocks in
+# read(0) (``/proc/<pid>/syscall``): the state a pooled tool is in when its claim arrives. Where that
+# file can't tell, it waits the whole time (the figure then includes less of the interpreter's start).
+SETTLE_MAX_S: Final = 2.0
 
 # Runs inside the sandbox (the ``python.run`` tool): the tool's own run time, ``reps`` times, as JSON.
 RUN_TIME_CODE: Final = """\
-import json, subprocess, time
+import json, platform, subprocess, time
 argv = {argv!r}
 stdin = {stdin!r}.encode()
-spawn, after_input = [], []
+read_nr = {{"x86_64": 0, "aarch64": 63}}.get(platform.machine(), -1)
+
+def settle(pid):
+    deadline = time.perf_counter() + {settle}
+    while time.perf_counter() < deadline:
+        try:
+            with open("/proc/%d/syscall" % pid) as f:
+                fields = f.read().split()
+        except OSError:
+            fields = []
+        if len(fields) > 1 and fields[0] == str(read_nr) and int(fields[1], 16) == 0:
+            return True
+        time.sleep(0.001)
+    return False
+
+spawn, after_input, seen = [], [], 0
 for _ in range({reps}):
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    time.sleep({settle})
+    seen += settle(p.pid)
     t1 = time.perf_counter()
     out, _ = p.communicate(stdin)
     t2 = time.perf_counter()
     assert p.returncode == 0 and out, (p.returncode, out)
     after_input.append(t2 - t1)
-    spawn.append(t2 - t0 - {settle})
-t0 = time.perf_counter()
-for _ in range({reps}):
-    p = subprocess.run(argv, input=stdin, capture_output=True)
-spawn_run = (time.perf_counter() - t0) / {reps}
-print(json.dumps({{"input_to_exit_s": after_input, "spawn_to_exit_s": spawn, "spawn_run_mean_s": spawn_run}}))
+    spawn.append(t2 - t0)
+print(json.dumps({{"input_to_exit_s": after_input, "spawn_to_exit_s": spawn, "settled_in_read": seen}}))
 """
 
 
 def run_time_args(argv: list[str], stdin: str, reps: int) -> str:
     """Arguments for the ``python.run`` tool that measure ``argv``'s run time inside its sandbox."""
-    return json.dumps({"code": RUN_TIME_CODE.format(argv=argv, stdin=stdin + "\n", reps=reps, settle=SETTLE_S)})
+    return json.dumps({"code": RUN_TIME_CODE.format(argv=argv, stdin=stdin + "\n", reps=reps, settle=SETTLE_MAX_S)})
 
 
 @dataclass(frozen=True)
@@ -87,8 +107,8 @@ class RunTime:
     """What the run-time probe measured inside the sandbox (seconds)."""
 
     input_to_exit_s: list[float]
-    spawn_to_exit_s: list[float]
-    spawn_run_mean_s: float
+    spawn_to_exit_s: list[float]  # the whole process, its wait for input (measured, not a sleep) included
+    settled_in_read: int  # runs whose tool was seen blocked in read(0) before its input was written
 
 
 def parse_run_time(stdout: str) -> RunTime:
@@ -96,7 +116,7 @@ def parse_run_time(stdout: str) -> RunTime:
     try:
         doc = json.loads(stdout.strip().splitlines()[-1])
         return RunTime([float(x) for x in doc["input_to_exit_s"]], [float(x) for x in doc["spawn_to_exit_s"]],
-                       float(doc["spawn_run_mean_s"]))
+                       int(doc["settled_in_read"]))
     except (ValueError, IndexError, KeyError, TypeError) as exc:
         raise RuntimeError(f"run-time probe: unexpected output {stdout[-200:]!r}") from exc
 
@@ -178,10 +198,21 @@ class OciFloor:
         self._tmp.cleanup()
 
 
-class RssPeak:
-    """This process's peak RSS while the block runs (sampled every ``interval_s``)."""
+def release_garbage() -> None:
+    """Collect garbage and hand the allocator's free pages back (glibc ``malloc_trim``), so that a later
+    RSS figure is what is live then, not what an earlier section (a flood, 1 MiB hostile payloads) freed."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
-    def __init__(self, interval_s: float = 0.005) -> None:
+
+class RssPeak:
+    """This process's peak RSS while the block runs (sampled every ``interval_s``); ``trim``: release
+    garbage first (``release_garbage``), so the figure is the load's, not an earlier section's leftovers."""
+
+    def __init__(self, interval_s: float = 0.005, *, trim: bool = False) -> None:
+        if trim:
+            release_garbage()
         self._proc = psutil.Process()
         self.base = self._proc.memory_info().rss
         self.peak = self.base
@@ -275,13 +306,14 @@ def targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-Row = Any  # Callable[[str, dict[str, Any], str], None]: the bench's table row
+# The bench's table row: (name, summary, note after the figures).
+Row = Callable[[str, dict[str, Any], str], None]
 
 
 def run_time_line(r: dict[str, Any]) -> str:
     return (f"   the Python tool's own run time in the sandbox: input->exit p50 {r['input_to_exit']['p50_ms']:.2f} ms "
             f"(what a warm call cannot avoid), spawn->exit p50 {r['spawn_to_exit']['p50_ms']:.2f} ms, "
-            f"{r['reps']} runs")
+            f"{r['reps']} runs, {r['settled_in_read']} seen waiting in read(0) first")
 
 
 def render_oci(o: dict[str, Any], row: Row, lines: list[str]) -> None:
