@@ -9,6 +9,8 @@ directly gets the result only, so this module does what the engine would do, for
 - a rule whose ``includes.arches`` does not name this host, or whose ``excludes.arches`` does, is dropped;
 - a rule that ``includes`` capabilities is dropped (toolcell's sandboxes hold none), one that
   ``excludes`` capabilities is kept (no capability excludes it);
+- a rule that ``includes`` a ``minKernel`` newer than the running kernel is dropped (as the engine does;
+  toolcell's own loader refuses such rules, this translation also serves Docker's stock profile);
 - ``names``, ``action``, ``errnoRet`` and ``args`` are kept as written; comments are dropped.
 
 Anything not understood is refused (``ConfigError``) rather than skipped: an ignored key would be a
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from collections.abc import Mapping
 from typing import Any, Final, TypeGuard
 
@@ -40,7 +43,7 @@ _ARCH_NAMES: Final = frozenset({
     "SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM",
     "SCMP_ARCH_MIPS", "SCMP_ARCH_MIPS64", "SCMP_ARCH_MIPS64N32", "SCMP_ARCH_MIPSEL", "SCMP_ARCH_MIPSEL64",
     "SCMP_ARCH_MIPSEL64N32", "SCMP_ARCH_PPC", "SCMP_ARCH_PPC64", "SCMP_ARCH_PPC64LE", "SCMP_ARCH_S390",
-    "SCMP_ARCH_S390X", "SCMP_ARCH_RISCV64",
+    "SCMP_ARCH_S390X", "SCMP_ARCH_RISCV64", "SCMP_ARCH_LOONGARCH64", "SCMP_ARCH_PARISC", "SCMP_ARCH_PARISC64",
 })
 _ACTIONS: Final = frozenset({
     "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD", "SCMP_ACT_TRAP", "SCMP_ACT_ERRNO",
@@ -52,7 +55,8 @@ _OPS: Final = frozenset({
 })
 _TOP_KEYS: Final = frozenset({"defaultAction", "defaultErrnoRet", "archMap", "architectures", "syscalls"})
 _RULE_KEYS: Final = frozenset({"names", "action", "errnoRet", "args", "comment", "includes", "excludes"})
-_FILTER_KEYS: Final = frozenset({"arches", "caps"})
+_FILTER_KEYS: Final = frozenset({"arches", "caps", "minKernel"})
+_KERNEL: Final = re.compile(r"([0-9]+)\.([0-9]+)")
 _ARG_KEYS: Final = frozenset({"index", "value", "valueTwo", "op"})
 _U64: Final = 2**64
 
@@ -66,8 +70,10 @@ def native_arch(machine: str | None = None) -> tuple[str, str]:
         raise ConfigError(f"seccomp: unsupported machine architecture {m!r}") from None
 
 
-def to_oci_seccomp(profile: str | Mapping[str, Any], *, machine: str | None = None) -> dict[str, Any]:
-    """The OCI ``linux.seccomp`` object for ``profile`` (JSON text or parsed) on ``machine``."""
+def to_oci_seccomp(profile: str | Mapping[str, Any], *, machine: str | None = None,
+                   kernel: str | None = None) -> dict[str, Any]:
+    """The OCI ``linux.seccomp`` object for ``profile`` (JSON text or parsed) on ``machine`` (default: this
+    host's ``uname -m``) running ``kernel`` (default: this host's ``uname -r``; for ``minKernel``)."""
     if isinstance(profile, str):
         if not profile.strip():
             raise ConfigError("seccomp: the profile is empty; refusing to run without one")
@@ -81,6 +87,7 @@ def to_oci_seccomp(profile: str | Mapping[str, Any], *, machine: str | None = No
         raise ConfigError("seccomp: the profile must be a JSON object")
     _no_unknown(doc, _TOP_KEYS, "seccomp")
     native, docker_arch = native_arch(machine)
+    running = _kernel_version(kernel or platform.release(), "the running kernel")
     default_action = _action(doc.get("defaultAction"), "seccomp.defaultAction")
     out: dict[str, Any] = {"defaultAction": default_action, "architectures": _arches(doc, native)}
     if "defaultErrnoRet" in doc:
@@ -90,7 +97,7 @@ def to_oci_seccomp(profile: str | Mapping[str, Any], *, machine: str | None = No
         raise ConfigError("seccomp.syscalls: must be a list")
     rules = []
     for i, raw in enumerate(raw_rules):
-        rule = _rule(raw, f"seccomp.syscalls[{i}]", docker_arch)
+        rule = _rule(raw, f"seccomp.syscalls[{i}]", docker_arch, running)
         if rule is not None:
             rules.append(rule)
     out["syscalls"] = rules
@@ -125,7 +132,7 @@ def _arches(doc: Mapping[str, Any], native: str) -> list[str]:
     return list(dict.fromkeys(arches))
 
 
-def _rule(raw: object, where: str, docker_arch: str) -> dict[str, Any] | None:
+def _rule(raw: object, where: str, docker_arch: str, running: tuple[int, int]) -> dict[str, Any] | None:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: must be an object")
     if "name" in raw:
@@ -141,6 +148,10 @@ def _rule(raw: object, where: str, docker_arch: str) -> dict[str, Any] | None:
         rule["args"] = _args(raw["args"], f"{where}.args")
     includes = _conditions(raw.get("includes"), f"{where}.includes")
     excludes = _conditions(raw.get("excludes"), f"{where}.excludes")
+    if "minKernel" in excludes:
+        raise ConfigError(f"{where}.excludes.minKernel: not a condition the engine knows")
+    if "minKernel" in includes and running < _kernel_version(includes["minKernel"], f"{where}.includes.minKernel"):
+        return None  # as the engine decides it: for an older kernel than the rule needs, no rule
     if "arches" in includes and docker_arch not in includes["arches"]:
         return None
     if docker_arch in excludes.get("arches", ()):
@@ -170,20 +181,28 @@ def _args(raw: object, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _conditions(raw: object, where: str) -> dict[str, list[str]]:
+def _conditions(raw: object, where: str) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: must be an object")
-    if "minKernel" in raw:
-        raise ConfigError(f"{where}.minKernel: kernel-dependent rules are not supported")
     _no_unknown(raw, _FILTER_KEYS, where)
-    out: dict[str, list[str]] = {}
+    out: dict[str, Any] = {}
     for key, value in raw.items():
-        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        if key == "minKernel":
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}.minKernel: must be a kernel version such as \"4.8\"")
+        elif not isinstance(value, list) or not all(isinstance(x, str) for x in value):
             raise ConfigError(f"{where}.{key}: must be a list of strings")
         out[str(key)] = value
     return out
+
+
+def _kernel_version(text: str, where: str) -> tuple[int, int]:
+    m = _KERNEL.match(text)
+    if m is None:
+        raise ConfigError(f"{where}: not a kernel version: {text[:40]!r}")
+    return int(m.group(1)), int(m.group(2))
 
 
 def _action(value: object, where: str) -> str:

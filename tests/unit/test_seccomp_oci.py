@@ -123,7 +123,9 @@ def test_no_archmap_means_the_native_architecture_only() -> None:
     (profile(allow("read", args=[{"index": 0, "value": -1, "op": "SCMP_CMP_EQ"}])), "unsigned 64-bit"),
     (profile(allow("read", args=[{"index": 0, "value": 0, "op": "SCMP_CMP_EQ", "x": 1}])), "args[0].x"),
     (profile(allow("read", args=[{"index": 0, "value": 0, "op": "EQ"}])), "op: must be one of"),
-    (profile(allow("read", includes={"minKernel": "5.8"})), "minKernel"),
+    (profile(allow("read", includes={"minKernel": 5})), "minKernel: must be a kernel version"),
+    (profile(allow("read", includes={"minKernel": "five"})), "not a kernel version"),
+    (profile(allow("read", excludes={"minKernel": "5.8"})), "excludes.minKernel"),
     (profile(allow("read", includes={"kernel": ["5"]})), "includes.kernel"),
     (profile(allow("read", excludes={"arches": "amd64"})), "list of strings"),
 ])
@@ -137,6 +139,29 @@ def test_a_refused_rule_is_refused_even_when_it_would_not_apply() -> None:
     # A typo in an arm64-only rule is still a typo: refused on every host, not skipped on this one.
     with pytest.raises(ConfigError, match=re.escape("syscalls[0].typo")):
         to_oci_seccomp(profile(allow("read", includes={"arches": ["arm64"]}, typo=1)), machine="x86_64")
+
+
+@pytest.mark.parametrize(("kernel", "kept"), [("5.10.0-1-amd64", False), ("5.11.0", True), ("6.18.44-fc", True),
+                                               ("4.19", False)])
+def test_min_kernel_is_decided_for_the_running_kernel(kernel: str, kept: bool) -> None:
+    out = to_oci_seccomp(profile(allow("read"), allow("pidfd_getfd", includes={"minKernel": "5.11"})),
+                         machine="x86_64", kernel=kernel)
+    assert [r["names"] for r in out["syscalls"]] == ([["read"], ["pidfd_getfd"]] if kept else [["read"]])
+
+
+MOBY = Path("/work/shared/reference/moby-seccomp-default.json")
+
+
+@pytest.mark.skipif(not MOBY.is_file(), reason="Docker's stock profile is a reference file of this workspace")
+def test_dockers_stock_profile() -> None:
+    doc = json.loads(MOBY.read_text())
+    out = to_oci_seccomp(doc, machine="x86_64", kernel="6.1.0")
+    assert out["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
+    names = {n for r in out["syscalls"] for n in r["names"]}
+    assert "ptrace" in names  # Docker allows it on kernels >= 4.8 (minKernel)
+    assert "mount" not in names  # only with CAP_SYS_ADMIN (includes.caps)
+    assert "arch_prctl" in names and "s390_pci_mmio_read" not in names
+    assert not any("includes" in r or "excludes" in r or "comment" in r for r in out["syscalls"])
 
 
 def test_unsupported_machine() -> None:
