@@ -665,12 +665,14 @@ class DockerSandbox:
         self._closing = True
         self._stop_streams()
         self._backend._sampler.discard(self._probe)
-        if not self._removed:
-            await self._backend._remove(self._id)
-            self._removed = True
-        session, self._session = self._session, None
-        if session is not None:  # after the sandbox: the proxy's accounting is complete now
-            self._egress = await session.close()
+        try:
+            if not self._removed:
+                await self._backend._remove(self._id)
+                self._removed = True
+        finally:
+            session, self._session = self._session, None
+            if session is not None:  # after the sandbox: the proxy's accounting is complete now (never raises)
+                self._egress = await session.close()
 
     def _stop_streams(self) -> None:
         if self._stream is not None:

@@ -807,6 +807,21 @@ async def test_without_the_relay_runsc_cuts_one_large_write(docker: Harness) -> 
 
 
 @pytest.mark.docker
+@pytest.mark.parametrize("pooled", [False, True], ids=["cold", "pooled"])
+async def test_secrets_arrive_under_gvisor_through_the_relay(docker: Harness, pooled: bool) -> None:
+    """runsc: the deferred launcher also relays the tool's output (``--defer --relay``)."""
+    _require_runtime("runsc")
+    spec = docker.spec("secrets", secrets=SECRET_GRANTS, profile=IsolationProfile().with_runtime("runsc"))
+    sandbox = await (docker.backend.create_warm(spec, lambda: None) if pooled else docker.backend.create(spec))
+    try:
+        stdout, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b'{"a": 1}', SECRETS), 60)
+    finally:
+        await sandbox.remove()
+    assert info == ExitInfo(0, False), stderr[-500:]
+    assert json.loads(stdout) == {"env": "s3cret-env", "file": "s3cret-file\n", "stdin": '{"a": 1}'}
+
+
+@pytest.mark.docker
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])
 async def test_exit_codes_and_signals_reach_us_through_the_relay(docker: Harness, runtime: str) -> None:
     """Under runsc the tool runs behind the launcher's relay: its status and its signals are unchanged."""
