@@ -430,8 +430,11 @@ class DockerBackend:
         profile's shm is a scratch tmpfs), a private cgroup namespace, no log driver (output is ours only)."""
         api = self._api
         pids_limit, nproc = sandbox_pids(spec.isolation, spec.pids)
-        # No egress: the engine allocates no network at all (NetworkDisabled), and the runtime's default
-        # namespaces give the sandbox a private network namespace holding only loopback.
+        # No egress: no interface but loopback, so nothing leaves and no host service is a peer. With
+        # NetworkDisabled the runtime's default namespaces give the sandbox that private namespace and the
+        # engine allocates no network for it at all; the same namespace as network_mode "none", cheaper:
+        # a hardened cold cycle here (engine 20.10, 20 interleaved runs, medians, three sessions) took
+        # 189/176/294 ms against 337/300/475 ms (``baseline_cycle(..., network_disabled=False)`` compares).
         disabled = attachment is None and network_disabled
         host_config = api.create_host_config(
             network_mode=attachment.network if attachment else (None if disabled else "none"),
