@@ -330,6 +330,9 @@ def render_oci(o: dict[str, Any], row: Row, lines: list[str]) -> None:
         row("2 warm, trivial tool (cat)", o["warm"], f"   warm hits {o['warm']['warm_hits']}/{int(o['warm']['n'])}")
         row("2b warm, Python tool (wordcount)", o["warm_python_tool"],
             f"   warm hits {o['warm_python_tool']['warm_hits']}/{int(o['warm_python_tool']['n'])}")
+    if "warm_python_tool_after_grace" in o:
+        g = o["warm_python_tool_after_grace"]
+        row(f"2b' the same, {g['grace_s']:g}s after the refill", g, "   (readiness check)")
     if "python_run_time" in o:
         lines.append(run_time_line(o["python_run_time"]))
     for key, s in o.get("throughput", {}).items():

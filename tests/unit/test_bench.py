@@ -137,6 +137,7 @@ def _oci(cold_ms: float = 120.0, cold_per_s: float = 35.0, pool_per_s: float = 6
     return {
         "runtime": "/usr/sbin/runc", "floor": _s(100.0), "cold": _s(cold_ms),
         "warm": _s(4.0, warm_hits=3), "warm_python_tool": _s(8.0, warm_hits=3), "python_run_time": run_time,
+        "warm_python_tool_after_grace": _s(7.5, grace_s=0.3),
         "throughput": {"floor_c8": _s(200.0, 40.0, concurrency=8), "cold_c8": _s(220.0, cold_per_s, concurrency=8),
                        "pool_c8": _s(100.0, pool_per_s, concurrency=8, warm_hits=hits, cold_fallbacks=24 - hits,
                                      warm_share=hits / 24, refill_per_s=40.0, pool_size=8)},
@@ -193,6 +194,7 @@ def test_render_prints_a_table_per_backend_and_says_the_client_shares_the_proces
     text = "\n".join(lines)
     assert "OCI backend" in text
     for label in ("F floor", "1 cold through gRPC", "2 warm, trivial tool", "2b warm, Python tool",
+                  "2b' the same, 0.3s after the refill",
                   "3 throughput floor c=8", "3 throughput cold  c=8", "3 throughput pool  c=8"):
         assert label in text
     assert "1.200x the floor" in text
