@@ -633,13 +633,13 @@ class Bench:
         A failure is recorded (``oci.error``) rather than raised: the Docker figures are printed anyway,
         and the run then exits 1.
         """
-        reason = benchoci.oci_available()
+        config = self._oci_config()
+        reason = benchoci.oci_available(config.engine.oci_runtime)
         if reason:
             self.report.put("oci", {"skipped": reason})
             return
         figures: dict[str, Any] = {}
         self.report.put("oci", figures)
-        config = self._oci_config()
         server = _ServerThread(config)
         spec = config.compile(config.resolve("bench.cold.python"), "bench-floor")
         floor: OciFloor | None = None

@@ -249,14 +249,17 @@ class Check:
         return {"value": self.value, "limit": self.limit, "met": self.met}
 
 
-def oci_available() -> str:
-    """"" when the OCI backend can be imported, else why not (the bench then measures Docker only)."""
+def oci_available(runtime: str = "runc") -> str:
+    """"" when the OCI backend can run here, else why not (the bench then measures Docker only and says so;
+    the ``oci_measured`` target is missed)."""
     try:
         from runtime.backends.oci import OciBackend  # noqa: F401
-    except ImportError as exc:
+    except (ImportError, ToolcellError) as exc:
         return f"the OCI backend is not available: {exc}"
-    except ToolcellError as exc:
-        return f"the OCI backend is not available: {exc}"
+    if shutil.which(runtime) is None:
+        return f"the OCI runtime {runtime!r} is not installed"
+    if os.geteuid() != 0:
+        return "the OCI backend runs as root (it makes the sandboxes' cgroups); this bench is not root"
     return ""
 
 
