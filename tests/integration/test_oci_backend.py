@@ -200,7 +200,8 @@ result = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "cap
           "cwd": os.getcwd(), "home": os.environ.get("HOME"), "path": os.environ.get("PATH"),
           "mqueue": os.path.exists("/dev/mqueue"), "shm": os.path.exists("/dev/shm"),
           "devices": sorted(os.listdir("/dev")), "nofile": __import__("resource").getrlimit(7),
-          "core": __import__("resource").getrlimit(4)}
+          "core": __import__("resource").getrlimit(4), "etc_hostname": open("/etc/hostname").read(),
+          "localhost": __import__("socket").gethostbyname("localhost")}
 try:
     open("/rootfile", "w")
 except OSError as exc:
@@ -256,6 +257,7 @@ async def test_isolation_matches_the_docker_sandbox(oci: Harness) -> None:
     assert {p: r["masked"][p] for p in on_host} == {p: "null" if os.path.isfile(p) else "empty" for p in on_host}
     assert r["proc_sys"] == 30  # read-only
     assert not r["mqueue"] and not r["shm"]
+    assert r["etc_hostname"] == "sandbox\n" and r["localhost"] == "127.0.0.1"  # as Docker's /etc files
     assert set(r["devices"]) >= {"null", "zero", "full", "random", "urandom", "tty", "pts", "init"}
     assert not {"sda", "vda", "kmsg", "mem"} & set(r["devices"])
     assert r["nofile"] == [IsolationProfile().nofile] * 2

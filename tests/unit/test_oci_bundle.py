@@ -125,6 +125,13 @@ def test_mounts_after_the_sandbox_filesystems() -> None:
     assert order == ["/proc", "/dev", "/dev/pts", "/sys", "/tmp", "/opt/data", INIT_PATH]
 
 
+def test_etc_files_are_bound_read_only_before_the_init() -> None:
+    cfg = config(etc_files=(("/etc/hosts", "/state/etc/hosts"), ("/etc/hostname", "/state/etc/hostname-sandbox")))
+    assert [m["destination"] for m in cfg["mounts"]][-3:] == ["/etc/hosts", "/etc/hostname", INIT_PATH]
+    assert mount(cfg, "/etc/hosts") == {"destination": "/etc/hosts", "type": "bind", "source": "/state/etc/hosts",
+                                        "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}
+
+
 def test_a_prepared_network_namespace_is_joined() -> None:
     namespaces = config(netns_path="/proc/1/fd/9")["linux"]["namespaces"]
     assert {"type": "network", "path": "/proc/1/fd/9"} in namespaces

@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets as token
 import shutil
 import signal as signals
@@ -66,6 +67,10 @@ DEFAULT_STATE: Final = "/run/toolcell/oci"
 _T = TypeVar("_T")
 log = logging.getLogger("toolcell.oci")
 
+# What Docker writes into /etc/hosts of a sandbox without network: names for loopback only.
+ETC_HOSTS: Final = ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\n"
+                    "ff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n")
+_HOSTNAME_OK: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")
 _IDENTITY: Final = "identity.json"
 _CONFIG: Final = "config.json"
 _LOG: Final = "runc.log"
@@ -105,6 +110,7 @@ class OciBackend:
         self._store = RootfsStore(store_dir)
         self._state_dir = Path(state_dir)
         self._bundles = self._state_dir / "bundles"
+        self._etc = self._state_dir / "etc"
         self._runc_root = self._state_dir / "runc"
         self._cgroup_root = cgroup_root
         self._tree: CgroupTree | None = None
@@ -227,6 +233,8 @@ class OciBackend:
             private_dir(self._state_dir, allow_root=True)
             private_dir(self._bundles, allow_root=True)
             private_dir(self._runc_root, allow_root=True)
+            private_dir(self._etc, allow_root=True)
+            _replace_file(self._etc / "hosts", ETC_HOSTS)
             self._dirs_ready = True
 
     async def _create(self, spec: SandboxSpec, command: tuple[str, ...]) -> OciSandbox:
@@ -248,7 +256,9 @@ class OciBackend:
         config = oci_config(spec, rootfs=str(image.rootfs), image=image.config, command=command,
                             seccomp=self._seccomp(spec.seccomp_json),
                             cgroups_path=tree.runc_path(spec.identity.owner, sandbox_id),
-                            init_path=self._init_path)
+                            init_path=self._init_path,
+                            etc_files=(("/etc/hosts", str(self._etc / "hosts")),
+                                       ("/etc/hostname", self._hostname_file(spec.hostname))))
         bundle = self._bundles / sandbox_id
         os.mkdir(bundle, 0o700)
         cgroup = tree.sandbox(spec.identity.owner, sandbox_id)
@@ -262,6 +272,15 @@ class OciBackend:
             shutil.rmtree(bundle, ignore_errors=True)
             raise
         return runtime, cgroup
+
+    def _hostname_file(self, hostname: str) -> str:
+        """A file holding ``hostname``, shared by every sandbox of that name (written once)."""
+        if not _HOSTNAME_OK.fullmatch(hostname):
+            raise BackendError(f"invalid hostname {hostname[:64]!r}")
+        path = self._etc / f"hostname-{hostname}"
+        if not path.exists():
+            _replace_file(path, hostname + "\n")
+        return str(path)
 
     def _owned(self, owner: str) -> list[str]:
         prefix = f"tc-{owner_tag(owner)}-"
@@ -595,6 +614,15 @@ def _write_file(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write ``path`` whole, atomically (0644: the sandbox's user reads it through a bind mount)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{token.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def _tail(data: bytes) -> str:

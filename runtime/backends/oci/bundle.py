@@ -10,7 +10,8 @@ field, with what Docker adds that a tool does not need left out (no /dev/mqueue,
                    noNewPrivileges, RLIMIT_NOFILE, RLIMIT_CORE 0, RLIMIT_NPROC under runsc
     root           the shared unpacked image, read-only
     mounts         /proc, /dev (tmpfs), /dev/pts, /sys (ro), the scratch tmpfs (noexec, nosuid,
-                   nodev, size-capped), the read-only host mounts, the init at /dev/init (ro)
+                   nodev, size-capped), the read-only host mounts, /etc/hosts and /etc/hostname (ro),
+                   the init at /dev/init (ro)
     masked, ro     Docker's default masked and read-only paths under /proc and /sys
     devices        deny all, then runc's defaults (null, zero, full, random, urandom, tty, pts)
     cgroups        ``cgroupsPath`` under a parent the backend made, which holds the limits
@@ -132,8 +133,12 @@ def oci_config(
     cgroups_path: str,
     init_path: str,
     netns_path: str = "",
+    etc_files: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """config.json for one sandbox running ``command`` (the spec's, or the launcher in front of it).
+
+    ``etc_files``: (target, host file) pairs bind-mounted read-only over the image's files, as Docker
+    mounts its own /etc/hosts and /etc/hostname (an exported image has them empty).
 
     ``netns_path``: a network namespace prepared for this sandbox (loopback up, as Docker's ``none``);
     empty: runc makes a fresh one (loopback down).
@@ -170,6 +175,10 @@ def oci_config(
         # Read-only: a writable host mount would let a hostile tool persist or tamper across calls.
         mounts.append({"destination": target, "type": "bind", "source": source,
                        "options": ["rbind", "ro", "nosuid", "nodev"]})
+    for target, source in etc_files:
+        mounts.append({"destination": _absolute(target, "an /etc file"), "type": "bind",
+                       "source": _absolute(source, "an /etc file"),
+                       "options": ["bind", "ro", "nosuid", "nodev", "noexec"]})
     mounts.append({"destination": INIT_PATH, "type": "bind", "source": _absolute(init_path, "the init"),
                    "options": ["bind", "ro", "nosuid", "nodev"]})
     namespaces: list[dict[str, str]] = []
