@@ -20,8 +20,9 @@ The OCI backend (``engine.kind: oci``, runc with no daemon; issue 15), a second 
 stopped (``benchoci``): its floor (the same sandbox, bundle and cgroups by the backend's own code, ``runc
 run`` with no supervisor) interleaved with cold calls through gRPC; warm calls (a trivial and a Python
 tool, the latter beside its run time); throughput at concurrency 8 with a fresh sandbox per call, cold
-and with a pool of 8, and this process's peak RSS meanwhile. Skipped, and said so, when the OCI backend
-cannot be imported.
+and with a pool of 8, and this process's peak RSS meanwhile. Skipped, and said so (a missed target), when
+the OCI backend cannot run here (not importable, no runc, not root); a failure there is printed after the
+figures and the run exits 1.
 
 The bench starts its own supervisors (in this process, on their own thread and event loop, behind a real
 gRPC server on a temporary Unix socket) with their own owner labels, and removes everything they made.
@@ -63,6 +64,7 @@ from runtime.benchoci import OciFloor, RssPeak
 from runtime.client import Client, ClientError
 from runtime.errors import ToolcellError
 from runtime.model import Result, Started, Status
+from runtime.policy.spec import SandboxSpec
 from runtime.server.app import App
 from runtime.settings import Config, parse_config
 from runtime.supervisor import Supervisor
@@ -324,7 +326,7 @@ class Bench:
                 self._tick()
         self.report.put("noop_grpc", summary(samples))
 
-    def _raw_spec(self) -> Any:
+    def _raw_spec(self) -> SandboxSpec:
         config = self.config
         return config.compile(config.resolve("bench.cold"), "bench-raw-" + secrets.token_hex(4))
 
