@@ -360,7 +360,9 @@ async def contain(services: Services, resolved: ResolvedTool, spec: SandboxSpec,
     finally:
         with step("toolcell.remove", redactor):
             await asyncio.shield(asyncio.ensure_future(services.remove(sandbox)))
-    return Contained(outcome=outcome, usage=usage, sandbox_id=sandbox.id, egress=sandbox.egress)
+    # Host names the tool asked its proxy for are the tool's strings: redacted like its output.
+    egress = tuple(dataclasses.replace(d, host=redactor.redact(d.host)[0]) for d in sandbox.egress)
+    return Contained(outcome=outcome, usage=usage, sandbox_id=sandbox.id, egress=egress)
 
 
 async def run_invocation(services: Services, request: InvocationRequest, invocation_id: str, emit: Emit,

@@ -168,7 +168,7 @@ async def test_no_secret_in_a_pooled_container_before_its_claim(tmp_path: Path) 
     SecretStore(store, __import__("base64").b64decode(key)).set("canary", CANARY)
     doc = config_doc(f"test-{uuid.uuid4().hex[:10]}", str(tmp_path / "s.sock"))
     doc["profiles"]["default"]["pool"] = {"size": 1}  # every tool of the profile (but: etcfile)
-    doc["secrets"] = {"store": str(store), "files_dir": str(tmp_path / "secret-files")}
+    doc["secrets"] = {"store": str(store)}
     with_transport(doc)
     both = [{"name": "canary", "env": "CANARY_TOKEN"}, {"name": "canary", "file": "/run/secrets/canary"}]
     doc["tools"] = [t for t in doc["tools"] if t["name"] == "python.run"] + [

@@ -58,7 +58,7 @@ def setup(tmp_path: Path) -> tuple[dict[str, Any], dict[str, str]]:
                      wrapped={"output": {"injection": "wrap"}}, blocked={"output": {"injection": "block"}},
                      small={"output": {"stdout_max_bytes": "4Ki", "stderr_max_bytes": "4Ki"}},
                      stingy={"output": {"scrub_budget": "1ms"}})
-    doc["secrets"] = {"store": str(store), "files_dir": str(tmp_path / "secret-files")}
+    doc["secrets"] = {"store": str(store)}
     doc["tools"] += [
         {"name": "leaky", "description": "granted the canary", "image": RUNNER_IMAGE, "command": PYRUN,
          "input_schema": CODE_SCHEMA,
