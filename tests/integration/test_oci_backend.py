@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
+from runtime.backends.attach import QUEUE_CHUNKS, RECV_BYTES
 from runtime.backends.base import ExitInfo
 from runtime.backends.oci import OciBackend, OciSandbox, unpack_docker_image
 from runtime.backends.oci.bundle import MASKED_PATHS
@@ -138,6 +139,27 @@ async def test_large_stdin_and_output_arrive_whole(oci: Harness) -> None:
     out, _, info, _ = await run_code(oci, code, payload)
     assert info.exit_code == 0
     assert out == payload + payload
+
+
+async def test_output_is_bounded_while_the_consumer_is_behind(oci: Harness) -> None:
+    total = 64 * 1024 * 1024
+    code = f"import os\nblock = b'x' * 65536\nfor _ in range({total // 65536}):\n    os.write(1, block)"
+    sandbox = await oci.backend.create(oci.spec(code))
+    try:
+        await sandbox.start(b"")
+        await asyncio.sleep(1.0)  # nobody reads: the tool must block, not the supervisor buffer it
+        stream = sandbox._stream
+        assert stream is not None and not stream.ended
+        queued: list[Any] = list(getattr(stream._queue, "_queue"))  # noqa: B009 - asyncio.Queue's deque
+        held = sum(len(item[1]) for item in queued if isinstance(item, tuple))
+        assert held <= QUEUE_CHUNKS * RECV_BYTES
+        received = 0
+        async for _, data in sandbox.output():
+            received += len(data)
+        assert received == total
+        assert (await sandbox.wait()).exit_code == 0
+    finally:
+        await sandbox.remove()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGSEGV])
