@@ -305,3 +305,69 @@ def test_owner_names_become_one_path_component(owner: str, safe: bool) -> None:
     component = safe_component(owner)
     assert (component == owner) is safe
     assert "/" not in component and component not in ("", ".", "..") and os.sep not in component
+
+
+# -- the rootfs store: checked extraction of a plain rootfs tarball ----------------------------------------
+
+def _tar(path: Path, members: list[tuple[str, str, str]]) -> Path:
+    """A tarball of (name, kind, data-or-link) members: kind is file, dir, symlink, hardlink, chardev."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            info.mode = 0o755 if kind == "dir" else 0o4755 if kind == "suid" else 0o644
+            if kind in ("file", "suid"):
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data.encode()))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
+                         "chardev": tarfile.CHRTYPE}[kind]
+            info.linkname = data
+            tar.addfile(info)
+    return path
+
+
+def test_unpack_tar_keeps_files_links_and_config(tmp_path: Path) -> None:
+    from runtime.backends.oci.rootfs import RootfsStore
+
+    tarball = _tar(tmp_path / "rootfs.tar", [
+        ("etc", "dir", ""), ("etc/os-release", "file", "ID=test\n"), ("bin", "dir", ""),
+        ("bin/tool", "suid", "#!/bin/sh\n"), ("etc/alternatives", "symlink", "/usr/bin/x"),
+        ("etc/copy", "hardlink", "etc/os-release"), ("dev", "dir", ""), ("dev/null", "chardev", ""),
+    ])
+    store = RootfsStore(tmp_path / "store")
+    digest = store.unpack_tar(tarball, "test/rootfs", ImageConfig(env=("A=1",), working_dir="/w"))
+    assert digest.startswith("sha256:")
+    found = store.lookup("test/rootfs:latest")
+    assert found is not None and store.has_image("test/rootfs") and store.has_image(digest)
+    assert (found.rootfs / "etc/os-release").read_text() == "ID=test\n"
+    assert os.readlink(found.rootfs / "etc/alternatives") == "/usr/bin/x"  # absolute: resolved in the sandbox
+    assert (found.rootfs / "etc/copy").stat().st_ino == (found.rootfs / "etc/os-release").stat().st_ino
+    assert (found.rootfs / "bin/tool").stat().st_mode & 0o7777 == 0o755  # set-id bits cleared
+    assert not (found.rootfs / "dev/null").exists()  # device nodes are never created
+    assert found.config.env == ("A=1",) and found.config.working_dir == "/w"
+    store.remove("test/rootfs")
+    assert not store.has_image("test/rootfs") and not (tmp_path / "store" / digest.split(":")[1]).exists()
+
+
+@pytest.mark.parametrize("members", [
+    [("/etc/passwd", "file", "x")],
+    [("../escape", "file", "x")],
+    [("a/../../escape", "file", "x")],
+    [("link", "symlink", "/"), ("link/escape", "file", "x")],
+    [("link", "symlink", "../.."), ("link/escape", "file", "x")],
+    [("hard", "hardlink", "/etc/shadow")],
+    [("hard", "hardlink", "../outside")],
+], ids=["absolute", "dotdot", "nested-dotdot", "through-absolute-symlink", "through-relative-symlink",
+        "hardlink-absolute", "hardlink-dotdot"])
+def test_unpack_tar_refuses_escapes(tmp_path: Path, members: list[tuple[str, str, str]]) -> None:
+    from runtime.backends.oci.rootfs import RootfsStore
+
+    store = RootfsStore(tmp_path / "store")
+    with pytest.raises(BackendError, match="refusing"):
+        store.unpack_tar(_tar(tmp_path / "evil.tar", members), "evil")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "store" / "escape").exists()
+    assert not store.has_image("evil")
+    assert [p.name for p in (tmp_path / "store").iterdir() if p.name.startswith(".unpack-")] == []
