@@ -5,6 +5,7 @@
 """
 
 from runtime.backends.oci.backend import DEFAULT_STATE, OciBackend, OciSandbox
-from runtime.backends.oci.rootfs import DEFAULT_STORE, RootfsStore, unpack_docker_image
+from runtime.backends.oci.rootfs import DEFAULT_STORE, RootfsStore, unpack_docker_image, unpack_docker_image_async
 
-__all__ = ["DEFAULT_STATE", "DEFAULT_STORE", "OciBackend", "OciSandbox", "RootfsStore", "unpack_docker_image"]
+__all__ = ["DEFAULT_STATE", "DEFAULT_STORE", "OciBackend", "OciSandbox", "RootfsStore", "unpack_docker_image",
+           "unpack_docker_image_async"]

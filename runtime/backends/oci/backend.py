@@ -25,7 +25,16 @@ backend's attach transport: the claim envelope on stdin, the status as a trailer
 
 A crashed supervisor leaves runc's state, bundles, cgroups and possibly running sandboxes; each
 sandbox's id carries its owner's tag and its bundle its ``Identity``, so ``remove_orphans(owner)``
-finds and removes all of them. No egress (``check`` refuses network grants); runsc is not offered.
+finds and removes all of them.
+
+Not (yet) offered, refused by ``check`` with a ``ConfigError`` naming the tool: egress (network grants
+need the Docker backend's networks and proxy), and the runsc isolation (measured with Debian's runsc
+2022-12-19: it runs a bundle with ``--network=none``, but behind tini the tool's stdout is lost, and its
+state, kill and sweep differ from runc's).
+
+runc reports its own failures (a bad mount, a missing binary of its own) on the stderr it hands to the
+tool, so such a message reaches the caller as tool output; ``wait`` tells a runc failure from a tool's
+exit by runc's log in the bundle (which the tool cannot write) and raises ``BackendError`` with it.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ into place; the index is rewritten through a temporary file and ``os.replace``, 
 
 Producers (blocking; call them from a thread or the CLI):
 
-- ``RootfsStore.unpack_docker_image(image)``: the ``docker`` CLI (``docker image inspect``, ``docker
+- ``RootfsStore.unpack_docker_image(image)`` (module-level ``unpack_docker_image(image, store_dir)``,
+  ``unpack_docker_image_async`` on an event loop): the ``docker`` CLI (``docker image inspect``, ``docker
   create`` + ``docker export``) streamed through the checked extraction; digest = the image id;
 - ``RootfsStore.unpack_tar(path, reference)``: a plain root filesystem tarball (``docker export``
   output); digest = the tarball's sha256. A ``docker save`` archive is refused (layers, whiteouts).
@@ -25,6 +26,7 @@ tmpfs holding runc's allowlist. Set-id bits are cleared.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -43,7 +45,8 @@ from typing import IO, Any, Final
 from runtime.backends.oci.bundle import ImageConfig
 from runtime.errors import BackendError, ConfigError, ImageMissing
 
-__all__ = ["DEFAULT_STORE", "RootfsImage", "RootfsStore", "normalize_reference", "unpack_docker_image"]
+__all__ = ["DEFAULT_STORE", "RootfsImage", "RootfsStore", "normalize_reference", "unpack_docker_image",
+           "unpack_docker_image_async"]
 
 DEFAULT_STORE: Final = "/var/lib/toolcell/rootfs"
 _INDEX: Final = "index.json"
@@ -272,6 +275,11 @@ class RootfsStore:
 def unpack_docker_image(image: str, store_dir: str | os.PathLike[str] = DEFAULT_STORE) -> str:
     """Blocking: unpack the local Docker engine's ``image`` into the store; returns its digest."""
     return RootfsStore(store_dir).unpack_docker_image(image)
+
+
+async def unpack_docker_image_async(image: str, store_dir: str | os.PathLike[str] = DEFAULT_STORE) -> str:
+    """``unpack_docker_image`` in a thread, for callers on an event loop."""
+    return await asyncio.to_thread(unpack_docker_image, image, store_dir)
 
 
 def _hex(digest: str) -> str:
