@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import uuid
@@ -71,8 +72,30 @@ def oci_residue(owner: str, state_dir: str = OCI_STATE) -> list[str]:
             except OSError:
                 continue
             if marker in cgroups:
-                found.append(f"pid {proc.name}")
+                found.append(f"pid {proc.name} {_describe(proc)}")
     return found
+
+
+async def oci_clean(owner: str, state_dir: str = OCI_STATE, zombie_grace_s: float = 2.0) -> list[str]:
+    """``oci_residue``, allowing a killed process's zombie a moment to be reaped by its parent (it holds
+    no memory, files or cgroup); anything else, or a zombie that stays, is returned."""
+    deadline = asyncio.get_running_loop().time() + zombie_grace_s
+    while True:
+        residue = oci_residue(owner, state_dir)
+        if not residue or any("[Z" not in r for r in residue) or asyncio.get_running_loop().time() > deadline:
+            return residue
+        await asyncio.sleep(0.05)
+
+
+def _describe(proc: Path) -> str:
+    """A process's state and command line, for a leak report."""
+    try:
+        state = next((line.split(":", 1)[1].strip() for line in (proc / "status").read_text().splitlines()
+                      if line.startswith("State:")), "?")
+        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "(gone)"
+    return f"[{state}] {cmdline[:120]}"
 
 
 def leftovers(client: docker.DockerClient, owner: str) -> list[str]:
@@ -131,5 +154,4 @@ async def serving(config: Config) -> AsyncIterator[tuple[App, Client]]:
         left = await left_behind(config)
         assert left == [], f"sandboxes left behind: {left}"
         if config.engine.kind == "oci":
-            residue = oci_residue(config.server.instance, config.engine.oci_state_dir)
-            assert residue == [], f"left on the host: {residue}"
+            assert await oci_clean(config.server.instance, config.engine.oci_state_dir) == []

@@ -19,12 +19,11 @@ import pytest
 
 from runtime.backends.docker import DockerBackend
 from runtime.model import Result, Started, Status
-from tests.support import LABEL_OWNER
 from runtime.secretstore import SecretStore, generate_key
 from runtime.server.app import App
 from runtime.settings import parse_config
 from runtime.supervisor import Supervisor
-from tests.support import CANARY, RUNNER_IMAGE, config_doc, engine, running_supervisor
+from tests.support import CANARY, LABEL_OWNER, RUNNER_IMAGE, config_doc, engine, running_supervisor
 
 pytestmark = pytest.mark.docker
 PYRUN = ["python3", "-I", "-u", "/opt/toolcell/tools/pyrun.py"]
@@ -140,7 +139,7 @@ async def test_a_crashed_supervisors_pool_is_swept_at_the_next_start(tmp_path: P
     docker_client = engine()
     config = parse_config(pooled_doc(tmp_path), environ={}, base_dir=tmp_path)
     owner = config.server.instance
-    crashed_backend = DockerBackend(channel_dir=config.pool_channel_dir)
+    crashed_backend = DockerBackend(channel_dir=config.engine.pool_channel_dir)
     crashed = Supervisor(config, crashed_backend)
     await crashed.start()
     await eventually(lambda: crashed.pools.ready("python.run") == 2)
@@ -150,7 +149,7 @@ async def test_a_crashed_supervisors_pool_is_swept_at_the_next_start(tmp_path: P
         pool.task.cancel()
     await crashed_backend.close()
     assert len(leftovers(docker_client, owner)) >= 2
-    backend = DockerBackend(channel_dir=config.pool_channel_dir)
+    backend = DockerBackend(channel_dir=config.engine.pool_channel_dir)
     successor = Supervisor(config, backend)
     try:
         removed = await successor.start()
@@ -167,7 +166,7 @@ async def test_no_secret_in_a_pooled_container_before_its_claim(tmp_path: Path) 
     store = tmp_path / "secrets.json"
     SecretStore(store, __import__("base64").b64decode(key)).set("canary", CANARY)
     doc = config_doc(f"test-{uuid.uuid4().hex[:10]}", str(tmp_path / "s.sock"))
-    doc["profiles"]["default"]["pool"] = {"size": 1}  # every tool of the profile (but: etcfile)
+    doc["profiles"]["default"]["pool"] = {"size": 1}  # every tool of the profile
     doc["secrets"] = {"store": str(store)}
     with_transport(doc)
     both = [{"name": "canary", "env": "CANARY_TOKEN"}, {"name": "canary", "file": "/run/secrets/canary"}]
@@ -175,13 +174,10 @@ async def test_no_secret_in_a_pooled_container_before_its_claim(tmp_path: Path) 
         {"name": "leaky", "description": "granted the canary twice", "image": RUNNER_IMAGE, "command": PYRUN,
          "input_schema": CODE, "secrets": both},
         {"name": "keyed", "description": "granted the canary as an environment variable", "image": RUNNER_IMAGE,
-         "command": PYRUN, "input_schema": CODE, "secrets": both[:1]},
-        {"name": "etcfile", "description": "a secret file in /etc: never pooled", "image": RUNNER_IMAGE,
-         "command": PYRUN, "input_schema": CODE, "secrets": [{"name": "canary", "file": "/etc/canary"}]}]
+         "command": PYRUN, "input_schema": CODE, "secrets": both[:1]}]
     async with running_supervisor(tmp_path, doc, environ={"TOOLCELL_SECRETS_KEY": key}) as (app, client):
         pools = app.supervisor.pools
         await eventually(lambda: all(pools.ready(t) == 1 for t in ("python.run", "leaky", "keyed")))
-        assert "etcfile" not in app.supervisor.config.pools
         owner = app.supervisor.config.server.instance
         # Every container of this supervisor right now is a pooled one. The secret tools' launchers wait
         # without their tools: the secrets come with the claim.
@@ -215,8 +211,7 @@ async def test_no_secret_in_a_pooled_container_before_its_claim(tmp_path: Path) 
         for tool, pooled, src in [
                 ("keyed", keyed, "t = os.environ['CANARY_TOKEN']"),
                 ("leaky", leaky, "t = os.environ['CANARY_TOKEN']; assert t == open('/run/secrets/canary').read(); "
-                                 "assert oct(os.stat('/run/secrets/canary').st_mode & 0o777) == '0o400'"),
-                ("etcfile", set(), "t = open('/etc/canary').read()")]:  # the cold path: a bind-mounted file
+                                 "assert oct(os.stat('/run/secrets/canary').st_mode & 0o777) == '0o400'")]:
             result, sid = await run(client, tool, f"import hashlib, os; {src}; "
                                     f"print(hashlib.sha256(t.encode()).hexdigest() == {digest!r}, t)")
             assert result.status is Status.OK, (tool, result.stderr)
