@@ -238,23 +238,24 @@ def _profiles_check(args: argparse.Namespace) -> int:
 
 
 async def _doctor(args: argparse.Namespace) -> int:
+    from runtime.backends.factory import open_backend
     from runtime.doctor import Level, evaluate_oci, oci_facts, render, run_doctor
     from runtime.settings import load_config
 
     config = load_config(args.config)
     runtimes = {p.runtime for p in config.profiles.values()}
-    if config.engine.kind == "oci":
-        facts = await asyncio.to_thread(oci_facts, config.engine.oci_runtime, config.engine.oci_rootfs_dir)
-        findings = evaluate_oci(facts, {t.image for t in config.tools.values()}, runtimes)
-    else:
-        from runtime.backends.docker import DEFAULT_BASE_URL, DockerBackend
+    backend = open_backend(config)  # the same factory as serve and bench
+    try:
+        if config.engine.kind == "oci":
+            facts = await asyncio.to_thread(oci_facts, config.engine.oci_runtime, config.engine.oci_rootfs_dir)
+            findings = evaluate_oci(facts, {t.image for t in config.tools.values()}, runtimes)
+        else:
+            from runtime.backends.docker import DEFAULT_BASE_URL, DockerBackend
 
-        address = config.engine.docker_host or DEFAULT_BASE_URL
-        backend = DockerBackend(address, timeout_s=10.0)
-        try:
-            findings = await run_doctor(address, backend.info, runtimes)
-        finally:
-            await backend.close()
+            assert isinstance(backend, DockerBackend)  # nosec B101 - engine.kind docker builds one
+            findings = await run_doctor(config.engine.docker_host or DEFAULT_BASE_URL, backend.info, runtimes)
+    finally:
+        await backend.close()
     if args.json:
         print(json.dumps([{"check": f.check, "level": f.level.value.lower(), "detail": f.detail, "fix": f.fix}
                           for f in findings]))
