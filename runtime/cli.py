@@ -108,7 +108,9 @@ async def _call(args: argparse.Namespace) -> int:
         try:
             async for event in client.execute(args.tool, args.args, timeout=args.timeout):
                 if isinstance(event, Started) and not args.json:
-                    print(f"toolcell: started {event.invocation_id} in {event.sandbox_id[:12]} "
+                    # Docker's 64-hex ids are known by their first 12; other backends' ids are short already.
+                    shown = event.sandbox_id[:12] if len(event.sandbox_id) == 64 else event.sandbox_id
+                    print(f"toolcell: started {event.invocation_id} in {shown} "
                           f"(profile {event.profile})", file=sys.stderr, flush=True)
                 elif isinstance(event, OutputChunk) and not args.json:
                     stream = sys.stdout if event.stream == "stdout" else sys.stderr
