@@ -60,7 +60,7 @@ from runtime.backends.base import Backend
 from runtime.backends.docker import DockerBackend
 from runtime.backends.factory import open_backend
 from runtime.benchhostile import HOSTILE_TOOL, Ladder, StallProbe
-from runtime.benchoci import OciFloor, RssPeak
+from runtime.benchoci import CpuMeter, OciFloor, RssPeak
 from runtime.client import Client, ClientError
 from runtime.errors import ToolcellError
 from runtime.model import Result, Started, Status
@@ -704,15 +704,22 @@ class Bench:
             with concurrent.futures.ThreadPoolExecutor(max_workers=c) as threads, RssPeak(trim=True) as rss:
                 loop = asyncio.get_running_loop()
                 self._step(f"oci throughput c={c} floor")
-                rows[f"floor_c{c}"] = await self._closed_loop(
-                    c, total, lambda: self._timed_floor(loop, threads, cat_floor, stdin))
+                with CpuMeter() as cpu:
+                    rows[f"floor_c{c}"] = await self._closed_loop(
+                        c, total, lambda: self._timed_floor(loop, threads, cat_floor, stdin))
+                rows[f"floor_c{c}"]["cpu_ms_per_call"] = cpu.per_call_ms(total)
                 self._step(f"oci throughput c={c} cold")
-                rows[f"cold_c{c}"] = await self._closed_loop(c, total, lambda: self._timed_call("bench.cold", client))
+                with CpuMeter() as cpu:
+                    rows[f"cold_c{c}"] = await self._closed_loop(
+                        c, total, lambda: self._timed_call("bench.cold", client))
+                rows[f"cold_c{c}"]["cpu_ms_per_call"] = cpu.per_call_ms(total)
                 self._step(f"oci throughput c={c} pool {self.plan.oci_pool}")
                 await self._pool_full(server=server, tools=("bench.tp",))
                 before = await self._stats(server, "bench.tp")
                 t0 = time.perf_counter()
-                row = await self._closed_loop(c, total, lambda: self._timed_call("bench.tp", client))
+                with CpuMeter() as cpu:
+                    row = await self._closed_loop(c, total, lambda: self._timed_call("bench.tp", client))
+                row["cpu_ms_per_call"] = cpu.per_call_ms(total)
                 after = await self._stats(server, "bench.tp")
                 hits, misses = after.hits - before.hits, after.misses - before.misses
                 row.update(warm_hits=hits, cold_fallbacks=misses, warm_share=hits / max(1, hits + misses),

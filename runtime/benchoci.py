@@ -237,6 +237,32 @@ class RssPeak:
         return {"rss_base_mib": self.base / MiB, "rss_peak_mib": self.peak / MiB}
 
 
+class CpuMeter:
+    """CPU time of this process and of its reaped children while the block runs: with the OCI backend the
+    sandboxes are our children (``runc run`` and, through it, the sandbox's processes), so this is what
+    the calls cost the machine, whatever else runs on it. Approximate for a pool: a sandbox counts once
+    it is reaped (at its removal, after its call), and a refill's launcher start once it is claimed."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    @staticmethod
+    def _now() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __enter__(self) -> CpuMeter:
+        self._t0 = self._now()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = self._now() - self._t0
+
+    def per_call_ms(self, calls: int) -> float:
+        return self.seconds * 1000 / max(1, calls)
+
+
 @dataclass(frozen=True)
 class Check:
     """One target: a figure, its limit as text, met or not."""
@@ -340,12 +366,17 @@ def render_oci(o: dict[str, Any], row: Row, lines: list[str]) -> None:
         lines.append(run_time_line(o["python_run_time"]))
     for key, s in o.get("throughput", {}).items():
         kind, c = key.split("_c")
-        notes = {"floor": "   (runc, no supervisor: the machine's own rate)", "cold": "   (fresh sandbox per call)"}
+        notes = {"floor": "runc, no supervisor: the machine's own rate", "cold": "a fresh sandbox per call"}
         extra = notes.get(kind, "")
         if kind == "pool":
-            extra = (f"   pool of {s['pool_size']}: warm {s['warm_hits']}, cold fallback {s['cold_fallbacks']} "
+            extra = (f"pool of {s['pool_size']}: warm {s['warm_hits']}, cold fallback {s['cold_fallbacks']} "
                      f"({s['warm_share']:.0%} warm), refill {s['refill_per_s']:.1f}/s")
+        if "cpu_ms_per_call" in s:
+            extra = f"CPU {s['cpu_ms_per_call']:.0f} ms/call; " + extra
+        extra = "   " + extra
         row(f"3 throughput {kind:5} c={c} (cat)", s, extra)
+    if "throughput" in o:
+        lines.append("   CPU/call: this process's and its reaped children's (runc, the sandboxes) CPU time per call")
     if "throughput_rss" in o:
         r = o["throughput_rss"]
         lines.append(f"   this process's RSS under the throughput load: peak {r['rss_peak_mib']:.1f} MiB "
