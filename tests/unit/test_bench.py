@@ -138,7 +138,8 @@ def _oci(cold_ms: float = 120.0, cold_per_s: float = 35.0, pool_per_s: float = 6
         "runtime": "/usr/sbin/runc", "floor": _s(100.0), "cold": _s(cold_ms),
         "warm": _s(4.0, warm_hits=3), "warm_python_tool": _s(8.0, warm_hits=3), "python_run_time": run_time,
         "warm_python_tool_after_grace": _s(7.5, grace_s=0.3),
-        "throughput": {"floor_c8": _s(200.0, 40.0, concurrency=8), "cold_c8": _s(220.0, cold_per_s, concurrency=8),
+        "throughput": {"floor_c8": _s(200.0, 40.0, concurrency=8),
+                       "cold_c8": _s(220.0, cold_per_s, concurrency=8, cpu_ms_per_call=38.0),
                        "pool_c8": _s(100.0, pool_per_s, concurrency=8, warm_hits=hits, cold_fallbacks=24 - hits,
                                      warm_share=hits / 24, refill_per_s=40.0, pool_size=8)},
         "throughput_rss": {"rss_base_mib": 80.0, "rss_peak_mib": 120.0},
@@ -199,6 +200,7 @@ def test_render_prints_a_table_per_backend_and_says_the_client_shares_the_proces
         assert label in text
     assert "1.200x the floor" in text
     assert "96% warm" in text
+    assert "CPU 38 ms/call; a fresh sandbox per call" in text
     assert "the supervisor and the bench's client share it" in text
     failed: list[str] = []
     benchoci.render_oci({"runtime": "runc", "error": "boom"}, row, failed)
