@@ -95,8 +95,13 @@ CASES: list[tuple[str, dict[str, Any], Any, Any]] = [
      {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "ro", "nosuid", "nodev"]}),
     ("the init runs the command", {}, lambda c: c["process"]["args"], [INIT_PATH, "--", "python3", "-c", "print(1)"]),
     ("cgroupsPath under our parent", {}, lambda c: c["linux"]["cgroupsPath"], "/toolcell/o/id/c"),
-    ("no resource limits in runc's cgroup (they are on the parent)", {},
-     lambda c: sorted(c["linux"]["resources"]), ["devices"]),
+    ("runc's cgroup: a backstop just above the parent's limits", {"memory_bytes": 64 << 20, "cpus": 0.5},
+     lambda c: {k: v for k, v in c["linux"]["resources"].items() if k != "devices"},
+     {"memory": {"limit": (64 + 16) << 20, "swap": (64 + 16) << 20}, "pids": {"limit": 64},
+      "cpu": {"quota": 50000, "period": 100000}}),
+    ("backstop pids under runsc: the Sentry's allowance", {"isolation": "runsc", "pids": 16},
+     lambda c: c["linux"]["resources"]["pids"], {"limit": 64 + 8 * 16}),
+    ("no CPU quota when cpus is 0", {"cpus": 0.0}, lambda c: "cpu" in c["linux"]["resources"], False),
     ("devices: deny all first", {}, lambda c: c["linux"]["resources"]["devices"], [{"allow": False, "access": "rwm"}]),
     ("hostname", {"hostname": "box"}, lambda c: c["hostname"], "box"),
     ("cwd", {"working_dir": "/tmp/work"}, lambda c: c["process"]["cwd"], "/tmp/work"),
@@ -111,6 +116,10 @@ CASES: list[tuple[str, dict[str, Any], Any, Any]] = [
 @pytest.mark.parametrize(("what", "changes", "field", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_spec_to_config(what: str, changes: dict[str, Any], field: Any, expected: Any) -> None:
     assert field(config(spec(**changes))) == expected
+
+
+def test_no_swap_limit_where_the_host_accounts_no_swap() -> None:
+    assert config(swap_limit=False)["linux"]["resources"]["memory"] == {"limit": (128 + 16) << 20}
 
 
 def test_scratch_parents_mount_before_children() -> None:
@@ -168,6 +177,8 @@ def test_env_merge(image_env: tuple[str, ...], spec_env: dict[str, str], expecte
     ({"env": {"A": "x\0y"}}, {}, "environment"),
     ({}, {"seccomp": {}}, "seccomp"),
     ({}, {"command": ()}, "no command"),
+    ({"memory_bytes": 0}, {}, "memory and a pids limit"),
+    ({"pids": 0}, {}, "memory and a pids limit"),
 ])
 def test_refusals(changes: dict[str, Any], kw: dict[str, Any], message: str) -> None:
     with pytest.raises(BackendError, match=message):

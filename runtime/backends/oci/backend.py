@@ -172,7 +172,12 @@ class OciBackend:
         return sandbox
 
     async def remove_orphans(self, owner: str) -> list[Removed]:
-        return await self._call(functools.partial(self._sweep, owner))
+        # Our own live sandboxes of ``owner`` first, each the way remove() does it: killed, and its
+        # ``runc run`` waited for, so runc cannot recreate (unlimited) the cgroups the sweep removes.
+        live = [s for s in list(self.live) if s._identity.owner == owner and not s._removed]
+        await asyncio.gather(*(s.remove() for s in live))
+        removed = [_removed(s.id, s._identity, owner) for s in live]
+        return removed + await self._call(functools.partial(self._sweep, owner))
 
     async def list_sandboxes(self, owner: str) -> list[str]:
         return await self._call(functools.partial(self._owned, owner))
@@ -267,7 +272,8 @@ class OciBackend:
                             cgroups_path=tree.runc_path(spec.identity.owner, sandbox_id),
                             init_path=self._init_path,
                             etc_files=(("/etc/hosts", str(self._etc / "hosts")),
-                                       ("/etc/hostname", self._hostname_file(spec.hostname))))
+                                       ("/etc/hostname", self._hostname_file(spec.hostname))),
+                            swap_limit=tree.swap_limit)
         bundle = self._bundles / sandbox_id
         os.mkdir(bundle, 0o700)
         cgroup = tree.sandbox(spec.identity.owner, sandbox_id)
@@ -319,15 +325,40 @@ class OciBackend:
             identity = self._identity(sandbox_id)
             if identity.owner not in ("", owner):
                 continue  # another owner's, whose tag collides: not ours to touch
+            self._stop_runc(sandbox_id)  # a ``runc run`` left running by a supervisor that died
             self._destroy(owner, sandbox_id, self._cgroups().sandbox(owner, sandbox_id))
-            serving = identity.serving and identity.owner == owner
-            removed.append(Removed(sandbox_id=sandbox_id, invocation_id=identity.invocation_id if serving else "",
-                                   tool=identity.tool if serving else ""))
+            removed.append(_removed(sandbox_id, identity, owner))
         for sandbox in list(self.live):
             if sandbox._identity.owner == owner:
                 sandbox._removed = True
                 self.live.discard(sandbox)
+        self._cgroups().remove_owner(owner)  # empty now: an owner's directories do not pile up
         return removed
+
+    def _stop_runc(self, sandbox_id: str) -> None:
+        """Blocking: SIGKILL every ``runc ... run ... <sandbox_id>`` of our state dir (not our children:
+        a dead supervisor's), and wait for them to go, so none of them is still setting up the sandbox."""
+        root = str(self._runc_root)
+        found: list[int] = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                args = [a.decode(errors="replace") for a in argv if a]
+                if len(args) > 3 and args[-1] == sandbox_id and "run" in args and root in args:
+                    found.append(int(entry.name))
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signals.SIGKILL)
+        deadline = time.monotonic() + _KILL_WAIT_S
+        while found and time.monotonic() < deadline:
+            found = [p for p in found if _running(p)]
+            if found:
+                time.sleep(_INIT_POLL_S)
 
     def _destroy(self, owner: str, sandbox_id: str, cgroup: SandboxCgroup) -> None:
         """Blocking: whatever of one sandbox is left -- runc's state, processes, cgroups, the bundle."""
@@ -610,6 +641,22 @@ class OciSandbox:
             with contextlib.suppress(OSError):
                 self._cgroup.sample()
         self._backend._destroy(self._identity.owner, self._id, self._cgroup)
+
+
+def _removed(sandbox_id: str, identity: Identity, owner: str) -> Removed:
+    """What a swept sandbox served (a pooled or helper sandbox served no known invocation)."""
+    serving = identity.serving and identity.owner == owner
+    return Removed(sandbox_id=sandbox_id, invocation_id=identity.invocation_id if serving else "",
+                   tool=identity.tool if serving else "")
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def _init_pid(state: Path) -> int:

@@ -14,9 +14,12 @@ field, with what Docker adds that a tool does not need left out (no /dev/mqueue,
                    the init at /dev/init (ro)
     masked, ro     Docker's default masked and read-only paths under /proc and /sys
     devices        deny all, then runc's defaults (null, zero, full, random, urandom, tty, pts)
-    cgroups        ``cgroupsPath`` under a parent the backend made, which holds the limits
-                   (``cgroups.py``); no ``resources`` limits here, so nothing runc removes on exit
-                   takes the accounting with it
+    cgroups        ``cgroupsPath`` under a parent the backend made, which holds the limits and
+                   the accounting (``cgroups.py``: runc removes its own cgroup on exit). runc's cgroup
+                   gets a backstop: the same pids and CPU limits, memory ``BACKSTOP_MARGIN`` above the
+                   parent's, so the parent's limit is the one that binds (and counts the OOM) while a
+                   sandbox whose parent went missing under runc (which then recreates the path without
+                   limits) is still bounded
 
 Refusals (``BackendError``): root or a non-numeric user, a relative path, a scratch without a size,
 no seccomp profile.
@@ -59,6 +62,10 @@ MASKED_PATHS: Final = (
 READONLY_PATHS: Final = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 NAMESPACES: Final = ("pid", "network", "ipc", "uts", "mount", "cgroup")
 _NO_CAPS: Final = ("bounding", "effective", "inheritable", "permitted", "ambient")
+# Above the largest single memcg charge (a 2 MiB huge page; per-CPU stock batches are 64 pages), so with
+# equal usage a charge always fails at the parent's limit first.
+BACKSTOP_MARGIN: Final = 16 * 1024 * 1024
+CFS_PERIOD_US: Final = 100_000
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,22 @@ def _scratch_mounts(spec: SandboxSpec) -> list[dict[str, Any]]:
     return mounts
 
 
+def _backstop(memory_bytes: int, pids: int, cpus: float, swap_limit: bool) -> dict[str, Any]:
+    """runc's own cgroup limits: a backstop to the parent's (see the module docstring)."""
+    memory: dict[str, int] = {"limit": memory_bytes + BACKSTOP_MARGIN}
+    if swap_limit:
+        memory["swap"] = memory_bytes + BACKSTOP_MARGIN  # memory + swap, as runc means it
+    resources: dict[str, Any] = {
+        # Device rules: deny all, runc then adds its default allowlist (null, zero, full, random, ...).
+        "devices": [{"allow": False, "access": "rwm"}],
+        "memory": memory,
+        "pids": {"limit": pids},
+    }
+    if cpus > 0:
+        resources["cpu"] = {"quota": max(1000, int(cpus * CFS_PERIOD_US)), "period": CFS_PERIOD_US}
+    return resources
+
+
 def oci_config(
     spec: SandboxSpec,
     *,
@@ -134,11 +157,13 @@ def oci_config(
     init_path: str,
     netns_path: str = "",
     etc_files: Sequence[tuple[str, str]] = (),
+    swap_limit: bool = True,
 ) -> dict[str, Any]:
     """config.json for one sandbox running ``command`` (the spec's, or the launcher in front of it).
 
     ``etc_files``: (target, host file) pairs bind-mounted read-only over the image's files, as Docker
     mounts its own /etc/hosts and /etc/hostname (an exported image has them empty).
+    ``swap_limit``: the host accounts memory + swap (v1 ``memory.memsw.*``, v2 ``memory.swap.max``).
 
     ``netns_path``: a network namespace prepared for this sandbox (loopback up, as Docker's ``none``);
     empty: runc makes a fresh one (loopback down).
@@ -148,8 +173,9 @@ def oci_config(
     if not command:
         raise BackendError("the sandbox has no command")
     uid, gid = _user(spec)
-    cgroup_limit, nproc = sandbox_pids(spec.isolation, spec.pids)
-    del cgroup_limit  # on the parent cgroup (cgroups.py)
+    pids_limit, nproc = sandbox_pids(spec.isolation, spec.pids)
+    if spec.memory_bytes <= 0 or pids_limit <= 0:
+        raise BackendError("a sandbox needs a memory and a pids limit")
     rlimits = [
         {"type": "RLIMIT_NOFILE", "hard": spec.nofile, "soft": spec.nofile},
         {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},  # a crash dump could carry secrets out
@@ -205,8 +231,7 @@ def oci_config(
         "linux": {
             "namespaces": namespaces,
             "cgroupsPath": cgroups_path,
-            # Device rules, not limits: deny all, runc then adds its default allowlist.
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "resources": _backstop(spec.memory_bytes, pids_limit, spec.cpus, swap_limit),
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
             "seccomp": dict(seccomp),

@@ -68,6 +68,12 @@ class CgroupTree:
                 if not (self.root / ctrl).is_dir():
                     raise BackendError(f"cgroup v1 controller {ctrl!r} is not mounted at {self.root / ctrl}")
 
+    @property
+    def swap_limit(self) -> bool:
+        """Whether runc may be given a memory + swap limit (v1: swap accounting on; v2: runc skips
+        ``memory.swap.max`` where it is missing)."""
+        return self.v2 or (self.root / "memory" / "memory.memsw.limit_in_bytes").exists()
+
     def runc_path(self, owner: str, sandbox_id: str) -> str:
         """``linux.cgroupsPath`` for runc: its cgroup is a child of ours."""
         return f"/{TOP}/{safe_component(owner)}/{sandbox_id}/{CHILD}"
@@ -91,9 +97,16 @@ class CgroupTree:
                 found.update(e.name for e in os.scandir(d) if e.is_dir(follow_symlinks=False))
         return found
 
+    def remove_owner(self, owner: str) -> None:
+        """Remove ``owner``'s (empty) directories; any that still hold a sandbox stay."""
+        self._ready.discard(owner)
+        for d in self.owner_dirs(owner):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
     def _prepare_owner(self, owner: str) -> None:
         """v2: let the sandboxes under ``toolcell/<owner>`` use memory, pids and cpu (once per owner)."""
-        if owner in self._ready:
+        if owner in self._ready and (not self.v2 or (self.root / TOP / safe_component(owner)).is_dir()):
             return
         if self.v2:
             top = self.root / TOP
