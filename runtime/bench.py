@@ -16,13 +16,13 @@ The Docker backend (``engine.kind: docker``):
    hostile tool floods adversarial output at the cap and a hostile caller sends oversized and malformed
    requests (``benchhostile``).
 
-The OCI backend (``engine.kind: oci``, runc with no daemon; issue 15), a second supervisor after the first
-stopped (``benchoci``): its floor (the same sandbox, bundle and cgroups by the backend's own code, ``runc
-run`` with no supervisor) interleaved with cold calls through gRPC; warm calls (a trivial and a Python
-tool, the latter beside its run time); throughput at concurrency 8 with a fresh sandbox per call, cold
-and with a pool of 8, and this process's peak RSS meanwhile. Skipped, and said so (a missed target), when
-the OCI backend cannot run here (not importable, no runc, not root); a failure there is printed after the
-figures and the run exits 1.
+The OCI backend (``engine.kind: oci``, runc with no daemon; issue 15), first, on a supervisor of its own
+that stops before the Docker one starts (``benchoci``): its floor (the same sandbox, bundle and cgroups
+by the backend's own code, ``runc run`` with no supervisor) interleaved with cold calls through gRPC;
+warm calls (a trivial and a Python tool, the latter beside its run time); throughput at concurrency 8
+with a fresh sandbox per call, cold and with a pool of 8 (CPU per call), and this process's peak RSS
+meanwhile. Skipped, and said so (a missed target), when the OCI backend cannot run here (not importable,
+no runc, not root); a failure there is printed after the figures and the run exits 1.
 
 The bench starts its own supervisors (in this process, on their own thread and event loop, behind a real
 gRPC server on a temporary Unix socket) with their own owner labels, and removes everything they made.
@@ -630,7 +630,7 @@ class Bench:
                             throughput_pool=self.plan.oci_pool)
 
     async def oci(self) -> None:
-        """The OCI backend beside its floor, on a supervisor of its own (the Docker one has stopped).
+        """The OCI backend beside its floor, on a supervisor of its own (before the Docker one starts).
 
         A failure is recorded (``oci.error``) rather than raised: the Docker figures are printed anyway,
         and the run then exits 1.
@@ -740,6 +740,8 @@ class Bench:
         backend = DockerBackend(self.config.engine.docker_host)
         transport = "attach"
         try:
+            # OCI first: its RSS figure is then its own, not what the Docker sections' floods left in the heap.
+            await self.oci()
             self.server.start()
             self.client = Client(self.server.address)
             await self.noop()
@@ -749,10 +751,6 @@ class Bench:
             await self.flood(backend)
             await self.hostile()
             transport = str(getattr(self.server.backend, "pool_transport", transport))
-            await self.client.close()
-            self.client = None
-            self.server.stop()
-            await self.oci()
         finally:
             if self.client is not None:
                 await self.client.close()
