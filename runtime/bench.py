@@ -59,6 +59,7 @@ from runtime import benchhostile, benchoci
 from runtime.backends.base import Backend
 from runtime.backends.docker import DockerBackend
 from runtime.backends.factory import open_backend
+from runtime.backends.oci.cgroups import CgroupTree
 from runtime.benchhostile import HOSTILE_TOOL, Ladder, StallProbe
 from runtime.benchoci import CpuMeter, OciFloor, RssPeak
 from runtime.client import Client, ClientError
@@ -674,6 +675,11 @@ class Bench:
                 await backend.remove_orphans(config.server.instance)
         finally:
             await backend.close()
+        # The backend keeps its owner's (now empty) cgroup directories; the bench's owner is used once.
+        with contextlib.suppress(ToolcellError, OSError):
+            for d in CgroupTree().owner_dirs(config.server.instance):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
     async def _oci_floor_and_cold(self, server: _ServerThread, client: Client, floor: OciFloor,
                                   figures: dict[str, Any]) -> None:
