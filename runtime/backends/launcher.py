@@ -29,15 +29,17 @@ def launcher_source() -> str:
 
 
 def launch_command(command: tuple[str, ...], python: str = "python3", channel: str = "",
-                   defer: bool = False, relay: bool = False) -> tuple[str, ...]:
+                   defer: bool = False, relay: bool = False, ready_fd: int = 0) -> tuple[str, ...]:
     """The pooled sandbox's command: the launcher (isolated mode, inline source) in front of the tool.
 
     ``channel``: the socket path inside the sandbox to connect to (the channel transport), or "" (attach).
     ``defer``: spawn the tool only at the claim, with the claim's environment (tools granted secrets).
     ``relay``: the tool writes into pipes the launcher copies out whole (see ``relay_command``).
+    ``ready_fd``: an inherited descriptor the launcher writes one byte to and closes once it waits for its
+    claim (its tool spawned, unless deferred): a pooled sandbox counts as ready only then.
     """
     flags = (("--defer",) if defer else ()) + (("--relay",) if relay else ()) + \
-        ((f"--channel={channel}",) if channel else ())
+        ((f"--ready-fd={ready_fd}",) if ready_fd else ()) + ((f"--channel={channel}",) if channel else ())
     return (python, "-I", "-c", launcher_source(), *flags, *command)
 
 

@@ -35,6 +35,9 @@ otherwise: the claim arrives on stdin; the status is a trailer
     the copy stops: a daemon that keeps the pipe open cannot hold the run open.
 ``--cold`` (with ``--relay``, an unpooled sandbox): no claim; the tool reads this launcher's stdin and the
     launcher exits with the tool's status once its output is copied.
+``--ready-fd=N``: once waiting for the claim (the tool spawned, unless deferred), write one byte to the
+    inherited descriptor N and close it, so the supervisor counts the sandbox ready only then. The tool never
+    holds it (spawned with close_fds).
 
 Standard library only; kept small: it is passed with ``python3 -c``.
 """
@@ -172,6 +175,9 @@ def main() -> int:
     flags = set()
     while command and command[0] in ("--defer", "--relay", "--cold"):
         flags.add(command.pop(0))
+    ready_fd = -1
+    if command and command[0].startswith("--ready-fd="):
+        ready_fd = int(command.pop(0)[len("--ready-fd="):])
     defer, relay = "--defer" in flags, Relay() if "--relay" in flags else None
     if command and command[0].startswith("--channel="):
         path = command.pop(0)[len("--channel="):]
@@ -191,6 +197,10 @@ def main() -> int:
     if not defer:
         children.append(spawn(command, channel, None, relay))
     forward_signals(children)
+    if ready_fd >= 0:  # waiting for the claim now: tell the supervisor, then let go of the descriptor
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, b"r")
+            os.close(ready_fd)
     line = claims.readline()
     try:
         envelope = json.loads(line)

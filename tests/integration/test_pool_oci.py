@@ -22,7 +22,7 @@ from runtime.server.app import App
 from runtime.settings import parse_config
 from runtime.supervisor import Supervisor
 from tests.security.conftest import oci_ready
-from tests.support import CANARY, RUNNER_IMAGE, config_doc, oci_residue, running_supervisor
+from tests.support import CANARY, RUNNER_IMAGE, config_doc, oci_clean, oci_residue, running_supervisor
 
 PYRUN = ["python3", "-I", "-u", "/opt/toolcell/tools/pyrun.py"]
 CODE = {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}
@@ -124,4 +124,4 @@ async def test_a_crashed_supervisors_oci_pool_is_swept_at_the_next_start(tmp_pat
     finally:
         await successor.shutdown()
         await backend.close()
-    assert oci_residue(owner) == []
+    assert await oci_clean(owner) == []

@@ -205,3 +205,28 @@ def test_sweep_removes_only_listener_directories_no_live_one_could_be(tmp_path: 
     assert not old.directory.exists() and fresh.directory.exists()
     fresh.close()
     assert ChannelListener.sweep(tmp_path / "never-made") == 0
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_the_launcher_says_ready_on_its_fd_only_once_waiting_and_the_tool_never_holds_it(defer: bool) -> None:
+    """``--ready-fd``: one byte once the launcher waits for its claim (the tool spawned, unless deferred);
+    the descriptor is closed then and the tool never inherits it."""
+    ready_r, ready_w = os.pipe()
+    tool = [sys.executable, "-c", "import os, sys; sys.stdin.read(); "
+            "print('fd3', 'open' if os.path.exists('/proc/self/fd/3') else 'closed')"]
+    argv = list(launch_command(tuple(tool), python=sys.executable, defer=defer, ready_fd=3))
+    # Put the write end at fd 3 in the child, as runc's --preserve-fds 1 does.
+    proc = subprocess.Popen(["/bin/bash", "-c", f'exec 3>&{ready_w} {ready_w}>&-; exec "$@"', "bash", *argv],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            pass_fds=(ready_w,))
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"r", "ready before any claim"
+        assert os.read(ready_r, 1) == b"", "then closed: EOF once nobody else holds it"
+        nonce = new_nonce()
+        out, err = proc.communicate(envelope(nonce, b"{}\n", {"A": "b"} if defer else None), timeout=30)
+    finally:
+        os.close(ready_r)
+        if proc.poll() is None:
+            proc.kill()
+    assert b"fd3 closed" in out, (out, err)

@@ -92,6 +92,9 @@ _RMDIR_TRIES: Final = 50
 _RMDIR_PAUSE_S: Final = 0.02
 _RUNC_CALL_TIMEOUT_S: Final = 30.0
 _ERROR_BYTES: Final = 2000  # of runc's error messages quoted in a BackendError
+# A pooled sandbox's launcher says it waits for its claim on this descriptor (``launcher.py --ready-fd``).
+_READY_FD: Final = 3
+_READY_TIMEOUT_S: Final = 30.0
 
 
 def owner_tag(owner: str) -> str:
@@ -161,14 +164,23 @@ class OciBackend:
         return sandbox
 
     async def create_warm(self, spec: SandboxSpec, on_exit: Callable[[], None]) -> OciSandbox:
+        """Create and start a pooled sandbox; return once its launcher waits for the claim (its tool spawned,
+        unless deferred), which it says on an inherited descriptor: a pool counts only sandboxes that are."""
         self.check(spec)
-        sandbox = await self._create(spec, launch_command(spec.command, defer=spec.defer))
+        sandbox = await self._create(spec, launch_command(spec.command, defer=spec.defer, ready_fd=_READY_FD))
         sandbox._warm, sandbox._defer, sandbox._on_exit = True, spec.defer, on_exit
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            sandbox._spawn()
+            try:
+                sandbox._spawn(ready_w)
+            finally:
+                os.close(ready_w)
+            await sandbox._until_ready(ready_r, _READY_TIMEOUT_S)
         except BaseException:
             await asyncio.shield(asyncio.ensure_future(sandbox.remove()))
             raise
+        finally:
+            os.close(ready_r)
         return sandbox
 
     async def remove_orphans(self, owner: str) -> list[Removed]:
@@ -470,8 +482,35 @@ class OciSandbox:
         stream.expect_trailer(nonce, lambda status: status)
         stream.send(envelope(nonce, stdin, secrets.env, secrets.files), half_close=False)
 
-    def _spawn(self) -> None:
-        """Start ``runc run`` with three fresh pipes as its (and so the tool's) stdio."""
+    async def _until_ready(self, ready_r: int, timeout_s: float) -> None:
+        """Wait for the launcher's byte on ``ready_r``; a sandbox that ends first, or is silent, fails."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(ready_r, readable)
+        try:
+            exited = self._exited
+            waiting: list[asyncio.Future[Any]] = [ready] if exited is None else [ready, exited]
+            await asyncio.wait(waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_reader(ready_r)
+        try:
+            got = os.read(ready_r, 1) if ready.done() else b""
+        except BlockingIOError:
+            got = b""
+        if got != b"r":
+            why = "ended" if self._exited is not None and self._exited.done() else f"was not ready in {timeout_s:g} s"
+            failure = await self._backend._call(self._runc_failure)
+            raise BackendError(f"pooled sandbox {self._id} {why} before waiting for its claim"
+                               + (f": {failure}" if failure else ""))
+
+    def _spawn(self, ready_w: int = -1) -> None:
+        """Start ``runc run`` with three fresh pipes as its (and so the tool's) stdio; ``ready_w`` (a pooled
+        sandbox's readiness pipe) becomes the container's fd 3 (``--preserve-fds 1``)."""
         self._started = True
         loop = asyncio.get_running_loop()
         fds: list[int] = []
@@ -483,10 +522,18 @@ class OciSandbox:
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
             fds += [err_r, err_w]
             argv = [self._runtime, "--root", str(self._backend._runc_root), "--log", str(self._bundle / _LOG),
-                    "--log-format", "json", "run", "--bundle", str(self._bundle), self._id]
+                    "--log-format", "json", "run", *(("--preserve-fds", "1") if ready_w >= 0 else ()),
+                    "--bundle", str(self._bundle), self._id]
+            pass_fds: tuple[int, ...] = ()
+            if ready_w >= 0:
+                # runc passes its fd 3 on: put the readiness pipe there (a shell's dup2, then exec: same pid).
+                # bash, not sh: dash reads only single-digit descriptors in a redirection.
+                argv = ["/bin/bash", "-c", f'exec {_READY_FD}>&{ready_w} {ready_w}>&-; exec "$@"', "bash", *argv]
+                pass_fds = (ready_w,)
             # A session of its own: a terminal's ^C reaches the supervisor, which decides, not the sandbox.
             self._proc = subprocess.Popen(  # noqa: S603 # nosec B603 - fixed arguments
-                argv, stdin=in_r, stdout=out_w, stderr=err_w, close_fds=True, start_new_session=True)
+                argv, stdin=in_r, stdout=out_w, stderr=err_w, close_fds=True, pass_fds=pass_fds,
+                start_new_session=True)
         except OSError as exc:
             for fd in fds:
                 with contextlib.suppress(OSError):
