@@ -8,7 +8,7 @@ arguments and no secrets until claimed: a tool granted secrets is spawned by the
 claim, which carries them (variables; files, written into the sandbox's empty tmpfs at their directory).
 
 Everything else happens off the request's critical path, in one task per pool:
-refill (at most ``refill_concurrency`` engine creations at once across all pools, so refilling never
+refill (at most the backend's ``refill_concurrency`` creations at once across all pools, so refilling never
 starves live calls), removal of used, dead and expired sandboxes (bounded the same way), TTL recycling,
 and rebuilding after the engine restarts (creation failures back off and retry). An empty pool is not
 an error: ``claim`` returns None and the invocation takes the cold path.
@@ -89,6 +89,7 @@ class PoolManager:
         self.backend = backend
         self._headroom = headroom
         self._pools: dict[str, _Pool] = {}
+        self._refill_limit = refill_concurrency
         self._refill = asyncio.Semaphore(refill_concurrency)
         self._reaper = reaper if reaper is not None else Reaper()
         self._owned: set[str] = set()  # ids of sandboxes that came from a pool (claimed or not)
@@ -253,7 +254,7 @@ class PoolManager:
                 backoff = _BACKOFF_MIN_S
             # Creations run in parallel up to the shared bound, which is what limits the engine load;
             # pooled sandboxes count against the concurrency cap, so live calls keep their share.
-            while (len(pool.ready) + pool.creating < pool.spec.size and pool.creating < REFILL_CONCURRENCY
+            while (len(pool.ready) + pool.creating < pool.spec.size and pool.creating < self._refill_limit
                    and self._headroom() > 0):
                 pool.creating += 1
                 self._spawn(self._create(pool))

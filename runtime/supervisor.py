@@ -67,7 +67,8 @@ class Supervisor:
         self._running: dict[tuple[str, str], Running] = {}
         self.reaper = Reaper()
         self._closing = False
-        self.pools = PoolManager(backend, headroom=self._headroom, reaper=self.reaper)
+        self.pools = PoolManager(backend, headroom=self._headroom, reaper=self.reaper,
+                                 refill_concurrency=backend.refill_concurrency)
         metrics.watch_pools(self.pools)
         self._idle = asyncio.Event()
         self._idle.set()

@@ -88,6 +88,9 @@ class WarmSandbox(Sandbox, Protocol):
 
 class Backend(Protocol):
     name: str
+    # Pooled sandboxes this backend may create at once off the critical path without starving live calls'
+    # creations (a daemon serializes them: few; a daemonless runtime is bounded by CPUs only: more).
+    refill_concurrency: int
 
     def check(self, spec: SandboxSpec) -> None:
         """Raise ``ConfigError`` (naming the tool) when this backend cannot run ``spec`` as written."""

@@ -140,6 +140,8 @@ class DockerBackend:
     """
 
     name = "docker"
+    # One engine serializes container creation: live calls wait behind refills beyond a couple.
+    refill_concurrency = 2
 
     def __init__(
         self,

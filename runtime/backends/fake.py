@@ -235,6 +235,7 @@ class FakeBackend:
     """Backend whose sandboxes run ``behaviours[spec.image]`` in-process."""
 
     name = "fake"
+    refill_concurrency = 2
 
     def __init__(
         self,
