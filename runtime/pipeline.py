@@ -58,6 +58,10 @@ DEADLINE_MARGIN_S = 0.25
 DRAIN_TIMEOUT_S = 5.0
 
 
+async def _no_pool() -> WarmSandbox | None:
+    return None
+
+
 class SecretSource(Protocol):
     def get_many(self, names: list[str]) -> dict[str, str]: ...
 
@@ -74,7 +78,7 @@ class Services:
     remove: Callable[[Sandbox], Awaitable[None]] = lambda s: s.remove()
     # A started sandbox made from this spec, from a warm pool (deferred: the claim brings the secrets);
     # None: create one (the cold path).
-    claim: Callable[[SandboxSpec], WarmSandbox | None] = lambda spec: None
+    claim: Callable[[SandboxSpec], Awaitable[WarmSandbox | None]] = lambda spec: _no_pool()
     # Redacts everything the supervisor knows as secret (for error messages and span status).
     redactor: Redactor = dataclasses.field(default_factory=Redactor)
 
@@ -333,7 +337,7 @@ async def contain(services: Services, resolved: ResolvedTool, spec: SandboxSpec,
                                                "toolcell.backend": services.backend.name}) as span:
         # Warm: already started, waiting for its input (and, deferred, its secrets), which start() delivers.
         # The backend makes what the spec asks for beyond the sandbox itself (egress network and proxy).
-        pooled = services.claim(spec)
+        pooled = await services.claim(spec)
         span.set_attribute("toolcell.warm", pooled is not None)
         sandbox = pooled if pooled is not None else await create(services.backend, spec,
                                                                  on_orphan=services.on_sandbox)

@@ -45,6 +45,8 @@ REFILL_CONCURRENCY = 2
 REFILL_DELAY_S = 0.1
 # After a claimed sandbox's invocation ends: its removal and refill start this much later.
 AFTER_CALL_S = 0.05
+# How long an invocation that found its pool empty waits for a creation already in flight (``claim_soon``).
+CLAIM_WAIT_S = 1.0
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.2, 5.0
 _CAP_POLL_S = 0.25
 
@@ -80,6 +82,9 @@ class _Pool:
     stats: PoolStats = field(default_factory=PoolStats)
     closed: bool = False
     failing: bool = False  # the last creation failed: back off before the next
+    # Invocations that found the pool empty while creations were in flight, waiting for one (oldest first).
+    # None: the pool stopped.
+    waiters: collections.deque[asyncio.Future[WarmSandbox | None]] = field(default_factory=collections.deque)
 
 
 class PoolManager:
@@ -144,6 +149,48 @@ class PoolManager:
         pool.stats.misses += 1
         pool.wake.set()
         return None
+
+    async def claim_soon(self, spec: SandboxSpec, wait_s: float = CLAIM_WAIT_S) -> WarmSandbox | None:
+        """Like ``claim``; when the pool is empty but creates sandboxes that nobody waits for yet, wait up to
+        ``wait_s`` for one of them instead of creating yet another cold.
+
+        Under load a cold fallback only adds a creation to those already competing for the CPU (or the
+        engine); the one in flight started earlier and costs nothing more, so waiting for it is no slower and
+        keeps the warm share up. A creation that fails or is late sends the call cold after ``wait_s``.
+        """
+        sandbox = self.claim(spec)
+        pool = self._pools.get(spec.identity.tool)
+        if sandbox is not None or pool is None or pool.closed or fingerprint(spec) != pool.key:
+            return sandbox
+        if pool.creating <= len(pool.waiters):
+            return None  # every creation in flight is promised to an earlier caller
+        waiter: asyncio.Future[WarmSandbox | None] = asyncio.get_running_loop().create_future()
+        pool.waiters.append(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiter), timeout=wait_s)
+        except BaseException:  # the call was cancelled while waiting: a sandbox handed over goes back
+            self._drop_waiter(pool, waiter, keep=False)
+            raise
+        sandbox = self._drop_waiter(pool, waiter, keep=True)
+        if sandbox is not None:
+            pool.stats.misses -= 1  # counted by claim() above: it was served warm after all
+            pool.stats.hits += 1
+        return sandbox
+
+    def _drop_waiter(self, pool: _Pool, waiter: asyncio.Future[WarmSandbox | None], *, keep: bool
+                     ) -> WarmSandbox | None:
+        """Stop waiting; the sandbox handed over meanwhile, if any (retired unless ``keep``)."""
+        if waiter in pool.waiters:
+            pool.waiters.remove(waiter)
+        if not waiter.done():
+            waiter.cancel()
+            return None
+        sandbox = None if waiter.cancelled() else waiter.result()
+        if sandbox is not None and not keep:
+            self.retire(sandbox)
+            return None
+        return sandbox
 
     def shed(self) -> None:
         """Live calls need the room: every pool re-checks the cap now."""
@@ -227,6 +274,10 @@ class PoolManager:
         while pool.ready:
             pool.stats.recycled += 1
             self.retire(pool.ready.popleft().sandbox)
+        while pool.waiters:  # they go cold
+            waiter = pool.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _maintain(self, pool: _Pool) -> None:
         """Keep ``size`` live sandboxes: recycle dead and expired ones, refill with back-off."""
@@ -279,8 +330,14 @@ class PoolManager:
             if pool.closed:
                 await self.retire(sandbox)
                 return
-            pool.ready.append(_Entry(sandbox=sandbox, created_at=time.monotonic()))
             pool.stats.created += 1
+            while pool.waiters:  # an invocation waits for this one: straight to it
+                waiter = pool.waiters.popleft()
+                if not waiter.done() and sandbox.alive:
+                    self._claimed_from[sandbox.id] = pool
+                    waiter.set_result(sandbox)
+                    return
+            pool.ready.append(_Entry(sandbox=sandbox, created_at=time.monotonic()))
         except Exception as exc:
             pool.stats.failed += 1
             pool.failing = True

@@ -211,7 +211,7 @@ class Supervisor:
 
         services = Services(config=self.config, backend=self.backend, secrets=self.secrets,
                             on_sandbox=on_sandbox, remove=self._remove, redactor=self.redactor,
-                            claim=self.pools.claim)
+                            claim=self.pools.claim_soon)
         try:
             return await run_invocation(services, request, invocation_id, emit, running.cancelled)
         finally:

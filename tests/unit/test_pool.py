@@ -7,6 +7,7 @@ tests/integration/test_pool.py.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import signal
 import time
@@ -313,5 +314,106 @@ async def test_an_absent_engine_at_start_is_an_error_or_waited_for(wait: bool) -
     await eventually(lambda: sup.pools.ready("echo") == 2)
     result, _ = await call(sup)
     assert result.status is Status.OK
+    await sup.shutdown()
+    assert backend.live == []
+
+
+# -- claim_soon: an empty pool with creations in flight is waited for, not doubled with a cold one -----------
+
+def gated(backend: FakeBackend) -> asyncio.Event:
+    """Hold every pooled creation until the returned event is set (a loaded host's slow creation)."""
+    gate = asyncio.Event()
+    original = backend.create_warm
+
+    async def slow(spec: Any, on_exit: Callable[[], None]) -> Any:
+        await gate.wait()
+        return await original(spec, on_exit)
+
+    backend.create_warm = slow  # type: ignore[method-assign]
+    return gate
+
+
+async def test_an_empty_pool_with_a_creation_in_flight_serves_the_call_from_it() -> None:
+    sup, backend = await started(size=1)
+    gate = gated(backend)
+    await call(sup)  # takes the one ready sandbox; its refill now waits at the gate
+    await eventually(lambda: sup.pools._pools["echo"].creating == 1)
+    waiting = asyncio.ensure_future(call(sup, text="served warm"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and len(sup.pools._pools["echo"].waiters) == 1
+    cold_before = len(backend.created) - len(backend.warm_created)
+    gate.set()
+    result, sid = await waiting
+    assert result.output == "served warm" and sid in backend.warm_created
+    assert len(backend.created) - len(backend.warm_created) == cold_before, "no cold sandbox was made"
+    stats = sup.pools.stats()["echo"]
+    assert (stats.hits, stats.misses) == (2, 0)
+    await sup.shutdown()
+    assert backend.live == []
+
+
+async def test_callers_beyond_the_creations_in_flight_go_cold_at_once() -> None:
+    sup, backend = await started(size=1)
+    gate = gated(backend)
+    await call(sup)
+    await eventually(lambda: sup.pools._pools["echo"].creating == 1)
+    first = asyncio.ensure_future(call(sup, text="waits"))
+    await asyncio.sleep(0.02)
+    result, sid = await asyncio.wait_for(call(sup, text="cold"), timeout=1.0)  # nothing left to wait for
+    assert result.output == "cold" and sid not in backend.warm_created
+    gate.set()
+    assert (await first)[0].output == "waits"
+    await sup.shutdown()
+    assert backend.live == []
+
+
+async def test_a_late_creation_sends_the_waiting_call_cold_and_joins_the_pool() -> None:
+    sup, backend = await started(size=1)
+    gate = gated(backend)
+    await call(sup)
+    await eventually(lambda: sup.pools._pools["echo"].creating == 1)
+    result = await sup.pools.claim_soon(sup.config.compile(sup.config.resolve("echo"), "inv_x"), wait_s=0.05)
+    assert result is None, "not ready within the wait: the call goes cold"
+    assert sup.pools._pools["echo"].waiters == collections.deque()
+    gate.set()
+    await eventually(lambda: sup.pools.ready("echo") == 1)  # the late one is not lost: it is pooled
+    await sup.shutdown()
+    assert backend.live == []
+
+
+async def test_a_sandbox_handed_to_a_cancelled_waiter_is_removed_not_leaked() -> None:
+    sup, backend = await started(size=1)
+    gate = gated(backend)
+    await call(sup)
+    await eventually(lambda: sup.pools._pools["echo"].creating == 1)
+    spec = sup.config.compile(sup.config.resolve("echo"), "inv_y")
+    waiting = asyncio.ensure_future(sup.pools.claim_soon(spec, wait_s=5))
+    await asyncio.sleep(0.02)
+    gate.set()
+    await asyncio.sleep(0)  # the creation finishes and hands its sandbox over ...
+    waiting.cancel()  # ... to a call that is being cancelled
+    try:
+        handed = await waiting
+    except asyncio.CancelledError:  # cancelled in time: the sandbox went back to the reaper
+        handed = None
+    else:  # the call had already taken it: it is the call's to use and hand back, as the pipeline does
+        assert handed is not None
+        sup.pools.retire(handed)
+    await eventually(lambda: sup.pools.ready("echo") == 1 and len(backend.live) == 2)  # + the sleeper's
+    await sup.shutdown()
+    assert backend.live == []
+
+
+async def test_a_waiter_dropped_after_its_handover_gives_the_sandbox_to_the_reaper() -> None:
+    """The cancelled branch of ``claim_soon``, driven directly (the race is one loop iteration wide)."""
+    sup, backend = await started(size=1)
+    pool = sup.pools._pools["echo"]
+    sandbox = pool.ready.popleft().sandbox
+    waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    waiter.set_result(sandbox)
+    pool.waiters.append(waiter)
+    assert sup.pools._drop_waiter(pool, waiter, keep=False) is None
+    assert not pool.waiters
+    await eventually(lambda: sandbox.id in backend.removed)
     await sup.shutdown()
     assert backend.live == []
