@@ -27,10 +27,10 @@ import pytest
 from runtime.api.v1 import supervisor_pb2 as pb
 from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
 from runtime.audit import MAX_RECORD_BYTES, rotated_files, verify
+from runtime.backends.factory import open_backend
 from runtime.client import Client
 from runtime.errors import ConfigError
 from runtime.server.app import App
-from runtime.backends.factory import open_backend
 from runtime.settings import parse_config
 from runtime.supervisor import Supervisor
 from tests.security_support import AUDIENCE, ISSUER, Idp, serve_jwks

@@ -19,11 +19,11 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from runtime import pipeline
 from runtime.audit import verify
+from runtime.backends.factory import open_backend
 from runtime.client import Client, ClientError
 from runtime.model import OutputChunk, Started, Status
 from runtime.pipeline import compile_step, resolve
 from runtime.server.app import App
-from runtime.backends.factory import open_backend
 from runtime.settings import Config, parse_config
 from runtime.supervisor import Supervisor
 from tests.conftest import LOGS, SPANS

@@ -18,8 +18,7 @@ import pytest
 from runtime.api.v1 import supervisor_pb2 as pb
 from runtime.client import ClientError
 from runtime.model import Status
-from tests.support import LABEL_OWNER
-from tests.support import engine, running_supervisor
+from tests.support import LABEL_OWNER, engine, running_supervisor
 
 pytestmark = pytest.mark.docker
 

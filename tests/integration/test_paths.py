@@ -27,11 +27,11 @@ from typing import Any
 
 import pytest
 
+from runtime.backends.factory import open_backend
 from runtime.errors import ConfigError
 from runtime.model import Status
 from runtime.safepath import UnsafePath
 from runtime.server.app import App
-from runtime.backends.factory import open_backend
 from runtime.settings import parse_config
 from runtime.supervisor import Supervisor
 from tests.support import REPO, RUNNER_IMAGE, config_doc, engine, leftovers, running_supervisor

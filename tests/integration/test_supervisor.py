@@ -21,8 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from runtime.client import ClientError
 from runtime.model import OutputChunk, Result, Started, Status
-from tests.support import LABEL_OWNER
-from tests.support import engine, leftovers, running_supervisor
+from tests.support import LABEL_OWNER, engine, leftovers, running_supervisor
 
 pytestmark = pytest.mark.docker
 
