@@ -209,7 +209,7 @@ class RootfsStore:
 
     def _commit(self, staging: Path, digest: str, config: ImageConfig) -> None:
         (staging / "config.json").write_text(json.dumps(asdict(config), indent=1, sort_keys=True))
-        os.chmod(staging, 0o755)  # noqa: S103 - runc and the sandbox's user read the image's files
+        os.chmod(staging, 0o755)  # noqa: S103 # nosec B103 - a directory runc and the sandbox's user must read
         try:
             os.rename(staging, self.directory / _hex(digest))
         except OSError:
