@@ -71,7 +71,7 @@ class CgroupProbe:
     def oom_kills(self) -> int:
         """OOM kills in the sandbox's memory cgroup so far (0 when the cgroup is gone or can't tell)."""
         for path in self._layout.oom_candidates(self._cid):
-            value = _read_key(path, "oom_kill")
+            value = read_key(path, "oom_kill")
             if value is not None:
                 return value
         return 0
@@ -83,7 +83,7 @@ class CgroupProbe:
     def _read_memory(self) -> int:
         candidates = [self._memory] if self._memory else self._layout.memory_candidates(self._cid)
         for path, is_peak in candidates:
-            value = _read_int(path)
+            value = read_int(path)
             if value is not None:
                 self._memory = (path, is_peak)
                 return value
@@ -96,7 +96,7 @@ class CgroupProbe:
                 value = _read_usage_usec(path)
                 value = None if value is None else value * 1000
             else:
-                value = _read_int(path)
+                value = read_int(path)
             if value is not None:
                 self._cpu = path
                 return value
@@ -149,14 +149,14 @@ class UsageSampler:
                 self._cond.wait(self._interval_s)
 
 
-def _read_int(path: Path) -> int | None:
+def read_int(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
 
 
-def _read_key(path: Path, key: str) -> int | None:
+def read_key(path: Path, key: str) -> int | None:
     """``key``'s value in a flat-keyed cgroup file (``name value`` per line)."""
     try:
         for line in path.read_text().splitlines():

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from runtime.backends.cgroup import read_int, read_key
 from runtime.errors import BackendError
 from runtime.model import Usage
 
@@ -209,24 +210,24 @@ class SandboxCgroup:
         """OOM events in the sandbox so far (v2: kills, hierarchical; v1: OOMs of our memcg, each of
         which the kernel ends with a kill). Read it before ``remove``."""
         if self._tree.v2:
-            return _read_key(self.memory_dir / "memory.events", "oom_kill") or 0
+            return read_key(self.memory_dir / "memory.events", "oom_kill") or 0
         if self._oom_fd >= 0 and self.memory_dir.exists():
             with contextlib.suppress(BlockingIOError):
                 self._ooms += os.eventfd_read(self._oom_fd)
-        kills = _read_key(self.memory_dir / "memory.oom_control", "oom_kill") or 0
+        kills = read_key(self.memory_dir / "memory.oom_control", "oom_kill") or 0
         return max(self._ooms, kills)
 
     def sample(self) -> Usage:
         """Peak memory and CPU time so far (kept in our parents after runc's child is gone)."""
         if self._tree.v2:
-            peak = _read_int(self.memory_dir / "memory.peak")
+            peak = read_int(self.memory_dir / "memory.peak")
             if peak is None:
-                peak = _read_int(self.memory_dir / "memory.current")
-            usec = _read_key(self.cpu_dir / "cpu.stat", "usage_usec")
+                peak = read_int(self.memory_dir / "memory.current")
+            usec = read_key(self.cpu_dir / "cpu.stat", "usage_usec")
             cpu = None if usec is None else usec * 1000
         else:
-            peak = _read_int(self.memory_dir / "memory.max_usage_in_bytes")
-            cpu = _read_int(self.cpuacct_dir / "cpuacct.usage")
+            peak = read_int(self.memory_dir / "memory.max_usage_in_bytes")
+            cpu = read_int(self.cpuacct_dir / "cpuacct.usage")
         self._peak = max(self._peak, peak or 0)
         self._cpu_ns = max(self._cpu_ns, cpu or 0)
         return Usage(peak_memory_bytes=self._peak, cpu_time_ns=self._cpu_ns)
@@ -275,21 +276,3 @@ def _write(path: Path, value: str) -> None:
         os.write(fd, value.encode())
     finally:
         os.close(fd)
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _read_key(path: Path, key: str) -> int | None:
-    try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key:
-                return int(value)
-    except (OSError, ValueError):
-        return None
-    return None
