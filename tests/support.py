@@ -76,9 +76,11 @@ def oci_residue(owner: str, state_dir: str = OCI_STATE) -> list[str]:
     return found
 
 
-async def oci_clean(owner: str, state_dir: str = OCI_STATE, zombie_grace_s: float = 2.0) -> list[str]:
+async def oci_clean(owner: str, state_dir: str = OCI_STATE, zombie_grace_s: float = 5.0) -> list[str]:
     """``oci_residue``, allowing a killed process's zombie a moment to be reaped by its parent (it holds
-    no memory, files or cgroup); anything else, or a zombie that stays, is returned."""
+    no memory, files or cgroup). After a supervisor crash the sandbox's processes are orphans of the
+    host's pid 1, which reaps them on its own time (this machine's is no prompt reaper). Anything else,
+    or a zombie that stays, is returned."""
     deadline = asyncio.get_running_loop().time() + zombie_grace_s
     while True:
         residue = oci_residue(owner, state_dir)

@@ -29,7 +29,7 @@ import yaml
 
 from runtime.client import Client, ClientError
 from runtime.model import OutputChunk, Result, Started, Status
-from tests.support import REPO, config_doc, engine, leftovers, oci_residue, running_supervisor
+from tests.support import REPO, config_doc, engine, leftovers, oci_clean, oci_residue, running_supervisor
 
 pytestmark = pytest.mark.docker
 
@@ -56,6 +56,11 @@ def present(kind: str, owner: str) -> list[str]:
     return leftovers(engine(), owner) if kind == "docker" else oci_residue(owner)
 
 
+async def settled(kind: str, owner: str) -> list[str]:
+    """``present``, once a killed sandbox's zombies had a moment to be reaped (see ``oci_clean``)."""
+    return leftovers(engine(), owner) if kind == "docker" else await oci_clean(owner)
+
+
 def sandboxes(kind: str, owner: str) -> list[str]:
     """Live sandboxes of ``owner`` (one entry each)."""
     if kind == "docker":
@@ -72,7 +77,7 @@ def with_engine(doc: dict[str, Any], kind: str) -> dict[str, Any]:
 async def gone_within(owner: str, seconds: float, kind: str = "docker") -> float:
     """Seconds until nothing of ``owner``'s exists; fails after ``seconds``."""
     t0 = time.monotonic()
-    while left := present(kind, owner):
+    while left := [r for r in present(kind, owner) if "[Z" not in r]:  # a zombie holds nothing
         assert time.monotonic() - t0 < seconds, f"still there after {seconds} s: {left}"
         await asyncio.sleep(0.05)
     return time.monotonic() - t0
@@ -178,7 +183,7 @@ async def test_supervisor_sigkilled_mid_run_then_restart_cleans_up(tmp_path: Pat
             assert any(r.startswith("pid ") for r in present(kind, owner)), present(kind, owner)
         with serve(config) as proc:
             await wait_serving(proc, sock)  # the stale socket file was cleared, not refused
-            assert present(kind, owner) == []  # swept before serving
+            assert await settled(kind, owner) == []  # swept before serving
             async with Client(f"unix://{sock}") as client:
                 result = await client.call("text.wordcount", json.dumps({"text": "after restart"}))
             assert result.status is Status.OK
@@ -277,7 +282,7 @@ async def test_image_missing_is_failed_precondition_with_a_fix(tmp_path: Path, k
             await client.call("ghost", "{}")
         assert info.value.code == "FAILED_PRECONDITION"
         assert "toolcell-test/missing:never" in info.value.details and "toolcell images build" in info.value.details
-        assert present(kind, owner) == []
+        assert await settled(kind, owner) == []
         assert (await client.call("text.wordcount", json.dumps({"text": "still serving"}))).status is Status.OK
 
 
@@ -310,7 +315,7 @@ async def run_batch(client: Client, owner: str, app: Any, kind: str) -> float:
     assert wrong == [], wrong
     assert len({r.invocation_id for r in results if isinstance(r, Result)}) == 64
     assert app.supervisor.in_flight == 0
-    assert present(kind, owner) == []
+    assert await settled(kind, owner) == []
     return time.monotonic() - t0
 
 

@@ -106,7 +106,9 @@ async def test_an_empty_pool_falls_back_to_cold_and_every_call_succeeds(tmp_path
         assert [r.output.strip() for r, _ in results] == ["0", "1", "2"]
         assert all(r.status is Status.OK for r, _ in results)
         stats = app.supervisor.pools.stats()["python.run"]
-        assert stats.hits == 1 and stats.misses == 2
+        # One was ready; a call may also wait for the refill already in flight (claim_soon) instead of
+        # starting another cold sandbox; the rest went cold. Every call was served either way.
+        assert stats.hits >= 1 and stats.hits + stats.misses == 3, stats
 
 
 async def test_ttl_recycles_pooled_sandboxes(tmp_path: Path) -> None:
