@@ -25,8 +25,12 @@ toolcell bench --quick --json "$bench_json"
 python - "$bench_json" <<'EOF'
 import json, sys
 figures = json.load(open(sys.argv[1]))
-missing = {"noop_grpc", "raw_docker", "cold", "warm", "throughput", "flood", "hostile", "targets"} - set(figures)
+missing = {"noop_grpc", "raw_docker", "raw_docker_network_none", "cold", "warm", "throughput", "flood", "hostile",
+           "oci", "targets"} - set(figures)
 assert not missing, f"bench JSON lacks {missing}"
+oci = figures["oci"]
+assert "skipped" not in oci and {"floor", "cold", "warm", "throughput"} <= set(oci), f"the oci section did not run: {oci}"
+assert oci["warm"]["n"] > 0 and oci["cold"]["n"] > 0, "no oci call was measured"
 assert figures["warm"]["warm_hits"] > 0, "no call was served warm"
 assert figures["hostile"]["attack"]["warm"]["n"] > 0, "no normal call was served under attack"
 EOF
