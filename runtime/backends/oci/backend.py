@@ -208,6 +208,9 @@ class OciBackend:
             return
         self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._tree is not None:  # owners this backend made cgroup directories for: empty ones go
+            for owner in self._tree.owners_used():
+                await asyncio.to_thread(self._tree.remove_owner, owner)
 
     # -- not part of Backend ---------------------------------------------------------------------------
 

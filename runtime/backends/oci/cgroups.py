@@ -64,6 +64,7 @@ class CgroupTree:
         self.root = Path(root)
         self.v2 = (self.root / "cgroup.controllers").exists()
         self._ready: set[str] = set()
+        self._used: set[str] = set()
         if not self.v2:
             for ctrl in V1_LIMITED:
                 if not (self.root / ctrl).is_dir():
@@ -98,6 +99,10 @@ class CgroupTree:
                 found.update(e.name for e in os.scandir(d) if e.is_dir(follow_symlinks=False))
         return found
 
+    def owners_used(self) -> list[str]:
+        """Owners whose directories this tree made (or found) since it was created."""
+        return sorted(self._used)
+
     def remove_owner(self, owner: str) -> None:
         """Remove ``owner``'s (empty) directories; any that still hold a sandbox stay."""
         self._ready.discard(owner)
@@ -107,6 +112,7 @@ class CgroupTree:
 
     def _prepare_owner(self, owner: str) -> None:
         """v2: let the sandboxes under ``toolcell/<owner>`` use memory, pids and cpu (once per owner)."""
+        self._used.add(owner)
         if owner in self._ready and (not self.v2 or (self.root / TOP / safe_component(owner)).is_dir()):
             return
         if self.v2:
