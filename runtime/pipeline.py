@@ -162,7 +162,7 @@ async def create(backend: Backend, spec: SandboxSpec, on_orphan: Callable[[Sandb
 
 
 async def terminate(sandbox: Sandbox, waiter: asyncio.Future[ExitInfo], grace_s: float) -> None:
-    """SIGTERM, wait ``grace_s``, then SIGKILL (trio's deliver_cancel, applied to a container)."""
+    """SIGTERM, wait ``grace_s``, then SIGKILL (trio's deliver_cancel, applied to a sandbox)."""
     await sandbox.signal(signal.SIGTERM)
     try:
         await asyncio.wait_for(asyncio.shield(waiter), timeout=grace_s)

@@ -41,7 +41,7 @@ log = logging.getLogger("toolcell.pool")
 
 REFILL_CONCURRENCY = 2
 # A claim's refill starts when its invocation ends, or after this long, whichever is first: the
-# engine's CPU-heavy container start then does not compete with a short warm invocation.
+# engine's CPU-heavy sandbox start then does not compete with a short warm invocation.
 REFILL_DELAY_S = 0.1
 # After a claimed sandbox's invocation ends: its removal and refill start this much later.
 AFTER_CALL_S = 0.05
@@ -247,7 +247,7 @@ class PoolManager:
     async def close(self, timeout_s: float = 15.0) -> None:
         """Stop every pool, wait for creations in flight, remove every pooled sandbox.
 
-        Bounded: with the engine away, what is not removed by then is left to the sweep by label.
+        Bounded: with the engine away, what is not removed by then is left to the sweep by owner.
         """
         self._closed = True
         for pool in self._pools.values():

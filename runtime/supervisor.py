@@ -258,7 +258,7 @@ class Supervisor:
         return len(self._running)
 
     async def shutdown(self) -> None:
-        """Cancel what is still running, wait for removals, then sweep by label."""
+        """Cancel what is still running, wait for removals, then sweep by owner."""
         self.cancel_all()
         if self._waiting is not None:
             self._waiting.cancel()
