@@ -8,18 +8,24 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 bash scripts/setup.sh
 TOOLCELL="$REPO/.venv/bin/toolcell"
-LOG="$(mktemp /tmp/toolcell-serve.XXXXXX.log)"
+WORK="$(mktemp -d /tmp/toolcell-demo.XXXXXX)"
+SERVER=""
+stop() { if [[ -n "$SERVER" ]]; then kill -TERM "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null; fi; SERVER=""; }
+trap 'stop; rm -rf "$WORK"' EXIT
 
-"$TOOLCELL" serve >"$LOG" 2>&1 &
-SERVER=$!
-cleanup() { kill -TERM "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null; rm -f "$LOG"; }
-trap cleanup EXIT
-for _ in $(seq 1 100); do
-  grep -q "serving on" "$LOG" && break
-  kill -0 "$SERVER" 2>/dev/null || { cat "$LOG" >&2; exit 1; }
-  sleep 0.1
-done
-grep "serving on" "$LOG" >&2
+serve() {  # serve ARGS...: start `toolcell serve ARGS` and wait until it says it serves
+  local log="$WORK/serve-$#-$RANDOM.log"
+  "$TOOLCELL" serve "$@" >"$log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 1 100); do
+    grep -q "serving on" "$log" && break
+    kill -0 "$SERVER" 2>/dev/null || { cat "$log" >&2; exit 1; }
+    sleep 0.1
+  done
+  grep "serving on" "$log" >&2
+}
+
+serve
 
 echo; echo "\$ toolcell tools"
 "$TOOLCELL" tools
@@ -29,20 +35,9 @@ echo; echo "\$ toolcell call python.run --args '{\"code\": ...}' --json"
 "$TOOLCELL" call python.run --json --args '{"code": "import os, platform, socket\nprint(\"uid\", os.getuid(), \"python\", platform.python_version())\nprint(\"interfaces\", [n for _, n in socket.if_nameindex()])\nfor path in (\"/tmp/scratch\", \"/pwned\"):\n    try:\n        open(path, \"w\").write(\"x\")\n        print(\"write\", path, \"ok\")\n    except OSError as e:\n        print(\"write\", path, e.strerror)"}'
 
 echo; echo "--- the same tools on the daemonless oci engine (TOOLCELL_ENGINE=oci) ---"
-cleanup
-OCI_DIR="$(mktemp -d /tmp/toolcell-oci-demo.XXXXXX)"
-OCI_SOCK="unix://$OCI_DIR/toolcell.sock"
-LOG="$OCI_DIR/serve.log"
-TOOLCELL_ENGINE=oci "$TOOLCELL" serve --listen "$OCI_SOCK" >"$LOG" 2>&1 &
-SERVER=$!
-cleanup() { kill -TERM "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null; rm -rf "$OCI_DIR"; }
-trap cleanup EXIT
-for _ in $(seq 1 100); do
-  grep -q "serving on" "$LOG" && break
-  kill -0 "$SERVER" 2>/dev/null || { cat "$LOG" >&2; exit 1; }
-  sleep 0.1
-done
-grep "serving on" "$LOG" >&2
+stop
+OCI_SOCK="unix://$WORK/toolcell.sock"
+TOOLCELL_ENGINE=oci serve --listen "$OCI_SOCK"
 echo; echo "\$ TOOLCELL_ENGINE=oci toolcell doctor"
 TOOLCELL_ENGINE=oci "$TOOLCELL" doctor
 echo; echo "\$ toolcell call text.wordcount --target $OCI_SOCK --args '{\"text\": \"no daemon, same sandbox\"}'"
