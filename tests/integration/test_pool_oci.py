@@ -6,21 +6,18 @@ The pool itself is backend-neutral (``pool.py``); these check what only the oci 
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import json
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from runtime.backends.factory import open_backend
-from runtime.model import Result, Started, Status
+from runtime.model import Status
 from runtime.secretstore import SecretStore, generate_key
 from runtime.server.app import App
 from runtime.settings import parse_config
 from runtime.supervisor import Supervisor
+from tests.integration.test_pool import eventually, run
 from tests.security.conftest import oci_ready
 from tests.support import CANARY, RUNNER_IMAGE, config_doc, oci_clean, oci_residue, running_supervisor
 
@@ -34,23 +31,6 @@ def pooled_doc(tmp_path: Path, size: int = 2) -> dict[str, Any]:
     doc["engine"] = {"kind": "oci"}
     doc["tools"][1]["pool"] = {"size": size}  # python.run
     return doc
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
-async def run(client: Any, tool: str, src: str) -> tuple[Result, str]:
-    sandbox = ""
-    async for event in client.execute(tool, json.dumps({"code": src})):
-        if isinstance(event, Started):
-            sandbox = event.sandbox_id
-        elif isinstance(event, Result):
-            return event, sandbox
-    raise AssertionError("no result")
 
 
 def pooled_ids(app: App, tool: str) -> set[str]:
