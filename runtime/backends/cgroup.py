@@ -60,13 +60,22 @@ class CgroupProbe:
         self._cpu: Path | None = None
         self._peak_memory = 0
         self._cpu_ns = 0
+        self._oom_kills = 0
 
     def sample(self) -> None:
         memory = self._read_memory()
         cpu = self._read_cpu()
+        ooms = self.oom_kills()
         with self._lock:
             self._peak_memory = max(self._peak_memory, memory)
             self._cpu_ns = max(self._cpu_ns, cpu)
+            self._oom_kills = max(self._oom_kills, ooms)
+
+    @property
+    def seen_oom_kills(self) -> int:
+        """The most OOM kills any sample saw: the kernel's own count, kept after the cgroup is gone."""
+        with self._lock:
+            return self._oom_kills
 
     def oom_kills(self) -> int:
         """OOM kills in the sandbox's memory cgroup so far (0 when the cgroup is gone or can't tell)."""

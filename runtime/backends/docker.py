@@ -709,7 +709,9 @@ class DockerSandbox:
         self._backend._sampler.discard(self._probe)
         self._probe.sample()  # usually too late (the cgroup goes with the process), but free
         exit_code = int(status.get("StatusCode", -1))
-        oom = bool(self._api.inspect_container(self._id).get("State", {}).get("OOMKilled"))
+        # The kernel's own count, as the sampler saw it while the container ran, or the engine's flag.
+        oom = self._probe.seen_oom_kills > 0 or \
+            bool(self._api.inspect_container(self._id).get("State", {}).get("OOMKilled"))
         # The engine records the kernel's OOM event separately from the exit; with many containers dying at
         # once it can land well after the exit. A SIGKILL death we did not cause, not (yet) flagged, gets
         # second looks for up to ~5 s (measured: 200 ms, then 1 s, were not always enough with 64 calls

@@ -310,7 +310,8 @@ async def run_batch(client: Client, owner: str, app: Any, kind: str) -> float:
         timeout=300)
     errors = [r for r in results if not isinstance(r, Result)]
     assert errors == [], f"{len(errors)} calls failed: {errors[:3]}"
-    wrong = [(tool, r.status.value, want) for (tool, _, want), r in zip(jobs, results, strict=True)
+    wrong = [(tool, r.status.value, r.exit_code, r.message, want)
+             for (tool, _, want), r in zip(jobs, results, strict=True)
              if isinstance(r, Result) and r.status not in want]
     assert wrong == [], wrong
     assert len({r.invocation_id for r in results if isinstance(r, Result)}) == 64
