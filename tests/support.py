@@ -71,8 +71,9 @@ def oci_residue(owner: str, state_dir: str = OCI_STATE) -> list[str]:
                 cgroups = (proc / "cgroup").read_text()
             except OSError:
                 continue
-            if marker in cgroups:
-                found.append(f"pid {proc.name} {_describe(proc)}")
+            described = _describe(proc) if marker in cgroups else None
+            if described is not None:  # None: it exited while we looked, nothing left of it
+                found.append(f"pid {proc.name} {described}")
     return found
 
 
@@ -89,14 +90,14 @@ async def oci_clean(owner: str, state_dir: str = OCI_STATE, zombie_grace_s: floa
         await asyncio.sleep(0.05)
 
 
-def _describe(proc: Path) -> str:
-    """A process's state and command line, for a leak report."""
+def _describe(proc: Path) -> str | None:
+    """A process's state and command line, for a leak report; None once it is gone."""
     try:
         state = next((line.split(":", 1)[1].strip() for line in (proc / "status").read_text().splitlines()
                       if line.startswith("State:")), "?")
         cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
-        return "(gone)"
+        return None
     return f"[{state}] {cmdline[:120]}"
 
 
