@@ -133,11 +133,18 @@ class PoolManager:
 
         A deferred spec (granted secrets): the invocation's start delivers them with the claim.
         """
+        pool = self._pool_for(spec)
+        return None if pool is None else self._take(pool)
+
+    def _pool_for(self, spec: SandboxSpec) -> _Pool | None:
+        """The open pool whose sandboxes are made from ``spec`` (one fingerprint per call), if any."""
         pool = self._pools.get(spec.identity.tool)
-        if pool is None or pool.closed:
-            return None
-        if fingerprint(spec) != pool.key:
-            return None  # e.g. an invocation still running under the previous config
+        if pool is None or pool.closed or fingerprint(spec) != pool.key:
+            return None  # no pool, or e.g. an invocation still running under the previous config
+        return pool
+
+    def _take(self, pool: _Pool) -> WarmSandbox | None:
+        """A live ready sandbox of ``pool`` (dead ones are retired on the way); None counts a miss."""
         while pool.ready:
             entry = pool.ready.popleft()
             if entry.sandbox.alive:
@@ -158,9 +165,11 @@ class PoolManager:
         engine); the one in flight started earlier and costs nothing more, so waiting for it is no slower and
         keeps the warm share up. A creation that fails or is late sends the call cold after ``wait_s``.
         """
-        sandbox = self.claim(spec)
-        pool = self._pools.get(spec.identity.tool)
-        if sandbox is not None or pool is None or pool.closed or fingerprint(spec) != pool.key:
+        pool = self._pool_for(spec)
+        if pool is None:
+            return None
+        sandbox = self._take(pool)
+        if sandbox is not None:
             return sandbox
         if pool.creating <= len(pool.waiters):
             return None  # every creation in flight is promised to an earlier caller
@@ -174,7 +183,7 @@ class PoolManager:
             raise
         sandbox = self._drop_waiter(pool, waiter, keep=True)
         if sandbox is not None:
-            pool.stats.misses -= 1  # counted by claim() above: it was served warm after all
+            pool.stats.misses -= 1  # counted by _take() above: it was served warm after all
             pool.stats.hits += 1
         return sandbox
 
