@@ -407,6 +407,11 @@ async def test_granted_secrets_arrive_with_start(harness: Harness, pooled: bool)
     """A deferred spec's tool is spawned by its start, with the start's secrets: env, and files in its scratch."""
     spec = harness.spec("secrets", secrets=SECRET_GRANTS)
     assert spec.defer and "/run/secrets" in [s.path for s in spec.scratch]
+    await secrets_arrive(harness, spec, pooled)
+
+
+async def secrets_arrive(harness: Harness, spec: SandboxSpec, pooled: bool) -> None:
+    """Start ``spec`` (cold or pooled) with the test secrets: the tool sees them, and its stdin."""
     sandbox = await (harness.backend.create_warm(spec, lambda: None) if pooled else harness.backend.create(spec))
     try:
         stdout, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b'{"a": 1}', SECRETS), 60)
@@ -812,13 +817,7 @@ async def test_secrets_arrive_under_gvisor_through_the_relay(docker: Harness, po
     """runsc: the deferred launcher also relays the tool's output (``--defer --relay``)."""
     _require_runtime("runsc")
     spec = docker.spec("secrets", secrets=SECRET_GRANTS, profile=IsolationProfile().with_runtime("runsc"))
-    sandbox = await (docker.backend.create_warm(spec, lambda: None) if pooled else docker.backend.create(spec))
-    try:
-        stdout, stderr, info = await asyncio.wait_for(run_to_end(sandbox, b'{"a": 1}', SECRETS), 60)
-    finally:
-        await sandbox.remove()
-    assert info == ExitInfo(0, False), stderr[-500:]
-    assert json.loads(stdout) == {"env": "s3cret-env", "file": "s3cret-file\n", "stdin": '{"a": 1}'}
+    await secrets_arrive(docker, spec, pooled)
 
 
 @pytest.mark.docker
