@@ -369,9 +369,15 @@ class OciBackend:
                 args = [a.decode(errors="replace") for a in argv if a]
                 if len(args) > 3 and args[-1] == sandbox_id and "run" in args and root in args:
                     found.append(int(entry.name))
-        for pid in found:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signals.SIGKILL)
+        for pid in found:  # through a pidfd, re-checked: the pid may have been reused since the scan
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(pid)
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    if sandbox_id.encode() in argv and root.encode() in argv:
+                        signals.pidfd_send_signal(pidfd, signals.SIGKILL)
+                finally:
+                    os.close(pidfd)
         deadline = time.monotonic() + _KILL_WAIT_S
         while found and time.monotonic() < deadline:
             found = [p for p in found if _running(p)]

@@ -252,11 +252,22 @@ class SandboxCgroup:
         return found
 
     def kill_all(self) -> int:
-        """SIGKILL every process in the sandbox's cgroups (the fallback when runc cannot kill its init)."""
+        """SIGKILL every process in the sandbox's cgroups (the fallback when runc cannot kill its init).
+
+        Each through a pidfd, after checking that the process it pins is still in this sandbox's cgroup: a
+        pid read from cgroup.procs may exit and be reused by any host process before the signal (pid_max
+        is 32768 on small hosts), and the supervisor, as root, could otherwise kill that one.
+        """
         found = self.pids()
         for pid in found:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(pid)
+                try:
+                    mine = f"/{self._rel.name}/"  # the sandbox's directory, or one of runc's below it
+                    if any(mine in line + "/" for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()):
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                finally:
+                    os.close(pidfd)
         return len(found)
 
     def remove(self) -> bool:
