@@ -30,6 +30,19 @@ class SecretGrant:
 
 
 @dataclass(frozen=True)
+class McpBinding:
+    """A tool that lives in a stock MCP server (a tool source): which server, and its name there.
+
+    ``roots`` answers the server's ``roots/list`` requests; None refuses them (the default: a server
+    learns nothing of the caller's files unless the admin says so).
+    """
+
+    server: str
+    name: str
+    roots: tuple[Mapping[str, str], ...] | None = None
+
+
+@dataclass(frozen=True)
 class Tool:
     """A tool as the admin declared it. Callers can only name it; everything else is fixed here."""
 
@@ -43,6 +56,10 @@ class Tool:
     output_schema: Mapping[str, Any] | None = None
     annotations: Mapping[str, Any] = field(default_factory=dict)
     secrets: tuple[SecretGrant, ...] = ()
+    # Added to the profile's environment (a tool source's ``env``).
+    env: Mapping[str, str] = field(default_factory=dict)
+    # Set for a tool discovered in an MCP server: the command is the in-sandbox driver in front of it.
+    source: McpBinding | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,15 @@ class Started:
 class OutputChunk:
     stream: Literal["stdout", "stderr"]
     text: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress notification from an MCP server's tool, its message scrubbed."""
+
+    progress: float
+    total: float | None = None
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +144,11 @@ class Result:
     structured_content: Mapping[str, Any] | None = None
     # Network grants: every destination the sandbox asked for (empty when the tool has no grant).
     egress: tuple[EgressDestination, ...] = ()
+    # A tool from an MCP server: its CallToolResult's content blocks (MCP shapes: text, image, audio,
+    # resource, resource_link), every text scrubbed; ``output`` holds their texts joined.
+    content: tuple[Mapping[str, Any], ...] = ()
+    # The server's ``isError``: the tool ran and reported a failure (status is ERROR then).
+    is_error: bool = False
 
 
-Event = Started | OutputChunk | Result
+Event = Started | OutputChunk | Progress | Result

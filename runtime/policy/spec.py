@@ -206,6 +206,7 @@ def compile_spec(
     for name in profile.env_passthrough:
         if name in environ:
             env[name] = environ[name]
+    env.update(tool.env)  # a tool source's own variables (the admin's, never the caller's)
     effective_timeout = profile.timeout_s if timeout_s is None else min(profile.timeout_s, timeout_s)
     uid, _, gid = profile.user.partition(":")
     return SandboxSpec(
