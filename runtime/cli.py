@@ -98,7 +98,8 @@ def _result_dict(result: Any) -> dict[str, Any]:
 
 async def _call(args: argparse.Namespace) -> int:
     from runtime.client import ClientError
-    from runtime.model import OutputChunk, Result, Started
+    from runtime.model import OutputChunk, Progress, Result, Started
+    from runtime.quoting import printable
 
     try:
         json.loads(args.args)
@@ -116,6 +117,10 @@ async def _call(args: argparse.Namespace) -> int:
                     stream = sys.stdout if event.stream == "stdout" else sys.stderr
                     stream.write(event.text)
                     stream.flush()
+                elif isinstance(event, Progress) and not args.json:  # a tool from an MCP server
+                    done = f"{event.progress:g}" + (f"/{event.total:g}" if event.total is not None else "")
+                    print(f"toolcell: progress {done}" + (f" {printable(event.message, 200)}" if event.message
+                                                          else ""), file=sys.stderr, flush=True)
                 elif isinstance(event, Result):
                     if args.json:
                         print(json.dumps(_result_dict(event), indent=None))
