@@ -17,6 +17,11 @@ Retries
     from the caller, or the supervisor lists the tool as read-only or idempotent (``safe_to_retry``).
     A tool that is not known to be idempotent is never re-run silently: the caller gets
     ``UnavailableError`` and decides.
+MCP tools
+    A tool from a stock MCP server streams ``Progress`` events (its notifications/progress) and ends with
+    a ``Result`` whose ``content`` holds its content blocks as MCP-shaped dicts and ``is_error`` its
+    ``isError``; the content is parsed with a size bound, and what is unreadable becomes a text block
+    saying so. Plain tools: ``content`` is empty and ``output`` is stdout, as before.
 Errors
     Every gRPC status becomes one ``ClientError`` subclass, from one table (``STATUS_ERRORS``).
 Tracing
@@ -320,7 +325,8 @@ class Client:
     async def execute(self, tool: str, arguments: Mapping[str, Any] | str | None = None, *,
                       invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None,
                       caller_metadata: Mapping[str, str] | None = None) -> AsyncGenerator[Event, None]:
-        """Run ``tool``; yield ``Started``, output chunks as they happen, and the final ``Result``.
+        """Run ``tool``; yield ``Started``, output chunks (for a tool from an MCP server: ``Progress``) as
+        they happen, and the final ``Result``.
 
         ``arguments``: a mapping, or the JSON text of one. Closing the iterator early (or cancelling the
         task) cancels the RPC, and the supervisor removes the sandbox.
@@ -357,7 +363,8 @@ class Client:
 
     async def call(self, tool: str, arguments: Mapping[str, Any] | str | None = None, *,
                    invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None) -> Result:
-        """Run ``tool`` and return only its final ``Result`` (output is in ``result.output``).
+        """Run ``tool`` and return only its final ``Result`` (output is in ``result.output``; a tool from an
+        MCP server also has its content blocks in ``result.content`` and its ``isError`` in ``result.is_error``).
 
         One unary ``Call`` RPC (nothing streams, so nothing extra is written or read on the way); a
         supervisor without ``Call`` is asked with ``Execute`` instead. Retried on UNAVAILABLE only when

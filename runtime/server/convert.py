@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from runtime.api.v1 import supervisor_pb2 as pb
-from runtime.model import Event, InvocationRequest, OutputChunk, Result, Started, Status, Tool
+from runtime.model import Event, InvocationRequest, OutputChunk, Progress, Result, Started, Status, Tool
+
+# The most content_json a client parses: gRPC's default receive limit, which bounds the whole message
+# anyway (the client does not raise it); checked again here so the parse never depends on that default.
+CONTENT_JSON_MAX_CHARS = 4 * 1024 * 1024
 
 STATUS_TO_PB = {
     Status.OK: pb.STATUS_OK,
@@ -52,7 +58,55 @@ def result_to_pb(result: Result) -> pb.Result:
         egress=[pb.EgressDestination(host=d.host, port=d.port, allowed=d.allowed, reason=d.reason,
                                      connections=d.connections, bytes_up=d.bytes_up, bytes_down=d.bytes_down)
                 for d in result.egress],
+        content_json=content_to_json(result.content),
+        is_error=result.is_error,
     )
+
+
+def _notice(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": f"[toolcell: {text}]"}
+
+
+def content_to_json(content: Sequence[Mapping[str, Any]]) -> str:
+    """MCP content blocks as compact JSON text ("" for none: a plain tool).
+
+    The blocks are already sanitized; a value JSON can't carry (NaN, a non-JSON type) is a bug upstream,
+    reported in a text block instead of failing the whole result. A lone surrogate becomes "?", so the
+    string always encodes as the UTF-8 protobuf requires.
+    """
+    if not content:
+        return ""
+    try:
+        text = json.dumps([dict(block) for block in content], ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False)
+    except (TypeError, ValueError):
+        text = json.dumps([_notice("the tool's content could not be encoded as JSON")], separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def content_from_json(text: str) -> tuple[dict[str, Any], ...]:
+    """content_json as content blocks, parsed with bounds (the client trusts the server less than fully).
+
+    Never raises and never drops silently: an unreadable array becomes one text block saying so, an
+    element that is not a JSON object with a string ``type`` becomes a text block saying so.
+    """
+    if not text:
+        return ()
+    if len(text) > CONTENT_JSON_MAX_CHARS:
+        return (_notice(f"the supervisor sent content_json over {CONTENT_JSON_MAX_CHARS} characters"),)
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return (_notice("the supervisor sent content_json that is not JSON"),)
+    if not isinstance(value, list):
+        return (_notice("the supervisor sent content_json that is not a JSON array"),)
+    return tuple(block if isinstance(block, dict) and isinstance(block.get("type"), str)
+                 else _notice("the supervisor sent a content block that is not an object with a type")
+                 for block in value)
 
 
 def event_to_pb(event: Event) -> pb.ExecuteEvent:
@@ -63,6 +117,9 @@ def event_to_pb(event: Event) -> pb.ExecuteEvent:
     if isinstance(event, OutputChunk):
         chunk = pb.OutputChunk(text=event.text)
         return pb.ExecuteEvent(stdout=chunk) if event.stream == "stdout" else pb.ExecuteEvent(stderr=chunk)
+    if isinstance(event, Progress):
+        return pb.ExecuteEvent(progress=pb.Progress(progress=event.progress, total=event.total,
+                                                    message=event.message))
     return pb.ExecuteEvent(result=result_to_pb(event))
 
 
@@ -107,6 +164,8 @@ def result_from_pb(msg: pb.Result) -> Result:
         egress=tuple(EgressDestination(host=d.host, port=d.port, allowed=d.allowed, reason=d.reason,
                                        connections=d.connections, bytes_up=d.bytes_up, bytes_down=d.bytes_down)
                      for d in msg.egress),
+        content=content_from_json(msg.content_json),
+        is_error=msg.is_error,
     )
 
 
@@ -120,6 +179,9 @@ def event_from_pb(msg: pb.ExecuteEvent) -> Event:
         return OutputChunk(stream="stdout", text=msg.stdout.text)
     if kind == "stderr":
         return OutputChunk(stream="stderr", text=msg.stderr.text)
+    if kind == "progress":
+        p = msg.progress
+        return Progress(progress=p.progress, total=p.total if p.HasField("total") else None, message=p.message)
     return result_from_pb(msg.result)
 
 

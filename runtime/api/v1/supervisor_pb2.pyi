@@ -46,16 +46,28 @@ class ExecuteRequest(_message.Message):
     def __init__(self, tool: _Optional[str] = ..., arguments_json: _Optional[str] = ..., invocation_id: _Optional[str] = ..., caller_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ExecuteEvent(_message.Message):
-    __slots__ = ("started", "stdout", "stderr", "result")
+    __slots__ = ("started", "stdout", "stderr", "result", "progress")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     started: Started
     stdout: OutputChunk
     stderr: OutputChunk
     result: Result
-    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., stdout: _Optional[_Union[OutputChunk, _Mapping]] = ..., stderr: _Optional[_Union[OutputChunk, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ...) -> None: ...
+    progress: Progress
+    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., stdout: _Optional[_Union[OutputChunk, _Mapping]] = ..., stderr: _Optional[_Union[OutputChunk, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("progress", "total", "message")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    progress: float
+    total: float
+    message: str
+    def __init__(self, progress: _Optional[float] = ..., total: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Started(_message.Message):
     __slots__ = ("invocation_id", "sandbox_id", "profile", "tool", "trace_id")
@@ -104,7 +116,7 @@ class EgressDestination(_message.Message):
     def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., allowed: _Optional[bool] = ..., reason: _Optional[str] = ..., connections: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("status", "exit_code", "output", "stderr", "truncated", "duration_ms", "usage", "trace_id", "invocation_id", "message", "stdout_bytes", "stderr_bytes", "sandbox_id", "redactions", "sanitized", "injection_markers", "structured_content_json", "egress")
+    __slots__ = ("status", "exit_code", "output", "stderr", "truncated", "duration_ms", "usage", "trace_id", "invocation_id", "message", "stdout_bytes", "stderr_bytes", "sandbox_id", "redactions", "sanitized", "injection_markers", "structured_content_json", "egress", "content_json", "is_error")
     class RedactionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +156,8 @@ class Result(_message.Message):
     INJECTION_MARKERS_FIELD_NUMBER: _ClassVar[int]
     STRUCTURED_CONTENT_JSON_FIELD_NUMBER: _ClassVar[int]
     EGRESS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    IS_ERROR_FIELD_NUMBER: _ClassVar[int]
     status: Status
     exit_code: int
     output: str
@@ -162,7 +176,9 @@ class Result(_message.Message):
     injection_markers: _containers.ScalarMap[str, int]
     structured_content_json: str
     egress: _containers.RepeatedCompositeFieldContainer[EgressDestination]
-    def __init__(self, status: _Optional[_Union[Status, str]] = ..., exit_code: _Optional[int] = ..., output: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., duration_ms: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., trace_id: _Optional[str] = ..., invocation_id: _Optional[str] = ..., message: _Optional[str] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., sandbox_id: _Optional[str] = ..., redactions: _Optional[_Mapping[str, int]] = ..., sanitized: _Optional[_Mapping[str, int]] = ..., injection_markers: _Optional[_Mapping[str, int]] = ..., structured_content_json: _Optional[str] = ..., egress: _Optional[_Iterable[_Union[EgressDestination, _Mapping]]] = ...) -> None: ...
+    content_json: str
+    is_error: bool
+    def __init__(self, status: _Optional[_Union[Status, str]] = ..., exit_code: _Optional[int] = ..., output: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., duration_ms: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., trace_id: _Optional[str] = ..., invocation_id: _Optional[str] = ..., message: _Optional[str] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., sandbox_id: _Optional[str] = ..., redactions: _Optional[_Mapping[str, int]] = ..., sanitized: _Optional[_Mapping[str, int]] = ..., injection_markers: _Optional[_Mapping[str, int]] = ..., structured_content_json: _Optional[str] = ..., egress: _Optional[_Iterable[_Union[EgressDestination, _Mapping]]] = ..., content_json: _Optional[str] = ..., is_error: _Optional[bool] = ...) -> None: ...
 
 class ListToolsRequest(_message.Message):
     __slots__ = ("cursor",)

@@ -60,8 +60,8 @@ class SupervisorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Execute(self, request, context):
-        """Run one tool invocation in a fresh sandbox. Stream: Started, then stdout/stderr chunks as they
-        happen, then exactly one Result. Rejections before any sandbox exists are gRPC errors
+        """Run one tool invocation in a fresh sandbox. Stream: Started, then stdout/stderr chunks (or, for
+        a tool from an MCP server, progress) as they happen, then exactly one Result. Rejections before any sandbox exists are gRPC errors
         (NOT_FOUND for an unknown tool, INVALID_ARGUMENT naming the bad field, ...).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
