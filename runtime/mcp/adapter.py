@@ -6,10 +6,13 @@
   description, input/output schema and annotations (derived from the tool's isolation profile by the
   supervisor, the admin's overrides on top);
 - ``call_tool``: runs the tool through the supervisor, so it executes in a fresh sandbox. Streamed
-  stdout becomes MCP progress notifications (which also keeps client-side timeouts alive); MCP
+  stdout, and a stock MCP server's own progress, become MCP progress notifications when the client's
+  request asked for them (a progressToken; this also keeps client-side timeouts alive); MCP
   cancellation sends ``Cancel`` for the invocation and closes the stream (the sandbox is removed); the
-  final result becomes a ``CallToolResult``: text content, structured content when the tool declares an
-  output schema, ``isError`` with the status and a readable message when the status is not ok.
+  final result becomes a ``CallToolResult``: text content (a stock MCP server's tool: its own content
+  blocks, each validated against the SDK's types), structured content when the tool declares an
+  output schema, ``isError`` with the status and a readable message when the status is not ok, or the
+  server's own ``isError``.
 
 Over HTTP with bearer authentication (``caller_token``), every supervisor call of a request carries the
 MCP caller's own verified token, so the supervisor's rules decide what that caller may do; the bridge's
@@ -23,8 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -34,9 +38,10 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.shared.exceptions import MCPError
 from mcp_types.jsonrpc import INVALID_PARAMS
+from pydantic import BaseModel, ValidationError
 
 from runtime.client import Client, ClientError, InvalidArgumentError, NotFoundError
-from runtime.model import OutputChunk, Result, Started, Status, Tool
+from runtime.model import OutputChunk, Progress, Result, Started, Status, Tool
 from runtime.quoting import printable
 
 log = logging.getLogger("toolcell.mcp")
@@ -70,6 +75,40 @@ def _text(text: str) -> types.TextContent:
     return types.TextContent(type="text", text=text)
 
 
+# MCP's content block types by their ``type``: each block is validated by its own model, so a block is
+# never read as another kind (the SDK's ``ContentBlock`` union has no discriminator).
+BLOCK_TYPES: dict[str, type[BaseModel]] = {
+    "text": types.TextContent, "image": types.ImageContent, "audio": types.AudioContent,
+    "resource": types.EmbeddedResource, "resource_link": types.ResourceLink,
+}
+
+
+def content_block(index: int, block: Mapping[str, Any]) -> types.ContentBlock:
+    """One of the supervisor's content blocks as the SDK's type; one it rejects becomes a text block saying so.
+
+    The notice names the block's position, its type and the first offending field (all bounded), never
+    the block's values.
+    """
+    kind = block.get("type")
+    model = BLOCK_TYPES.get(kind) if isinstance(kind, str) else None
+    shown = printable(kind, 32) if isinstance(kind, str) else "(none)"
+    if model is None:
+        return _text(f"[toolcell: content block {index} has a type MCP does not know: {shown}]")
+    try:
+        validated: types.ContentBlock = model.model_validate(dict(block))  # type: ignore[assignment]
+        return validated
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+        return _text(f"[toolcell: content block {index} ({shown}) is not valid MCP content: "
+                     f"{printable(where, 80) or 'the block'} {printable(errors[0]['msg'], 120) if errors else ''}]")
+
+
+def content_blocks(blocks: Sequence[Mapping[str, Any]]) -> list[types.ContentBlock]:
+    """The supervisor's content blocks (``Result.content``) as the SDK's, in order, none dropped."""
+    return [content_block(i, block) for i, block in enumerate(blocks)]
+
+
 def call_result(tool: Tool | None, result: Result) -> types.CallToolResult:
     """The supervisor's final ``Result`` as an MCP ``CallToolResult``.
 
@@ -84,6 +123,8 @@ def call_result(tool: Tool | None, result: Result) -> types.CallToolResult:
             meta[f"{META_PREFIX}{key}"] = dict(counts)
     note = "\n[output truncated]" if result.truncated else ""
     name = tool.name if tool else "?"
+    if result.content:  # a tool from a stock MCP server: its own blocks
+        return _mcp_call_result(tool, result, meta)
     if result.status is not Status.OK:
         lines = [f"Tool {name} ended with status {result.status.value} (exit code {result.exit_code})"
                  + (f": {result.message}" if result.message else "")]
@@ -100,6 +141,58 @@ def call_result(tool: Tool | None, result: Result) -> types.CallToolResult:
             f"Tool {name} declares an output schema but its output is not a JSON object valid against it:\n"
             f"{result.output}{note}")])
     return types.CallToolResult(content=[_text(result.output + note)], _meta=meta)
+
+
+def _mcp_call_result(tool: Tool | None, result: Result, meta: dict[str, Any]) -> types.CallToolResult:
+    """``call_result`` for a Result with content blocks (a stock MCP server's CallToolResult)."""
+    blocks = content_blocks(result.content)
+    if result.truncated:
+        blocks.append(_text("[output truncated]"))
+    structured = dict(result.structured_content) if result.structured_content is not None else None
+    name = tool.name if tool else "?"
+    if result.status is not Status.OK and not result.is_error:  # the sandbox ended it: timeout, OOM, killed ...
+        head = (f"Tool {name} ended with status {result.status.value} (exit code {result.exit_code})"
+                + (f": {result.message}" if result.message else "")
+                + (f"\nstderr:\n{result.stderr}" if result.stderr else ""))
+        return types.CallToolResult(content=[_text(head), *blocks], structured_content=structured, is_error=True,
+                                    _meta=meta)
+    if result.is_error:  # the server's own isError: its content is what the model needs to correct itself
+        return types.CallToolResult(content=blocks, structured_content=structured, is_error=True, _meta=meta)
+    if structured is None and tool is not None and tool.output_schema is not None:
+        return types.CallToolResult(is_error=True, _meta=meta, content=[_text(
+            f"Tool {name} declares an output schema but returned no structured content valid against it"), *blocks])
+    return types.CallToolResult(content=blocks, structured_content=structured, _meta=meta)
+
+
+class ProgressRelay:
+    """Progress for one MCP request: sandbox start, stdout, and a stock MCP server's own progress.
+
+    Sent through ``report_progress``, a no-op unless the client's request carried a progressToken.
+    MCP requires each value to be greater than the last, so a value that is not (or not finite) is
+    skipped; a non-finite or negative total is left out.
+    """
+
+    def __init__(self, report: Callable[[float, float | None, str | None], Awaitable[None]]) -> None:
+        self._report = report
+        self._last: float | None = None
+        self._stdout_chars = 0
+
+    async def _send(self, value: float, total: float | None, message: str | None) -> None:
+        if not math.isfinite(value) or (self._last is not None and value <= self._last):
+            return
+        self._last = value
+        await self._report(value, total, message)
+
+    async def started(self, event: Started) -> None:
+        await self._send(0, None, f"running in sandbox (profile {event.profile})")
+
+    async def stdout(self, text: str) -> None:
+        self._stdout_chars += len(text)
+        await self._send(self._stdout_chars, None, text[-PROGRESS_MESSAGE_MAX:])
+
+    async def progress(self, event: Progress) -> None:
+        total = event.total if event.total is not None and math.isfinite(event.total) and event.total >= 0 else None
+        await self._send(event.progress, total, event.message[:PROGRESS_MESSAGE_MAX] or None)
 
 
 def error_result(message: str) -> types.CallToolResult:
@@ -174,15 +267,16 @@ class SandboxedTools:
         caller = {"mcp.request_id": printable(str(ctx.request_id), 64)} if ctx.request_id is not None else {}
         events = client.execute(name, dict(params.arguments or {}), invocation_id=invocation_id,
                                      caller_metadata=caller)
-        sent = 0
+        relay = ProgressRelay(ctx.session.report_progress)
         try:
             async with contextlib.aclosing(events):
                 async for event in events:
                     if isinstance(event, Started):
-                        await ctx.session.report_progress(0, message=f"running in sandbox (profile {event.profile})")
+                        await relay.started(event)
                     elif isinstance(event, OutputChunk) and event.stream == "stdout" and event.text:
-                        sent += len(event.text)
-                        await ctx.session.report_progress(sent, message=event.text[-PROGRESS_MESSAGE_MAX:])
+                        await relay.stdout(event.text)
+                    elif isinstance(event, Progress):
+                        await relay.progress(event)
                     elif isinstance(event, Result):
                         return call_result(tool, event)
         except anyio.get_cancelled_exc_class():
