@@ -124,11 +124,18 @@ async def _call(args: argparse.Namespace) -> int:
                 elif isinstance(event, Result):
                     if args.json:
                         print(json.dumps(_result_dict(event), indent=None))
-                    else:
+                    elif event.content:  # an MCP server's tool streams no stdout: its blocks' texts, then a count
+                        if event.output:
+                            sys.stdout.write(event.output + ("" if event.output.endswith("\n") else "\n"))
+                        if others := sum(1 for b in event.content if b.get("type") != "text"):
+                            print(f"toolcell: {others} non-text content block(s), shown by --json",
+                                  file=sys.stderr)
+                    if not args.json:
                         print(f"toolcell: status={event.status.value} exit_code={event.exit_code} "
                               f"duration_ms={event.duration_ms} truncated={str(event.truncated).lower()} "
                               f"peak_memory_bytes={event.usage.peak_memory_bytes} "
-                              f"trace_id={event.trace_id}" + (f" ({event.message})" if event.message else ""),
+                              f"trace_id={event.trace_id}" + (" is_error=true" if event.is_error else "")
+                              + (f" ({event.message})" if event.message else ""),
                               file=sys.stderr)
                     return EXIT_OK if event.status.value == "ok" else EXIT_STATUS
         except ClientError as exc:
