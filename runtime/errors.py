@@ -17,6 +17,7 @@ jsonschema, OS) are translated at the seam where they occur (``raise XError(...)
     │   ├── RateLimited          token bucket or concurrency cap
     │   └── HostOverloaded       admission control: host short of memory or CPU
     ├── AuditUnavailable         the audit record could not be written (fail closed) -> UNAVAILABLE
+    ├── SourceUnavailable        a tool source (MCP server) failed its discovery  -> UNAVAILABLE
     ├── SecretError              a granted secret is missing or can't be opened   -> FAILED_PRECONDITION
     ├── BackendError             the sandbox engine failed                        -> INTERNAL
     │   ├── EngineUnavailable    engine unreachable or restarted mid-call         -> UNAVAILABLE
@@ -102,6 +103,10 @@ class HostOverloaded(ResourceExhausted):
 
 class AuditUnavailable(ToolcellError):
     pass
+class SourceUnavailable(ToolcellError):
+    """A tool source's server could not be discovered: its tools are not served (the message names it)."""
+
+
 class SecretError(ToolcellError):
     """A secret is missing, malformed or can't be decrypted. Messages never carry secret values."""
 

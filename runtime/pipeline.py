@@ -24,7 +24,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from opentelemetry import trace
 
@@ -44,13 +44,16 @@ from runtime.output import Collected, inspect_output
 from runtime.policy.arguments import ArgumentLimits, parse_arguments, validate_arguments
 from runtime.policy.network import EgressGrant
 from runtime.policy.resolve import ResolvedTool
-from runtime.policy.scrub import Redactor, wrap_untrusted
+from runtime.policy.scrub import Redactor, scrub, wrap_untrusted
 from runtime.policy.spec import NO_SECRETS, SandboxSpec, Secrets
 from runtime.settings import Config
+from runtime.sources.frames import FrameReader
+from runtime.sources.verdict import call_request, mcp_verdict
 
 tracer = trace.get_tracer("toolcell.pipeline")
 
 Emit = Callable[[Event], Awaitable[None]]
+T = TypeVar("T")
 
 # Time reserved before a caller's deadline to kill the sandbox and still deliver the result.
 DEADLINE_MARGIN_S = 0.25
@@ -176,22 +179,31 @@ async def terminate(sandbox: Sandbox, waiter: asyncio.Future[ExitInfo], grace_s:
 INLINE_SCRUB_CHARS = 8 * 1024
 
 
-async def _off_loop_if_large(size: int, work: Callable[[], str]) -> str:
+async def _off_loop_if_large(size: int, work: Callable[[], T]) -> T:
     return work() if size <= INLINE_SCRUB_CHARS else await asyncio.to_thread(work)
 
 
-async def pump(sandbox: Sandbox, collected: Collected, emit: Emit, stream_live: bool) -> None:
+async def pump(sandbox: Sandbox, collected: Collected, emit: Emit, stream_live: bool,
+               frames: FrameReader | None = None, redactor: Redactor | None = None) -> None:
     """Forward scrubbed output as it happens, keeping at most each stream's cap.
 
     Scrubbing is CPU work on hostile bytes: anything larger than a few KiB runs in a worker thread, one
     chunk (bounded by the backend's read size) at a time, so the event loop keeps serving other calls,
-    health and cancels.
+    health and cancels. A tool from an MCP server (``frames``): its stdout is the driver's frames, parsed
+    within the same cap; progress is forwarded, its message scrubbed.
     """
     async for name, data in sandbox.output():
+        if frames is not None and name == "stdout":
+            for progress in await _off_loop_if_large(len(data), functools.partial(frames.feed, data)):
+                message = scrub(progress.message, redactor or Redactor())[0] if progress.message else ""
+                await emit(dataclasses.replace(progress, message=message))
+            continue
         stream = collected.stream(name)
         text = await _off_loop_if_large(len(data), functools.partial(stream.feed, data))
         if text and stream_live:
             await emit(OutputChunk(stream=name, text=text))
+    if frames is not None:
+        frames.finish()
     for name in ("stdout", "stderr"):
         stream = collected.stream(name)
         tail = await _off_loop_if_large(stream.scrubber.held_chars, stream.finish)
@@ -200,9 +212,10 @@ async def pump(sandbox: Sandbox, collected: Collected, emit: Emit, stream_live: 
 
 
 async def supervise(sandbox: Sandbox, spec: SandboxSpec, collected: Collected, emit: Emit,
-                    cancelled: asyncio.Event, stream_live: bool) -> Outcome:
+                    cancelled: asyncio.Event, stream_live: bool, frames: FrameReader | None = None,
+                    redactor: Redactor | None = None) -> Outcome:
     """Stream output while enforcing the timeout and honouring cancellation."""
-    pumping = asyncio.ensure_future(pump(sandbox, collected, emit, stream_live))
+    pumping = asyncio.ensure_future(pump(sandbox, collected, emit, stream_live, frames, redactor))
     waiter = asyncio.ensure_future(sandbox.wait())
     cancel_wait = asyncio.ensure_future(cancelled.wait())
     reason = ""
@@ -330,7 +343,7 @@ class Contained:
 
 async def contain(services: Services, resolved: ResolvedTool, spec: SandboxSpec, stdin: bytes, secrets: Secrets,
                   emit: Emit, cancelled: asyncio.Event, redactor: Redactor, *, invocation_id: str, trace_id: str,
-                  deadline_s: float | None = None) -> Contained:
+                  deadline_s: float | None = None, frames: FrameReader | None = None) -> Contained:
     """create (or claim warm) -> start(stdin, secrets) -> supervise -> collect -> remove, always removed."""
     policy = resolved.profile.output
     with step("toolcell.create", redactor, **{"toolcell.image": spec.image, "toolcell.runtime": spec.isolation,
@@ -358,7 +371,7 @@ async def contain(services: Services, resolved: ResolvedTool, spec: SandboxSpec,
         if remaining is not None and remaining < spec.timeout_s:
             spec = dataclasses.replace(spec, timeout_s=remaining)
         with step("toolcell.run", redactor, **{"toolcell.timeout_s": spec.timeout_s}):
-            outcome = await supervise(sandbox, spec, collected, emit, cancelled, stream_live)
+            outcome = await supervise(sandbox, spec, collected, emit, cancelled, stream_live, frames, redactor)
         with step("toolcell.collect", redactor):
             usage: Usage = await sandbox.usage()
     finally:
@@ -386,34 +399,49 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
         with step("toolcell.compile", services.redactor):
             spec = compile_step(config, resolved, invocation_id,
                                 effective_timeout(resolved, request.deadline_s, time.monotonic()))
-        stdin = json.dumps(arguments, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        source = resolved.tool.source
+        # A tool from an MCP server: the driver's request line, and its frames on stdout.
+        stdin = call_request(source, arguments, resolved.profile.output.stdout_max_bytes) if source else \
+            json.dumps(arguments, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        frames = FrameReader(cap=resolved.profile.output.stdout_max_bytes, clock=time.monotonic) if source else None
         with step("toolcell.gather_secrets", services.redactor, **{"toolcell.secrets": len(resolved.tool.secrets)}):
             secrets, redactor = gather_secrets(services, resolved)
         done = await contain(services, resolved, spec, stdin, secrets, emit, cancelled, redactor,
-                             invocation_id=invocation_id, trace_id=trace_id, deadline_s=request.deadline_s)
+                             invocation_id=invocation_id, trace_id=trace_id, deadline_s=request.deadline_s,
+                             frames=frames)
         del secrets
         with step("toolcell.finalize", redactor):  # injection markers, JSON: CPU work on output, off the loop
-            kept = done.outcome.collected.stdout.buffer.kept + done.outcome.collected.stderr.buffer.kept
-            verdict = finalize(config, resolved, done.outcome) if kept <= INLINE_SCRUB_CHARS else \
-                await asyncio.to_thread(finalize, config, resolved, done.outcome)
-        collected = done.outcome.collected
+            collected = done.outcome.collected
+            kept = collected.stdout.buffer.kept + collected.stderr.buffer.kept + (frames.kept if frames else 0)
+            work = functools.partial(finalize, config, resolved, done.outcome) if frames is None else \
+                functools.partial(mcp_verdict, *decide(done.outcome), frames, collected, resolved.profile.output,
+                                  config.output_validators.get(resolved.tool.name), redactor,
+                                  exit_code=done.outcome.exit.exit_code)
+            verdict = work() if kept <= INLINE_SCRUB_CHARS else await asyncio.to_thread(work)
+        redactions = dict(verdict.pop("redactions", collected.redactions))
+        sanitized = dict(verdict.pop("sanitized", collected.sanitized))
         result = Result(
             exit_code=done.outcome.exit.exit_code,
-            truncated=collected.truncated,
+            truncated=collected.truncated or bool(frames and frames.truncated),
             duration_ms=int((time.monotonic() - started_at) * 1000),
             usage=done.usage,
             trace_id=trace_id,
             invocation_id=invocation_id,
-            stdout_bytes=collected.stdout.buffer.seen,
+            stdout_bytes=frames.seen if frames else collected.stdout.buffer.seen,
             stderr_bytes=collected.stderr.buffer.seen,
             sandbox_id=done.sandbox_id,
-            redactions=dict(collected.redactions),
-            sanitized=dict(collected.sanitized),
+            redactions=redactions,
+            sanitized=sanitized,
             egress=done.egress,
             **verdict,
         )
         _set_result_attributes(span, result)
         _set_scrub_attributes(span, collected)
+        if frames is not None:
+            span.set_attributes({"toolcell.mcp.server": source.server if source else "",
+                                 "toolcell.mcp.refused_requests": sum(frames.refused.values()),
+                                 "toolcell.mcp.refused_methods": sorted(frames.refused),
+                                 "toolcell.mcp.progress_dropped": frames.progress_dropped})
         if resolved.profile.network:
             span.set_attributes(egress_attributes(resolved.profile.network, done.egress))
         if result.status is not Status.OK:

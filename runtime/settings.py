@@ -21,7 +21,7 @@ from jsonschema import Draft202012Validator
 
 from runtime.access_settings import SecuritySettings, parse_security
 from runtime.errors import ConfigError
-from runtime.model import SecretGrant, Tool
+from runtime.model import SecretGrant, Tool, ToolOverride, ToolSource
 from runtime.policy.arguments import ArgumentLimits, compile_schema
 from runtime.policy.network import EgressSettings, GrantError, candidate_subnets, parse_grant
 from runtime.policy.profile import IsolationProfile, Mount, OutputPolicy
@@ -125,10 +125,38 @@ class Config:
     # Tool name -> its warm pool (the tool's own ``pool``, else its profile's). A pooled container holds no
     # secret before it is claimed: the claim carries them.
     pools: Mapping[str, PoolSpec] = field(default_factory=dict)
+    # Stock MCP servers whose tools are discovered at start-up and reload (``runtime/sources``), and the
+    # pool each of their tools gets. Their tools join ``tools`` through ``with_tools``.
+    sources: Mapping[str, ToolSource] = field(default_factory=dict)
+    source_pools: Mapping[str, PoolSpec] = field(default_factory=dict)
+
+    def with_tools(self, tools: Mapping[str, Tool], validators: Mapping[str, Draft202012Validator],
+                   output_validators: Mapping[str, Draft202012Validator]) -> Config:
+        """This config with discovered tools added (names are checked for clashes with the admin's own)."""
+        clash = sorted(set(tools) & set(self.tools))
+        if clash:
+            raise ConfigError(f"discovered tool {clash[0]!r} has the name of a configured tool", key="servers")
+        pools = dict(self.pools)
+        for name, tool in tools.items():
+            spec = self.source_pools.get(tool.source.server) if tool.source else None
+            if spec is not None and spec.size > 0 and not self.profiles[tool.profile].network:
+                pools[name] = spec
+        cap = self.security.concurrency.global_max
+        if cap is not None and sum(p.size for p in pools.values()) > cap:
+            raise ConfigError(f"warm pools hold {sum(p.size for p in pools.values())} sandboxes but the global "
+                              f"concurrency cap is {cap}: pooled sandboxes count against it", key="servers")
+        return dataclasses.replace(self, tools={**self.tools, **tools},
+                                   validators={**self.validators, **validators},
+                                   output_validators={**self.output_validators, **output_validators},
+                                   pools=pools)
 
     def resolve(self, name: str) -> ResolvedTool:
         """The tool called ``name`` and its profile; the caller can choose nothing else."""
         return resolve_tool(self.tools, self.profiles, name)
+
+    def resolve_tool(self, tool: Tool) -> ResolvedTool:
+        """``tool`` (not yet in this config) with its profile."""
+        return ResolvedTool(tool=tool, profile=self.profiles[tool.profile])
 
     def compile(self, resolved: ResolvedTool, invocation_id: str, timeout_s: float | None = None) -> SandboxSpec:
         """The neutral sandbox spec of one run of ``resolved`` (policy's ``compile_spec`` with this config's
@@ -391,6 +419,52 @@ def _build_secrets(raw: Mapping[str, Any] | None, base_dir: Path) -> SecretsSett
     )
 
 
+def _build_sources(raw: list[Any], profiles: Mapping[str, IsolationProfile], tools: Mapping[str, Tool],
+                   secrets: SecretsSettings | None) -> tuple[dict[str, ToolSource], dict[str, PoolSpec]]:
+    sources: dict[str, ToolSource] = {}
+    pools: dict[str, PoolSpec] = {}
+    prefixes = {name.split(".", 1)[0] for name in tools}
+    for i, s in enumerate(raw):
+        key = f"servers[{i}]"
+        name = s["name"]
+        if name in sources:
+            raise ConfigError(f"duplicate server name {name!r}", key=f"{key}.name")
+        if name in prefixes:  # "time.get_current_time" must name one thing
+            raise ConfigError(f"server name {name!r} is the prefix of a configured tool's name", key=f"{key}.name")
+        profile = s.get("profile", "default")
+        if profile not in profiles:
+            raise ConfigError(f"unknown profile {profile!r}", key=f"{key}.profile")
+        overrides: dict[str, ToolOverride] = {}
+        for tool_name, o in s.get("tools", {}).items():
+            if "profile" in o and o["profile"] not in profiles:
+                raise ConfigError(f"unknown profile {o['profile']!r}", key=f"{key}.tools.{tool_name}.profile")
+            overrides[tool_name] = ToolOverride(profile=o.get("profile"), title=o.get("title"),
+                                                description=o.get("description"),
+                                                annotations=o.get("annotations", {}), hidden=o.get("hidden", False))
+        grants = tuple(SecretGrant(name=g["name"], env=g.get("env"), file=g.get("file")) for g in s.get("secrets", []))
+        if grants and secrets is None:
+            raise ConfigError("the server is granted secrets but no secrets store is configured", key=f"{key}.secrets")
+        for p in {profile, *(o.profile for o in overrides.values() if o.profile)}:
+            _check_grants(grants, profiles[p], key=f"{key}.secrets")
+        env = dict(s.get("env", {}))
+        clash = next((g.env for g in grants if g.env in env), None)
+        if clash:
+            raise ConfigError(f"environment variable {clash!r} is set twice", key=f"{key}.env")
+        roots = s.get("roots")
+        sources[name] = ToolSource(
+            name=name, image=s["image"], command=tuple(s["command"]), profile=profile, env=env, secrets=grants,
+            roots=None if roots is None else tuple({"uri": r["uri"], **({"name": r["name"]} if "name" in r else {})}
+                                                   for r in roots),
+            discovery_timeout_s=parse_duration(s.get("discovery_timeout", 60), f"{key}.discovery_timeout"),
+            overrides=overrides)
+        if "pool" in s:
+            if profiles[profile].network and s["pool"].get("size", 0) > 0:
+                raise ConfigError("this server cannot be pooled: its profile grants egress: its network is made "
+                                  "for each invocation", key=f"{key}.pool")
+            pools[name] = _pool_spec(s["pool"], None, f"{key}.pool")
+    return sources, pools
+
+
 def _state_file(raw: str | None, listen: str) -> str:
     """Explicit path, else next to the Unix socket, else in the runtime dir."""
     if raw:
@@ -502,6 +576,7 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         )
     security = parse_security(doc, listen=listen, base_dir=base_dir, runtime_dir=str(runtime_dir()))
     pools = _build_pools(doc, tools, profiles)
+    sources, source_pools = _build_sources(doc.get("servers", []), profiles, tools, secrets)
     cap = security.concurrency.global_max
     if cap is not None and sum(p.size for p in pools.values()) > cap:
         raise ConfigError(f"warm pools hold {sum(p.size for p in pools.values())} sandboxes but the global "
@@ -522,6 +597,8 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
         egress=_build_egress(doc.get("egress", {})),
         security=security,
         pools=pools,
+        sources=sources,
+        source_pools=source_pools,
     )
 
 

@@ -23,8 +23,9 @@ from runtime.errors import (
     InvocationConflict,
     InvocationNotFound,
     ShuttingDown,
+    SourceUnavailable,
 )
-from runtime.model import InvocationRequest, Result, Tool
+from runtime.model import InvocationRequest, Result, Tool, ToolSource
 from runtime.pipeline import Emit, Services, run_invocation
 from runtime.policy.annotations import tool_annotations
 from runtime.policy.requests import check_invocation_id
@@ -33,6 +34,9 @@ from runtime.pool import PoolManager
 from runtime.reaper import Reaper
 from runtime.secretstore import SecretStore
 from runtime.settings import Config
+from runtime.sources.catalog import Catalog, source_tools
+from runtime.sources.discovery import discover_or_error
+from runtime.sources.driver import driver_command
 
 log = logging.getLogger("toolcell.supervisor")
 # engine.wait_at_start: how often an absent engine is asked again (doubling up to the max).
@@ -80,6 +84,10 @@ class Supervisor:
         # Called with the invocations whose sandboxes the start-up sweep removed (a previous run crashed).
         self.on_swept: Callable[[list[Removed]], Awaitable[object]] | None = None
         self._waiting: asyncio.Task[None] | None = None
+        # Tool sources: the last good discovery of each (kept when a rediscovery of the same definition
+        # fails), and why a source serves no tools now.
+        self._catalogs: dict[str, tuple[ToolSource, Catalog]] = {}
+        self.source_errors: dict[str, str] = {}
 
     async def start(self) -> int:
         """Check the engine and remove sandboxes a previous run of this instance left behind.
@@ -107,6 +115,7 @@ class Supervisor:
         ended = [r for r in removed if r.invocation_id]
         if ended and self.on_swept is not None:  # a crashed run's calls: their end goes on record now
             await self.on_swept(ended)
+        self.config = await self.discover_sources(self.config)
         self.pools.configure(self.config)
         self.awaiting_engine = False
         return len(removed)
@@ -135,7 +144,8 @@ class Supervisor:
 
         All or nothing: on any error the current store and redactor stay as they were.
         """
-        granted = sorted({g.name for t in config.tools.values() for g in t.secrets})
+        granted = sorted({g.name for t in config.tools.values() for g in t.secrets} |
+                         {g.name for src in config.sources.values() for g in src.secrets})
         if config.secrets is None:
             self.secrets, self.redactor = None, Redactor()
             return
@@ -152,14 +162,60 @@ class Supervisor:
             except ConfigError as exc:
                 raise ConfigError(f"{exc} (engine.kind {config.engine.kind})", key=exc.key or f"tools.{name}") from exc
 
-    def reload(self, config: Config) -> None:
+    async def discover_sources(self, config: Config) -> Config:
+        """``config`` with the tools of every tool source (MCP server), each discovered in a sandbox.
+
+        All sources at once. A source that fails serves no tools (its error, naming it, is logged and kept in
+        ``source_errors``), unless its definition is unchanged since a good discovery: then those tools stay.
+        A tool this backend cannot run, or that the catalog refused, is left out with its reason logged.
+        """
+        if not config.sources:
+            self.source_errors = {}
+            return config
+        services = Services(config=config, backend=self.backend, secrets=self.secrets, remove=self._remove,
+                            redactor=self.redactor,
+                            on_sandbox=lambda sandbox: metrics.active_sandboxes.add(1))
+        names = sorted(config.sources)
+        found = await asyncio.gather(*(discover_or_error(services, config.sources[n]) for n in names))
+        errors: dict[str, str] = {}
+        for name, catalog in zip(names, found, strict=True):
+            source = config.sources[name]
+            if isinstance(catalog, str):
+                previous = self._catalogs.get(name)
+                if previous is not None and previous[0] == source:
+                    log.error("%s; keeping the tools of its last good discovery", catalog)
+                    catalog = previous[1]
+                else:
+                    log.error("%s; its tools are not served", catalog)
+                    errors[name] = catalog
+                    continue
+            self._catalogs[name] = (source, catalog)
+            made = source_tools(source, catalog, config.profiles, driver_command)
+            tools = dict(made.tools)
+            for tool_name in sorted(tools):
+                try:
+                    self.backend.check(config.compile(config.resolve_tool(tools[tool_name]), "check"))
+                except ConfigError as exc:
+                    log.error("tool %s of server %r is not served: %s", tool_name, name, exc)
+                    del tools[tool_name]
+            for reason in made.skipped:
+                log.warning("server %r: a tool is not served: %s", name, reason)
+            config = config.with_tools(tools, {n: v for n, v in made.validators.items() if n in tools},
+                                       {n: v for n, v in made.output_validators.items() if n in tools})
+            log.info("server %r (%s): %d tools", name, catalog.server_info or "?", len(tools))
+        self.source_errors = errors
+        return config
+
+    async def reload(self, config: Config) -> None:
         """Swap the config; in-flight invocations finish under the config they started with.
 
-        ``config`` is already validated (``load_config``); secrets are opened before the swap, so a
-        failure leaves the running config in place.
+        ``config`` is already validated (``load_config``); secrets are opened and tool sources discovered
+        before the swap, so a failure leaves the running config in place.
         """
         self._open_secrets(config)
         self._check_backend(config)
+        if not self.awaiting_engine:  # else discovery runs when the engine answers
+            config = await self.discover_sources(config)
         self.config = config
         if not self.awaiting_engine:  # else the pools start when the engine answers
             self.pools.configure(config)
@@ -181,6 +237,12 @@ class Supervisor:
     def known_tool(self, name: str) -> bool:
         return name in self.config.tools
 
+    def check_source(self, name: str) -> None:
+        """``SourceUnavailable`` (naming the server and why) for a tool of a source that failed discovery."""
+        error = self.source_errors.get(name.split(".", 1)[0]) if name not in self.config.tools else None
+        if error:
+            raise SourceUnavailable(f"tool {name.split('.', 1)[0]}.* is unavailable: {error}"[:600])
+
     @property
     def in_flight(self) -> int:
         return len(self._running)
@@ -191,6 +253,7 @@ class Supervisor:
             raise ShuttingDown()
         if self.awaiting_engine:
             raise EngineUnavailable(f"waiting for the engine (engine.wait_at_start): {self._absent}")
+        self.check_source(request.tool)
         invocation_id = request.invocation_id or new_invocation_id()
         check_invocation_id(invocation_id, required=True)  # the edge's own check (callers other than gRPC too)
         key = (owner, invocation_id)

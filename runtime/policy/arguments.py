@@ -13,17 +13,19 @@ Paths and messages quote caller keys and values only through ``runtime.quoting``
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, ValidationError
 
 from runtime.errors import ConfigError, InvalidArguments
+from runtime.policy.linear import LinearPattern, compile_linear
 from runtime.quoting import printable, quote
 
 MAX_INT_DIGITS = 20  # beyond 64-bit range: a tool's JSON parser may overflow or choke
@@ -52,6 +54,71 @@ def compile_schema(schema: Mapping[str, Any], *, key: str) -> Draft202012Validat
     if schema.get("type", "object") != "object":
         raise ConfigError("a tool's input schema must describe an object", key=key)
     return Draft202012Validator(schema)
+
+
+@functools.lru_cache(maxsize=1024)
+def _linear(pattern: str) -> LinearPattern:
+    return compile_linear(pattern, capture=False)
+
+
+def _linear_pattern(validator: Any, pattern: str, instance: Any,
+                    schema: Mapping[str, Any]) -> Iterator[ValidationError]:
+    """JSON Schema's ``pattern`` through RE2: linear in the caller's string, whatever the pattern."""
+    if validator.is_type(instance, "string") and not _linear(pattern).search(instance):
+        yield ValidationError(f"does not match the pattern {pattern[:80]!r}")
+
+
+# For schemas toolcell did not write (an MCP server's inputSchema): ``pattern`` runs on RE2, not Python's
+# backtracking ``re``, so a hostile server cannot make a caller's argument cost seconds to validate.
+_UntrustedValidator = validators.extend(Draft202012Validator, {"pattern": _linear_pattern})  # type: ignore[no-untyped-call]
+
+
+def _schema_patterns(schema: Any, depth: int = 0) -> Iterator[tuple[str, Any]]:
+    """(keyword, value) of every ``pattern``/``patternProperties`` in a schema (bounded depth)."""
+    if depth > 64:
+        raise ConfigError("the schema nests deeper than 64 levels")
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key in ("pattern", "patternProperties"):
+                yield key, value
+            yield from _schema_patterns(value, depth + 1)
+    elif isinstance(schema, list):
+        for item in schema:
+            yield from _schema_patterns(item, depth + 1)
+
+
+def compile_untrusted_schema(schema: Mapping[str, Any], *, key: str) -> Draft202012Validator:
+    """A server's input or output schema, refused unless every pattern runs in linear time.
+
+    ``patternProperties`` is refused outright: jsonschema also matches its keys with Python's ``re`` when
+    it checks ``additionalProperties``. References must be local (``#...``): nothing is fetched.
+    """
+    validator = compile_schema(schema, key=key)
+    try:
+        for keyword, value in _schema_patterns(schema):
+            if keyword == "patternProperties":
+                raise ConfigError("patternProperties is not supported in a discovered schema", key=key)
+            if isinstance(value, str):
+                _linear(value)
+    except ValueError as exc:
+        raise ConfigError(f"a pattern is not linear-time (RE2): {str(exc)[:120]}", key=key) from None
+    refs = [v for k, v in _walk_refs(schema) if not (isinstance(v, str) and v.startswith("#"))]
+    if refs:
+        raise ConfigError("only local references (#...) are allowed in a discovered schema", key=key)
+    return _UntrustedValidator(validator.schema)  # type: ignore[no-any-return]
+
+
+def _walk_refs(schema: Any, depth: int = 0) -> Iterator[tuple[str, Any]]:
+    if depth > 64:
+        return
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key in ("$ref", "$dynamicRef"):
+                yield key, value
+            yield from _walk_refs(value, depth + 1)
+    elif isinstance(schema, list):
+        for item in schema:
+            yield from _walk_refs(item, depth + 1)
 
 
 class _Rejected:

@@ -61,7 +61,7 @@ class Reloader:
                 kept = [section for section in ("server", "telemetry")
                         if getattr(loaded, section) != getattr(current, section)]
                 config = dataclasses.replace(loaded, server=current.server, telemetry=current.telemetry)
-                supervisor.reload(config)
+                await supervisor.reload(config)
             except ToolcellError as exc:
                 error = str(exc)
             ok = not error

@@ -21,6 +21,7 @@ STATUS_TABLE: tuple[tuple[type[errors.ToolcellError], grpc.StatusCode], ...] = (
     (errors.RuntimeMissing, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.EngineUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (errors.SourceUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.BackendError, grpc.StatusCode.INTERNAL),
     (errors.ToolcellError, grpc.StatusCode.INTERNAL),

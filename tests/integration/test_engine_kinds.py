@@ -76,7 +76,7 @@ async def test_a_reload_oci_cannot_run_is_refused_and_the_running_config_stays(t
         bad = granted(tmp_path, "oci")
         bad["server"] = d["server"]
         with pytest.raises(ConfigError, match=r"'fetcher'.*network grants"):
-            app.supervisor.reload(parse_config(bad))
+            await app.supervisor.reload(parse_config(bad))
         assert "fetcher" not in app.supervisor.config.tools
         result = await client.call("text.wordcount", json.dumps({"text": "still the old config"}))
         assert result.status is Status.OK

@@ -236,7 +236,7 @@ async def test_health_reflection_and_socket_mode(tmp_path: Path) -> None:
             assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
             assert "toolcell-test/missing:never" in app.monitor.reason
             config = app.supervisor.config
-            app.supervisor.reload(dataclasses.replace(
+            await app.supervisor.reload(dataclasses.replace(
                 config, tools={k: v for k, v in config.tools.items() if k != "ghost"}))
             await app.monitor.check_now()
             resp = await health.Check(health_pb2.HealthCheckRequest(service="toolcell.v1.Supervisor"))

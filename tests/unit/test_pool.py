@@ -160,15 +160,15 @@ async def test_creation_failures_back_off_and_recover_when_the_engine_returns() 
 async def test_reload_resizes_and_a_changed_tool_drains_its_pool() -> None:
     sup, backend = await started()
     old = {e.sandbox.id for e in sup.pools._pools["echo"].ready}
-    sup.reload(parse_config(doc(size=3)))
+    await sup.reload(parse_config(doc(size=3)))
     await eventually(lambda: sup.pools.ready("echo") == 3)
     assert old <= {e.sandbox.id for e in sup.pools._pools["echo"].ready}, "a resize keeps what is there"
-    sup.reload(parse_config(doc(size=1)))
+    await sup.reload(parse_config(doc(size=1)))
     await eventually(lambda: sup.pools.ready("echo") == 1)
     changed = doc(size=2)
     changed["tools"][0]["command"] = ["run", "--changed"]
     kept = {e.sandbox.id for e in sup.pools._pools["echo"].ready}
-    sup.reload(parse_config(changed))
+    await sup.reload(parse_config(changed))
     await eventually(lambda: sup.pools.ready("echo") == 2 and kept <= set(backend.removed))
     assert all(backend.specs[e.sandbox.id].command == ("run", "--changed") for e in sup.pools._pools["echo"].ready)
     await sup.shutdown()

@@ -1,0 +1,88 @@
+"""Discovery: a tool source's ``tools/list``, run in a sandbox like any call, at start-up and on reload.
+
+The server runs under its own profile (limits, seccomp, no network unless granted, its secrets) with
+``discovery_timeout`` as its time limit, through the same ``contain`` sequence as a call, so the sandbox
+is removed whatever happens. A server that fails is an error naming it; the others are unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+import time
+
+from opentelemetry import trace
+
+from runtime.errors import SourceUnavailable, ToolcellError
+from runtime.model import Event, McpBinding, Status, Tool, ToolSource
+from runtime.pipeline import Services, contain, decide, gather_secrets, step
+from runtime.policy.resolve import ResolvedTool
+from runtime.sources.catalog import Catalog, read_catalog
+from runtime.sources.driver import driver_command
+from runtime.sources.frames import FrameReader
+from runtime.sources.result import Scrubbed, error_message
+from runtime.sources.verdict import list_request
+
+STDERR_TAIL_CHARS = 300
+
+
+def source_tool(source: ToolSource) -> Tool:
+    """The server itself as a tool (its name, no arguments): what discovery runs."""
+    return Tool(name=source.name, description="", image=source.image, command=driver_command(source.command),
+                profile=source.profile, secrets=source.secrets, env=source.env,
+                source=McpBinding(server=source.name, name="", roots=source.roots))
+
+
+async def _ignore(event: Event) -> None:
+    return None
+
+
+async def _no_pool(spec: object) -> None:
+    return None
+
+
+async def discover(services: Services, source: ToolSource) -> Catalog:
+    """The server's tools, or ``SourceUnavailable`` saying why (its stderr's scrubbed tail included)."""
+    config = services.config
+    resolved = ResolvedTool(tool=source_tool(source), profile=config.profiles[source.profile])
+    invocation_id = "dsc_" + secrets.token_hex(16)
+    cap = resolved.profile.output.stdout_max_bytes
+    with step("toolcell.discover", services.redactor, **{"toolcell.server": source.name,
+                                                           "toolcell.invocation_id": invocation_id}) as span:
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        spec = dataclasses.replace(config.compile(resolved, invocation_id), timeout_s=source.discovery_timeout_s)
+        grants, redactor = gather_secrets(services, resolved)
+        frames = FrameReader(cap=cap, clock=time.monotonic)
+        done = await contain(dataclasses.replace(services, claim=_no_pool), resolved, spec, list_request(cap),
+                             grants, _ignore, asyncio.Event(), redactor, invocation_id=invocation_id,
+                             trace_id=trace_id, frames=frames)
+        status, message = decide(done.outcome)
+        final = frames.final
+        reason = ""
+        if status is Status.TIMEOUT:
+            reason = f"did not list its tools within {source.discovery_timeout_s:g}s"
+        elif frames.invalid:
+            reason = f"invalid output: {frames.invalid}"
+        elif final is not None and "error" in final:
+            reason = f"the MCP server failed: {error_message(final['error'], Scrubbed(redactor))}"
+        elif final is None or "tools" not in final:
+            reason = "the result exceeds the output cap" if frames.truncated else (message or "no tool list")
+        if reason:
+            tail = " ".join(done.outcome.collected.stderr.text[-STDERR_TAIL_CHARS:].split())
+            span.set_status(trace.Status(trace.StatusCode.ERROR, reason))
+            raise SourceUnavailable(f"server {source.name!r}: {reason}" + (f" (stderr: ...{tail})" if tail else ""))
+        assert final is not None  # nosec B101 - narrowed above
+        catalog = read_catalog(source.name, final["tools"], final.get("server"), redactor)
+        span.set_attributes({"toolcell.tools": len(catalog.tools), "toolcell.skipped": len(catalog.skipped)})
+        return catalog
+
+
+async def discover_or_error(services: Services, source: ToolSource) -> Catalog | str:
+    """``discover``, with any toolcell error (engine, image, secrets) as its message."""
+    try:
+        return await discover(services, source)
+    except SourceUnavailable as exc:
+        return str(exc)
+    except ToolcellError as exc:
+        return f"server {source.name!r}: {exc}"
