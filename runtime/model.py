@@ -63,6 +63,39 @@ class Tool:
 
 
 @dataclass(frozen=True)
+class ToolOverride:
+    """The admin's word on one tool of a tool source; unset fields keep what the server declared."""
+
+    profile: str | None = None
+    title: str | None = None
+    description: str | None = None
+    annotations: Mapping[str, Any] = field(default_factory=dict)
+    # Neither listed nor callable.
+    hidden: bool = False
+
+
+@dataclass(frozen=True)
+class ToolSource:
+    """A stock MCP server (stdio) whose tools are discovered by running it in a sandbox.
+
+    Each call of one of its tools gets a fresh sandbox under ``profile`` holding a fresh server process:
+    nothing a server keeps in memory or on disk outlives the call. ``command`` is the server's own argv
+    inside ``image``; the supervisor puts its in-sandbox driver in front of it.
+    """
+
+    name: str
+    image: str
+    command: tuple[str, ...]
+    profile: str = "default"
+    env: Mapping[str, str] = field(default_factory=dict)
+    secrets: tuple[SecretGrant, ...] = ()
+    # None: the server's roots/list requests are refused.
+    roots: tuple[Mapping[str, str], ...] | None = None
+    discovery_timeout_s: float = 60.0
+    overrides: Mapping[str, ToolOverride] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class InvocationRequest:
     tool: str
     arguments_json: str
