@@ -1,4 +1,4 @@
-"""Command line: ``toolcell serve | call | tools | mcp | profiles check | images build | secrets | health |
+"""Command line: ``toolcell serve | call | tools | mcp | profiles check | images build|mcp | secrets | health |
 reload | config show | bench | version``.
 
 Exit codes: 0 ok; 1 the tool ran and its status is not ok; 2 usage error; 3 rejected (bad config,
@@ -347,6 +347,11 @@ def _images(args: argparse.Namespace) -> int:
 
     if args.subcommand == "build":
         return build_images()
+    if args.subcommand == "mcp":
+        from runtime.mcpimages.cli import run
+
+        return run(pypi=args.pypi, npm=args.npm, from_file=args.from_file, name=args.name, command=args.mcp_command,
+                   force=args.force, store=args.store or None)
     from runtime.backends.oci.rootfs import RootfsStore
 
     store = RootfsStore(args.store)
@@ -425,6 +430,22 @@ def parser() -> argparse.ArgumentParser:
     unp.add_argument("image", nargs="+")
     unp.add_argument("--store", default=os.environ.get("TOOLCELL_ROOTFS_DIR", "/var/lib/toolcell/rootfs"),
                      help=store_help)
+    mcp = ims.add_parser("mcp", help="build toolcell/mcp-<name>:<version> for a stock MCP server from PyPI or npm "
+                         "(fetched on the host, built with no network) and unpack it for the oci engine")
+    mcp_source = mcp.add_mutually_exclusive_group(required=True)
+    mcp_source.add_argument("--pypi", metavar="PACKAGE[==VERSION]", help="e.g. mcp-server-time==2026.10.19")
+    mcp_source.add_argument("--npm", metavar="PACKAGE[@VERSION]",
+                            help="e.g. @modelcontextprotocol/server-everything@2026.8.31")
+    mcp_source.add_argument("--from", dest="from_file", metavar="FILE",
+                            help="every server listed in FILE (lines: SOURCE SPEC [NAME [COMMAND]]; "
+                                 "see images/mcp-servers.txt)")
+    mcp.add_argument("--name", help="short name: the image is toolcell/mcp-NAME (default: from the package)")
+    mcp.add_argument("--command", dest="mcp_command", metavar="EXECUTABLE",
+                     help="which of the package's executables the servers: entry runs (default: the only one, or "
+                          "the one named like the package)")
+    mcp.add_argument("--force", action="store_true", help="fetch and rebuild even when the image is up to date")
+    mcp.add_argument("--store", default=os.environ.get("TOOLCELL_ROOTFS_DIR", "/var/lib/toolcell/rootfs"),
+                     help=store_help + "; empty: do not unpack")
     lst = ims.add_parser("list", help="images in the oci engine's rootfs store")
     lst.add_argument("--store", default=os.environ.get("TOOLCELL_ROOTFS_DIR", "/var/lib/toolcell/rootfs"),
                      help=store_help)

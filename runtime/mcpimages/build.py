@@ -1,0 +1,251 @@
+"""Build ``toolcell/mcp-<name>:<version>`` (+ ``:latest``) from a request: fetch on the host, ``docker build``
+with no network, skip what is up to date.
+
+Two skips, both by label (as ``images/build.sh`` does):
+
+- ``io.toolcell.mcp-request``: a hash of what is known before fetching (package and exact version, name,
+  command, recipe, base image, node binary). When the version is pinned and the image carries this hash,
+  nothing is fetched: a re-run of set-up needs no network and takes well under a second.
+- ``io.toolcell.inputs-hash``: a hash of the whole build context (every wheel / the npm tree, the node
+  binary, the Dockerfile, inputs.txt) and the base image. After a fetch, an image carrying it is not rebuilt.
+
+The ``docker`` CLI does the work (subprocess, argv lists), with the classic builder, which resolves
+``FROM`` in the local image store and never contacts a registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess  # nosec B404 - the docker CLI, argv lists, no shell
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from runtime.errors import BackendError, ConfigError
+from runtime.images import INPUTS_HASH_LABEL
+from runtime.mcpimages.context import (
+    BASE_IMAGE,
+    BIN_DIR,
+    choose_command,
+    context_hash,
+    file_sha256,
+    inputs_text,
+    node_wrapper,
+    npm_dockerfile,
+    pypi_dockerfile,
+    request_hash,
+)
+from runtime.mcpimages.fetch import Fetched, fetch_npm, fetch_pypi
+from runtime.mcpimages.process import run_logged
+from runtime.mcpimages.spec import McpImageRequest, McpPackage, version_tag
+
+REQUEST_LABEL: Final = "io.toolcell.mcp-request"
+PACKAGE_LABEL: Final = "io.toolcell.mcp.package"
+COMMAND_LABEL: Final = "io.toolcell.mcp.command"
+BUILD_TIMEOUT_S: Final = 1200.0
+_INSPECT_TIMEOUT_S: Final = 60.0
+
+
+@dataclass(frozen=True)
+class McpImage:
+    """A built (or already current) server image."""
+
+    image: str
+    latest: str
+    package: McpPackage
+    command: str
+    size: int
+    state: str
+    """"built" or "up-to-date"."""
+    seconds: float
+
+
+@dataclass(frozen=True)
+class HostTools:
+    """The host programs a build uses; ``discover()`` finds them."""
+
+    docker: str
+    python: str = sys.executable
+    npm: str | None = None
+    node: str | None = None
+    machine: str = field(default_factory=platform.machine)
+
+    @classmethod
+    def discover(cls) -> HostTools:
+        docker = shutil.which("docker")
+        if docker is None:
+            raise ConfigError("the docker CLI is not installed; run scripts/setup.sh first", key="images mcp")
+        node = shutil.which("node")
+        return cls(docker=docker, npm=shutil.which("npm"), node=os.path.realpath(node) if node else None)
+
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def build_image(request: McpImageRequest, tools: HostTools, *, force: bool = False, log: Log = _quiet) -> McpImage:
+    """Fetch, build and tag ``request``; skip by label unless ``force``. Raises ConfigError/BackendError."""
+    started = time.monotonic()
+    base = _inspect(tools.docker, BASE_IMAGE)
+    if base is None:
+        raise ConfigError(f"the base image {BASE_IMAGE} is missing: build it first (`toolcell images build`, "
+                          "or scripts/setup.sh)", key="images mcp")
+    base_hash = str((base.get("Config") or {}).get("Labels", {}).get(INPUTS_HASH_LABEL) or base.get("Id", ""))
+    node_hash = ""
+    if request.package.source == "npm":
+        if tools.npm is None or tools.node is None:
+            raise ConfigError("building an npm server image needs node and npm on this host (not found on PATH)",
+                              key="images mcp")
+        node_hash = file_sha256(Path(tools.node))
+    wanted = request_hash(request, base_hash, node_hash)
+    if request.package.version is not None and not force:
+        reference = f"{request.repository}:{version_tag(request.package.version)}"
+        labels = _labels(_inspect(tools.docker, reference))
+        if labels.get(REQUEST_LABEL) == wanted and labels.get(COMMAND_LABEL):
+            _tag(tools.docker, reference, f"{request.repository}:latest")
+            return _result(tools.docker, request, request.package.version, labels[COMMAND_LABEL], "up-to-date",
+                           started)
+    with tempfile.TemporaryDirectory(prefix="toolcell-mcp-") as work:
+        context = Path(work) / "context"
+        context.mkdir()
+        log(f"fetching {request.package} on the host ...")
+        fetched, command = _prepare(request, tools, context, Path(work) / "fetch.log", base_hash)
+        reference = f"{request.repository}:{version_tag(fetched.version)}"
+        inputs = context_hash(context, base_hash)
+        labels = _labels(_inspect(tools.docker, reference))
+        if not force and labels.get(INPUTS_HASH_LABEL) == inputs:
+            _tag(tools.docker, reference, f"{request.repository}:latest")
+            return _result(tools.docker, request, fetched.version, command, "up-to-date", started)
+        log(f"docker build {reference} (--network none) ...")
+        _docker_build(tools.docker, context, Path(work) / "build.log", reference, {
+            INPUTS_HASH_LABEL: inputs,
+            REQUEST_LABEL: request_hash(McpImageRequest(request.package.pinned(fetched.version), request.name,
+                                                        request.command), base_hash, node_hash),
+            PACKAGE_LABEL: str(request.package.pinned(fetched.version)),
+            COMMAND_LABEL: command,
+            "org.opencontainers.image.title": f"toolcell-mcp-{request.name}",
+            "org.opencontainers.image.version": fetched.version,
+        })
+    _tag(tools.docker, reference, f"{request.repository}:latest")
+    return _result(tools.docker, request, fetched.version, command, "built", started)
+
+
+def _prepare(request: McpImageRequest, tools: HostTools, context: Path, log: Path,
+             base_hash: str) -> tuple[Fetched, str]:
+    """Fill ``context``; returns what was fetched and the command path."""
+    package = request.package
+    if package.source == "pypi":
+        fetched = fetch_pypi(package, context / "wheels", log, python=tools.python, machine=tools.machine)
+    else:
+        assert tools.npm is not None and tools.node is not None  # nosec B101 - checked by build_image
+        fetched = fetch_npm(package, context / "app", log, npm=tools.npm)
+    try:
+        executable = choose_command(fetched.executables, package, request.command)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="images mcp") from exc
+    command = f"{BIN_DIR}/{executable}"
+    if package.source == "pypi":
+        dockerfile = pypi_dockerfile(request, fetched.version, fetched.executables, executable)
+    else:
+        assert tools.node is not None  # nosec B101 - checked by build_image
+        bins = context / "bin"
+        bins.mkdir()
+        for name, path in fetched.executables.items():
+            wrapper = bins / name
+            wrapper.write_text(node_wrapper(package.name, path))
+            wrapper.chmod(0o755)
+        shutil.copyfile(tools.node, context / "node")
+        (context / "node").chmod(0o755)
+        dockerfile = npm_dockerfile(request, fetched.version, executable)
+        fetched = Fetched(fetched.version, fetched.executables,
+                          (f"node {file_sha256(context / 'node')} {_node_version(tools.node)}", *fetched.artifacts))
+    (context / "Dockerfile").write_text(dockerfile)
+    (context / "inputs.txt").write_text(inputs_text(request, fetched.version, executable, base_hash, fetched.artifacts))
+    return fetched, command
+
+
+def _node_version(node: str) -> str:
+    try:
+        done = subprocess.run([node, "--version"], capture_output=True, timeout=30, check=False)  # noqa: S603 # nosec B603
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(f"the host's node ({node}) does not run: {exc}", key="images mcp") from exc
+    version = done.stdout.decode(errors="replace").strip()[:40]
+    if done.returncode != 0 or not version.startswith("v"):
+        raise ConfigError(f"the host's node ({node}) does not run", key="images mcp")
+    return version
+
+
+def docker_build_argv(docker: str, context: Path, reference: str, labels: Mapping[str, str]) -> list[str]:
+    """The classic-builder ``docker build`` with no network; labels from ``labels``."""
+    argv = [docker, "build", "--network=none", "--rm", "--force-rm", "--pull=false"]
+    for key, value in sorted(labels.items()):
+        argv += ["--label", f"{key}={value}"]
+    return [*argv, "--tag", reference, str(context)]
+
+
+def _docker_build(docker: str, context: Path, log: Path, reference: str, labels: Mapping[str, str]) -> None:
+    env = {**os.environ, "DOCKER_BUILDKIT": "0"}
+    done = run_logged(docker_build_argv(docker, context, reference, labels), log, timeout=BUILD_TIMEOUT_S, env=env)
+    if done.timed_out:
+        raise BackendError(f"docker build {reference} timed out after {BUILD_TIMEOUT_S:.0f} s; last lines:\n"
+                           f"{done.tail}")
+    if done.status != 0:
+        raise BackendError(f"docker build {reference} failed (exit {done.status}); last lines of its log:\n"
+                           f"{done.tail}")
+
+
+def _inspect(docker: str, reference: str) -> dict[str, Any] | None:
+    """``docker image inspect`` of ``reference`` as a dict; None when the image is not there."""
+    try:
+        done = subprocess.run(  # noqa: S603  # nosec B603 - fixed argv
+            [docker, "image", "inspect", "--format", "{{json .}}", reference],
+            capture_output=True, timeout=_INSPECT_TIMEOUT_S, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BackendError(f"docker image inspect {reference} failed: {exc}") from exc
+    if done.returncode != 0:
+        err = done.stderr.decode(errors="replace").lower()
+        if "no such image" in err or "no such object" in err:
+            return None
+        raise BackendError(f"docker image inspect {reference} failed: {err.strip()[-500:]}")
+    try:
+        value = json.loads(done.stdout)
+    except ValueError as exc:
+        raise BackendError(f"docker image inspect {reference}: unexpected output") from exc
+    return value if isinstance(value, dict) else None
+
+
+def _labels(inspected: Mapping[str, Any] | None) -> dict[str, str]:
+    if not inspected:
+        return {}
+    labels = (inspected.get("Config") or {}).get("Labels") or {}
+    return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
+
+
+def _tag(docker: str, source: str, target: str) -> None:
+    try:
+        done = subprocess.run([docker, "tag", source, target], capture_output=True,  # noqa: S603 # nosec B603
+                              timeout=_INSPECT_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BackendError(f"docker tag {source} {target} failed: {exc}") from exc
+    if done.returncode != 0:
+        raise BackendError(f"docker tag {source} {target} failed: {done.stderr.decode(errors='replace')[-500:]}")
+
+
+def _result(docker: str, request: McpImageRequest, version: str, command: str, state: str,
+            started: float) -> McpImage:
+    reference = f"{request.repository}:{version_tag(version)}"
+    inspected = _inspect(docker, reference) or {}
+    return McpImage(image=reference, latest=f"{request.repository}:latest",
+                    package=request.package.pinned(version), command=command,
+                    size=int(inspected.get("Size") or 0), state=state, seconds=time.monotonic() - started)
