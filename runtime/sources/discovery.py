@@ -25,6 +25,9 @@ from runtime.sources.result import Scrubbed, error_message
 from runtime.sources.verdict import list_request
 
 STDERR_TAIL_CHARS = 300
+# A tool list is bigger than most results (a hundred tools with schemas: a few hundred KiB), and only the
+# supervisor reads it: at least this much, whatever the profile's stdout cap.
+LIST_MIN_BYTES = 4 * 1024 * 1024
 
 
 def source_tool(source: ToolSource) -> Tool:
@@ -47,7 +50,7 @@ async def discover(services: Services, source: ToolSource) -> Catalog:
     config = services.config
     resolved = ResolvedTool(tool=source_tool(source), profile=config.profiles[source.profile])
     invocation_id = "dsc_" + secrets.token_hex(16)
-    cap = resolved.profile.output.stdout_max_bytes
+    cap = max(resolved.profile.output.stdout_max_bytes, LIST_MIN_BYTES)
     with step("toolcell.discover", services.redactor, **{"toolcell.server": source.name,
                                                            "toolcell.invocation_id": invocation_id}) as span:
         trace_id = format(span.get_span_context().trace_id, "032x")
