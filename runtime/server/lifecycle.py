@@ -70,7 +70,7 @@ class Reloader:
                     log.warning("config reloaded; changes under %s need a restart and were not applied",
                                 " and ".join(kept))
                 log.info("config reloaded from %s: %d profiles, %d tools", config.source, len(config.profiles),
-                         len(config.tools))
+                         len(supervisor.config.tools))
             else:
                 log.error("config reload refused, keeping the running config: %s", error)
             metrics.reloads.add(1, {"outcome": "ok" if ok else "error"})
@@ -99,7 +99,9 @@ async def serve(config_path: str | None, listen: str | None, verbose: bool = Fal
         raise
     reloader = Reloader(app, config_path, listen)
     reloader.publish()
-    print(f"toolcell: serving on {address} (config {config.source}, {len(config.tools)} tools)",
+    live = supervisor.config  # with the tools its MCP servers were found to have
+    failed = "".join(f"; server {name!r} failed: see the log" for name in sorted(supervisor.source_errors))
+    print(f"toolcell: serving on {address} (config {config.source}, {len(live.tools)} tools{failed})",
           file=sys.stderr, flush=True)
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()
