@@ -189,6 +189,7 @@ class Supervisor:
                     log.error("%s; its tools are not served", catalog)
                     errors[name] = catalog
                     continue
+            self._warn_changed(name, catalog)
             self._catalogs[name] = (source, catalog)
             made = source_tools(source, catalog, config.profiles, driver_command)
             tools = dict(made.tools)
@@ -205,6 +206,22 @@ class Supervisor:
             log.info("server %r (%s): %d tools", name, catalog.server_info or "?", len(tools))
         self.source_errors = errors
         return config
+
+    def _warn_changed(self, name: str, catalog: Catalog) -> None:
+        """A server whose tools changed since its last discovery (a "rug pull": a description rewritten to
+        steer the model after it was reviewed) is logged, tool by tool, for the admin to look at."""
+        previous = self._catalogs.get(name)
+        if previous is None:
+            return
+        before = {t.name: t for t in previous[1].tools}
+        for tool in catalog.tools:
+            old = before.get(tool.name)
+            if old is not None and old != tool:
+                log.warning("server %r: tool %s changed its description or schemas since the last discovery",
+                            name, tool.name)
+        added = sorted({t.name for t in catalog.tools} - set(before))
+        if added:
+            log.warning("server %r: new tools since the last discovery: %s", name, ", ".join(added[:20]))
 
     async def reload(self, config: Config) -> None:
         """Swap the config; in-flight invocations finish under the config they started with.
