@@ -247,7 +247,8 @@ def _profiles_check(args: argparse.Namespace) -> int:
     from runtime.settings import load_config
 
     config = load_config(args.file)
-    print(f"{args.file}: ok ({len(config.profiles)} profiles, {len(config.tools)} tools)")
+    servers = f", {len(config.sources)} MCP servers (their tools are found at start-up)" if config.sources else ""
+    print(f"{args.file}: ok ({len(config.profiles)} profiles, {len(config.tools)} tools{servers})")
     return EXIT_OK
 
 

@@ -70,6 +70,21 @@ def effective(config: Config) -> dict[str, Any]:
                    "secrets": [{"name": g.name, **({"env": g.env} if g.env else {"file": g.file})}
                                for g in tool.secrets]}
                   for tool in sorted(config.tools.values(), key=lambda x: x.name)],
+        # Tool sources: their tools are found at start-up (``toolcell tools`` lists them).
+        "servers": [{"name": src.name, "image": src.image, "command": list(src.command), "profile": src.profile,
+                     "env": _mask_env(dict(src.env), redactor),
+                     "secrets": [{"name": g.name, **({"env": g.env} if g.env else {"file": g.file})}
+                                 for g in src.secrets],
+                     "pool": None if src.name not in config.source_pools else
+                     {"size": config.source_pools[src.name].size, "ttl_s": config.source_pools[src.name].ttl_s},
+                     "roots": None if src.roots is None else [dict(r) for r in src.roots],
+                     "discovery_timeout_s": src.discovery_timeout_s,
+                     "tools": {n: {k: v for k, v in {"profile": o.profile, "title": o.title,
+                                                     "description": o.description,
+                                                     "annotations": dict(o.annotations) or None,
+                                                     "hidden": o.hidden or None}.items() if v is not None}
+                               for n, o in sorted(src.overrides.items())}}
+                    for src in sorted(config.sources.values(), key=lambda x: x.name)],
     }
 
 
