@@ -44,3 +44,24 @@ echo; echo "\$ toolcell call text.wordcount --target $OCI_SOCK --args '{\"text\"
 "$TOOLCELL" call text.wordcount --target "$OCI_SOCK" --args '{"text": "no daemon, same sandbox"}'
 echo; echo "\$ toolcell call python.run --target $OCI_SOCK --args '{\"code\": ...}' --json"
 "$TOOLCELL" call python.run --target "$OCI_SOCK" --json --args '{"code": "import os, socket\nprint(\"uid\", os.getuid(), \"interfaces\", [n for _, n in socket.if_nameindex()])\ntry:\n    open(\"/pwned\", \"w\")\nexcept OSError as e:\n    print(\"write /pwned\", e.strerror)"}'
+
+echo; echo "--- a stock MCP server, unmodified (mcp-server-time from PyPI, image built offline), one fresh sandbox per call ---"
+stop
+MCP_CONFIG="$WORK/with-servers.yaml"
+MCP_SOCK="unix://$WORK/toolcell-mcp.sock"
+cp runtime/data/default-config.yaml "$MCP_CONFIG"
+cat >>"$MCP_CONFIG" <<'YAML'
+servers:
+  - name: time                                   # its tools appear as time.<tool>
+    image: toolcell/mcp-time:latest              # toolcell images mcp --pypi mcp-server-time
+    command: [/opt/mcp/bin/mcp-server-time, --local-timezone=UTC]
+YAML
+echo "\$ tail -4 $MCP_CONFIG"; tail -4 "$MCP_CONFIG"
+serve --config "$MCP_CONFIG" --listen "$MCP_SOCK"
+echo; echo "\$ toolcell tools --target $MCP_SOCK"
+"$TOOLCELL" tools --target "$MCP_SOCK"
+echo; echo "\$ toolcell call time.get_current_time --target $MCP_SOCK --args '{\"timezone\": \"Europe/Paris\"}'"
+"$TOOLCELL" call time.get_current_time --target "$MCP_SOCK" --args '{"timezone": "Europe/Paris"}'
+echo; echo "\$ toolcell call time.convert_time --target $MCP_SOCK --json --args '{...}'"
+"$TOOLCELL" call time.convert_time --target "$MCP_SOCK" --json \
+  --args '{"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"}'
