@@ -10,6 +10,7 @@ the supervisor still serving other calls at once.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +20,8 @@ import pytest
 
 from runtime.client import Client
 from runtime.model import Progress, Result, Started, Status
-from tests.support import REPO, RUNNER_IMAGE, config_doc, running_supervisor
+from runtime.secretstore import SecretStore, generate_key
+from tests.support import CANARY, REPO, RUNNER_IMAGE, config_doc, running_supervisor
 
 BACKENDS = ["docker", "oci"]
 SERVERS = REPO / "tests" / "data" / "mcp_servers"
@@ -165,3 +167,27 @@ async def test_a_warm_pooled_server_serves_one_call_with_its_server_already_init
         assert result.status is Status.OK and result.content[0]["text"] == "warm"
         assert pools.stats()["ok.echo"].hits == 1
         assert "initialized" in result.stderr
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+async def test_a_granted_secret_reaches_only_its_servers_sandbox_and_never_leaves(tmp_path: Path, kind: str,
+                                                                                 pooled: bool) -> None:
+    key = generate_key()
+    store = tmp_path / "secrets.json"
+    SecretStore(store, base64.b64decode(key)).set("canary", CANARY)
+    pool = {"pool": {"size": 1}} if pooled else {}
+    d = doc(tmp_path, kind, "ok", **pool)
+    d["secrets"] = {"store": str(store)}
+    d["servers"][0]["secrets"] = [{"name": "canary", "env": "API_KEY"}]
+    d["servers"].append({**d["servers"][0], "name": "ungranted", "secrets": []})
+    async with running_supervisor(tmp_path, d, environ={"TOOLCELL_SECRETS_KEY": key}) as (app, client):
+        if pooled:
+            for _ in range(300):
+                if app.supervisor.pools.ready("ok.secret") == 1:
+                    break
+                await asyncio.sleep(0.05)
+        granted = await client.call("ok.secret", {})
+        ungranted = await client.call("ungranted.secret", {})
+    assert granted.status is Status.OK and CANARY not in repr(granted)
+    assert granted.output.startswith("[REDACTED:") and granted.redactions, "it had the value; it was redacted"
+    assert ungranted.status is Status.OK and ungranted.output in ("", "None") and not ungranted.redactions
