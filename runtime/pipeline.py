@@ -403,7 +403,7 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
         # A tool from an MCP server: the driver's request line, and its frames on stdout.
         stdin = call_request(source, arguments, resolved.profile.output.stdout_max_bytes) if source else \
             json.dumps(arguments, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        frames = FrameReader(cap=resolved.profile.output.stdout_max_bytes, clock=time.monotonic) if source else None
+        frames = FrameReader.for_cap(resolved.profile.output.stdout_max_bytes, time.monotonic) if source else None
         with step("toolcell.gather_secrets", services.redactor, **{"toolcell.secrets": len(resolved.tool.secrets)}):
             secrets, redactor = gather_secrets(services, resolved)
         done = await contain(services, resolved, spec, stdin, secrets, emit, cancelled, redactor,

@@ -56,7 +56,7 @@ async def discover(services: Services, source: ToolSource) -> Catalog:
         trace_id = format(span.get_span_context().trace_id, "032x")
         spec = dataclasses.replace(config.compile(resolved, invocation_id), timeout_s=source.discovery_timeout_s)
         grants, redactor = gather_secrets(services, resolved)
-        frames = FrameReader(cap=cap, clock=time.monotonic)
+        frames = FrameReader.for_cap(cap, time.monotonic)
         done = await contain(dataclasses.replace(services, claim=_no_pool), resolved, spec, list_request(cap),
                              grants, _ignore, asyncio.Event(), redactor, invocation_id=invocation_id,
                              trace_id=trace_id, frames=frames)

@@ -31,9 +31,18 @@ def frame_limits(cap: int) -> ArgumentLimits:
     return ArgumentLimits(max_argument_bytes=cap, max_depth=64, max_string_length=cap, max_array_length=100_000)
 
 
+# What a frame adds around the server's message (the driver caps that at the stream's cap): its key, and the
+# odd character the driver escapes that the server did not.
+FRAME_SLACK_BYTES = 64 * 1024
+
+
 @dataclass
 class FrameReader:
-    """Splits and parses one sandbox's stdout. ``feed`` returns the progress to forward now."""
+    """Splits and parses one sandbox's stdout. ``feed`` returns the progress to forward now.
+
+    ``cap`` bounds the bytes kept; build it with ``for_cap`` so a server message at the stream's cap still
+    fits in its frame.
+    """
 
     cap: int
     clock: Callable[[], float]
@@ -48,6 +57,10 @@ class FrameReader:
     refused: Counter[str] = field(default_factory=Counter)
     _line: bytearray = field(default_factory=bytearray)
     _last_progress: float = float("-inf")
+
+    @classmethod
+    def for_cap(cls, cap: int, clock: Callable[[], float]) -> FrameReader:
+        return cls(cap=cap + FRAME_SLACK_BYTES, clock=clock)
 
     def feed(self, data: bytes) -> list[Progress]:
         self.seen += len(data)
