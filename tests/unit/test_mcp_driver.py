@@ -21,7 +21,7 @@ import pytest
 
 from runtime.sources.driver import FINAL_KINDS, driver_command, driver_source
 
-SERVER = Path(__file__).parent / "data" / "mcp_servers" / "hostile.py"
+SERVER = Path(__file__).parent.parent / "data" / "mcp_servers" / "hostile.py"
 MIB = 1 << 20
 FRAME_KEYS = {"progress", "refused", "tools", "result", "error"}
 
