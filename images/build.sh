@@ -8,6 +8,11 @@
 #                             images/supervisor/requirements.lock; pip on the host may use PyPI), user 10002
 #   rootfs store              the runner images' root filesystems unpacked for the oci engine (no daemon at
 #                             run time): $TOOLCELL_ROOTFS_DIR/<image id>/rootfs, index.json maps names to ids
+#   toolcell/mcp-<name>:<ver> the stock MCP servers listed in images/mcp-servers.txt (`toolcell images mcp
+#                             --from`): packages fetched on the host (PyPI wheels, npm), built with no network on
+#                             the Python image, unpacked too; pinned, so a re-run with the images present
+#                             fetches nothing.  npm servers are skipped (with a warning) when the host has no
+#                             node/npm.
 #
 # Each image carries the label io.toolcell.inputs-hash=<sha256 of its inputs>; a build is skipped when the
 # existing image's label matches.  The debootstrap tarball is cached under $TOOLCELL_CACHE_DIR keyed by
@@ -163,6 +168,30 @@ build_supervisor() {  # hash
   report "$SUPERVISOR_IMAGE" "built"
 }
 
+readonly MCP_SERVERS="$HERE/mcp-servers.txt"
+
+build_mcp_servers() {
+  [[ -f "$MCP_SERVERS" ]] || return 0
+  [[ -x "$BUILD_PYTHON" ]] || die "no Python to run toolcell with at $BUILD_PYTHON (run scripts/setup.sh first)"
+  local list="$MCP_SERVERS" out status=0
+  local args=()
+  [[ "$FORCE" == 1 ]] && args+=(--force)
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    log "warning: node/npm not installed: skipping the npm servers in ${MCP_SERVERS##*/}"
+    list="$(mktemp)"
+    grep -Ev '^[[:space:]]*npm[[:space:]]' "$MCP_SERVERS" >"$list" || true
+  fi
+  out="$("$BUILD_PYTHON" -m runtime images mcp --from "$list" --store "$ROOTFS_DIR" "${args[@]}" 2>&1)" || status=$?
+  [[ "$list" == "$MCP_SERVERS" ]] || rm -f "$list"
+  if ((status != 0)); then
+    printf '%s\n' "$out" >&2
+    die "building the MCP server images listed in $MCP_SERVERS failed"
+  fi
+  # One line per image: name, state and time, size.
+  printf '%s\n' "$out" | awk '/^toolcell\/mcp-/ { image = $1; state = $2; seconds = $4 }
+    /^  size / { printf "%-26s %-10s %s %s (%s s)\n", image, state, $2, $3, seconds }'
+}
+
 build_base() {  # hash
   local hash="$1" tarball="$CACHE_DIR/debian-$SUITE-$1.tar"
   if [[ "$FORCE" != 1 && "$(image_label "$BASE_IMAGE")" == "$hash" ]]; then
@@ -230,6 +259,7 @@ main() {
   build_base "$bhash"
   build_python "$phash"
   build_supervisor "$(supervisor_hash "$bhash")"
+  build_mcp_servers
   # Superseded builds of our images are left dangling; drop them (only ours: they carry the label).
   docker image prune --force --filter "label=$LABEL" >/dev/null 2>&1 || true
   unpack_rootfs

@@ -73,9 +73,10 @@ def npm_install_argv(npm: str, package: McpPackage, prefix: Path) -> list[str]:
 
 
 def pip_failure(package: McpPackage, done: Completed) -> ConfigError | BackendError:
-    """The error for a failed ``pip download``, from its log's tail."""
+    """The error for a failed ``pip download``, from its log's tail (pip also says "no matching distribution"
+    when the index is unreachable: connection errors are looked for first)."""
     missing = _NO_DIST.search(done.tail)
-    if missing is not None:
+    if missing is not None and not _UNREACHABLE.search(done.tail):
         wanted = missing.group(1)
         name = re.split(r"[\[<>=!~;]", wanted, maxsplit=1)[0]
         platform = f"CPython {PYTHON_VERSION} on manylinux (glibc <= 2.36)"
@@ -109,13 +110,14 @@ def _failed(what: str, package: McpPackage, done: Completed) -> str:
         reason = f"{what} of {package.requirement} failed: the registry is unreachable from this host"
     else:
         reason = f"{what} of {package.requirement} failed (exit {done.status})"
-    return f"{reason}; last lines of its output:\n{done.tail}"
+    last = "\n".join(done.tail.splitlines()[-20:])
+    return f"{reason}; last lines of its output:\n{last}"
 
 
 def fetch_pypi(package: McpPackage, wheels: Path, log: Path, *, python: str, machine: str) -> Fetched:
     """Download the wheels into ``wheels``; the version and console scripts come from the package's wheel."""
     wheels.mkdir(parents=True, exist_ok=True)
-    done = run_logged(pip_download_argv(python, package, wheels, machine), log, timeout=FETCH_TIMEOUT_S)
+    done = run_logged(pip_download_argv(python, package, wheels, machine), log, timeout=FETCH_TIMEOUT_S, lines=40)
     if done.status != 0:
         raise pip_failure(package, done)
     files = sorted(p for p in wheels.iterdir() if p.is_file())
@@ -146,7 +148,7 @@ def fetch_npm(package: McpPackage, app: Path, log: Path, *, npm: str) -> Fetched
     """``npm install`` into ``app``; the version and bins come from the installed package.json."""
     app.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "npm_config_update_notifier": "false", "npm_config_fund": "false"}
-    done = run_logged(npm_install_argv(npm, package, app), log, timeout=FETCH_TIMEOUT_S, cwd=app, env=env)
+    done = run_logged(npm_install_argv(npm, package, app), log, timeout=FETCH_TIMEOUT_S, cwd=app, env=env, lines=40)
     if done.status != 0:
         raise npm_failure(package, done)
     manifest = _read_json(app / "node_modules" / package.name / "package.json")

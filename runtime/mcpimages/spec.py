@@ -38,7 +38,7 @@ _PYPI_VERSION = re.compile(
 _PYPI_SPEC = re.compile(
     rf"(?P<name>{_PYPI_NAME.pattern})(?:\[(?P<extras>[A-Za-z0-9._,-]{{1,200}})\])?(?:==(?P<version>[^=]+))?"
 )
-_NPM_PART = r"[a-z0-9~-][a-z0-9._~-]{0,100}"
+_NPM_PART = r"[a-z0-9][a-z0-9._~-]{0,100}"
 _NPM_SPEC = re.compile(rf"(?P<name>(?:@{_NPM_PART}/)?{_NPM_PART})(?:@(?P<version>.+))?")
 _SEMVER = re.compile(
     r"(?:0|[1-9][0-9]{0,9})\.(?:0|[1-9][0-9]{0,9})\.(?:0|[1-9][0-9]{0,9})"
@@ -126,7 +126,7 @@ def _parse_npm(spec: str) -> McpPackage:
     if len(spec) > 300:
         raise _refuse("npm", spec, expected)
     m = _NPM_SPEC.fullmatch(spec)
-    if m is None or m["name"].split("/")[-1].startswith((".", "_")):
+    if m is None:
         raise _refuse("npm", spec, expected)
     version = m["version"]
     if version is not None and not _SEMVER.fullmatch(version):
