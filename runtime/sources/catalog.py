@@ -76,6 +76,9 @@ def _tool(raw: object, redactor: Redactor) -> Discovered | str:
     name = raw.get("name")
     if not isinstance(name, str) or len(name) > 64 or not _NAME.search(name):
         return "its name is not 1-64 characters of [A-Za-z0-9_.-]"
+    execution = raw.get("execution")
+    if isinstance(execution, dict) and execution.get("taskSupport") == "required":
+        return f"{name}: it can only run as a task (execution.taskSupport: required), which toolcell does not offer"
     schema = raw.get("inputSchema", {"type": "object"})
     output = raw.get("outputSchema")
     if not isinstance(schema, dict) or not (output is None or isinstance(output, dict)):

@@ -15,7 +15,7 @@ with the official MCP SDK's ClientSession (stdio and Streamable HTTP). What each
 - everything: progress notifications become Progress events / MCP progress; structured content, image
   and embedded-resource blocks arrive intact; its errors are is_error or INVALID_ARGUMENT; the tools
   that need sampling, elicitation or roots are not offered (toolcell declares no client capabilities)
-  and one needing tasks ends in a clear error; a long call cancelled over gRPC or by MCP request
+  and one that can only run as a task is not served; a long call cancelled over gRPC or by MCP request
   cancellation ends KILLED with its sandbox gone within seconds.
 """
 
@@ -322,8 +322,8 @@ async def test_everything_over_grpc(tmp_path: Path, kind: str) -> None:
         offline = await client.call("everything.gzip-file-as-resource",
                                     {"data": "http://allowed.test/x", "outputType": "resource"})
         assert offline.status is Status.ERROR and offline.is_error and "fetch failed" in texts(offline)
-        tasks = await client.call("everything.simulate-research-query", {"topic": "sandboxes"})
-        assert tasks.status is Status.ERROR and tasks.is_error and "task" in texts(tasks)
+        with pytest.raises(NotFoundError):  # tasks-only (taskSupport: required): not served, and said why in the log
+            await client.call("everything.simulate-research-query", {"topic": "sandboxes"})
 
         ids = {long_started.sandbox_id, weather_started.sandbox_id, image_started.sandbox_id,
                ref_started.sandbox_id}
@@ -367,7 +367,7 @@ async def test_everything_through_the_mcp_bridge(tmp_path: Path, transport: str)
         image = await session.call_tool("everything.get-tiny-image", {})
         ref = await session.call_tool("everything.get-resource-reference", {"resourceId": 1, "resourceType": "Blob"})
         invalid = await session.call_tool("everything.get-sum", {"a": 1})
-        tasks = await session.call_tool("everything.simulate-research-query", {"topic": "sandboxes"})
+        assert "everything.simulate-research-query" not in listed  # tasks-only: not served
 
         # MCP request cancellation: the SDK sends notifications/cancelled when its task is cancelled.
         running = anyio.Event()
@@ -405,5 +405,4 @@ async def test_everything_through_the_mcp_bridge(tmp_path: Path, transport: str)
     assert base64.b64decode(embedded.resource.blob).startswith(b"Resource 1:")  # type: ignore[union-attr]
 
     assert invalid.is_error is True and "Invalid arguments" in invalid.content[0].text  # type: ignore[union-attr]
-    assert tasks.is_error is True and "task" in tasks.content[0].text  # type: ignore[union-attr]
     assert leftovers(docker_client, owner) == []

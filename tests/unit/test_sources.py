@@ -155,6 +155,7 @@ def tool(name: str, **extra: Any) -> dict[str, Any]:
     (tool("bad_schema", inputSchema=[1]), "schemas are not objects"),
     (tool("huge_schema", inputSchema={"type": "object", "description": "x" * 300_000}), "exceed"),
     ("string", "not an object"),
+    (tool("tasks_only", execution={"taskSupport": "required"}), "only run as a task"),
 ])
 def test_catalog_refuses_malformed_tools_by_name(raw: Any, skipped: str) -> None:
     catalog = read_catalog("s", [tool("good"), raw], {"name": "srv", "version": "1"}, Redactor())
