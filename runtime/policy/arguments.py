@@ -73,18 +73,22 @@ def _linear_pattern(validator: Any, pattern: str, instance: Any,
 _UntrustedValidator = validators.extend(Draft202012Validator, {"pattern": _linear_pattern})  # type: ignore[no-untyped-call]
 
 
-def _schema_patterns(schema: Any, depth: int = 0) -> Iterator[tuple[str, Any]]:
-    """(keyword, value) of every ``pattern``/``patternProperties`` in a schema (bounded depth)."""
+def _keywords(schema: Any, names: frozenset[str], depth: int = 0) -> Iterator[tuple[str, Any]]:
+    """(keyword, value) of every keyword in ``names`` anywhere in a schema (bounded depth)."""
     if depth > 64:
         raise ConfigError("the schema nests deeper than 64 levels")
     if isinstance(schema, dict):
         for key, value in schema.items():
-            if key in ("pattern", "patternProperties"):
+            if key in names:
                 yield key, value
-            yield from _schema_patterns(value, depth + 1)
+            yield from _keywords(value, names, depth + 1)
     elif isinstance(schema, list):
         for item in schema:
-            yield from _schema_patterns(item, depth + 1)
+            yield from _keywords(item, names, depth + 1)
+
+
+_PATTERNS = frozenset({"pattern", "patternProperties"})
+_REFS = frozenset({"$ref", "$dynamicRef"})
 
 
 def compile_untrusted_schema(schema: Mapping[str, Any], *, key: str) -> Draft202012Validator:
@@ -95,30 +99,17 @@ def compile_untrusted_schema(schema: Mapping[str, Any], *, key: str) -> Draft202
     """
     validator = compile_schema(schema, key=key)
     try:
-        for keyword, value in _schema_patterns(schema):
+        for keyword, value in _keywords(schema, _PATTERNS):
             if keyword == "patternProperties":
                 raise ConfigError("patternProperties is not supported in a discovered schema", key=key)
             if isinstance(value, str):
                 _linear(value)
     except ValueError as exc:
         raise ConfigError(f"a pattern is not linear-time (RE2): {str(exc)[:120]}", key=key) from None
-    refs = [v for k, v in _walk_refs(schema) if not (isinstance(v, str) and v.startswith("#"))]
+    refs = [v for _, v in _keywords(schema, _REFS) if not (isinstance(v, str) and v.startswith("#"))]
     if refs:
         raise ConfigError("only local references (#...) are allowed in a discovered schema", key=key)
     return _UntrustedValidator(validator.schema)  # type: ignore[no-any-return]
-
-
-def _walk_refs(schema: Any, depth: int = 0) -> Iterator[tuple[str, Any]]:
-    if depth > 64:
-        return
-    if isinstance(schema, dict):
-        for key, value in schema.items():
-            if key in ("$ref", "$dynamicRef"):
-                yield key, value
-            yield from _walk_refs(value, depth + 1)
-    elif isinstance(schema, list):
-        for item in schema:
-            yield from _walk_refs(item, depth + 1)
 
 
 class _Rejected:
