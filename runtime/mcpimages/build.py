@@ -23,6 +23,7 @@ import subprocess  # nosec B404 - the docker CLI, argv lists, no shell
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from runtime.mcpimages.spec import McpImageRequest, McpPackage, version_tag
 REQUEST_LABEL: Final = "io.toolcell.mcp-request"
 PACKAGE_LABEL: Final = "io.toolcell.mcp.package"
 COMMAND_LABEL: Final = "io.toolcell.mcp.command"
+STAGE_LABEL: Final = "io.toolcell.mcp-stage"
 BUILD_TIMEOUT_S: Final = 1200.0
 _INSPECT_TIMEOUT_S: Final = 60.0
 
@@ -96,22 +98,12 @@ def _quiet(_: str) -> None:
 def build_image(request: McpImageRequest, tools: HostTools, *, force: bool = False, log: Log = _quiet) -> McpImage:
     """Fetch, build and tag ``request``; skip by label unless ``force``. Raises ConfigError/BackendError."""
     started = time.monotonic()
-    base = _inspect(tools.docker, BASE_IMAGE)
-    if base is None:
-        raise ConfigError(f"the base image {BASE_IMAGE} is missing: build it first (`toolcell images build`, "
-                          "or scripts/setup.sh)", key="images mcp")
-    base_hash = str((base.get("Config") or {}).get("Labels", {}).get(INPUTS_HASH_LABEL) or base.get("Id", ""))
-    node_hash = ""
-    if request.package.source == "npm":
-        if tools.npm is None or tools.node is None:
-            raise ConfigError("building an npm server image needs node and npm on this host (not found on PATH)",
-                              key="images mcp")
-        node_hash = file_sha256(Path(tools.node))
-    wanted = request_hash(request, base_hash, node_hash)
+    base_hash = _base_hash(tools.docker)
+    node_hash = _node_hash(request, tools)
     if request.package.version is not None and not force:
         reference = f"{request.repository}:{version_tag(request.package.version)}"
         labels = _labels(_inspect(tools.docker, reference))
-        if labels.get(REQUEST_LABEL) == wanted and labels.get(COMMAND_LABEL):
+        if labels.get(REQUEST_LABEL) == request_hash(request, base_hash, node_hash) and labels.get(COMMAND_LABEL):
             _tag(tools.docker, reference, f"{request.repository}:latest")
             return _result(tools.docker, request, request.package.version, labels[COMMAND_LABEL], "up-to-date",
                            started)
@@ -120,24 +112,45 @@ def build_image(request: McpImageRequest, tools: HostTools, *, force: bool = Fal
         context.mkdir()
         log(f"fetching {request.package} on the host ...")
         fetched, command = _prepare(request, tools, context, Path(work) / "fetch.log", base_hash)
+        pinned = McpImageRequest(request.package.pinned(fetched.version), request.name, request.command)
         reference = f"{request.repository}:{version_tag(fetched.version)}"
         inputs = context_hash(context, base_hash)
-        labels = _labels(_inspect(tools.docker, reference))
-        if not force and labels.get(INPUTS_HASH_LABEL) == inputs:
+        existing = _inspect(tools.docker, reference)
+        if not force and _labels(existing).get(INPUTS_HASH_LABEL) == inputs:
             _tag(tools.docker, reference, f"{request.repository}:latest")
             return _result(tools.docker, request, fetched.version, command, "up-to-date", started)
         log(f"docker build {reference} (--network none) ...")
         _docker_build(tools.docker, context, Path(work) / "build.log", reference, {
             INPUTS_HASH_LABEL: inputs,
-            REQUEST_LABEL: request_hash(McpImageRequest(request.package.pinned(fetched.version), request.name,
-                                                        request.command), base_hash, node_hash),
-            PACKAGE_LABEL: str(request.package.pinned(fetched.version)),
+            REQUEST_LABEL: request_hash(pinned, base_hash, node_hash),
+            PACKAGE_LABEL: str(pinned.package),
             COMMAND_LABEL: command,
             "org.opencontainers.image.title": f"toolcell-mcp-{request.name}",
             "org.opencontainers.image.version": fetched.version,
         })
     _tag(tools.docker, reference, f"{request.repository}:latest")
+    if existing is not None:
+        _remove_if_untagged(tools.docker, str(existing.get("Id", "")))
     return _result(tools.docker, request, fetched.version, command, "built", started)
+
+
+def _base_hash(docker: str) -> str:
+    """The base image's inputs-hash label (its id when unlabelled); ConfigError when it is missing."""
+    base = _inspect(docker, BASE_IMAGE)
+    if base is None:
+        raise ConfigError(f"the base image {BASE_IMAGE} is missing: build it first (`toolcell images build`, "
+                          "or scripts/setup.sh)", key="images mcp")
+    return _labels(base).get(INPUTS_HASH_LABEL) or str(base.get("Id", ""))
+
+
+def _node_hash(request: McpImageRequest, tools: HostTools) -> str:
+    """npm: the sha256 of the node binary that goes into the image; "" for PyPI."""
+    if request.package.source != "npm":
+        return ""
+    if tools.npm is None or tools.node is None:
+        raise ConfigError("building an npm server image needs node and npm on this host (not found on PATH)",
+                          key="images mcp")
+    return file_sha256(Path(tools.node))
 
 
 def _prepare(request: McpImageRequest, tools: HostTools, context: Path, log: Path,
@@ -185,23 +198,56 @@ def _node_version(node: str) -> str:
     return version
 
 
-def docker_build_argv(docker: str, context: Path, reference: str, labels: Mapping[str, str]) -> list[str]:
-    """The classic-builder ``docker build`` with no network; labels from ``labels``."""
-    argv = [docker, "build", "--network=none", "--rm", "--force-rm", "--pull=false"]
+def docker_build_argv(docker: str, context: Path, reference: str, stage: str, labels: Mapping[str, str]) -> list[str]:
+    """The classic-builder ``docker build`` with no network; ``stage`` labels the first stage's images."""
+    argv = [docker, "build", "--network=none", "--rm", "--force-rm", "--pull=false",
+            "--build-arg", f"TOOLCELL_STAGE={stage}"]
     for key, value in sorted(labels.items()):
         argv += ["--label", f"{key}={value}"]
     return [*argv, "--tag", reference, str(context)]
 
 
 def _docker_build(docker: str, context: Path, log: Path, reference: str, labels: Mapping[str, str]) -> None:
+    """Build, then remove the first stage's images (found by a label unique to this build)."""
     env = {**os.environ, "DOCKER_BUILDKIT": "0"}
-    done = run_logged(docker_build_argv(docker, context, reference, labels), log, timeout=BUILD_TIMEOUT_S, env=env)
+    stage = uuid.uuid4().hex
+    try:
+        done = run_logged(docker_build_argv(docker, context, reference, stage, labels), log, timeout=BUILD_TIMEOUT_S,
+                          env=env)
+    finally:
+        _remove_stage(docker, stage)
     if done.timed_out:
         raise BackendError(f"docker build {reference} timed out after {BUILD_TIMEOUT_S:.0f} s; last lines:\n"
                            f"{done.tail}")
     if done.status != 0:
         raise BackendError(f"docker build {reference} failed (exit {done.status}); last lines of its log:\n"
                            f"{done.tail}")
+
+
+def _remove_stage(docker: str, stage: str) -> None:
+    """Remove the first stage's images of build ``stage`` (wheels, the unfixed venv): nothing else uses them."""
+    try:
+        listed = subprocess.run(  # noqa: S603  # nosec B603 - fixed argv
+            [docker, "image", "ls", "--quiet", "--no-trunc", "--filter", f"label={STAGE_LABEL}={stage}"],
+            capture_output=True, timeout=_INSPECT_TIMEOUT_S, check=False)
+        ids = sorted(set(listed.stdout.decode(errors="replace").split()))
+        if listed.returncode == 0 and ids:
+            subprocess.run([docker, "image", "rm", *ids], capture_output=True,  # noqa: S603  # nosec B603
+                           timeout=_INSPECT_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return  # left for `docker image prune` (images/build.sh runs one)
+
+
+def _remove_if_untagged(docker: str, image_id: str) -> None:
+    """The image a rebuild replaced, unless something still tags or uses it."""
+    inspected = _inspect(docker, image_id) if image_id.startswith("sha256:") else None
+    if inspected is None or inspected.get("RepoTags"):
+        return
+    try:
+        subprocess.run([docker, "image", "rm", image_id], capture_output=True,  # noqa: S603  # nosec B603
+                       timeout=_INSPECT_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return
 
 
 def _inspect(docker: str, reference: str) -> dict[str, Any] | None:

@@ -211,8 +211,9 @@ def test_npm_install_argv() -> None:
 
 
 def test_docker_build_argv() -> None:
-    argv = docker_build_argv("/docker", Path("/ctx"), "toolcell/mcp-time:1", {"b": "2", "a": "1"})
+    argv = docker_build_argv("/docker", Path("/ctx"), "toolcell/mcp-time:1", "s1", {"b": "2", "a": "1"})
     assert argv[:3] == ["/docker", "build", "--network=none"]
+    assert argv[argv.index("--build-arg") + 1] == "TOOLCELL_STAGE=s1"
     assert argv[-3:] == ["--tag", "toolcell/mcp-time:1", "/ctx"]
     assert argv[argv.index("--label") + 1] == "a=1"
 
@@ -341,6 +342,7 @@ def _hardened(dockerfile: str, command: str) -> list[str]:
     assert "find / -xdev -perm /6000" in dockerfile
     assert "chown -R 0:0 /opt/mcp" in dockerfile and "chmod -R u=rwX,go=rX /opt/mcp" in dockerfile
     assert "COPY --from=build /opt/mcp/ /opt/mcp/" in dockerfile
+    assert lines[2:4] == ["ARG TOOLCELL_STAGE", "LABEL io.toolcell.mcp-stage=$TOOLCELL_STAGE"]
     return lines
 
 
