@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,31 @@ async def serving(config: Config) -> AsyncIterator[tuple[App, Client]]:
         assert left == [], f"sandboxes left behind: {left}"
         if config.engine.kind == "oci":
             assert await oci_clean(config.server.instance, config.engine.oci_state_dir) == []
+
+
+@contextlib.contextmanager
+def upstream_container(program: str, aliases: Sequence[str], prefix: str) -> Iterator[tuple[str, Any]]:
+    """A test network with one server container (``program``, run by the runner image's Python as root with
+    only NET_BIND_SERVICE) answering to every name in ``aliases``; yields (network name, container) once the
+    program printed "ready"; both are removed afterwards. The only upstream tests send traffic to."""
+    client = engine()
+    owner = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    labels = {LABEL_OWNER: owner}
+    network = client.networks.create(f"tc-test-{owner}", driver="bridge", labels=labels)
+    container = None
+    try:
+        container = client.containers.create(
+            RUNNER_IMAGE, ["python3", "-I", "-u", "-c", program], user="0:0", labels=labels,
+            network=network.name, read_only=True, cap_drop=["ALL"], cap_add=["NET_BIND_SERVICE"],
+            mem_limit="64m", pids_limit=64, detach=True)
+        network.disconnect(container)
+        network.connect(container, aliases=list(aliases))
+        container.start()
+        deadline = time.monotonic() + 15
+        while b"ready" not in container.logs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield network.name, container
+    finally:
+        if container is not None:
+            container.remove(force=True)
+        network.remove()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 
 from runtime.backends.docker import LABEL_OWNER
 from runtime.model import EgressDestination, Result, Status
-from tests.support import RUNNER_IMAGE, config_doc, engine, running_supervisor
+from tests.support import RUNNER_IMAGE, config_doc, engine, running_supervisor, upstream_container
 
 pytestmark = pytest.mark.docker
 
@@ -126,31 +125,12 @@ class Upstream:
 @pytest.fixture
 def upstream() -> Iterator[Upstream]:
     """A test network with one server answering to every name in ALIASES; removed afterwards."""
-    client = engine()
-    owner = f"test-egress-{uuid.uuid4().hex[:10]}"
-    labels = {LABEL_OWNER: owner}
-    network = client.networks.create(f"tc-test-{owner}", driver="bridge", labels=labels)
-    container = None
-    try:
-        container = client.containers.create(
-            RUNNER_IMAGE, ["python3", "-I", "-u", "-c", SERVER], user="0:0", labels=labels,
-            network=network.name, read_only=True, cap_drop=["ALL"], cap_add=["NET_BIND_SERVICE"],
-            mem_limit="64m", pids_limit=64, detach=True)
-        network.disconnect(container)
-        network.connect(container, aliases=ALIASES)
-        container.start()
-        deadline = time.monotonic() + 15
-        while b"ready" not in container.logs() and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with upstream_container(SERVER, ALIASES, "test-egress") as (network_name, container):
         container.reload()
-        ip = container.attrs["NetworkSettings"]["Networks"][network.name]["IPAddress"]
-        network.reload()
+        ip = container.attrs["NetworkSettings"]["Networks"][network_name]["IPAddress"]
+        network = engine().networks.get(network_name)
         gateway = network.attrs["IPAM"]["Config"][0]["Gateway"]
-        yield Upstream(network.name, ip, gateway)
-    finally:
-        if container is not None:
-            container.remove(force=True)
-        network.remove()
+        yield Upstream(network_name, ip, gateway)
 
 
 def egress_doc(tmp_path: Path, upstream: Upstream, grants: list[Any] | None = None) -> dict[str, Any]:

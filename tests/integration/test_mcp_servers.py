@@ -34,12 +34,11 @@ from typing import Any
 import anyio
 import pytest
 
-from runtime.backends.docker import LABEL_OWNER
 from runtime.client import Client, InvalidArgumentError, NotFoundError
 from runtime.model import Progress, Result, Started, Status
 from runtime.server.app import App
 from tests.integration.test_mcp import TRANSPORTS, mcp_session
-from tests.support import RUNNER_IMAGE, config_doc, engine, leftovers, running_supervisor
+from tests.support import config_doc, engine, leftovers, running_supervisor, upstream_container
 
 pytestmark = pytest.mark.docker
 
@@ -197,27 +196,8 @@ class Upstream:
 @pytest.fixture
 def upstream() -> Iterator[Upstream]:
     """A test network with one HTTP server answering to allowed.test and denied.test; removed afterwards."""
-    client = engine()
-    owner = f"test-mcp-fetch-{uuid.uuid4().hex[:10]}"
-    labels = {LABEL_OWNER: owner}
-    network = client.networks.create(f"tc-test-{owner}", driver="bridge", labels=labels)
-    container = None
-    try:
-        container = client.containers.create(
-            RUNNER_IMAGE, ["python3", "-I", "-u", "-c", UPSTREAM], user="0:0", labels=labels,
-            network=network.name, read_only=True, cap_drop=["ALL"], cap_add=["NET_BIND_SERVICE"],
-            mem_limit="64m", pids_limit=64, detach=True)
-        network.disconnect(container)
-        network.connect(container, aliases=["allowed.test", "denied.test"])
-        container.start()
-        deadline = time.monotonic() + 15
-        while b"ready" not in container.logs() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        yield Upstream(network.name, container)
-    finally:
-        if container is not None:
-            container.remove(force=True)
-        network.remove()
+    with upstream_container(UPSTREAM, ["allowed.test", "denied.test"], "test-mcp-fetch") as (network, container):
+        yield Upstream(network, container)
 
 
 def fetch_doc(tmp_path: Path, upstream: Upstream) -> dict[str, Any]:
