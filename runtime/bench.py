@@ -14,7 +14,9 @@ The Docker backend (``engine.kind: docker``):
 6. a stdout flood (100 MiB): supervisor RSS growth and bytes the engine wrote to the host's disk;
 7. hostile (issue 14): the supervisor's event loop's longest stall and warm calls' p50/p99, quiet and while a
    hostile tool floods adversarial output at the cap and a hostile caller sends oversized and malformed
-   requests (``benchhostile``).
+   requests (``benchhostile``);
+8. MCP servers (issue 16): stock server images' discovery, cold and warm calls through supervisors of their
+   own on docker and oci, beside the same image run with ``docker run`` and no supervisor (``benchmcp``).
 
 The OCI backend (``engine.kind: oci``, runc with no daemon; issue 15), first, on a supervisor of its own
 that stops before the Docker one starts (``benchoci``): its floor (the same sandbox, bundle and cgroups
@@ -55,7 +57,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
-from runtime import benchhostile, benchoci
+from runtime import benchhostile, benchmcp, benchoci
 from runtime.backends.base import Backend
 from runtime.backends.docker import DockerBackend
 from runtime.backends.factory import open_backend
@@ -112,6 +114,9 @@ class Plan:
     oci_calls: int = 96
     oci_concurrency: int = 8
     oci_pool: int = 8
+    # 8 MCP servers: calls of each kind (cold, warm, floor) per server and engine; discoveries per server.
+    mcp_n: int = 15
+    mcp_discovery_reps: int = 3
 
     @staticmethod
     def full() -> Plan:
@@ -123,7 +128,10 @@ class Plan:
         return Plan(latency_n=5, noop_n=50, levels=(1, 4, 16), per_level=lambda c: c, pool_size=4, flood_mib=10,
                     hostile_n=15, tool_sizes=(4096, 16384, 65536, 262144),
                     hostile_budget_s=2.0, tool_attacks=benchhostile.QUICK_TOOL_ATTACKS, hostile_deadline_s=90.0,
-                    probe_reps=5, oci_n=8, oci_calls=24)
+                    probe_reps=5, oci_n=8, oci_calls=24, mcp_n=3, mcp_discovery_reps=1)
+
+    def mcp(self) -> benchmcp.McpPlan:
+        return benchmcp.McpPlan(n=self.mcp_n, discovery_reps=self.mcp_discovery_reps)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -621,6 +629,12 @@ class Bench:
             "ladder_budget_s": plan.hostile_budget_s,
         })
 
+    async def mcp_servers(self) -> None:
+        """8: stock MCP servers on supervisors of their own (``benchmcp``); a missing image is skipped."""
+        section = benchmcp.McpSection(self.plan.mcp(), self.owner, self._tmp.name, _ServerThread, step=self._step,
+                                      tick=self._tick, docker_host=os.environ.get("DOCKER_HOST"))
+        self.report.put("mcp", await section.run())
+
     # -- OCI (issue 15) -------------------------------------------------------------------------------
 
     def _oci_config(self) -> Config:
@@ -756,6 +770,7 @@ class Bench:
             await self.throughput(backend)
             await self.flood(backend)
             await self.hostile()
+            await self.mcp_servers()
             transport = str(getattr(self.server.backend, "pool_transport", transport))
         finally:
             if self.client is not None:
@@ -776,7 +791,7 @@ class Bench:
 def total_ticks(plan: Plan) -> int:
     hostile = plan.hostile_n + len(plan.tool_attacks) + len(benchhostile.CALLER_ATTACKS)
     docker = plan.noop_n + 7 * plan.latency_n + 1 + 3 * sum(plan.per_level(c) for c in plan.levels) + 1 + hostile
-    return docker + 2 * plan.oci_n + 3 * plan.latency_n + 1 + 3 * plan.oci_calls
+    return docker + 2 * plan.oci_n + 3 * plan.latency_n + 1 + 3 * plan.oci_calls + plan.mcp().ticks()
 
 
 def targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -863,6 +878,8 @@ def render(f: dict[str, Any]) -> str:
         lines += render_hostile(f["hostile"])
     if "oci" in f:
         benchoci.render_oci(f["oci"], row, lines)
+    if "mcp" in f:
+        lines += benchmcp.render_mcp(f["mcp"])
     lines += ["", f"ratios: cold/raw p50 {f['cold']['p50_ms'] / f['raw_docker']['p50_ms']:.3f}, "
                   f"warm/no-op p50 {f['warm']['p50_ms'] / f['noop_grpc']['p50_ms']:.1f}, "
                   f"warm/cold p50 {f['warm']['p50_ms'] / f['cold']['p50_ms']:.3f}"
@@ -935,4 +952,7 @@ def main(quick: bool, json_path: str | None) -> int:
     if failed:  # the OCI backend is there but a measured call failed: the run fails, after its figures
         print(f"toolcell: bench failed: oci: {failed}", file=sys.stderr)
         return 1
-    return 0
+    mcp_failed = benchmcp.failures(figures.get("mcp") or {})  # a measured MCP call failed (a skip is no failure)
+    for failure in mcp_failed:
+        print(f"toolcell: bench failed: mcp: {failure}", file=sys.stderr)
+    return 1 if mcp_failed else 0

@@ -462,7 +462,8 @@ def parser() -> argparse.ArgumentParser:
         if name != "list":
             cmd.add_argument("name")
     ses.add_parser("keygen", help="print a new random key (for key_file or the key variable)")
-    b = sub.add_parser("bench", help="measure no-op gRPC, raw docker-py, cold, warm, throughput and a stdout flood")
+    b = sub.add_parser("bench", help="measure no-op gRPC, raw docker-py, cold, warm, throughput, a stdout flood "
+                       "and stock MCP servers")
     b.add_argument("--quick", action="store_true", help="a small iteration count (the CI smoke check)")
     b.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     v = sub.add_parser("version", help="print the version")
