@@ -443,9 +443,8 @@ class McpSection:
                 samples: list[float] = []
                 catalog: Catalog | None = None
                 for _ in range(self.plan.discovery_reps):
-                    services = Services(config=sup.config, backend=sup.backend, redactor=sup.redactor)
                     t1 = time.perf_counter()
-                    catalog = await self._on(server, discover(services, sup.config.sources[s.name]))
+                    catalog = await self._on(server, _discover(sup, s.name))
                     samples.append(time.perf_counter() - t1)
                     self.tick(1)
                 if catalog is None:
@@ -497,6 +496,11 @@ class McpSection:
         try:
             server.start()
             pools = server.supervisor.pools
+            # Every server's pooled sandboxes start at once and share the CPUs: the first calls wait until all
+            # pools are full and then for the servers' discovery times together (their starts, one by one).
+            for s in live:
+                await self._settled(server, s.toolcell_name)
+            await asyncio.sleep(sum(out["servers"][s.name]["discovery"]["p50_ms"] for s in live) / 1000)
             async with Client(server.address) as client:
                 for s in live:
                     self.step(f"mcp {engine}: warm {s.name}")
@@ -537,6 +541,12 @@ class McpSection:
 
 async def _read(fn: Callable[[], Any]) -> Any:
     return fn()
+
+
+async def _discover(sup: Supervisor, name: str) -> Catalog:
+    """What the supervisor's start-up runs for server ``name`` (on the supervisor's loop)."""
+    services = Services(config=sup.config, backend=sup.backend, redactor=sup.redactor)
+    return await discover(services, sup.config.sources[name])
 
 
 async def sweep(config: Config) -> None:
