@@ -16,7 +16,13 @@ command that builds it), on the docker engine, and on oci when the image is in t
 - **floor** (measured on docker, one floor call then one cold call per round): the same image and command
   as ``docker run -i --rm --network none``, ``initialize`` + ``notifications/initialized`` + ``tools/call``
   over stdio by ``floor_call`` (no supervisor, no driver, no hardening beyond no network), timed until the
-  container is gone. oci's cold/floor ratio is against that same docker floor (not interleaved with it).
+  container is gone; and inside it the server's own ``tools/call`` (request to response). oci's cold/floor
+  ratio is against that same docker floor (not interleaved with it).
+
+Warm calls begin once every server's pool is full and the servers have had their discovery times together
+(the pooled sandboxes of all servers start at once and share the CPUs). A warm call's result arrives when
+its sandbox has ended (the driver closes the server's stdin and waits for its exit): the server's exit is
+in the figure, its start is not.
 
 Figures are milliseconds, p50 (median) and p90 by nearest rank. The supervisors run on the bench's own
 server threads (``make_server``: a real gRPC server on a Unix socket, grpc.aio), with owners of their own.
@@ -101,7 +107,9 @@ class McpPlan:
     servers: tuple[StockServer, ...] = STOCK
 
     def ticks(self) -> int:
-        return len(self.engines) * len(self.servers) * (self.discovery_reps + 3 * self.n)
+        """Progress ticks: per server, each discovery, cold and warm call, and docker's floor calls."""
+        return sum(len(self.servers) * (self.discovery_reps + (3 if e == "docker" else 2) * self.n)
+                   for e in self.engines)
 
 
 class ServerHandle(Protocol):
