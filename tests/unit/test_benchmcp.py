@@ -297,3 +297,11 @@ def test_failures_are_errors_only_never_skips() -> None:
     assert failures(f)[-1].startswith("oci: RuntimeError")
     assert failures({"engines": {"docker": {"skipped": {"time": "missing"}, "servers": {}},
                                  "oci": {"skipped_engine": "not root"}}}) == []
+
+
+@pytest.mark.parametrize(("engines", "ticks"), [
+    (("docker", "oci"), 3 * (1 + 3 * 3) + 3 * (1 + 2 * 3)),  # docker: floor, cold, warm; oci: cold, warm
+    (("oci",), 3 * (1 + 2 * 3)),
+])
+def test_progress_ticks_count_each_discovery_and_call(engines: tuple[str, ...], ticks: int) -> None:
+    assert benchmcp.McpPlan(n=3, discovery_reps=1, engines=engines).ticks() == ticks
