@@ -488,13 +488,14 @@ class Driver:
                    "params": {"requestId": self.in_flight, "reason": "cancelled by the caller"}})
         self.in_flight = None
 
-    def reap(self) -> None:
+    def reap(self, graceful: bool = True) -> None:
         """Close the server's stdin (after what is queued for it, within the grace), discard its output, wait
-        up to the grace for it to exit, then kill it."""
+        up to the grace for it to exit, then kill it. Not ``graceful`` (the call is answered): kill it now; its
+        sandbox goes next, so a clean exit would only add its shutdown time to the call's."""
         proc = self.proc
         if proc is None:
             return
-        deadline = time.monotonic() + GRACE
+        deadline = time.monotonic() + (GRACE if graceful else 0.0)
         while self.to_server is not None:
             left = deadline - time.monotonic()
             if not self.pending or left <= 0 or proc.poll() is not None:
@@ -566,7 +567,7 @@ def main() -> int:
     except (ValueError, RecursionError):
         outbox.frame({"error": {"code": DRIVER_ERROR, "message": "the driver failed (a frame it could not encode)"}})
         status = FAILED
-    driver.reap()
+    driver.reap(graceful=driver.signalled or status != 0)
     # The final frame must reach the caller; after a signal it gets the grace period, no more.
     while not outbox.drained(0.1):
         if driver.signalled:
