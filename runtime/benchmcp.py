@@ -10,9 +10,9 @@ command that builds it), on the docker engine, and on oci when the image is in t
 - **cold**: one cheap tool call per server, a fresh sandbox per call (no pool);
 - **warm**: the same call with a pool of ``POOL_SIZE`` for that server (the server already started and
   initialized in the pooled sandbox, waiting for its ``tools/call``), each call after the pool refilled
-  and once the sandbox it claims has been ready for the server's discovery time (a pooled sandbox counts
-  as ready when its driver runs, before the server's initialize: ``claim_wait``); with the share of calls
-  that were served warm (pool hits / calls);
+  and its newest sandbox has been ready for the server's discovery time (a pooled sandbox counts as ready
+  when its driver runs, before the server's initialize), so no refill's server start competes with the
+  call; with the share of calls that were served warm (pool hits / calls);
 - **floor** (measured on docker, one floor call then one cold call per round): the same image and command
   as ``docker run -i --rm --network none``, ``initialize`` + ``notifications/initialized`` + ``tools/call``
   over stdio by ``floor_call`` (no supervisor, no driver, no hardening beyond no network), timed until the
@@ -151,14 +151,6 @@ def ratio(a: float, b: float) -> float:
 
 def warm_share(hits: int, misses: int) -> float:
     return hits / (hits + misses) if hits + misses > 0 else math.nan
-
-
-def claim_wait(settles: list[float], i: int, grace_s: float, now: float) -> float:
-    """Seconds to wait before warm call ``i`` (pool of 2, claims oldest first, each call after a refill)
-    so the sandbox it claims has been ready ``grace_s``: calls 0 and 1 claim the two ready at the first
-    settle, call i >= 2 the one that became ready by the settle before call i - 1."""
-    ready_at = settles[0] if i < 2 else settles[i - 1]
-    return max(0.0, ready_at + grace_s - now)
 
 
 def build_hint(server: StockServer, engine: str, list_text: str | None) -> str:
@@ -519,15 +511,13 @@ class McpSection:
                         row["error"] = f"{tool} is not pooled"
                         continue
                     # A pooled sandbox counts as ready once its driver runs; the server's start and initialize
-                    # follow. The claim takes the oldest ready sandbox: each call waits until that one has been
-                    # ready for the server's discovery time (start + initialize + tools/list: an upper bound).
+                    # follow. Each call waits until the pool is full and its newest sandbox has been ready for
+                    # the server's discovery time (start + initialize + tools/list: an upper bound).
                     grace = row["discovery"]["p50_ms"] / 1000
                     samples = []
-                    settles: list[float] = []
-                    for i in range(self.plan.n):
+                    for _ in range(self.plan.n):
                         await self._settled(server, tool)
-                        settles.append(time.monotonic())
-                        await asyncio.sleep(claim_wait(settles, i, grace, time.monotonic()))
+                        await asyncio.sleep(grace)
                         samples.append(await self._call(client, s))
                         self.tick(1)
                     after = (await self._on(server, _read(pools.stats)))[tool]
@@ -615,8 +605,8 @@ def render_mcp(m: Mapping[str, Any]) -> list[str]:
              f"{m['n']} calls of each kind",
              "  cold: a fresh sandbox per call, no pool; floor: docker run -i --rm --network none + initialize + "
              "tools/call over stdio, no supervisor, one before each docker cold call",
-             f"  warm: a pool of {m['pool_size']}, each call after the refill and once its sandbox was ready for "
-             "the server's discovery time; warm%: calls served warm",
+             f"  warm: a pool of {m['pool_size']}, each call once the pool refilled and its newest sandbox was ready "
+             "for the server's discovery time; warm%: calls served warm",
              "  call: the server's own tools/call (request to response) inside the floor"]
     head = (f"  {'engine':6} {'server':10} {'tool':18} {'discover':>8} {'cold p50':>8} {'cold p90':>8} "
             f"{'warm p50':>8} {'warm p90':>8} {'warm%':>5} {'floor':>8} {'call':>7} {'cold/floor':>10} "

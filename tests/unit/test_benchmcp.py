@@ -20,7 +20,6 @@ from runtime.benchmcp import (
     build_hint,
     check_floor_response,
     check_result,
-    claim_wait,
     config_doc,
     failures,
     floor_call,
@@ -74,21 +73,6 @@ def test_ratio(a: float, b: float, expected: float) -> None:
 def test_warm_share(hits: int, misses: int, expected: float) -> None:
     got = warm_share(hits, misses)
     assert math.isnan(got) if math.isnan(expected) else got == pytest.approx(expected)
-
-
-# Settles before calls 0..3 at t = 10, 11, 12, 13 s; a grace of 1.5 s.
-@pytest.mark.parametrize(("i", "now", "wait"), [
-    (0, 10.0, 1.5),  # the two sandboxes of the first settle: ready at 10
-    (1, 11.0, 0.5),
-    (1, 12.0, 0.0),
-    (2, 12.0, 0.5),  # the one refilled by the settle before call 1 (11)
-    (3, 13.0, 0.5),
-    (3, 14.0, 0.0),
-])
-def test_claim_wait_lets_the_claimed_sandbox_be_ready_for_the_grace(i: int, now: float, wait: float) -> None:
-    settles = [10.0, 11.0, 12.0, 13.0][: i + 1]
-    assert POOL_SIZE == 2  # the rule is a pool of 2's, claimed oldest first
-    assert claim_wait(settles, i, 1.5, now) == pytest.approx(wait)
 
 
 SERVERS_LIST = (REPO / "images" / "mcp-servers.txt").read_text()
