@@ -26,13 +26,18 @@ python - "$bench_json" <<'EOF'
 import json, sys
 figures = json.load(open(sys.argv[1]))
 missing = {"noop_grpc", "raw_docker", "raw_docker_network_none", "cold", "warm", "throughput", "flood", "hostile",
-           "oci", "targets"} - set(figures)
+           "oci", "targets", "mcp"} - set(figures)
 assert not missing, f"bench JSON lacks {missing}"
 oci = figures["oci"]
 assert "skipped" not in oci and {"floor", "cold", "warm", "throughput"} <= set(oci), f"the oci section did not run: {oci}"
 assert oci["warm"]["n"] > 0 and oci["cold"]["n"] > 0, "no oci call was measured"
 assert figures["warm"]["warm_hits"] > 0, "no call was served warm"
 assert figures["hostile"]["attack"]["warm"]["n"] > 0, "no normal call was served under attack"
+for engine in ("docker", "oci"):  # the stock MCP servers the set-up builds, cold and warm on both engines
+    servers = figures["mcp"]["engines"][engine]["servers"]
+    assert {"time", "fetch", "everything"} <= set(servers), f"mcp bench on {engine}: {sorted(servers)}"
+    for name, row in servers.items():
+        assert "error" not in row and row["cold"]["n"] > 0 and row["warm"]["n"] > 0, f"mcp {engine} {name}: {row}"
 EOF
 rm -f "$bench_json"
 # Restarting the engine disturbs everything else using it: on its own, nothing else running (runs when
