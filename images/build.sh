@@ -181,7 +181,7 @@ build_mcp_servers() {
     list="$(mktemp)"
     grep -Ev '^[[:space:]]*npm[[:space:]]' "$MCP_SERVERS" >"$list" || true
   fi
-  out="$("$BUILD_PYTHON" -m runtime images mcp --from "$list" --store "$ROOTFS_DIR" "${args[@]}" 2>&1)" || status=$?
+  out="$("$BUILD_PYTHON" -m toolcell images mcp --from "$list" --store "$ROOTFS_DIR" "${args[@]}" 2>&1)" || status=$?
   [[ "$list" == "$MCP_SERVERS" ]] || rm -f "$list"
   if ((status != 0)); then
     printf '%s\n' "$out" >&2
@@ -269,7 +269,7 @@ main() {
 # into a content-addressed directory (keyed by the image id; skipped when present).
 unpack_rootfs() {
   local out
-  if ! out="$("$BUILD_PYTHON" -m runtime images unpack --store "$ROOTFS_DIR" "$BASE_IMAGE" "$PYTHON_IMAGE" 2>&1)"; then
+  if ! out="$("$BUILD_PYTHON" -m toolcell images unpack --store "$ROOTFS_DIR" "$BASE_IMAGE" "$PYTHON_IMAGE" 2>&1)"; then
     printf '%s\n' "$out" >&2
     die "unpacking the root filesystems into $ROOTFS_DIR failed"
   fi

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import ConfigError
-from runtime.policy.access import AccessPolicy, parse_rules
-from runtime.policy.limits import AdmissionSpec, BucketSpec, ConcurrencySpec
-from runtime.units import parse_duration, parse_size
+from toolcell.errors import ConfigError
+from toolcell.policy.access import AccessPolicy, parse_rules
+from toolcell.policy.limits import AdmissionSpec, BucketSpec, ConcurrencySpec
+from toolcell.units import parse_duration, parse_size
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import AuditUnavailable, ConfigError
-from runtime.safepath import open_private, private_dir
+from toolcell.errors import AuditUnavailable, ConfigError
+from toolcell.safepath import open_private, private_dir
 
 log = logging.getLogger("toolcell.audit")
 

@@ -57,20 +57,20 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
-from runtime import benchhostile, benchmcp, benchoci
-from runtime.backends.base import Backend
-from runtime.backends.docker import DockerBackend
-from runtime.backends.factory import open_backend
-from runtime.backends.oci.cgroups import CgroupTree
-from runtime.benchhostile import HOSTILE_TOOL, Ladder, StallProbe
-from runtime.benchoci import CpuMeter, OciFloor, RssPeak
-from runtime.client import Client, ClientError
-from runtime.errors import ToolcellError
-from runtime.model import Result, Started, Status
-from runtime.policy.spec import SandboxSpec
-from runtime.server.app import App
-from runtime.settings import Config, parse_config
-from runtime.supervisor import Supervisor
+from toolcell import benchhostile, benchmcp, benchoci
+from toolcell.backends.base import Backend
+from toolcell.backends.docker import DockerBackend
+from toolcell.backends.factory import open_backend
+from toolcell.backends.oci.cgroups import CgroupTree
+from toolcell.benchhostile import HOSTILE_TOOL, Ladder, StallProbe
+from toolcell.benchoci import CpuMeter, OciFloor, RssPeak
+from toolcell.client import Client, ClientError
+from toolcell.errors import ToolcellError
+from toolcell.model import Result, Started, Status
+from toolcell.policy.spec import SandboxSpec
+from toolcell.server.app import App
+from toolcell.settings import Config, parse_config
+from toolcell.supervisor import Supervisor
 
 IMAGE = "toolcell/python:bookworm"
 # The trivial tool: its result is its arguments (cat). It costs the sandbox nothing, so what is measured

@@ -32,7 +32,7 @@ from typing import Any
 
 import grpc
 
-from runtime.api.v1 import supervisor_pb2 as pb
+from toolcell.api.v1 import supervisor_pb2 as pb
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -42,20 +42,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from runtime.backends.docker import DockerBackend
-from runtime.backends.factory import open_backend
-from runtime.backends.oci.cgroups import CgroupTree
-from runtime.backends.oci.rootfs import RootfsStore
-from runtime.benchoci import oci_available
-from runtime.client import Client, ClientError
-from runtime.errors import ToolcellError
-from runtime.mcpimages.spec import parse_server_list
-from runtime.model import Result, Status
-from runtime.pipeline import Services
-from runtime.settings import Config, parse_config
-from runtime.sources.catalog import Catalog
-from runtime.sources.discovery import discover
-from runtime.supervisor import Supervisor
+from toolcell.backends.docker import DockerBackend
+from toolcell.backends.factory import open_backend
+from toolcell.backends.oci.cgroups import CgroupTree
+from toolcell.backends.oci.rootfs import RootfsStore
+from toolcell.benchoci import oci_available
+from toolcell.client import Client, ClientError
+from toolcell.errors import ToolcellError
+from toolcell.mcpimages.spec import parse_server_list
+from toolcell.model import Result, Status
+from toolcell.pipeline import Services
+from toolcell.settings import Config, parse_config
+from toolcell.sources.catalog import Catalog
+from toolcell.sources.discovery import discover
+from toolcell.supervisor import Supervisor
 
 POOL_SIZE: Final = 2
 SERVERS_LIST: Final = "images/mcp-servers.txt"

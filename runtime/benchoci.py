@@ -46,12 +46,12 @@ from typing import Any, Final
 
 import psutil
 
-from runtime.backends.oci.bundle import oci_config
-from runtime.backends.oci.cgroups import CgroupLimits, CgroupTree
-from runtime.backends.oci.rootfs import RootfsStore
-from runtime.errors import ToolcellError
-from runtime.policy.seccomp_oci import to_oci_seccomp
-from runtime.policy.spec import SandboxSpec, sandbox_pids
+from toolcell.backends.oci.bundle import oci_config
+from toolcell.backends.oci.cgroups import CgroupLimits, CgroupTree
+from toolcell.backends.oci.rootfs import RootfsStore
+from toolcell.errors import ToolcellError
+from toolcell.policy.seccomp_oci import to_oci_seccomp
+from toolcell.policy.spec import SandboxSpec, sandbox_pids
 
 MiB: Final = 1024 * 1024
 # The init runc starts as pid 1: static, so it needs nothing of the image's libraries.
@@ -279,7 +279,7 @@ def oci_available(runtime: str = "runc") -> str:
     """"" when the OCI backend can run here, else why not (the bench then measures Docker only and says so;
     the ``oci_measured`` target is missed)."""
     try:
-        from runtime.backends.oci import OciBackend  # noqa: F401
+        from toolcell.backends.oci import OciBackend  # noqa: F401
     except (ImportError, ToolcellError) as exc:
         return f"the OCI backend is not available: {exc}"
     if shutil.which(runtime) is None:

@@ -16,8 +16,8 @@ import os
 import sys
 from typing import Any
 
-from runtime import __version__
-from runtime.errors import ConfigError, EngineUnavailable, ToolcellError
+from toolcell import __version__
+from toolcell.errors import ConfigError, EngineUnavailable, ToolcellError
 
 EXIT_OK, EXIT_STATUS, EXIT_USAGE, EXIT_REJECTED, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
 UNAVAILABLE_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
@@ -29,15 +29,15 @@ def _fail(message: str, code: int) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from runtime.server.lifecycle import serve
+    from toolcell.server.lifecycle import serve
 
     return await serve(args.config, args.listen, verbose=args.verbose)
 
 
 def _health(args: argparse.Namespace) -> int:
     """Exit 0 SERVING (--live: or NOT_SERVING), 1 otherwise, 4 unreachable: for HEALTHCHECK and probes."""
-    from runtime.control import ControlError, check_health
-    from runtime.settings import default_target
+    from toolcell.control import ControlError, check_health
+    from toolcell.settings import default_target
 
     try:
         status = check_health(args.target or default_target(), args.service, args.timeout)
@@ -48,8 +48,8 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _reload(args: argparse.Namespace) -> int:
-    from runtime.control import ControlError, request_reload
-    from runtime.settings import default_target
+    from toolcell.control import ControlError, request_reload
+    from toolcell.settings import default_target
 
     state_file = args.state_file
     if state_file is None:
@@ -70,8 +70,8 @@ def _reload(args: argparse.Namespace) -> int:
 def _config_show(args: argparse.Namespace) -> int:
     import yaml
 
-    from runtime.configview import effective
-    from runtime.settings import load_config
+    from toolcell.configview import effective
+    from toolcell.settings import load_config
 
     view = effective(load_config(args.config))
     print(json.dumps(view, indent=2) if args.json else yaml.safe_dump(view, sort_keys=False), end="\n")
@@ -97,9 +97,9 @@ def _result_dict(result: Any) -> dict[str, Any]:
 
 
 async def _call(args: argparse.Namespace) -> int:
-    from runtime.client import ClientError
-    from runtime.model import OutputChunk, Progress, Result, Started
-    from runtime.quoting import printable
+    from toolcell.client import ClientError
+    from toolcell.model import OutputChunk, Progress, Result, Started
+    from toolcell.quoting import printable
 
     try:
         json.loads(args.args)
@@ -145,7 +145,7 @@ async def _call(args: argparse.Namespace) -> int:
 
 
 async def _tools(args: argparse.Namespace) -> int:
-    from runtime.client import ClientError
+    from toolcell.client import ClientError
 
     async with _client(args) as client:
         try:
@@ -165,7 +165,7 @@ async def _tools(args: argparse.Namespace) -> int:
 async def _mcp(args: argparse.Namespace) -> int:
     import os
 
-    from runtime.mcp.bridge import access_problem, http_access, parse_listen
+    from toolcell.mcp.bridge import access_problem, http_access, parse_listen
 
     if args.transport == "http":
         try:
@@ -196,8 +196,8 @@ def _bridge_tracing(args: argparse.Namespace) -> Any:
     OTEL_EXPORTER_OTLP_ENDPOINT variable, and/or a JSON-lines file."""
     import os
 
-    from runtime.settings import TelemetrySettings
-    from runtime.telemetry import setup_tracing
+    from toolcell.settings import TelemetrySettings
+    from toolcell.telemetry import setup_tracing
 
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if not endpoint and not args.span_file:
@@ -207,10 +207,10 @@ def _bridge_tracing(args: argparse.Namespace) -> Any:
 
 
 async def _serve_mcp(args: argparse.Namespace) -> int:
-    from runtime.client import ClientError
-    from runtime.mcp.adapter import SandboxedTools
-    from runtime.mcp.bridge import serve_http, serve_stdio
-    from runtime.mcp.httpguard import caller_token
+    from toolcell.client import ClientError
+    from toolcell.mcp.adapter import SandboxedTools
+    from toolcell.mcp.bridge import serve_http, serve_stdio
+    from toolcell.mcp.httpguard import caller_token
 
     # With bearer authentication each caller's own token is forwarded: the bridge's own identity only
     # probes that the supervisor answers, and which tools exist is the supervisor's answer to each caller.
@@ -244,7 +244,7 @@ async def _serve_mcp(args: argparse.Namespace) -> int:
 
 
 def _profiles_check(args: argparse.Namespace) -> int:
-    from runtime.settings import load_config
+    from toolcell.settings import load_config
 
     config = load_config(args.file)
     servers = f", {len(config.sources)} MCP servers (their tools are found at start-up)" if config.sources else ""
@@ -253,9 +253,9 @@ def _profiles_check(args: argparse.Namespace) -> int:
 
 
 async def _doctor(args: argparse.Namespace) -> int:
-    from runtime.backends.factory import open_backend
-    from runtime.doctor import Level, evaluate_oci, oci_facts, render, run_doctor
-    from runtime.settings import load_config
+    from toolcell.backends.factory import open_backend
+    from toolcell.doctor import Level, evaluate_oci, oci_facts, render, run_doctor
+    from toolcell.settings import load_config
 
     config = load_config(args.config)
     runtimes = {p.runtime for p in config.profiles.values()}
@@ -265,7 +265,7 @@ async def _doctor(args: argparse.Namespace) -> int:
             facts = await asyncio.to_thread(oci_facts, config.engine.oci_runtime, config.engine.oci_rootfs_dir)
             findings = evaluate_oci(facts, {t.image for t in config.tools.values()}, runtimes)
         else:
-            from runtime.backends.docker import DEFAULT_BASE_URL, DockerBackend
+            from toolcell.backends.docker import DEFAULT_BASE_URL, DockerBackend
 
             assert isinstance(backend, DockerBackend)  # nosec B101 - engine.kind docker builds one
             findings = await run_doctor(config.engine.docker_host or DEFAULT_BASE_URL, backend.info, runtimes)
@@ -282,8 +282,8 @@ async def _doctor(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from pathlib import Path
 
-    from runtime.client import Client, ClientTls
-    from runtime.settings import client_token
+    from toolcell.client import Client, ClientTls
+    from toolcell.settings import client_token
 
     token = Path(args.token_file).read_text().strip() if args.token_file else client_token()
     tls = None
@@ -295,7 +295,7 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from runtime.audit import verify
+    from toolcell.audit import verify
 
     try:
         verdict = verify(args.files)
@@ -311,8 +311,8 @@ def _secrets(args: argparse.Namespace) -> int:
     """Manage the encrypted store; values are read from stdin or a prompt, never echoed or taken from argv."""
     import getpass
 
-    from runtime.secretstore import SecretStore, generate_key
-    from runtime.settings import load_config
+    from toolcell.secretstore import SecretStore, generate_key
+    from toolcell.settings import load_config
 
     if args.subcommand == "keygen":
         print(generate_key())
@@ -344,16 +344,16 @@ def _secrets(args: argparse.Namespace) -> int:
 
 
 def _images(args: argparse.Namespace) -> int:
-    from runtime.images import build_images
+    from toolcell.images import build_images
 
     if args.subcommand == "build":
         return build_images()
     if args.subcommand == "mcp":
-        from runtime.mcpimages.cli import run
+        from toolcell.mcpimages.cli import run
 
         return run(pypi=args.pypi, npm=args.npm, from_file=args.from_file, name=args.name, command=args.mcp_command,
                    force=args.force, store=args.store or None)
-    from runtime.backends.oci.rootfs import RootfsStore
+    from toolcell.backends.oci.rootfs import RootfsStore
 
     store = RootfsStore(args.store)
     if args.subcommand == "unpack":
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "secrets":
             return _secrets(args)
         if args.command == "bench":
-            from runtime.bench import main as bench
+            from toolcell.bench import main as bench
 
             return bench(args.quick, args.json)
         if args.command == "health":

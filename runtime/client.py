@@ -44,13 +44,13 @@ from typing import Any
 import grpc
 from opentelemetry import propagate, trace
 
-from runtime.api.v1 import supervisor_pb2 as pb
-from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
-from runtime.errors import ToolcellError
-from runtime.model import Event, Result, Started, Tool
-from runtime.policy.annotations import safe_to_retry
-from runtime.server.convert import event_from_pb, result_from_pb, tool_from_pb
-from runtime.settings import default_target
+from toolcell.api.v1 import supervisor_pb2 as pb
+from toolcell.api.v1 import supervisor_pb2_grpc as pb_grpc
+from toolcell.errors import ToolcellError
+from toolcell.model import Event, Result, Started, Tool
+from toolcell.policy.annotations import safe_to_retry
+from toolcell.server.convert import event_from_pb, result_from_pb, tool_from_pb
+from toolcell.settings import default_target
 
 tracer = trace.get_tracer("toolcell.client")
 _SERVICE = "toolcell.v1.Supervisor"

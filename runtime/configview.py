@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from runtime.policy.scrub import Redactor
-from runtime.settings import Config
+from toolcell.policy.scrub import Redactor
+from toolcell.settings import Config
 
 MASK = "***"
 _SECRET_NAME = re.compile(r"(?i)(pass(word|wd)?|secret|token|api[_-]?key|private|credential|auth|cookie|session)")

@@ -20,8 +20,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from runtime.errors import ToolcellError
-from runtime.safepath import private_dir
+from toolcell.errors import ToolcellError
+from toolcell.safepath import private_dir
 
 
 class ControlError(ToolcellError):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import ToolcellError
+from toolcell.errors import ToolcellError
 
 
 class Level(enum.Enum):
@@ -209,7 +209,7 @@ def _cgroup_layout(root: Path) -> tuple[str, frozenset[str], frozenset[str], boo
 
 def oci_facts(runtime: str, store_dir: str, *, init_path: str = "/usr/bin/tini-static",
               cgroup_root: str = "/sys/fs/cgroup") -> OciFacts:
-    from runtime.backends.oci.rootfs import RootfsStore
+    from toolcell.backends.oci.rootfs import RootfsStore
 
     path = shutil.which(runtime)
     version = ""

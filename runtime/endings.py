@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from runtime.model import Result
+from toolcell.model import Result
 
 ENDINGS = ("result", "error", "disconnected", "deadline", "shutdown", "internal_error", "swept")
 # A call whose deadline has less than this left when it is cancelled ended by its deadline.

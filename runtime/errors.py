@@ -28,7 +28,7 @@ jsonschema, OS) are translated at the seam where they occur (``raise XError(...)
 
 from __future__ import annotations
 
-from runtime.quoting import quote
+from toolcell.quoting import quote
 
 
 class ToolcellError(Exception):
@@ -52,7 +52,7 @@ class ToolNotFound(ToolcellError):
 class InvalidArguments(ToolcellError):
     """Arguments rejected before any sandbox exists; ``path`` is a JSON pointer-ish field path.
 
-    Raisers quote caller values in ``message`` and ``path`` only through ``runtime.quoting``.
+    Raisers quote caller values in ``message`` and ``path`` only through ``toolcell.quoting``.
     """
 
     def __init__(self, message: str, path: str = "") -> None:

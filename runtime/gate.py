@@ -27,9 +27,9 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
-from runtime.access_settings import SecuritySettings
-from runtime.audit import AuditLog, sha256_text
-from runtime.errors import (
+from toolcell.access_settings import SecuritySettings
+from toolcell.audit import AuditLog, sha256_text
+from toolcell.errors import (
     HostOverloaded,
     InvalidArguments,
     InvocationConflict,
@@ -39,9 +39,9 @@ from runtime.errors import (
     ToolNotFound,
     Unauthenticated,
 )
-from runtime.model import Result, Status
-from runtime.policy.access import Action, Principal
-from runtime.policy.limits import (
+from toolcell.model import Result, Status
+from toolcell.policy.access import Action, Principal
+from toolcell.policy.limits import (
     MAX_PEERS,
     AdmissionSpec,
     Clock,
@@ -212,7 +212,7 @@ class Gate:
                              ending: str = "", injection_action: str = "", sandbox_id: str = "") -> None:
         """One record per invocation end, whatever ended it: sizes and SHA-256, never payloads.
 
-        ``ending`` is one of ``ENDINGS`` (``runtime.endings``; default: ``result`` with a result, else ``error``);
+        ``ending`` is one of ``ENDINGS`` (``toolcell.endings``; default: ``result`` with a result, else ``error``);
         ``status`` is the result's status or the gRPC code name / ending otherwise. With a result, the
         record carries the prompt-injection verdict: markers by kind and the action taken
         (``injection_action``, the profile's ``output.injection``; inferred from the result when empty).

@@ -6,7 +6,7 @@ import time
 
 import psutil
 
-from runtime.policy.limits import HostSample
+from toolcell.policy.limits import HostSample
 
 
 class HostSampler:

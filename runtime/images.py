@@ -11,7 +11,7 @@ import shutil
 import subprocess  # nosec B404 (one fixed script, argv list, no shell: see build_images)
 from pathlib import Path
 
-from runtime.errors import ConfigError
+from toolcell.errors import ConfigError
 
 BASE_IMAGE = "toolcell/debian:bookworm"
 """Debian bookworm minbase root filesystem (debootstrap + ``docker import``)."""

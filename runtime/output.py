@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from runtime.policy.scrub import Redactor, StreamScrubber, detect_injection
+from toolcell.policy.scrub import Redactor, StreamScrubber, detect_injection
 
 DEFAULT_SCRUB_BUDGET_S = 2.0
 

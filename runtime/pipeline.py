@@ -28,9 +28,9 @@ from typing import Any, Protocol, TypeVar
 
 from opentelemetry import trace
 
-from runtime.backends.base import Backend, ExitInfo, Sandbox, WarmSandbox
-from runtime.errors import InvalidArguments, SecretError, ToolcellError
-from runtime.model import (
+from toolcell.backends.base import Backend, ExitInfo, Sandbox, WarmSandbox
+from toolcell.errors import InvalidArguments, SecretError, ToolcellError
+from toolcell.model import (
     EgressDestination,
     Event,
     InvocationRequest,
@@ -40,15 +40,15 @@ from runtime.model import (
     Status,
     Usage,
 )
-from runtime.output import Collected, inspect_output
-from runtime.policy.arguments import ArgumentLimits, parse_arguments, validate_arguments
-from runtime.policy.network import EgressGrant
-from runtime.policy.resolve import ResolvedTool
-from runtime.policy.scrub import Redactor, scrub, wrap_untrusted
-from runtime.policy.spec import NO_SECRETS, SandboxSpec, Secrets
-from runtime.settings import Config
-from runtime.sources.frames import FrameReader
-from runtime.sources.verdict import call_request, mcp_verdict
+from toolcell.output import Collected, inspect_output
+from toolcell.policy.arguments import ArgumentLimits, parse_arguments, validate_arguments
+from toolcell.policy.network import EgressGrant
+from toolcell.policy.resolve import ResolvedTool
+from toolcell.policy.scrub import Redactor, scrub, wrap_untrusted
+from toolcell.policy.spec import NO_SECRETS, SandboxSpec, Secrets
+from toolcell.settings import Config
+from toolcell.sources.frames import FrameReader
+from toolcell.sources.verdict import call_request, mcp_verdict
 
 tracer = trace.get_tracer("toolcell.pipeline")
 

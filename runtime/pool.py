@@ -32,10 +32,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from runtime.backends.base import Backend, Sandbox, WarmSandbox
-from runtime.policy.spec import POOL_PREFIX, SandboxSpec, fingerprint, pooled
-from runtime.reaper import Reaper
-from runtime.settings import Config, PoolSpec
+from toolcell.backends.base import Backend, Sandbox, WarmSandbox
+from toolcell.policy.spec import POOL_PREFIX, SandboxSpec, fingerprint, pooled
+from toolcell.reaper import Reaper
+from toolcell.settings import Config, PoolSpec
 
 log = logging.getLogger("toolcell.pool")
 

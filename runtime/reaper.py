@@ -21,8 +21,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final
 
-from runtime.backends.base import Sandbox
-from runtime.errors import EngineUnavailable
+from toolcell.backends.base import Sandbox
+from toolcell.errors import EngineUnavailable
 
 log = logging.getLogger("toolcell.reaper")
 

@@ -25,7 +25,7 @@ import os
 import stat
 from pathlib import Path
 
-from runtime.errors import ConfigError
+from toolcell.errors import ConfigError
 
 __all__ = ["UnsafePath", "open_private", "private_dir", "trusted_socket"]
 

@@ -19,18 +19,18 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
-from runtime.access_settings import SecuritySettings, parse_security
-from runtime.errors import ConfigError
-from runtime.model import SecretGrant, Tool, ToolOverride, ToolSource
-from runtime.policy.arguments import ArgumentLimits, compile_schema
-from runtime.policy.network import EgressSettings, GrantError, candidate_subnets, parse_grant
-from runtime.policy.profile import IsolationProfile, Mount, OutputPolicy
-from runtime.policy.resolve import ResolvedTool, resolve_tool
-from runtime.policy.seccomp import SeccompProfile, load_seccomp
-from runtime.policy.spec import SandboxSpec, compile_spec, min_pids, system_secret_dir
-from runtime.safepath import UnsafePath, trusted_socket
-from runtime.secretstore import SecretStoreSettings
-from runtime.units import parse_duration, parse_size
+from toolcell.access_settings import SecuritySettings, parse_security
+from toolcell.errors import ConfigError
+from toolcell.model import SecretGrant, Tool, ToolOverride, ToolSource
+from toolcell.policy.arguments import ArgumentLimits, compile_schema
+from toolcell.policy.network import EgressSettings, GrantError, candidate_subnets, parse_grant
+from toolcell.policy.profile import IsolationProfile, Mount, OutputPolicy
+from toolcell.policy.resolve import ResolvedTool, resolve_tool
+from toolcell.policy.seccomp import SeccompProfile, load_seccomp
+from toolcell.policy.spec import SandboxSpec, compile_spec, min_pids, system_secret_dir
+from toolcell.safepath import UnsafePath, trusted_socket
+from toolcell.secretstore import SecretStoreSettings
+from toolcell.units import parse_duration, parse_size
 
 ENV_CONFIG = "TOOLCELL_CONFIG"
 ENV_LISTEN = "TOOLCELL_LISTEN"
@@ -230,7 +230,7 @@ def client_token() -> str | None:
 
 
 def _schema() -> dict[str, Any]:
-    text = resources.files("runtime.data").joinpath("config.schema.json").read_text()
+    text = resources.files("toolcell.data").joinpath("config.schema.json").read_text()
     loaded: dict[str, Any] = json.loads(text)
     return loaded
 
@@ -606,7 +606,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, listen: str | Non
     """Load ``path`` (or $TOOLCELL_CONFIG, or the built-in default) and validate it completely."""
     path = path or os.environ.get(ENV_CONFIG)
     if path is None:
-        text = resources.files("runtime.data").joinpath("default-config.yaml").read_text()
+        text = resources.files("toolcell.data").joinpath("default-config.yaml").read_text()
         source, base_dir = "<built-in>", Path.cwd()
     else:
         p = Path(path)

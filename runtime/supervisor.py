@@ -15,9 +15,9 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from runtime import metrics
-from runtime.backends.base import Backend, Removed, Sandbox
-from runtime.errors import (
+from toolcell import metrics
+from toolcell.backends.base import Backend, Removed, Sandbox
+from toolcell.errors import (
     ConfigError,
     EngineUnavailable,
     InvocationConflict,
@@ -25,18 +25,18 @@ from runtime.errors import (
     ShuttingDown,
     SourceUnavailable,
 )
-from runtime.model import InvocationRequest, Result, Tool, ToolSource
-from runtime.pipeline import Emit, Services, run_invocation
-from runtime.policy.annotations import tool_annotations
-from runtime.policy.requests import check_invocation_id
-from runtime.policy.scrub import Redactor
-from runtime.pool import PoolManager
-from runtime.reaper import Reaper
-from runtime.secretstore import SecretStore
-from runtime.settings import Config
-from runtime.sources.catalog import Catalog, source_tools
-from runtime.sources.discovery import discover_or_error
-from runtime.sources.driver import driver_command
+from toolcell.model import InvocationRequest, Result, Tool, ToolSource
+from toolcell.pipeline import Emit, Services, run_invocation
+from toolcell.policy.annotations import tool_annotations
+from toolcell.policy.requests import check_invocation_id
+from toolcell.policy.scrub import Redactor
+from toolcell.pool import PoolManager
+from toolcell.reaper import Reaper
+from toolcell.secretstore import SecretStore
+from toolcell.settings import Config
+from toolcell.sources.catalog import Catalog, source_tools
+from toolcell.sources.discovery import discover_or_error
+from toolcell.sources.driver import driver_command
 
 log = logging.getLogger("toolcell.supervisor")
 # engine.wait_at_start: how often an absent engine is asked again (doubling up to the max).

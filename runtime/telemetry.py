@@ -27,10 +27,10 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 
-from runtime import __version__
-from runtime.policy.scrub import Redactor
-from runtime.safepath import open_private, private_dir
-from runtime.settings import TelemetrySettings
+from toolcell import __version__
+from toolcell.policy.scrub import Redactor
+from toolcell.safepath import open_private, private_dir
+from toolcell.settings import TelemetrySettings
 
 # What one span may carry (caller strings reach attributes: tool names, ids, error messages). Values longer
 # than this are cut by the SDK; attributes, events and links beyond the counts are dropped.

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import re
 
-from runtime.errors import ConfigError
-from runtime.quoting import quote
+from toolcell.errors import ConfigError
+from toolcell.quoting import quote
 
 __all__ = ["parse_duration", "parse_size"]
 

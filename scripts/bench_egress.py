@@ -16,10 +16,10 @@ import sys
 import time
 import uuid
 
-from runtime.backends.factory import open_backend
-from runtime.model import Event, InvocationRequest, Status
-from runtime.settings import parse_config
-from runtime.supervisor import Supervisor
+from toolcell.backends.factory import open_backend
+from toolcell.model import Event, InvocationRequest, Status
+from toolcell.settings import parse_config
+from toolcell.supervisor import Supervisor
 
 
 async def main(rounds: int) -> None:

@@ -16,8 +16,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from runtime.policy.scrub import encoded_variants
 from tests.support import CANARY
+from toolcell.policy.scrub import encoded_variants
 
 SPANS = InMemorySpanExporter()
 _provider = TracerProvider()

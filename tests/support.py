@@ -14,11 +14,11 @@ from typing import Any
 import docker
 import pytest
 
-from runtime.backends.factory import open_backend
-from runtime.client import Client
-from runtime.server.app import App
-from runtime.settings import Config, parse_config
-from runtime.supervisor import Supervisor
+from toolcell.backends.factory import open_backend
+from toolcell.client import Client
+from toolcell.server.app import App
+from toolcell.settings import Config, parse_config
+from toolcell.supervisor import Supervisor
 
 RUNNER_IMAGE = os.environ.get("TOOLCELL_TEST_IMAGE", "toolcell/python:bookworm")
 # Granted to test tools that print it; must never appear in any output, span or log of the run.
@@ -55,8 +55,8 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 def oci_residue(owner: str, state_dir: str = OCI_STATE) -> list[str]:
     """Everything of ``owner``'s on the host that the oci backend made: bundles, runc state, per-call cgroups
     (any controller) and processes in them. Read straight from the host, not through the backend."""
-    from runtime.backends.oci.backend import owner_tag
-    from runtime.backends.oci.cgroups import TOP, safe_component
+    from toolcell.backends.oci.backend import owner_tag
+    from toolcell.backends.oci.cgroups import TOP, safe_component
 
     prefix = f"tc-{owner_tag(owner)}-"
     found = [str(p) for sub in ("bundles", "runc") if (Path(state_dir) / sub).is_dir()

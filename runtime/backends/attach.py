@@ -25,8 +25,8 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
-from runtime.backends.base import StreamName
-from runtime.backends.launcher import TrailerScanner
+from toolcell.backends.base import StreamName
+from toolcell.backends.launcher import TrailerScanner
 
 __all__ = ["QUEUE_CHUNKS", "RECV_BYTES", "AttachStream", "FrameDemux", "SandboxStream"]
 

@@ -3,7 +3,7 @@
 A backend turns a ``SandboxSpec`` (``runtime/policy/spec.py``) into a running sandbox and reports on it,
 in no engine's terms: no labels, networks, bundles or container ids leak above this seam. It owns no
 policy: timeouts, caps and status decisions live in ``pipeline``. Backend methods raise only
-``runtime.errors.BackendError`` subclasses; engine exceptions are translated inside the backend.
+``toolcell.errors.BackendError`` subclasses; engine exceptions are translated inside the backend.
 
 Capabilities a backend provides behind the same calls:
 
@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from runtime.model import EgressDestination, Usage
-from runtime.policy.spec import NO_SECRETS, SandboxSpec, Secrets
+from toolcell.model import EgressDestination, Usage
+from toolcell.policy.spec import NO_SECRETS, SandboxSpec, Secrets
 
 StreamName = Literal["stdout", "stderr"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from runtime.model import Usage
+from toolcell.model import Usage
 
 __all__ = ["CgroupLayout", "CgroupProbe", "UsageSampler"]
 

@@ -37,10 +37,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from runtime.backends.attach import RECV_BYTES, SandboxStream
-from runtime.backends.base import StreamName
-from runtime.errors import BackendError
-from runtime.safepath import private_dir
+from toolcell.backends.attach import RECV_BYTES, SandboxStream
+from toolcell.backends.base import StreamName
+from toolcell.errors import BackendError
+from toolcell.safepath import private_dir
 
 __all__ = ["ACCEPT_TIMEOUT_S", "CHANNEL_DIR", "ChannelListener", "ChannelStream"]
 

@@ -6,7 +6,7 @@ capabilities, no-new-privileges, init, own IPC and cgroup namespaces, no log dri
 fixed here, not read from the spec. The docker SDK is synchronous, so every engine call runs in this
 backend's own small thread pool, never on the event loop; one low-level ``APIClient`` (pinned API
 version, so constructing it does no I/O) serves every call. Engine exceptions are translated here, at
-the seam, into ``runtime.errors``.
+the seam, into ``toolcell.errors``.
 
 One sandbox's life, and the engine round trips it costs::
 
@@ -54,11 +54,11 @@ from docker.types import IPAMConfig, IPAMPool, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 from opentelemetry import trace
 
-from runtime.backends.attach import RECV_BYTES, AttachStream, SandboxStream
-from runtime.backends.base import ExitInfo, Removed, StreamName
-from runtime.backends.cgroup import CgroupLayout, CgroupProbe, UsageSampler
-from runtime.backends.channel import CHANNEL_DIR, ChannelListener, ChannelStream
-from runtime.backends.docker_egress import (
+from toolcell.backends.attach import RECV_BYTES, AttachStream, SandboxStream
+from toolcell.backends.base import ExitInfo, Removed, StreamName
+from toolcell.backends.cgroup import CgroupLayout, CgroupProbe, UsageSampler
+from toolcell.backends.channel import CHANNEL_DIR, ChannelListener, ChannelStream
+from toolcell.backends.docker_egress import (
     LABEL_INVOCATION,
     LABEL_MANAGED,
     LABEL_OWNER,
@@ -70,12 +70,12 @@ from runtime.backends.docker_egress import (
     NetworkSpec,
     identity_labels,
 )
-from runtime.backends.launcher import envelope, launch_command, new_nonce, relay_command
-from runtime.errors import BackendError, ConfigError, EngineUnavailable, ImageMissing, RuntimeMissing
-from runtime.model import EgressDestination, Usage
-from runtime.policy.network import EgressSettings
-from runtime.policy.profile import Mount
-from runtime.policy.spec import NO_SECRETS, POOL_PREFIX, SandboxSpec, Secrets, sandbox_pids
+from toolcell.backends.launcher import envelope, launch_command, new_nonce, relay_command
+from toolcell.errors import BackendError, ConfigError, EngineUnavailable, ImageMissing, RuntimeMissing
+from toolcell.model import EgressDestination, Usage
+from toolcell.policy.network import EgressSettings
+from toolcell.policy.profile import Mount
+from toolcell.policy.spec import NO_SECRETS, POOL_PREFIX, SandboxSpec, Secrets, sandbox_pids
 
 __all__ = [
     "DEFAULT_BASE_URL", "LABEL_INVOCATION", "LABEL_MANAGED", "LABEL_OWNER", "LABEL_PROFILE", "LABEL_ROLE",

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final, Protocol
 
-from runtime.backends.base import Sandbox
-from runtime.errors import BackendError
-from runtime.model import EgressDestination
-from runtime.policy.network import (
+from toolcell.backends.base import Sandbox
+from toolcell.errors import BackendError
+from toolcell.model import EgressDestination
+from toolcell.policy.network import (
     EgressGrant,
     EgressLayout,
     EgressSettings,
@@ -36,7 +36,7 @@ from runtime.policy.network import (
     proxy_env,
     proxy_policy_json,
 )
-from runtime.policy.spec import ROLE_PROXY, Identity, SandboxSpec, Scratch
+from toolcell.policy.spec import ROLE_PROXY, Identity, SandboxSpec, Scratch
 
 __all__ = [
     "LABEL_INVOCATION", "LABEL_MANAGED", "LABEL_OWNER", "LABEL_PROFILE", "LABEL_ROLE", "LABEL_TOOL", "PROGRAM",
@@ -53,7 +53,7 @@ LABEL_ROLE: Final = "io.toolcell.role"
 ROLE_NETWORK: Final = "egress-network"
 ROLE_UPSTREAM: Final = "egress-upstream"
 # The proxy program, package data beside the launcher; it arrives on the sidecar's stdin.
-PROGRAM: Final = resources.files("runtime.data").joinpath("egress_proxy.py").read_bytes()
+PROGRAM: Final = resources.files("toolcell.data").joinpath("egress_proxy.py").read_bytes()
 PROXY_USER: Final = "10001:10001"
 # Bounds on what the proxy's output can make the supervisor hold.
 _MAX_LINE_BYTES: Final = 1024 * 1024

@@ -6,22 +6,22 @@ the Docker SDK, and a ``docker`` one never looks for an OCI runtime binary.
 
 from __future__ import annotations
 
-from runtime.backends.base import Backend
-from runtime.errors import ConfigError
-from runtime.settings import Config
+from toolcell.backends.base import Backend
+from toolcell.errors import ConfigError
+from toolcell.settings import Config
 
 
 def open_backend(config: Config) -> Backend:
     """The backend ``config.engine`` names, constructed (no I/O yet: ``ping`` tells whether it works)."""
     engine = config.engine
     if engine.kind == "docker":
-        from runtime.backends.docker import DockerBackend
+        from toolcell.backends.docker import DockerBackend
 
         docker: Backend = DockerBackend(engine.docker_host, channel_dir=engine.pool_channel_dir,
                                         egress=config.egress, proxy_seccomp_json=config.seccomp["default"].json_text)
         return docker
     if engine.kind == "oci":
-        from runtime.backends.oci import OciBackend
+        from toolcell.backends.oci import OciBackend
 
         oci: Backend = OciBackend(runtime_path=engine.oci_runtime, store_dir=engine.oci_rootfs_dir,
                                   state_dir=engine.oci_state_dir)

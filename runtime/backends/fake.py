@@ -28,10 +28,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, field
 from typing import Final
 
-from runtime.backends.base import ExitInfo, Removed, StreamName
-from runtime.errors import BackendError, ConfigError, EngineUnavailable, ImageMissing, RuntimeMissing
-from runtime.model import EgressDestination, Usage
-from runtime.policy.spec import NO_SECRETS, SandboxSpec, Secrets
+from toolcell.backends.base import ExitInfo, Removed, StreamName
+from toolcell.errors import BackendError, ConfigError, EngineUnavailable, ImageMissing, RuntimeMissing
+from toolcell.model import EgressDestination, Usage
+from toolcell.policy.spec import NO_SECRETS, SandboxSpec, Secrets
 
 __all__ = ["Behaviour", "FakeBackend", "FakeProcess", "FakeSandbox"]
 

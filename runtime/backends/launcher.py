@@ -25,7 +25,7 @@ _STATUS = re.compile(rb"[0-9]{3}\n")
 
 @cache
 def launcher_source() -> str:
-    return resources.files("runtime.data").joinpath("launcher.py").read_text()
+    return resources.files("toolcell.data").joinpath("launcher.py").read_text()
 
 
 def launch_command(command: tuple[str, ...], python: str = "python3", channel: str = "",

@@ -567,7 +567,7 @@ def main() -> int:
     except (ValueError, RecursionError):
         outbox.frame({"error": {"code": DRIVER_ERROR, "message": "the driver failed (a frame it could not encode)"}})
         status = FAILED
-    driver.reap(graceful=driver.signalled or status != 0)
+    driver.reap(graceful=bool(driver.signalled) or status != 0)
     # The final frame must reach the caller; after a signal it gets the grace period, no more.
     while not outbox.drained(0.1):
         if driver.signalled:

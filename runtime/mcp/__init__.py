@@ -1,5 +1,5 @@
 """MCP integration: serve the supervisor's sandboxed tools on an MCP server (official ``mcp`` SDK)."""
 
-from runtime.mcp.adapter import SandboxedTools, call_result, mcp_tool, server
+from toolcell.mcp.adapter import SandboxedTools, call_result, mcp_tool, server
 
 __all__ = ["SandboxedTools", "call_result", "mcp_tool", "server"]

@@ -40,9 +40,9 @@ from mcp.shared.exceptions import MCPError
 from mcp_types.jsonrpc import INVALID_PARAMS
 from pydantic import BaseModel, ValidationError
 
-from runtime.client import Client, ClientError, InvalidArgumentError, NotFoundError
-from runtime.model import OutputChunk, Progress, Result, Started, Status, Tool
-from runtime.quoting import printable
+from toolcell.client import Client, ClientError, InvalidArgumentError, NotFoundError
+from toolcell.model import OutputChunk, Progress, Result, Started, Status, Tool
+from toolcell.quoting import printable
 
 log = logging.getLogger("toolcell.mcp")
 
@@ -329,7 +329,7 @@ class SandboxedTools:
 
 def server(tools: SandboxedTools, name: str = "toolcell", **kwargs: Any) -> Server[Any]:
     """A low-level MCP ``Server`` serving exactly ``tools``."""
-    from runtime import __version__
+    from toolcell import __version__
 
     return Server(name, version=__version__, on_list_tools=tools.list_tools, on_call_tool=tools.call_tool,
                   **kwargs)

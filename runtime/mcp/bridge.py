@@ -24,15 +24,15 @@ from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp
 
-from runtime.access_settings import JwtSettings
-from runtime.mcp.adapter import SandboxedTools, server
-from runtime.mcp.httpguard import (
+from toolcell.access_settings import JwtSettings
+from toolcell.mcp.adapter import SandboxedTools, server
+from toolcell.mcp.httpguard import (
     BearerGuard,
     HostOriginGuard,
     default_allowed_hosts,
     default_allowed_origins,
 )
-from runtime.server.tokens import JwtVerifier
+from toolcell.server.tokens import JwtVerifier
 
 log = logging.getLogger("toolcell.mcp")
 
@@ -178,7 +178,7 @@ def http_access(allowed_hosts: list[str] | None, allowed_origins: list[str] | No
 
     jwt = None
     if config is not None:
-        from runtime.settings import load_config
+        from toolcell.settings import load_config
 
         jwt = load_config(config).security.jwt
         if jwt is None:

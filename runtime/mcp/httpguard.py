@@ -33,9 +33,9 @@ from mcp.server.auth.provider import AccessToken
 from starlette.authentication import AuthCredentials
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from runtime.errors import Unauthenticated
-from runtime.quoting import quote as quote_string
-from runtime.server.tokens import JwtVerifier
+from toolcell.errors import Unauthenticated
+from toolcell.quoting import quote as quote_string
+from toolcell.server.tokens import JwtVerifier
 
 log = logging.getLogger("toolcell.mcp")
 
@@ -51,7 +51,7 @@ DRAIN_TIMEOUT_S = 1.0
 
 
 def quote(value: bytes | str, limit: int = QUOTE_CHARS) -> str:
-    """A header value as ``runtime.quoting.quote`` shows a caller string: a short escaped prefix."""
+    """A header value as ``toolcell.quoting.quote`` shows a caller string: a short escaped prefix."""
     return quote_string(value.decode("latin-1") if isinstance(value, bytes) else value, limit)
 
 

@@ -14,8 +14,8 @@ records every input. Modules, from pure to I/O:
     cli.py       ``toolcell images mcp``: build, unpack for the oci engine, report
 """
 
-from runtime.mcpimages.build import HostTools, McpImage, build_image
-from runtime.mcpimages.spec import McpImageRequest, McpPackage, parse_package, parse_server_list, request
+from toolcell.mcpimages.build import HostTools, McpImage, build_image
+from toolcell.mcpimages.spec import McpImageRequest, McpPackage, parse_package, parse_server_list, request
 
 __all__ = ["HostTools", "McpImage", "McpImageRequest", "McpPackage", "build_image", "parse_package",
            "parse_server_list", "request"]

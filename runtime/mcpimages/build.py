@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from runtime.errors import BackendError, ConfigError
-from runtime.images import INPUTS_HASH_LABEL
-from runtime.mcpimages.context import (
+from toolcell.errors import BackendError, ConfigError
+from toolcell.images import INPUTS_HASH_LABEL
+from toolcell.mcpimages.context import (
     BASE_IMAGE,
     BIN_DIR,
     choose_command,
@@ -43,9 +43,9 @@ from runtime.mcpimages.context import (
     pypi_dockerfile,
     request_hash,
 )
-from runtime.mcpimages.fetch import Fetched, fetch_npm, fetch_pypi
-from runtime.mcpimages.process import run_logged
-from runtime.mcpimages.spec import McpImageRequest, McpPackage, version_tag
+from toolcell.mcpimages.fetch import Fetched, fetch_npm, fetch_pypi
+from toolcell.mcpimages.process import run_logged
+from toolcell.mcpimages.spec import McpImageRequest, McpPackage, version_tag
 
 REQUEST_LABEL: Final = "io.toolcell.mcp-request"
 PACKAGE_LABEL: Final = "io.toolcell.mcp.package"

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from runtime.errors import ConfigError
-from runtime.mcpimages.build import HostTools, McpImage, build_image
-from runtime.mcpimages.spec import McpImageRequest, parse_server_list, request
-from runtime.quoting import quote
+from toolcell.errors import ConfigError
+from toolcell.mcpimages.build import HostTools, McpImage, build_image
+from toolcell.mcpimages.spec import McpImageRequest, parse_server_list, request
+from toolcell.quoting import quote
 
 _MAX_LIST_BYTES = 1 << 20
 
@@ -57,7 +57,7 @@ def run(*, pypi: str | None = None, npm: str | None = None, from_file: str | Non
 
 
 def _unpack(built: McpImage, store: str) -> str:
-    from runtime.backends.oci.rootfs import RootfsStore
+    from toolcell.backends.oci.rootfs import RootfsStore
 
     rootfs = RootfsStore(store)
     digest = rootfs.unpack_docker_image(built.image)

@@ -29,8 +29,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Final
 
-from runtime.images import PYTHON_IMAGE
-from runtime.mcpimages.spec import McpImageRequest, McpPackage, is_executable_name
+from toolcell.images import PYTHON_IMAGE
+from toolcell.mcpimages.spec import McpImageRequest, McpPackage, is_executable_name
 
 MCP_ROOT: Final = "/opt/mcp"
 BIN_DIR: Final = f"{MCP_ROOT}/bin"

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
-from runtime.errors import BackendError, ConfigError
-from runtime.mcpimages.context import (
+from toolcell.errors import BackendError, ConfigError
+from toolcell.mcpimages.context import (
     PYTHON_TAG,
     PYTHON_VERSION,
     canonical,
@@ -32,8 +32,8 @@ from runtime.mcpimages.context import (
     platform_tags,
     wheel_project,
 )
-from runtime.mcpimages.process import Completed, run_logged
-from runtime.mcpimages.spec import McpPackage
+from toolcell.mcpimages.process import Completed, run_logged
+from toolcell.mcpimages.spec import McpPackage
 
 FETCH_TIMEOUT_S: Final = 600.0
 _MAX_JSON = 8 << 20

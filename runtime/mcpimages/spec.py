@@ -2,7 +2,7 @@
 
 Everything here is pure and strict: a package spec is refused unless it is a plain registry name with at
 most an exact version (no URLs, paths, options, markers or ranges), because the spec reaches ``pip``,
-``npm`` and a generated Dockerfile. Messages quote the refused text through ``runtime.quoting``.
+``npm`` and a generated Dockerfile. Messages quote the refused text through ``toolcell.quoting``.
 
     parse_package("pypi", "mcp-server-time==2026.10.19")
         -> McpPackage(source="pypi", name="mcp-server-time", version="2026.10.19", extras=())
@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from runtime.errors import ConfigError
-from runtime.quoting import quote
+from toolcell.errors import ConfigError
+from toolcell.quoting import quote
 
 Source = Literal["pypi", "npm"]
 SOURCES: Final[tuple[Source, ...]] = ("pypi", "npm")

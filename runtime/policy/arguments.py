@@ -8,7 +8,7 @@ UTF-8 for the tool) are all rejected here, each naming the field's path.
 
 Cost is linear in the text: ``json.loads`` (C) with hooks that never raise but leave a marker,
 then one iterative walk over the value that reports the first marker or broken limit with its path.
-Paths and messages quote caller keys and values only through ``runtime.quoting`` (short, escaped).
+Paths and messages quote caller keys and values only through ``toolcell.quoting`` (short, escaped).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, ValidationError
 
-from runtime.errors import ConfigError, InvalidArguments
-from runtime.policy.linear import LinearPattern, compile_linear
-from runtime.quoting import printable, quote
+from toolcell.errors import ConfigError, InvalidArguments
+from toolcell.policy.linear import LinearPattern, compile_linear
+from toolcell.quoting import printable, quote
 
 MAX_INT_DIGITS = 20  # beyond 64-bit range: a tool's JSON parser may overflow or choke
 # A double needs at most 17 significant digits; longer number texts are refused before float() sees them.

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from runtime.data.egress_proxy import is_ip_literal, normalize_host
+from toolcell.data.egress_proxy import is_ip_literal, normalize_host
 
 PROXY_PORT: Final = 3128
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from runtime.policy.network import EgressGrant
+from toolcell.policy.network import EgressGrant
 
 MiB = 1024 * 1024
 

@@ -3,7 +3,7 @@
 A request's tool name, invocation id and metadata are the caller's choice and hostile: bounded
 lengths and small character sets here mean every later step sees short, printable values. Each check
 is a length test first (constant time) and then one linear scan; a rejection names the field in
-``path`` and quotes at most a short escaped prefix of the value (``runtime.quoting.quote``).
+``path`` and quotes at most a short escaped prefix of the value (``toolcell.quoting.quote``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from runtime.errors import InvalidArguments
-from runtime.model import InvocationRequest
-from runtime.policy.arguments import ArgumentLimits
-from runtime.quoting import quote
+from toolcell.errors import InvalidArguments
+from toolcell.model import InvocationRequest
+from toolcell.policy.arguments import ArgumentLimits
+from toolcell.quoting import quote
 
 __all__ = ["RequestLimits", "check_cancel", "check_invocation_id", "check_request", "check_tool_name", "quote"]
 

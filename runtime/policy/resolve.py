@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from runtime.errors import ToolNotFound
-from runtime.model import Tool
-from runtime.policy.profile import IsolationProfile
+from toolcell.errors import ToolNotFound
+from toolcell.model import Tool
+from toolcell.policy.profile import IsolationProfile
 
 
 @dataclass(frozen=True)

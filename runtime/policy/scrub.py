@@ -40,7 +40,7 @@ from typing import Any, Literal
 from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
 from detect_secrets.plugins.base import RegexBasedDetector
 
-from runtime.policy.linear import LinearPattern, compile_linear, escape, translate
+from toolcell.policy.linear import LinearPattern, compile_linear, escape, translate
 
 InjectionAction = Literal["flag", "wrap", "block"]
 

@@ -22,7 +22,7 @@ are OR-ed by runc.  So ``load_seccomp`` is strict where the engine is lax:
 Rules conditioned on capabilities are evaluated as the engine will: toolcell runs every tool with
 ``cap_drop: ALL``, so ``includes.caps`` rules never apply and ``excludes.caps`` never excludes.
 
-Everything wrong is a :class:`runtime.errors.ConfigError` naming the profile and the offending key.
+Everything wrong is a :class:`toolcell.errors.ConfigError` naming the profile and the offending key.
 Pure: no docker, grpc or OTel imports; ``pyseccomp`` (ctypes over libseccomp) is the only native code.
 """
 
@@ -40,7 +40,7 @@ from typing import Any
 
 import pyseccomp
 
-from runtime.errors import ConfigError
+from toolcell.errors import ConfigError
 
 DEFAULT_SPEC = "default"
 _DEFAULT_RESOURCE = "seccomp-default.json"
@@ -201,7 +201,7 @@ def load_seccomp(spec: str, *, base_dir: Path | None = None) -> SeccompProfile:
         if hit is not None:
             return hit
         try:
-            text = importlib.resources.files("runtime").joinpath("data", _DEFAULT_RESOURCE).read_text("utf-8")
+            text = importlib.resources.files("toolcell").joinpath("data", _DEFAULT_RESOURCE).read_text("utf-8")
         except OSError as exc:  # a broken install
             raise ConfigError(f"packaged seccomp profile is missing: {exc}", key="seccomp") from exc
         source = f"runtime/data/{_DEFAULT_RESOURCE}"

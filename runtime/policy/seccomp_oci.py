@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final, TypeGuard
 
-from runtime.errors import ConfigError
+from toolcell.errors import ConfigError
 
 __all__ = ["native_arch", "to_oci_seccomp"]
 

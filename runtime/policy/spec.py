@@ -27,10 +27,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from runtime.errors import ConfigError
-from runtime.model import SecretGrant, Tool
-from runtime.policy.network import EgressGrant
-from runtime.policy.profile import IsolationProfile, Mount
+from toolcell.errors import ConfigError
+from toolcell.model import SecretGrant, Tool
+from toolcell.policy.network import EgressGrant
+from toolcell.policy.profile import IsolationProfile, Mount
 
 # A pooled sandbox's invocation id until its claim: it serves nobody yet.
 POOL_PREFIX: Final = "pool-"

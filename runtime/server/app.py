@@ -11,18 +11,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from runtime import metrics
-from runtime.api.v1 import supervisor_pb2 as pb
-from runtime.audit import AuditLog
-from runtime.backends.base import Removed
-from runtime.gate import Gate, Sampler
-from runtime.hostload import HostSampler
-from runtime.server.healthcheck import HealthMonitor
-from runtime.server.identity import Authenticator
-from runtime.server.service import SupervisorService, add_to_server
-from runtime.server.tokens import JwtVerifier
-from runtime.server.transport import Transport, server_options
-from runtime.supervisor import Supervisor
+from toolcell import metrics
+from toolcell.api.v1 import supervisor_pb2 as pb
+from toolcell.audit import AuditLog
+from toolcell.backends.base import Removed
+from toolcell.gate import Gate, Sampler
+from toolcell.hostload import HostSampler
+from toolcell.server.healthcheck import HealthMonitor
+from toolcell.server.identity import Authenticator
+from toolcell.server.service import SupervisorService, add_to_server
+from toolcell.server.tokens import JwtVerifier
+from toolcell.server.transport import Transport, server_options
+from toolcell.supervisor import Supervisor
 
 log = logging.getLogger("toolcell.server")
 

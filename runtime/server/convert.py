@@ -6,8 +6,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from runtime.api.v1 import supervisor_pb2 as pb
-from runtime.model import Event, InvocationRequest, OutputChunk, Progress, Result, Started, Status, Tool
+from toolcell.api.v1 import supervisor_pb2 as pb
+from toolcell.model import Event, InvocationRequest, OutputChunk, Progress, Result, Started, Status, Tool
 
 # The most content_json a client parses: gRPC's default receive limit, which bounds the whole message
 # anyway (the client does not raise it); checked again here so the parse never depends on that default.
@@ -141,7 +141,7 @@ def tool_to_pb(tool: Tool) -> pb.Tool:
 
 
 def result_from_pb(msg: pb.Result) -> Result:
-    from runtime.model import EgressDestination, Usage
+    from toolcell.model import EgressDestination, Usage
 
     return Result(
         status=PB_TO_STATUS.get(msg.status, Status.ERROR),

@@ -13,9 +13,9 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from runtime import metrics
-from runtime.errors import BackendError
-from runtime.supervisor import Supervisor
+from toolcell import metrics
+from toolcell.errors import BackendError
+from toolcell.supervisor import Supervisor
 
 log = logging.getLogger("toolcell.health")
 

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 
 import grpc
 
-from runtime.errors import Unauthenticated
-from runtime.policy.access import AccessPolicy, PeerCred, Principal
-from runtime.server.tokens import JwtVerifier
+from toolcell.errors import Unauthenticated
+from toolcell.policy.access import AccessPolicy, PeerCred, Principal
+from toolcell.server.tokens import JwtVerifier
 
 _REQUIREMENT_HELP = {
     "peer": "a connection over the supervisor's Unix socket",

@@ -20,14 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-from runtime import metrics
-from runtime.backends.factory import open_backend
-from runtime.control import State, write_state
-from runtime.errors import ToolcellError
-from runtime.server.app import App
-from runtime.settings import Config, load_config
-from runtime.supervisor import Supervisor
-from runtime.telemetry import install_log_redaction, setup_logging, setup_metrics, setup_tracing
+from toolcell import metrics
+from toolcell.backends.factory import open_backend
+from toolcell.control import State, write_state
+from toolcell.errors import ToolcellError
+from toolcell.server.app import App
+from toolcell.settings import Config, load_config
+from toolcell.supervisor import Supervisor
+from toolcell.telemetry import install_log_redaction, setup_logging, setup_metrics, setup_tracing
 
 log = logging.getLogger("toolcell.lifecycle")
 

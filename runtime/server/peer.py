@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-from runtime.policy.access import PeerCred
+from toolcell.policy.access import PeerCred
 
 log = logging.getLogger("toolcell.server")
 

@@ -15,22 +15,22 @@ from google.protobuf.message import DecodeError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
-from runtime import metrics
-from runtime.api.v1 import supervisor_pb2 as pb
-from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
-from runtime.endings import Ending
-from runtime.errors import InvalidArguments, InvocationNotFound, ResourceExhausted, ToolcellError
-from runtime.gate import Gate
-from runtime.model import Event, Result, Started
-from runtime.pipeline import Emit, describe
-from runtime.policy.access import Principal
-from runtime.policy.requests import check_cancel, check_request
-from runtime.policy.scrub import Redactor
-from runtime.quoting import quote
-from runtime.server.convert import event_to_pb, request_from_pb, result_to_pb, tool_to_pb
-from runtime.server.identity import Authenticator
-from runtime.server.status import RETRY_AFTER_KEY, status_for
-from runtime.supervisor import Supervisor, new_invocation_id
+from toolcell import metrics
+from toolcell.api.v1 import supervisor_pb2 as pb
+from toolcell.api.v1 import supervisor_pb2_grpc as pb_grpc
+from toolcell.endings import Ending
+from toolcell.errors import InvalidArguments, InvocationNotFound, ResourceExhausted, ToolcellError
+from toolcell.gate import Gate
+from toolcell.model import Event, Result, Started
+from toolcell.pipeline import Emit, describe
+from toolcell.policy.access import Principal
+from toolcell.policy.requests import check_cancel, check_request
+from toolcell.policy.scrub import Redactor
+from toolcell.quoting import quote
+from toolcell.server.convert import event_to_pb, request_from_pb, result_to_pb, tool_to_pb
+from toolcell.server.identity import Authenticator
+from toolcell.server.status import RETRY_AFTER_KEY, status_for
+from toolcell.supervisor import Supervisor, new_invocation_id
 
 log = logging.getLogger("toolcell.server")
 tracer = trace.get_tracer("toolcell.server")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from runtime import errors
+from toolcell import errors
 
 # Most specific first: the first matching class wins.
 STATUS_TABLE: tuple[tuple[type[errors.ToolcellError], grpc.StatusCode], ...] = (

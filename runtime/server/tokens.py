@@ -23,9 +23,9 @@ from typing import Any
 import jwt
 from jwt import PyJWK, PyJWKSet
 
-from runtime.access_settings import JwtSettings
-from runtime.errors import ConfigError, Unauthenticated
-from runtime.quoting import quote
+from toolcell.access_settings import JwtSettings
+from toolcell.errors import ConfigError, Unauthenticated
+from toolcell.quoting import quote
 
 log = logging.getLogger("toolcell.auth")
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import grpc
 
-from runtime.access_settings import SecuritySettings
-from runtime.errors import ConfigError
-from runtime.policy.access import PeerCred
-from runtime.safepath import private_dir
-from runtime.server.peer import DEFAULT_HANDSHAKE_TIMEOUT_S, DEFAULT_MAX_PER_UID, PeerForwarder
+from toolcell.access_settings import SecuritySettings
+from toolcell.errors import ConfigError
+from toolcell.policy.access import PeerCred
+from toolcell.safepath import private_dir
+from toolcell.server.peer import DEFAULT_HANDSHAKE_TIMEOUT_S, DEFAULT_MAX_PER_UID, PeerForwarder
 
 log = logging.getLogger("toolcell.server")
 

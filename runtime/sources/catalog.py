@@ -17,14 +17,14 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from runtime.errors import ConfigError
-from runtime.model import McpBinding, Tool, ToolSource
-from runtime.policy.annotations import HINTS, derived_annotations
-from runtime.policy.arguments import compile_untrusted_schema
-from runtime.policy.linear import compile_linear
-from runtime.policy.profile import IsolationProfile
-from runtime.policy.scrub import Redactor, detect_injection, scrub
-from runtime.quoting import quote
+from toolcell.errors import ConfigError
+from toolcell.model import McpBinding, Tool, ToolSource
+from toolcell.policy.annotations import HINTS, derived_annotations
+from toolcell.policy.arguments import compile_untrusted_schema
+from toolcell.policy.linear import compile_linear
+from toolcell.policy.profile import IsolationProfile
+from toolcell.policy.scrub import Redactor, detect_injection, scrub
+from toolcell.quoting import quote
 
 MAX_TOOLS = 512
 TITLE_MAX_CHARS = 200

@@ -14,15 +14,15 @@ import time
 
 from opentelemetry import trace
 
-from runtime.errors import SourceUnavailable, ToolcellError
-from runtime.model import Event, McpBinding, Status, Tool, ToolSource
-from runtime.pipeline import Services, contain, decide, gather_secrets, step
-from runtime.policy.resolve import ResolvedTool
-from runtime.sources.catalog import Catalog, read_catalog
-from runtime.sources.driver import driver_command
-from runtime.sources.frames import FrameReader
-from runtime.sources.result import Scrubbed, error_message
-from runtime.sources.verdict import list_request
+from toolcell.errors import SourceUnavailable, ToolcellError
+from toolcell.model import Event, McpBinding, Status, Tool, ToolSource
+from toolcell.pipeline import Services, contain, decide, gather_secrets, step
+from toolcell.policy.resolve import ResolvedTool
+from toolcell.sources.catalog import Catalog, read_catalog
+from toolcell.sources.driver import driver_command
+from toolcell.sources.frames import FrameReader
+from toolcell.sources.result import Scrubbed, error_message
+from toolcell.sources.verdict import list_request
 
 STDERR_TAIL_CHARS = 300
 # A tool list is bigger than most results (a hundred tools with schemas: a few hundred KiB), and only the

@@ -24,7 +24,7 @@ EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 143
 
 @cache
 def driver_source() -> str:
-    return resources.files("runtime.data").joinpath("mcp_driver.py").read_text()
+    return resources.files("toolcell.data").joinpath("mcp_driver.py").read_text()
 
 
 def driver_command(server_command: Sequence[str], python: str = "python3") -> tuple[str, ...]:

@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.errors import InvalidArguments
-from runtime.model import Progress
-from runtime.policy.arguments import ArgumentLimits, parse_arguments
+from toolcell.errors import InvalidArguments
+from toolcell.model import Progress
+from toolcell.policy.arguments import ArgumentLimits, parse_arguments
 
 FINAL_KINDS = ("tools", "result", "error")
 PROGRESS_MESSAGE_MAX_CHARS = 1024

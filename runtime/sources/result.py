@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.policy.linear import compile_linear
-from runtime.policy.scrub import Redactor, scrub
+from toolcell.policy.linear import compile_linear
+from toolcell.policy.scrub import Redactor, scrub
 
 MAX_BLOCKS = 1000
 # Short fields (URIs, names, media types, annotation values): longer is cut, not an error.

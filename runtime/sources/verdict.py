@@ -15,12 +15,12 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from runtime.model import McpBinding, Status
-from runtime.output import Collected
-from runtime.policy.profile import OutputPolicy
-from runtime.policy.scrub import Redactor, detect_injection, wrap_untrusted
-from runtime.sources.frames import FrameReader
-from runtime.sources.result import Scrubbed, call_content, error_message
+from toolcell.model import McpBinding, Status
+from toolcell.output import Collected
+from toolcell.policy.profile import OutputPolicy
+from toolcell.policy.scrub import Redactor, detect_injection, wrap_untrusted
+from toolcell.sources.frames import FrameReader
+from toolcell.sources.result import Scrubbed, call_content, error_message
 
 _ENGINE_STATUSES = (Status.TIMEOUT, Status.KILLED, Status.OOM)
 

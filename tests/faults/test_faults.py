@@ -27,9 +27,9 @@ import psutil
 import pytest
 import yaml
 
-from runtime.client import Client, ClientError
-from runtime.model import OutputChunk, Result, Started, Status
 from tests.support import REPO, config_doc, engine, leftovers, oci_clean, oci_residue, running_supervisor
+from toolcell.client import Client, ClientError
+from toolcell.model import OutputChunk, Result, Started, Status
 
 pytestmark = pytest.mark.docker
 
@@ -129,7 +129,7 @@ def write_config(tmp_path: Path, owner: str, kind: str = "docker", **engine_cfg:
 @contextlib.contextmanager
 def serve(config: Path) -> Iterator[subprocess.Popen[str]]:
     env = {k: v for k, v in os.environ.items() if k not in ("TOOLCELL_LISTEN", "TOOLCELL_CONFIG")}
-    proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--config", str(config)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "toolcell", "serve", "--config", str(config)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         yield proc

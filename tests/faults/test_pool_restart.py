@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.model import Result, Started, Status
 from tests.faults.test_faults import restart_engine, wait_engine
 from tests.support import config_doc, running_supervisor
+from toolcell.model import Result, Started, Status
 
 pytestmark = [pytest.mark.docker, pytest.mark.engine_restart]
 

@@ -14,11 +14,6 @@ from typing import Any
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from runtime.errors import InvalidArguments
-from runtime.model import InvocationRequest
-from runtime.policy.arguments import ArgumentLimits, compile_schema, parse_arguments, validate_arguments
-from runtime.policy.requests import check_cancel, check_request
-from runtime.quoting import printable, quote
 from tests.fuzz.strategies import (
     BAD_NUMBERS,
     BAD_STRINGS,
@@ -32,6 +27,11 @@ from tests.fuzz.strategies import (
     metadata_like,
     name_like,
 )
+from toolcell.errors import InvalidArguments
+from toolcell.model import InvocationRequest
+from toolcell.policy.arguments import ArgumentLimits, compile_schema, parse_arguments, validate_arguments
+from toolcell.policy.requests import check_cancel, check_request
+from toolcell.quoting import printable, quote
 
 LIMITS = ArgumentLimits()  # the shipped defaults: 1 MiB, depth 32
 SCHEMA = compile_schema({

@@ -24,10 +24,6 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from runtime.api.v1 import supervisor_pb2 as pb
-from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
-from runtime.quoting import quote
-from runtime.settings import parse_config
 from tests.fuzz.strategies import (
     BAD_NUMBERS,
     BAD_STRINGS,
@@ -41,6 +37,10 @@ from tests.fuzz.strategies import (
     name_like,
 )
 from tests.support import config_doc, engine, serving
+from toolcell.api.v1 import supervisor_pb2 as pb
+from toolcell.api.v1 import supervisor_pb2_grpc as pb_grpc
+from toolcell.quoting import quote
+from toolcell.settings import parse_config
 
 pytestmark = pytest.mark.docker
 

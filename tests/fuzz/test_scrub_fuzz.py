@@ -13,8 +13,9 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime.output import Collected
-from runtime.policy.scrub import (
+from tests.fuzz.strategies import any_text, fuzz_settings
+from toolcell.output import Collected
+from toolcell.policy.scrub import (
     SECRET_FRAGMENT_CHARS,
     Redactor,
     StreamScrubber,
@@ -22,7 +23,6 @@ from runtime.policy.scrub import (
     sanitize,
     scrub,
 )
-from tests.fuzz.strategies import any_text, fuzz_settings
 
 FUZZ = fuzz_settings(60)
 

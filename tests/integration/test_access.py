@@ -26,18 +26,18 @@ from typing import Any
 import grpc
 import pytest
 
-from runtime.api.v1 import supervisor_pb2 as pb
-from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
-from runtime.audit import verify
-from runtime.backends.fake import FakeBackend, FakeProcess
-from runtime.client import Client, ClientError, ClientTls
-from runtime.errors import ConfigError
-from runtime.model import Result, Started, Status
-from runtime.policy.limits import HostSample
-from runtime.server.app import App
-from runtime.settings import parse_config
-from runtime.supervisor import Supervisor
 from tests.security_support import AUDIENCE, ISSUER, Idp, Pki, serve_jwks
+from toolcell.api.v1 import supervisor_pb2 as pb
+from toolcell.api.v1 import supervisor_pb2_grpc as pb_grpc
+from toolcell.audit import verify
+from toolcell.backends.fake import FakeBackend, FakeProcess
+from toolcell.client import Client, ClientError, ClientTls
+from toolcell.errors import ConfigError
+from toolcell.model import Result, Started, Status
+from toolcell.policy.limits import HostSample
+from toolcell.server.app import App
+from toolcell.settings import parse_config
+from toolcell.supervisor import Supervisor
 
 REPO = Path(__file__).resolve().parents[2]
 OTHER_UID = 1234
@@ -109,7 +109,7 @@ def _audit(path: Path) -> list[dict[str, Any]]:
 
 CLIENT_SCRIPT = """
 import asyncio, json, sys
-from runtime.client import Client, ClientError
+from toolcell.client import Client, ClientError
 async def main():
     out = {}
     async with Client(sys.argv[1]) as c:
@@ -300,7 +300,7 @@ async def test_jwks_refetched_for_a_new_kid_and_from_a_file(tmp_path: Path, idp:
 
 
 def test_jwks_url_must_be_https_or_loopback() -> None:
-    from runtime.server.tokens import check_jwks_url
+    from toolcell.server.tokens import check_jwks_url
 
     check_jwks_url("https://idp.example/jwks")
     check_jwks_url("http://127.0.0.1:8080/jwks")
@@ -659,7 +659,7 @@ async def test_megabyte_tool_names_leave_no_limiter_state_and_small_records(tmp_
     """Before: 60 requests with 1 MiB names made 61 buckets keyed by the raw names (~60 MiB retained)."""
     from collections import Counter
 
-    from runtime.audit import MAX_RECORD_BYTES
+    from toolcell.audit import MAX_RECORD_BYTES
 
     audit = tmp_path / "audit.jsonl"
     doc = _doc(f"unix://{tmp_path}/tc.sock", audit={"file": str(audit)}, rate_limits={
@@ -687,8 +687,8 @@ async def test_megabyte_tool_names_leave_no_limiter_state_and_small_records(tmp_
 
 HOLDER_SCRIPT = """
 import asyncio, sys
-from runtime.client import Client
-from runtime.model import Result, Started
+from toolcell.client import Client
+from toolcell.model import Result, Started
 async def main():
     async with Client(sys.argv[1]) as c:
         events = c.execute("python.hold", "{}", invocation_id=sys.argv[2], timeout=60)

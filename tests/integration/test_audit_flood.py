@@ -24,17 +24,17 @@ from typing import Any
 import grpc
 import pytest
 
-from runtime.api.v1 import supervisor_pb2 as pb
-from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
-from runtime.audit import MAX_RECORD_BYTES, rotated_files, verify
-from runtime.backends.factory import open_backend
-from runtime.client import Client
-from runtime.errors import ConfigError
-from runtime.server.app import App
-from runtime.settings import parse_config
-from runtime.supervisor import Supervisor
 from tests.security_support import AUDIENCE, ISSUER, Idp, serve_jwks
 from tests.support import REPO, config_doc, engine, serving
+from toolcell.api.v1 import supervisor_pb2 as pb
+from toolcell.api.v1 import supervisor_pb2_grpc as pb_grpc
+from toolcell.audit import MAX_RECORD_BYTES, rotated_files, verify
+from toolcell.backends.factory import open_backend
+from toolcell.client import Client
+from toolcell.errors import ConfigError
+from toolcell.server.app import App
+from toolcell.settings import parse_config
+from toolcell.supervisor import Supervisor
 
 WORDS = json.dumps({"text": "one two three"})
 FLOODER = 65534
@@ -109,7 +109,7 @@ async def test_three_fat_anonymous_requests_keep_every_real_record(tmp_path: Pat
 
 FLOOD_SCRIPT = """
 import asyncio, collections, json, sys, time
-from runtime.client import Client, ClientError
+from toolcell.client import Client, ClientError
 async def main():
     codes = collections.Counter()
     t0 = time.monotonic()
@@ -198,7 +198,7 @@ async def test_two_supervisors_on_one_audit_file_the_second_refuses_to_start(tmp
         config_file.write_text(json.dumps(second))
         t0 = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "runtime", "serve", "--config", str(config_file), cwd=str(REPO),
+            sys.executable, "-m", "toolcell", "serve", "--config", str(config_file), cwd=str(REPO),
             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _out, err_text = await asyncio.wait_for(proc.communicate(), timeout=60)
         assert proc.returncode != 0 and time.monotonic() - t0 < 60

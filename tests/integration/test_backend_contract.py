@@ -29,15 +29,15 @@ from typing import Any
 import psutil
 import pytest
 
-from runtime.backends.base import Backend, ExitInfo, Sandbox
-from runtime.backends.docker import LABEL_OWNER, DockerBackend
-from runtime.backends.fake import Behaviour, FakeBackend, FakeProcess
-from runtime.errors import BackendError, ConfigError, EngineUnavailable, ImageMissing, RuntimeMissing
-from runtime.model import SecretGrant, Tool
-from runtime.policy.network import EgressGrant, EgressSettings
-from runtime.policy.profile import IsolationProfile, MiB
-from runtime.policy.spec import NO_SECRETS, SandboxSpec, Secrets, compile_spec, sandbox_pids
 from tests.support import engine
+from toolcell.backends.base import Backend, ExitInfo, Sandbox
+from toolcell.backends.docker import LABEL_OWNER, DockerBackend
+from toolcell.backends.fake import Behaviour, FakeBackend, FakeProcess
+from toolcell.errors import BackendError, ConfigError, EngineUnavailable, ImageMissing, RuntimeMissing
+from toolcell.model import SecretGrant, Tool
+from toolcell.policy.network import EgressGrant, EgressSettings
+from toolcell.policy.profile import IsolationProfile, MiB
+from toolcell.policy.spec import NO_SECRETS, SandboxSpec, Secrets, compile_spec, sandbox_pids
 
 TEST_IMAGE = os.environ.get("TOOLCELL_TEST_IMAGE", "toolcell/python:bookworm")
 MISSING_IMAGE = "toolcell-test/does-not-exist:never"
@@ -245,7 +245,7 @@ def _session_leak_check() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def oci_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The OCI backend's rootfs store, with the test image unpacked from the Docker engine (once a session)."""
-    from runtime.backends.oci.rootfs import unpack_docker_image
+    from toolcell.backends.oci.rootfs import unpack_docker_image
 
     store = tmp_path_factory.mktemp("oci-store")
     unpack_docker_image(TEST_IMAGE, store)
@@ -253,7 +253,7 @@ def oci_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def _oci_backend(request: pytest.FixtureRequest) -> Backend:
-    from runtime.backends.oci.backend import OciBackend
+    from toolcell.backends.oci.backend import OciBackend
 
     store: Path = request.getfixturevalue("oci_store")
     state = Path(request.getfixturevalue("tmp_path")) / "oci-state"

@@ -23,12 +23,12 @@ import yaml
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
-from runtime.client import Client
-from runtime.model import Status
 from tests.support import REPO, config_doc, engine, leftovers
+from toolcell.client import Client
+from toolcell.model import Status
 
 pytestmark = pytest.mark.docker
-TOOLCELL = [sys.executable, "-m", "runtime"]
+TOOLCELL = [sys.executable, "-m", "toolcell"]
 PAYLOAD_MARKER = "payload-marker-7f3a"
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.docker
 
 
 def doctor(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "runtime", "doctor", *argv], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "toolcell", "doctor", *argv], cwd=REPO, capture_output=True,
                           text=True, timeout=60, env={**os.environ, **(env or {})})
 
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from runtime.backends.docker import LABEL_OWNER
-from runtime.model import EgressDestination, Result, Status
 from tests.support import RUNNER_IMAGE, config_doc, engine, running_supervisor, upstream_container
+from toolcell.backends.docker import LABEL_OWNER
+from toolcell.model import EgressDestination, Result, Status
 
 pytestmark = pytest.mark.docker
 

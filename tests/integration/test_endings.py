@@ -17,17 +17,17 @@ from typing import Any
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
-from runtime import pipeline
-from runtime.audit import verify
-from runtime.backends.factory import open_backend
-from runtime.client import Client, ClientError
-from runtime.model import OutputChunk, Started, Status
-from runtime.pipeline import compile_step, resolve
-from runtime.server.app import App
-from runtime.settings import Config, parse_config
-from runtime.supervisor import Supervisor
 from tests.conftest import LOGS, SPANS
 from tests.support import config_doc, engine, leftovers
+from toolcell import pipeline
+from toolcell.audit import verify
+from toolcell.backends.factory import open_backend
+from toolcell.client import Client, ClientError
+from toolcell.model import OutputChunk, Started, Status
+from toolcell.pipeline import compile_step, resolve
+from toolcell.server.app import App
+from toolcell.settings import Config, parse_config
+from toolcell.supervisor import Supervisor
 
 SLEEP = json.dumps({"code": "import time\nprint('up', flush=True)\ntime.sleep(60)"})
 

@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from runtime.backends.docker import DockerBackend
-from runtime.backends.factory import open_backend
-from runtime.backends.oci import OciBackend
-from runtime.errors import ConfigError
-from runtime.model import Status
-from runtime.settings import parse_config
-from runtime.supervisor import Supervisor
 from tests.support import config_doc, oci_residue, running_supervisor
+from toolcell.backends.docker import DockerBackend
+from toolcell.backends.factory import open_backend
+from toolcell.backends.oci import OciBackend
+from toolcell.errors import ConfigError
+from toolcell.model import Status
+from toolcell.settings import parse_config
+from toolcell.supervisor import Supervisor
 
 
 def doc(kind: str, tmp_path: Path, **profiles: dict[str, Any]) -> dict[str, Any]:

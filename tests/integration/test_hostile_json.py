@@ -15,10 +15,10 @@ from typing import Any
 import grpc
 import pytest
 
-from runtime.api.v1 import supervisor_pb2 as pb
-from runtime.client import ClientError
-from runtime.model import Status
 from tests.support import LABEL_OWNER, engine, running_supervisor
+from toolcell.api.v1 import supervisor_pb2 as pb
+from toolcell.client import ClientError
+from toolcell.model import Status
 
 pytestmark = pytest.mark.docker
 

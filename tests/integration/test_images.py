@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import ConfigError
-from runtime.images import BASE_IMAGE, INPUTS_HASH_LABEL, PYTHON_IMAGE, TOOLS_DIR, build_images
+from toolcell.errors import ConfigError
+from toolcell.images import BASE_IMAGE, INPUTS_HASH_LABEL, PYTHON_IMAGE, TOOLS_DIR, build_images
 
 pytestmark = pytest.mark.docker
 
@@ -336,7 +336,7 @@ def test_tools_work_under_gvisor_when_the_engine_has_it() -> None:
     assert json.loads(out.stdout) == {"lines": 1, "words": 3, "chars": 5}
 
 
-# --- runtime.images (no engine needed) ------------------------------------------------------------------
+# --- toolcell.images (no engine needed) ------------------------------------------------------------------
 
 
 def test_build_images_without_script_is_a_config_error(tmp_path: Path) -> None:
@@ -348,7 +348,7 @@ def test_build_images_without_docker_cli_is_a_config_error(tmp_path: Path, monke
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "build.sh").write_text("exit 0\n")
     real_which = shutil.which
-    monkeypatch.setattr("runtime.images.shutil.which", lambda cmd: None if cmd == "docker" else real_which(cmd))
+    monkeypatch.setattr("toolcell.images.shutil.which", lambda cmd: None if cmd == "docker" else real_which(cmd))
     with pytest.raises(ConfigError, match="docker CLI is not installed"):
         build_images(tmp_path)
 

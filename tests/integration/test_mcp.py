@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from tests.support import REPO, config_doc, engine, leftovers, running_supervisor
 
 pytestmark = pytest.mark.docker
-TOOLCELL = [sys.executable, "-m", "runtime"]
+TOOLCELL = [sys.executable, "-m", "toolcell"]
 URL_LINE = re.compile(r"MCP \(Streamable HTTP\) on (http://\S+)")
 SLEEPER = "import time\nprint('up', flush=True)\ntime.sleep(60)\n"
 

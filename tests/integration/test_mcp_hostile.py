@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from runtime.client import Client
-from runtime.model import Progress, Result, Started, Status
-from runtime.secretstore import SecretStore, generate_key
 from tests.support import CANARY, REPO, RUNNER_IMAGE, config_doc, running_supervisor
+from toolcell.client import Client
+from toolcell.model import Progress, Result, Started, Status
+from toolcell.secretstore import SecretStore, generate_key
 
 BACKENDS = ["docker", "oci"]
 SERVERS = REPO / "tests" / "data" / "mcp_servers"

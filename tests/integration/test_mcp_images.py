@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from runtime.images import INPUTS_HASH_LABEL
-from runtime.mcpimages.build import COMMAND_LABEL, REQUEST_LABEL
-from runtime.mcpimages.spec import parse_server_list
+from toolcell.images import INPUTS_HASH_LABEL
+from toolcell.mcpimages.build import COMMAND_LABEL, REQUEST_LABEL
+from toolcell.mcpimages.spec import parse_server_list
 
 pytestmark = pytest.mark.docker
 
@@ -223,7 +223,7 @@ def test_a_rerun_is_skipped_without_fetching() -> None:
     env = {**os.environ, "PATH": str(Path(docker_cli()).parent), "PIP_INDEX_URL": "http://127.0.0.1:9/simple"}
     started = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "runtime", "images", "mcp", "--pypi", listed[0].package.requirement, "--name", "time",
+        [sys.executable, "-m", "toolcell", "images", "mcp", "--pypi", listed[0].package.requirement, "--name", "time",
          "--store", ""], capture_output=True, timeout=120, check=False, env=env, cwd=REPO,
     )
     elapsed = time.monotonic() - started

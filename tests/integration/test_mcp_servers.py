@@ -2,7 +2,7 @@
 
 The images are the ones ``images/build.sh`` builds offline (``toolcell images mcp``, listed in
 images/mcp-servers.txt): the reference ``time`` and ``fetch`` servers (Python, PyPI) and ``everything``
-(Node, npm). Each is reached through the gRPC API (runtime.client.Client) and through ``toolcell mcp``
+(Node, npm). Each is reached through the gRPC API (toolcell.client.Client) and through ``toolcell mcp``
 with the official MCP SDK's ClientSession (stdio and Streamable HTTP). What each test shows:
 
 - time: its tools are listed with the server's own schemas; a call returns the server's JSON for the
@@ -34,11 +34,11 @@ from typing import Any
 import anyio
 import pytest
 
-from runtime.client import Client, InvalidArgumentError, NotFoundError
-from runtime.model import Progress, Result, Started, Status
-from runtime.server.app import App
 from tests.integration.test_mcp import TRANSPORTS, mcp_session
 from tests.support import config_doc, engine, leftovers, running_supervisor, upstream_container
+from toolcell.client import Client, InvalidArgumentError, NotFoundError
+from toolcell.model import Progress, Result, Started, Status
+from toolcell.server.app import App
 
 pytestmark = pytest.mark.docker
 

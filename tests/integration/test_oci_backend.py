@@ -23,16 +23,16 @@ from typing import Any
 import psutil
 import pytest
 
-from runtime.backends.attach import QUEUE_CHUNKS, RECV_BYTES
-from runtime.backends.base import ExitInfo
-from runtime.backends.oci import OciBackend, OciSandbox, unpack_docker_image
-from runtime.backends.oci.bundle import MASKED_PATHS
-from runtime.backends.oci.cgroups import TOP, safe_component
-from runtime.errors import BackendError, ConfigError, EngineUnavailable, ImageMissing
-from runtime.model import SecretGrant, Tool, Usage
-from runtime.policy.network import EgressGrant
-from runtime.policy.profile import IsolationProfile, MiB, Mount
-from runtime.policy.spec import NO_SECRETS, SandboxSpec, Secrets, compile_spec
+from toolcell.backends.attach import QUEUE_CHUNKS, RECV_BYTES
+from toolcell.backends.base import ExitInfo
+from toolcell.backends.oci import OciBackend, OciSandbox, unpack_docker_image
+from toolcell.backends.oci.bundle import MASKED_PATHS
+from toolcell.backends.oci.cgroups import TOP, safe_component
+from toolcell.errors import BackendError, ConfigError, EngineUnavailable, ImageMissing
+from toolcell.model import SecretGrant, Tool, Usage
+from toolcell.policy.network import EgressGrant
+from toolcell.policy.profile import IsolationProfile, MiB, Mount
+from toolcell.policy.spec import NO_SECRETS, SandboxSpec, Secrets, compile_spec
 
 IMAGE = os.environ.get("TOOLCELL_TEST_IMAGE", "toolcell/python:bookworm")
 SECCOMP_JSON = (Path(__file__).resolve().parents[2] / "runtime" / "data" / "seccomp-default.json").read_text()

@@ -31,13 +31,13 @@ import pytest
 import yaml
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 
-from runtime.client import Client, ClientError, UnavailableError
-from runtime.control import check_health, read_state
-from runtime.model import Status
 from tests.support import REPO, config_doc, engine, leftovers
+from toolcell.client import Client, ClientError, UnavailableError
+from toolcell.control import check_health, read_state
+from toolcell.model import Status
 
 pytestmark = pytest.mark.docker
-TOOLCELL = [sys.executable, "-m", "runtime"]
+TOOLCELL = [sys.executable, "-m", "toolcell"]
 DOCKER_SOCK = "/var/run/docker.sock"
 
 

@@ -27,14 +27,14 @@ from typing import Any
 
 import pytest
 
-from runtime.backends.factory import open_backend
-from runtime.errors import ConfigError
-from runtime.model import Status
-from runtime.safepath import UnsafePath
-from runtime.server.app import App
-from runtime.settings import parse_config
-from runtime.supervisor import Supervisor
 from tests.support import REPO, RUNNER_IMAGE, config_doc, engine, leftovers, running_supervisor
+from toolcell.backends.factory import open_backend
+from toolcell.errors import ConfigError
+from toolcell.model import Status
+from toolcell.safepath import UnsafePath
+from toolcell.server.app import App
+from toolcell.settings import parse_config
+from toolcell.supervisor import Supervisor
 
 VICTIM = 4321
 ATTACKER = 65534
@@ -112,7 +112,7 @@ async def _victim_calls(runtime_dir: Path, owner: int, dir_mode: int, symlink: b
         assert line.strip() == b"ready", (await listener.stderr.read()).decode() if listener.stderr else ""
         env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "TOOLCELL_LISTEN")}
         victim = await asyncio.create_subprocess_exec(
-            *_setpriv(VICTIM), sys.executable, "-m", "runtime", "call", "text.wordcount",
+            *_setpriv(VICTIM), sys.executable, "-m", "toolcell", "call", "text.wordcount",
             "--args", '{"text": "private words"}', "--timeout", "4",
             cwd=str(REPO), env={**env, "PYTHONPATH": str(REPO), "TOOLCELL_TOKEN": TOKEN, "HOME": "/"},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -191,7 +191,7 @@ async def test_the_supervisor_serves_only_from_a_socket_directory_it_controls(
                 assert isinstance(caught.value, ConfigError) and caught.value.key == "server.listen"
                 assert str(d) in str(caught.value) and not (d / "tc.sock").exists()
             else:
-                from runtime.client import Client
+                from toolcell.client import Client
 
                 address = await app.start()
                 async with Client(address) as client:

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from runtime.backends.docker import DockerBackend
-from runtime.model import Result, Started, Status
-from runtime.secretstore import SecretStore, generate_key
-from runtime.server.app import App
-from runtime.settings import parse_config
-from runtime.supervisor import Supervisor
 from tests.support import CANARY, LABEL_OWNER, RUNNER_IMAGE, config_doc, engine, running_supervisor
+from toolcell.backends.docker import DockerBackend
+from toolcell.model import Result, Started, Status
+from toolcell.secretstore import SecretStore, generate_key
+from toolcell.server.app import App
+from toolcell.settings import parse_config
+from toolcell.supervisor import Supervisor
 
 pytestmark = pytest.mark.docker
 PYRUN = ["python3", "-I", "-u", "/opt/toolcell/tools/pyrun.py"]

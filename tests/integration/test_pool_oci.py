@@ -11,15 +11,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from runtime.backends.factory import open_backend
-from runtime.model import Status
-from runtime.secretstore import SecretStore, generate_key
-from runtime.server.app import App
-from runtime.settings import parse_config
-from runtime.supervisor import Supervisor
 from tests.integration.test_pool import eventually, run
 from tests.security.conftest import oci_ready
 from tests.support import CANARY, RUNNER_IMAGE, config_doc, oci_clean, oci_residue, running_supervisor
+from toolcell.backends.factory import open_backend
+from toolcell.model import Status
+from toolcell.secretstore import SecretStore, generate_key
+from toolcell.server.app import App
+from toolcell.settings import parse_config
+from toolcell.supervisor import Supervisor
 
 PYRUN = ["python3", "-I", "-u", "/opt/toolcell/tools/pyrun.py"]
 CODE = {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}

@@ -16,13 +16,13 @@ from typing import Any
 import grpc
 import pytest
 
-from runtime.api.v1 import supervisor_pb2 as pb
-from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
-from runtime.client import Client
-from runtime.model import OutputChunk, Result, Status
-from runtime.policy.scrub import SECRET_FRAGMENT_CHARS, encoded_variants
-from runtime.secretstore import SecretStore, generate_key
 from tests.support import CANARY, RUNNER_IMAGE, config_doc, engine, running_supervisor
+from toolcell.api.v1 import supervisor_pb2 as pb
+from toolcell.api.v1 import supervisor_pb2_grpc as pb_grpc
+from toolcell.client import Client
+from toolcell.model import OutputChunk, Result, Status
+from toolcell.policy.scrub import SECRET_FRAGMENT_CHARS, encoded_variants
+from toolcell.secretstore import SecretStore, generate_key
 
 pytestmark = pytest.mark.docker
 PYRUN = ["python3", "-I", "-u", "/opt/toolcell/tools/pyrun.py"]
@@ -256,8 +256,8 @@ print("env", hits, "files", found)
 
 async def test_rejected_arguments_are_not_quoted_in_spans_or_logs(setup: tuple[dict[str, Any], dict[str, str]],
                                                                  tmp_path: Path) -> None:
-    from runtime.client import ClientError
     from tests.conftest import LOGS, SPANS
+    from toolcell.client import ClientError
 
     doc, environ = setup
     marker = "payload-" + uuid.uuid4().hex

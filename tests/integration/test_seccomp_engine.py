@@ -19,8 +19,8 @@ from typing import Any
 import docker
 import pytest
 
-from runtime.errors import ConfigError
-from runtime.policy.seccomp import load_seccomp
+from toolcell.errors import ConfigError
+from toolcell.policy.seccomp import load_seccomp
 
 pytestmark = pytest.mark.docker
 

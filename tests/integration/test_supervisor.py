@@ -19,9 +19,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from runtime.client import ClientError
-from runtime.model import OutputChunk, Result, Started, Status
 from tests.support import LABEL_OWNER, engine, leftovers, running_supervisor
+from toolcell.client import ClientError
+from toolcell.model import OutputChunk, Result, Started, Status
 
 pytestmark = pytest.mark.docker
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime import __version__
-from runtime.client import Client
-from runtime.model import Status
 from tests.support import REPO, RUNNER_IMAGE, engine, leftovers
+from toolcell import __version__
+from toolcell.client import Client
+from toolcell.model import Status
 
 pytestmark = pytest.mark.docker
 IMAGE = f"toolcell/supervisor:{__version__}"

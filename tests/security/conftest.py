@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from runtime.backends.oci.rootfs import RootfsStore
-from runtime.client import Client
-from runtime.model import Result
-from runtime.server.app import App
-from runtime.settings import parse_config
 from tests.support import REPO, RUNNER_IMAGE, engine, serving
+from toolcell.backends.oci.rootfs import RootfsStore
+from toolcell.client import Client
+from toolcell.model import Result
+from toolcell.server.app import App
+from toolcell.settings import parse_config
 
 TOOLS_DIR = Path(__file__).resolve().parent / "tools"
 PERMISSIVE_SECCOMP = TOOLS_DIR / "seccomp-permissive.json"

@@ -19,7 +19,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runtime.model import OutputChunk, Result, Started, Status
 from tests.security.conftest import (
     CANARY_NAME,
     CANARY_VALUE,
@@ -30,6 +29,7 @@ from tests.security.conftest import (
     observations,
 )
 from tests.support import RUNNER_IMAGE, engine
+from toolcell.model import OutputChunk, Result, Started, Status
 
 pytestmark = pytest.mark.docker
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.policy.access import AccessPolicy, Match, PeerCred, Principal, Rule, parse_rules
-from runtime.policy.limits import (
+from toolcell.policy.access import AccessPolicy, Match, PeerCred, Principal, Rule, parse_rules
+from toolcell.policy.limits import (
     AdmissionSpec,
     BucketSpec,
     ConcurrencyLimiter,

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from runtime.errors import ConfigError, InvalidArguments
-from runtime.policy.arguments import (
+from toolcell.errors import ConfigError, InvalidArguments
+from toolcell.policy.arguments import (
     MAX_MESSAGE_CHARS,
     MAX_PATH_CHARS,
     ArgumentLimits,

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from runtime.backends.attach import QUEUE_CHUNKS, RECV_BYTES, AttachStream, FrameDemux
+from toolcell.backends.attach import QUEUE_CHUNKS, RECV_BYTES, AttachStream, FrameDemux
 
 OUT, ERR = 1, 2
 

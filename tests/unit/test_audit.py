@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.audit import (
+from toolcell.audit import (
     GENESIS,
     MAX_RECORD_BYTES,
     MAX_STRING,
@@ -20,8 +20,8 @@ from runtime.audit import (
     rotated_files,
     verify,
 )
-from runtime.cli import main
-from runtime.errors import ConfigError
+from toolcell.cli import main
+from toolcell.errors import ConfigError
 
 
 async def _write(path: Path, n: int, **kw: object) -> AuditLog:

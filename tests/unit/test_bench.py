@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from runtime import benchoci
-from runtime.backends.oci.cgroups import CgroupTree
-from runtime.bench import PYTHON_TOOL, TRIVIAL, TRIVIAL_ARGS, bench_config, summary
-from runtime.benchoci import OciFloor, parse_run_time, run_time_args
-from runtime.errors import ToolcellError
+from toolcell import benchoci
+from toolcell.backends.oci.cgroups import CgroupTree
+from toolcell.bench import PYTHON_TOOL, TRIVIAL, TRIVIAL_ARGS, bench_config, summary
+from toolcell.benchoci import OciFloor, parse_run_time, run_time_args
+from toolcell.errors import ToolcellError
 
 # A tool whose work after its input is known: it sleeps 50 ms once it has read its stdin.
 SLOW_TOOL = [sys.executable, "-I", "-c",

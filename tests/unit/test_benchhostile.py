@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from runtime.api.v1 import supervisor_pb2 as pb
-from runtime.benchhostile import (
+from toolcell.api.v1 import supervisor_pb2 as pb
+from toolcell.benchhostile import (
     CALL,
     CALLER_ATTACKS,
     STDERR_CAP,

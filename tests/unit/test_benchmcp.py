@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from runtime import benchmcp
-from runtime.benchmcp import (
+from toolcell import benchmcp
+from toolcell.benchmcp import (
     POOL_SIZE,
     STOCK,
     StockServer,
@@ -32,8 +32,8 @@ from runtime.benchmcp import (
     stock_commands,
     warm_share,
 )
-from runtime.model import Result, Status, Usage
-from runtime.settings import parse_config
+from toolcell.model import Result, Status, Usage
+from toolcell.settings import parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 TIME, FETCH, EVERYTHING = STOCK

@@ -11,8 +11,8 @@ from collections.abc import AsyncGenerator
 from typing import Any
 from unittest import mock
 
-from runtime import cli
-from runtime.model import Event, Progress, Result, Status, Usage
+from toolcell import cli
+from toolcell.model import Event, Progress, Result, Status, Usage
 
 CONTENT = ({"type": "text", "text": "12:00"}, {"type": "image", "data": "AA==", "mimeType": "image/png"})
 EVENTS: list[Event] = [

@@ -19,9 +19,9 @@ import grpc
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from runtime.api.v1 import supervisor_pb2 as pb
-from runtime.api.v1 import supervisor_pb2_grpc as pb_grpc
-from runtime.client import (
+from toolcell.api.v1 import supervisor_pb2 as pb
+from toolcell.api.v1 import supervisor_pb2_grpc as pb_grpc
+from toolcell.client import (
     STATUS_ERRORS,
     Client,
     ClientError,
@@ -34,9 +34,9 @@ from runtime.client import (
     SyncClient,
     UnavailableError,
 )
-from runtime.model import Result, Started, Status
-from runtime.policy.annotations import derived_annotations, safe_to_retry, tool_annotations
-from runtime.policy.profile import IsolationProfile
+from toolcell.model import Result, Started, Status
+from toolcell.policy.annotations import derived_annotations, safe_to_retry, tool_annotations
+from toolcell.policy.profile import IsolationProfile
 
 FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
 

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import yaml
 
-from runtime.errors import ConfigError
-from runtime.settings import load_config, parse_config, parse_duration, parse_size
+from toolcell.errors import ConfigError
+from toolcell.settings import load_config, parse_config, parse_duration, parse_size
 
 BASE: dict[str, Any] = {
     "version": 1,

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from runtime.api.v1 import supervisor_pb2 as pb
-from runtime.model import Event, Progress, Result, Status, Usage
-from runtime.server.convert import (
+from toolcell.api.v1 import supervisor_pb2 as pb
+from toolcell.model import Event, Progress, Result, Status, Usage
+from toolcell.server.convert import (
     CONTENT_JSON_MAX_CHARS,
     content_from_json,
     content_to_json,

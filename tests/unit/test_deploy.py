@@ -15,11 +15,11 @@ import yaml
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from runtime import metrics
-from runtime.configview import MASK, effective
-from runtime.errors import ImageMissing, InvalidArguments
-from runtime.settings import load_config, parse_config
-from runtime.telemetry import JsonFormatter, RedactingFilter
+from toolcell import metrics
+from toolcell.configview import MASK, effective
+from toolcell.errors import ImageMissing, InvalidArguments
+from toolcell.settings import load_config, parse_config
+from toolcell.telemetry import JsonFormatter, RedactingFilter
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -146,7 +146,7 @@ def test_config_show_masks_secrets(tmp_path: Path) -> None:
 
 
 def test_json_log_lines_carry_trace_ids_and_are_redacted() -> None:
-    from runtime.policy.scrub import Redactor
+    from toolcell.policy.scrub import Redactor
 
     record_out: list[str] = []
 

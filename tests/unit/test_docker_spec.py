@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from runtime.backends.docker import _tmpfs
-from runtime.backends.docker_egress import LABEL_MANAGED, LABEL_OWNER, LABEL_ROLE, identity_labels
-from runtime.model import SecretGrant, Tool
-from runtime.policy.network import parse_grant
-from runtime.policy.profile import IsolationProfile, Mount
-from runtime.policy.spec import (
+from toolcell.backends.docker import _tmpfs
+from toolcell.backends.docker_egress import LABEL_MANAGED, LABEL_OWNER, LABEL_ROLE, identity_labels
+from toolcell.model import SecretGrant, Tool
+from toolcell.policy.network import parse_grant
+from toolcell.policy.profile import IsolationProfile, Mount
+from toolcell.policy.spec import (
     GVISOR_PIDS_BASE,
     GVISOR_PIDS_PER_TASK,
     POOL_PREFIX,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.doctor import HostFacts, Level, OciFacts, _cgroup_layout, evaluate, evaluate_oci
+from toolcell.doctor import HostFacts, Level, OciFacts, _cgroup_layout, evaluate, evaluate_oci
 
 GOOD_INFO = {"ServerVersion": "20.10", "SecurityOptions": ["name=seccomp,profile=default"], "MemoryLimit": True,
              "PidsLimit": True, "CpuCfsQuota": True, "SwapLimit": True, "CgroupVersion": "1",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from runtime.data.egress_proxy import (
+from toolcell.data.egress_proxy import (
     Grant,
     Proxy,
     address_verdict,
@@ -22,7 +22,7 @@ from runtime.data.egress_proxy import (
     normalize_host,
     parse_request,
 )
-from runtime.policy.network import GrantError, candidate_subnets, parse_grant
+from toolcell.policy.network import GrantError, candidate_subnets, parse_grant
 
 
 @pytest.mark.parametrize(("pattern", "host", "match"), [
@@ -111,7 +111,7 @@ def test_plain_http_is_rewritten_to_origin_form_for_one_destination() -> None:
     (b"GET /\r\n\r\n", "bad-request"),
 ])
 def test_unusable_requests_are_refused(head: bytes, reason: str) -> None:
-    from runtime.data.egress_proxy import Denied
+    from toolcell.data.egress_proxy import Denied
 
     with pytest.raises(Denied) as info:
         parse_request(head)

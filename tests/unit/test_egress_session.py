@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Mapping
 
 import pytest
 
-from runtime.backends.base import ExitInfo, StreamName
-from runtime.backends.docker import DockerBackend, DockerSandbox
-from runtime.backends.docker_egress import (
+from toolcell.backends.base import ExitInfo, StreamName
+from toolcell.backends.docker import DockerBackend, DockerSandbox
+from toolcell.backends.docker_egress import (
     LABEL_OWNER,
     LABEL_ROLE,
     PROGRAM,
@@ -25,11 +25,11 @@ from runtime.backends.docker_egress import (
     NetworkAttachment,
     NetworkSpec,
 )
-from runtime.errors import BackendError, ConfigError
-from runtime.model import EgressDestination, Tool, Usage
-from runtime.policy.network import EgressGrant, EgressSettings
-from runtime.policy.profile import IsolationProfile
-from runtime.policy.spec import NO_SECRETS, ROLE_PROXY, Identity, SandboxSpec, Secrets, compile_spec
+from toolcell.errors import BackendError, ConfigError
+from toolcell.model import EgressDestination, Tool, Usage
+from toolcell.policy.network import EgressGrant, EgressSettings
+from toolcell.policy.profile import IsolationProfile
+from toolcell.policy.spec import NO_SECRETS, ROLE_PROXY, Identity, SandboxSpec, Secrets, compile_spec
 
 SUMMARY = [{"host": "allowed.test", "port": 443, "allowed": True, "reason": "", "connections": 2,
             "bytes_up": 10, "bytes_down": 20},
@@ -157,7 +157,7 @@ async def test_open_makes_network_then_proxy_and_close_removes_both_with_the_acc
 
 
 def test_the_proxy_is_contained_like_a_tool() -> None:
-    from runtime.backends.docker_egress import proxy_spec
+    from toolcell.backends.docker_egress import proxy_spec
 
     spec = proxy_spec(EgressSettings(), IDENTITY, policy_json="{}", seccomp_json="{...}")
     assert (spec.user, spec.isolation, spec.seccomp_json, spec.egress, spec.defer) == ("10001:10001", "runc",

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from runtime.access_settings import SecuritySettings, parse_security
-from runtime.audit import MAX_RECORD_BYTES, AuditLog, verify
-from runtime.endings import ENDINGS
-from runtime.errors import (
+from toolcell.access_settings import SecuritySettings, parse_security
+from toolcell.audit import MAX_RECORD_BYTES, AuditLog, verify
+from toolcell.endings import ENDINGS
+from toolcell.errors import (
     ConfigError,
     InvalidArguments,
     InvocationNotFound,
@@ -20,10 +20,10 @@ from runtime.errors import (
     ToolNotFound,
     Unauthenticated,
 )
-from runtime.gate import SUPPRESS_WINDOW_S, Gate
-from runtime.model import Result, Status, Usage
-from runtime.policy.access import AccessPolicy, PeerCred, Principal, parse_rules
-from runtime.policy.limits import BucketSpec
+from toolcell.gate import SUPPRESS_WINDOW_S, Gate
+from toolcell.model import Result, Status, Usage
+from toolcell.policy.access import AccessPolicy, PeerCred, Principal, parse_rules
+from toolcell.policy.limits import BucketSpec
 
 
 class FakeClock:

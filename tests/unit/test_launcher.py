@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.backends.channel import ChannelListener, ChannelStream
-from runtime.backends.launcher import TRAILER_BYTES, TrailerScanner, envelope, launch_command, new_nonce
-from runtime.errors import BackendError
+from toolcell.backends.channel import ChannelListener, ChannelStream
+from toolcell.backends.launcher import TRAILER_BYTES, TrailerScanner, envelope, launch_command, new_nonce
+from toolcell.errors import BackendError
 
 
 def trailer(nonce: str, status: int) -> bytes:

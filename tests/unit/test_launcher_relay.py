@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from runtime.backends.launcher import relay_command
+from toolcell.backends.launcher import relay_command
 
 SIZE = 200_000
 ONE_WRITE = f"import os, sys; n = os.write(1, b'x' * {SIZE}); print(n, file=sys.stderr)"

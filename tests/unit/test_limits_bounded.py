@@ -6,7 +6,7 @@ import tracemalloc
 
 import pytest
 
-from runtime.policy.limits import (
+from toolcell.policy.limits import (
     MAX_KEY_CHARS,
     MAX_TOOL_BUCKETS,
     UNKNOWN_TOOL,

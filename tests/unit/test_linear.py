@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from runtime.policy.linear import compile_linear, escape
+from toolcell.policy.linear import compile_linear, escape
 
 TEXTS = ["", "plain ascii key=abc123 and key=zz", "caf\u00e9 key=\u00e9t\u00e9 \u6f22\u5b57 key=x\U0001f600y",
          "lone \ud800 surrogate key=ab\udfffcd", "key=\n" * 3, "\x00\x1b[31mkey=red\x1b[0m"]

@@ -14,11 +14,11 @@ import mcp_types as types
 import pytest
 from mcp.client.client import Client as McpClient
 
-from runtime.client import Client
-from runtime.mcp import SandboxedTools, call_result, mcp_tool, server
-from runtime.mcp.adapter import ProgressRelay
-from runtime.model import Event, Progress, Result, Started, Status, Tool, Usage
-from runtime.server.convert import tool_from_pb, tool_to_pb
+from toolcell.client import Client
+from toolcell.mcp import SandboxedTools, call_result, mcp_tool, server
+from toolcell.mcp.adapter import ProgressRelay
+from toolcell.model import Event, Progress, Result, Started, Status, Tool, Usage
+from toolcell.server.convert import tool_from_pb, tool_to_pb
 
 ANNOTATIONS = {"audience": ["user", "assistant"], "priority": 0.5}
 BLOCKS: list[tuple[str, dict[str, Any], type[Any]]] = [

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from runtime.sources.driver import FINAL_KINDS, driver_command, driver_source
+from toolcell.sources.driver import FINAL_KINDS, driver_command, driver_source
 
 SERVER = Path(__file__).parent.parent / "data" / "mcp_servers" / "hostile.py"
 MIB = 1 << 20

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from runtime.access_settings import JwtSettings
-from runtime.mcp.bridge import HttpAccess, access_problem, is_loopback
-from runtime.mcp.httpguard import (
+from tests.security_support import AUDIENCE, ISSUER, Idp
+from toolcell.access_settings import JwtSettings
+from toolcell.mcp.bridge import HttpAccess, access_problem, is_loopback
+from toolcell.mcp.httpguard import (
     BearerGuard,
     HostOriginGuard,
     caller_token,
@@ -23,8 +24,7 @@ from runtime.mcp.httpguard import (
     default_allowed_origins,
     quote,
 )
-from runtime.server.tokens import JwtVerifier
-from tests.security_support import AUDIENCE, ISSUER, Idp
+from toolcell.server.tokens import JwtVerifier
 
 MIB = 1 << 20
 JWT = JwtSettings(jwks="/nonexistent/jwks.json", issuer=ISSUER, audience=AUDIENCE)

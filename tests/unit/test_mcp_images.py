@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime import cli
-from runtime.errors import BackendError, ConfigError
-from runtime.mcpimages.build import _docker_build, docker_build_argv
-from runtime.mcpimages.context import (
+from toolcell import cli
+from toolcell.errors import BackendError, ConfigError
+from toolcell.mcpimages.build import _docker_build, docker_build_argv
+from toolcell.mcpimages.context import (
     BIN_DIR,
     NODE,
     choose_command,
@@ -29,9 +29,9 @@ from runtime.mcpimages.context import (
     request_hash,
     wheel_project,
 )
-from runtime.mcpimages.fetch import npm_failure, npm_install_argv, pip_download_argv, pip_failure
-from runtime.mcpimages.process import Completed, run_logged
-from runtime.mcpimages.spec import (
+from toolcell.mcpimages.fetch import npm_failure, npm_install_argv, pip_download_argv, pip_failure
+from toolcell.mcpimages.process import Completed, run_logged
+from toolcell.mcpimages.spec import (
     McpImageRequest,
     McpPackage,
     check_name,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from runtime.mcp import call_result, mcp_tool
-from runtime.model import Result, Status, Tool, Usage
+from toolcell.mcp import call_result, mcp_tool
+from toolcell.model import Result, Status, Tool, Usage
 
 SCHEMA = {"type": "object", "properties": {"words": {"type": "integer"}}}
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from runtime.backends.oci.bundle import (
+from toolcell.backends.oci.bundle import (
     DEFAULT_PATH,
     INIT_PATH,
     MASKED_PATHS,
@@ -19,10 +19,10 @@ from runtime.backends.oci.bundle import (
     build_env,
     oci_config,
 )
-from runtime.backends.oci.cgroups import CgroupLimits, CgroupTree, safe_component
-from runtime.errors import BackendError
-from runtime.policy.profile import Mount
-from runtime.policy.spec import Identity, SandboxSpec, Scratch
+from toolcell.backends.oci.cgroups import CgroupLimits, CgroupTree, safe_component
+from toolcell.errors import BackendError
+from toolcell.policy.profile import Mount
+from toolcell.policy.spec import Identity, SandboxSpec, Scratch
 
 SECCOMP = {"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": []}
 IMAGE = ImageConfig(env=("PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8", "HOME=/root"), cmd=("python3",))
@@ -341,7 +341,7 @@ def _tar(path: Path, members: list[tuple[str, str, str]]) -> Path:
 
 
 def test_unpack_tar_keeps_files_links_and_config(tmp_path: Path) -> None:
-    from runtime.backends.oci.rootfs import RootfsStore
+    from toolcell.backends.oci.rootfs import RootfsStore
 
     tarball = _tar(tmp_path / "rootfs.tar", [
         ("etc", "dir", ""), ("etc/os-release", "file", "ID=test\n"), ("bin", "dir", ""),
@@ -374,7 +374,7 @@ def test_unpack_tar_keeps_files_links_and_config(tmp_path: Path) -> None:
 ], ids=["absolute", "dotdot", "nested-dotdot", "through-absolute-symlink", "through-relative-symlink",
         "hardlink-absolute", "hardlink-dotdot"])
 def test_unpack_tar_refuses_escapes(tmp_path: Path, members: list[tuple[str, str, str]]) -> None:
-    from runtime.backends.oci.rootfs import RootfsStore
+    from toolcell.backends.oci.rootfs import RootfsStore
 
     store = RootfsStore(tmp_path / "store")
     with pytest.raises(BackendError, match="refusing"):

@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from runtime.output import Collected, StreamBuffer, inspect_output
-from runtime.policy.scrub import Redactor
+from toolcell.output import Collected, StreamBuffer, inspect_output
+from toolcell.policy.scrub import Redactor
 
 
 @pytest.mark.parametrize(

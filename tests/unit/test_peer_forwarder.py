@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.server.peer import PREFACE_LEN, PeerForwarder, _Relay
+from toolcell.server.peer import PREFACE_LEN, PeerForwarder, _Relay
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from runtime.backends.fake import FakeBackend, FakeProcess
-from runtime.errors import ImageMissing, InvalidArguments, InvocationConflict, InvocationNotFound, ToolNotFound
-from runtime.model import Event, InvocationRequest, OutputChunk, Result, Started, Status
-from runtime.pipeline import compile_step, resolve
-from runtime.settings import parse_config
-from runtime.supervisor import Supervisor
+from toolcell.backends.fake import FakeBackend, FakeProcess
+from toolcell.errors import ImageMissing, InvalidArguments, InvocationConflict, InvocationNotFound, ToolNotFound
+from toolcell.model import Event, InvocationRequest, OutputChunk, Result, Started, Status
+from toolcell.pipeline import compile_step, resolve
+from toolcell.settings import parse_config
+from toolcell.supervisor import Supervisor
 
 
 async def echo(proc: FakeProcess) -> int:
@@ -216,7 +216,7 @@ async def test_deadline_shorter_than_timeout_wins(backend: FakeBackend) -> None:
 
 
 async def test_start_sweeps_leftovers_and_shutdown_refuses_new_calls(backend: FakeBackend) -> None:
-    from runtime.errors import ShuttingDown
+    from toolcell.errors import ShuttingDown
 
     sup = Supervisor(config(), backend)
     await backend.create(compile_step(sup.config, resolve(sup.config, "echo"), "inv_old", None))
@@ -245,7 +245,7 @@ async def reacher(proc: FakeProcess) -> int:
 
 
 async def test_secrets_arrive_with_the_start_and_egress_hosts_are_redacted() -> None:
-    from runtime.pipeline import Services, run_invocation
+    from toolcell.pipeline import Services, run_invocation
 
     cfg = parse_config({
         "version": 1, "server": {"instance": "unit"}, "secrets": {"store": "/nonexistent/store.json"},

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from runtime.backends.fake import FakeBackend, FakeProcess
-from runtime.errors import ConfigError, EngineUnavailable
-from runtime.model import Event, InvocationRequest, Result, Started, Status
-from runtime.pipeline import compile_step, resolve
-from runtime.policy.spec import Scratch, fingerprint
-from runtime.settings import PoolSpec, parse_config
-from runtime.supervisor import Supervisor
+from toolcell.backends.fake import FakeBackend, FakeProcess
+from toolcell.errors import ConfigError, EngineUnavailable
+from toolcell.model import Event, InvocationRequest, Result, Started, Status
+from toolcell.pipeline import compile_step, resolve
+from toolcell.policy.spec import Scratch, fingerprint
+from toolcell.settings import PoolSpec, parse_config
+from toolcell.supervisor import Supervisor
 
 
 async def echo(proc: FakeProcess) -> int:

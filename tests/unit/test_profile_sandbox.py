@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from runtime.errors import ConfigError
-from runtime.model import Tool
-from runtime.policy.spec import Scratch, compile_spec, min_pids
-from runtime.settings import parse_config
+from toolcell.errors import ConfigError
+from toolcell.model import Tool
+from toolcell.policy.spec import Scratch, compile_spec, min_pids
+from toolcell.settings import parse_config
 
 
 def config(**profile: Any) -> dict[str, Any]:

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from runtime.errors import InvalidArguments, InvocationConflict, InvocationNotFound, PermissionDenied, ToolNotFound
-from runtime.model import InvocationRequest
-from runtime.policy.arguments import ArgumentLimits
-from runtime.policy.requests import RequestLimits, check_cancel, check_request
-from runtime.quoting import printable, quote
+from toolcell.errors import InvalidArguments, InvocationConflict, InvocationNotFound, PermissionDenied, ToolNotFound
+from toolcell.model import InvocationRequest
+from toolcell.policy.arguments import ArgumentLimits
+from toolcell.policy.requests import RequestLimits, check_cancel, check_request
+from toolcell.quoting import printable, quote
 
 LIMITS = ArgumentLimits(max_argument_bytes=4096)
 MIB = 1024 * 1024

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import ConfigError
-from runtime.safepath import UnsafePath, open_private, private_dir, trusted_socket
+from toolcell.errors import ConfigError
+from toolcell.safepath import UnsafePath, open_private, private_dir, trusted_socket
 
 NOBODY = 65534
 

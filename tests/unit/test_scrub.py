@@ -9,8 +9,8 @@ import urllib.parse
 
 import pytest
 
-from runtime.policy.linear import compile_linear, translate
-from runtime.policy.scrub import (
+from toolcell.policy.linear import compile_linear, translate
+from toolcell.policy.scrub import (
     _BASE_PATTERNS,
     _DETECT_SECRETS,
     COMPOSES_WITH_PREVIOUS,

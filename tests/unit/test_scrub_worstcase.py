@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from runtime.output import Collected, inspect_output
-from runtime.policy import scrub as s
+from toolcell.output import Collected, inspect_output
+from toolcell.policy import scrub as s
 
 MiB = 1 << 20
 BOUND_S = 2.0

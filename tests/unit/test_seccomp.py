@@ -1,4 +1,4 @@
-"""runtime.policy.seccomp: loading, validation and compilation of seccomp profiles (no engine)."""
+"""toolcell.policy.seccomp: loading, validation and compilation of seccomp profiles (no engine)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 import pyseccomp
 import pytest
 
-from runtime.errors import ConfigError
-from runtime.policy.seccomp import (
+from toolcell.errors import ConfigError
+from toolcell.policy.seccomp import (
     DENIED_BY_DEFAULT,
     check_denies,
     clear_cache,

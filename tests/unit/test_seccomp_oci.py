@@ -1,4 +1,4 @@
-"""runtime.policy.seccomp_oci: toolcell's (moby-format) seccomp profile -> an OCI ``linux.seccomp`` object."""
+"""toolcell.policy.seccomp_oci: toolcell's (moby-format) seccomp profile -> an OCI ``linux.seccomp`` object."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from runtime.errors import ConfigError
-from runtime.policy.seccomp_oci import native_arch, to_oci_seccomp
+from toolcell.errors import ConfigError
+from toolcell.policy.seccomp_oci import native_arch, to_oci_seccomp
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = (REPO / "runtime" / "data" / "seccomp-default.json").read_text()

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import ConfigError, SecretError
-from runtime.policy.scrub import Redactor
-from runtime.secretstore import SecretStore, SecretStoreSettings, generate_key, load_key
-from runtime.telemetry import RedactingFilter
+from toolcell.errors import ConfigError, SecretError
+from toolcell.policy.scrub import Redactor
+from toolcell.secretstore import SecretStore, SecretStoreSettings, generate_key, load_key
+from toolcell.telemetry import RedactingFilter
 
 REPO = Path(__file__).resolve().parents[2]
 VALUE = "s3cr3t-value-for-tests"
@@ -118,7 +118,7 @@ def test_cli_secrets_set_list_rm_never_echo(tmp_path: Path) -> None:
     env = {**os.environ, "TOOLCELL_SECRETS_KEY": key}
 
     def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "runtime", "secrets", *args, "--config", str(cfg)],
+        return subprocess.run([sys.executable, "-m", "toolcell", "secrets", *args, "--config", str(cfg)],
                               input=stdin, capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
 
     stored = cli("set", "api", stdin=VALUE + "\n")
@@ -130,7 +130,7 @@ def test_cli_secrets_set_list_rm_never_echo(tmp_path: Path) -> None:
     assert cli("rm", "api").returncode == 0
     missing = cli("rm", "api")
     assert missing.returncode == 3 and "no secret named 'api'" in missing.stderr
-    nokey = subprocess.run([sys.executable, "-m", "runtime", "secrets", "list", "--config", str(cfg)],
+    nokey = subprocess.run([sys.executable, "-m", "toolcell", "secrets", "list", "--config", str(cfg)],
                            capture_output=True, text=True, cwd=REPO, timeout=60,
                            env={k: v for k, v in os.environ.items() if k != "TOOLCELL_SECRETS_KEY"})
     assert nokey.returncode == 3 and "no secrets key" in nokey.stderr

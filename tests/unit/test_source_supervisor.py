@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from runtime.backends.fake import FakeBackend, FakeProcess
-from runtime.errors import InvalidArguments, SourceUnavailable, ToolNotFound
-from runtime.model import Event, InvocationRequest, Progress, Result, Status
-from runtime.settings import parse_config
-from runtime.supervisor import Supervisor
+from toolcell.backends.fake import FakeBackend, FakeProcess
+from toolcell.errors import InvalidArguments, SourceUnavailable, ToolNotFound
+from toolcell.model import Event, InvocationRequest, Progress, Result, Status
+from toolcell.settings import parse_config
+from toolcell.supervisor import Supervisor
 
 ECHO = {"name": "echo", "description": "Echo a text.",
         "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},

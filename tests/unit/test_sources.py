@@ -13,16 +13,16 @@ from typing import Any
 
 import pytest
 
-from runtime.errors import ConfigError
-from runtime.model import McpBinding, Status, ToolOverride, ToolSource
-from runtime.output import Collected
-from runtime.policy.arguments import compile_untrusted_schema
-from runtime.policy.profile import IsolationProfile, OutputPolicy
-from runtime.policy.scrub import Redactor
-from runtime.sources.catalog import read_catalog, source_tools
-from runtime.sources.frames import FrameReader
-from runtime.sources.result import Scrubbed, call_content
-from runtime.sources.verdict import call_request, mcp_verdict
+from toolcell.errors import ConfigError
+from toolcell.model import McpBinding, Status, ToolOverride, ToolSource
+from toolcell.output import Collected
+from toolcell.policy.arguments import compile_untrusted_schema
+from toolcell.policy.profile import IsolationProfile, OutputPolicy
+from toolcell.policy.scrub import Redactor
+from toolcell.sources.catalog import read_catalog, source_tools
+from toolcell.sources.frames import FrameReader
+from toolcell.sources.result import Scrubbed, call_content
+from toolcell.sources.verdict import call_request, mcp_verdict
 
 SECRET = "s3cr3t-VALUE-0123456789"  # nosec B105 - a test value
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from runtime.safepath import UnsafePath
-from runtime.settings import TelemetrySettings, parse_config
-from runtime.telemetry import (
+from toolcell.safepath import UnsafePath
+from toolcell.settings import TelemetrySettings, parse_config
+from toolcell.telemetry import (
     EXCEPTION_MAX_CHARS,
     FIELD_MAX_CHARS,
     MESSAGE_MAX_CHARS,
@@ -182,7 +182,7 @@ SECRET_PLACES = [
 
 @pytest.mark.parametrize(("message", "extra"), [c[1:] for c in SECRET_PLACES], ids=[c[0] for c in SECRET_PLACES])
 def test_redaction_covers_every_printed_part_and_reads_a_bounded_prefix(message: str, extra: dict[str, Any]) -> None:
-    from runtime.policy.scrub import Redactor
+    from toolcell.policy.scrub import Redactor
 
     record = _record(message, **extra)
     assert RedactingFilter(lambda: Redactor({"s": SECRET})).filter(record)

@@ -4,8 +4,8 @@
 (per-sandbox parent cgroups), ``rootfs.py`` (the unpacked image store), ``stream.py`` (stdio pipes).
 """
 
-from runtime.backends.oci.backend import DEFAULT_STATE, OciBackend, OciSandbox
-from runtime.backends.oci.rootfs import DEFAULT_STORE, RootfsStore, unpack_docker_image, unpack_docker_image_async
+from toolcell.backends.oci.backend import DEFAULT_STATE, OciBackend, OciSandbox
+from toolcell.backends.oci.rootfs import DEFAULT_STORE, RootfsStore, unpack_docker_image, unpack_docker_image_async
 
 __all__ = ["DEFAULT_STATE", "DEFAULT_STORE", "OciBackend", "OciSandbox", "RootfsStore", "unpack_docker_image",
            "unpack_docker_image_async"]

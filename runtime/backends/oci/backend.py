@@ -58,17 +58,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from runtime.backends.base import ExitInfo, Removed, StreamName
-from runtime.backends.launcher import envelope, launch_command, new_nonce
-from runtime.backends.oci.bundle import oci_config
-from runtime.backends.oci.cgroups import CgroupLimits, CgroupTree, SandboxCgroup
-from runtime.backends.oci.rootfs import DEFAULT_STORE, RootfsStore
-from runtime.backends.oci.stream import PipeStream
-from runtime.errors import BackendError, ConfigError, EngineUnavailable
-from runtime.model import EgressDestination, Usage
-from runtime.policy.seccomp_oci import to_oci_seccomp
-from runtime.policy.spec import NO_SECRETS, Identity, SandboxSpec, Secrets, sandbox_pids
-from runtime.safepath import private_dir
+from toolcell.backends.base import ExitInfo, Removed, StreamName
+from toolcell.backends.launcher import envelope, launch_command, new_nonce
+from toolcell.backends.oci.bundle import oci_config
+from toolcell.backends.oci.cgroups import CgroupLimits, CgroupTree, SandboxCgroup
+from toolcell.backends.oci.rootfs import DEFAULT_STORE, RootfsStore
+from toolcell.backends.oci.stream import PipeStream
+from toolcell.errors import BackendError, ConfigError, EngineUnavailable
+from toolcell.model import EgressDestination, Usage
+from toolcell.policy.seccomp_oci import to_oci_seccomp
+from toolcell.policy.spec import NO_SECRETS, Identity, SandboxSpec, Secrets, sandbox_pids
+from toolcell.safepath import private_dir
 
 __all__ = ["DEFAULT_STATE", "OciBackend", "OciSandbox"]
 

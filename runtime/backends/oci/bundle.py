@@ -32,8 +32,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from runtime.errors import BackendError
-from runtime.policy.spec import SandboxSpec, sandbox_pids
+from toolcell.errors import BackendError
+from toolcell.policy.spec import SandboxSpec, sandbox_pids
 
 __all__ = [
     "DEFAULT_PATH",

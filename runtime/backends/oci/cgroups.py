@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from runtime.backends.cgroup import read_int, read_key
-from runtime.errors import BackendError
-from runtime.model import Usage
+from toolcell.backends.cgroup import read_int, read_key
+from toolcell.errors import BackendError
+from toolcell.model import Usage
 
 __all__ = ["CgroupLimits", "CgroupTree", "SandboxCgroup", "safe_component"]
 

@@ -42,8 +42,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
-from runtime.backends.oci.bundle import ImageConfig
-from runtime.errors import BackendError, ConfigError, ImageMissing
+from toolcell.backends.oci.bundle import ImageConfig
+from toolcell.errors import BackendError, ConfigError, ImageMissing
 
 __all__ = ["DEFAULT_STORE", "RootfsImage", "RootfsStore", "normalize_reference", "unpack_docker_image",
            "unpack_docker_image_async"]

@@ -22,9 +22,9 @@ import os
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
-from runtime.backends.attach import QUEUE_CHUNKS, RECV_BYTES
-from runtime.backends.base import StreamName
-from runtime.backends.launcher import TrailerScanner
+from toolcell.backends.attach import QUEUE_CHUNKS, RECV_BYTES
+from toolcell.backends.base import StreamName
+from toolcell.backends.launcher import TrailerScanner
 
 __all__ = ["PipeStream"]
 
