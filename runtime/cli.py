@@ -1,5 +1,5 @@
 """Command line: ``toolcell serve | call | tools | mcp | profiles check | images build|mcp | secrets | health |
-reload | config show | bench | version``.
+reload | config show | client setup|list | bench | version``.
 
 Exit codes: 0 ok; 1 the tool ran and its status is not ok; 2 usage error; 3 rejected (bad config,
 bad arguments, unknown tool ...); 4 the supervisor or the engine is unreachable.
@@ -343,6 +343,63 @@ def _secrets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _client_config(args: argparse.Namespace) -> int:
+    """``client setup``: add ``toolcell mcp --target ...`` to a client's file; ``client list``: where they are."""
+    import shutil
+    from pathlib import Path
+
+    from toolcell.clientsetup import (
+        CLIENTS,
+        ClientFileError,
+        client_paths,
+        has_entry,
+        merge,
+        read_document,
+        render,
+        server_entry,
+        toolcell_command,
+        write_atomic,
+    )
+    from toolcell.settings import ENV_LISTEN, default_socket
+
+    def paths(name: str) -> dict[str, Path]:
+        return client_paths(CLIENTS[name], home=Path.home(), cwd=Path.cwd(), environ=os.environ)
+
+    if args.subcommand == "list":
+        for name, client in CLIENTS.items():
+            for scope, path in paths(name).items():
+                try:
+                    document = read_document(path)
+                    state = ("no file" if document is None else
+                             f"{args.name}: yes" if has_entry(document, client, args.name) else f"{args.name}: no")
+                except ClientFileError as exc:
+                    state = f"unreadable: {exc}"
+                print(f"{name:7} {scope:9} {path}  ({state})")
+        return EXIT_OK
+    client = CLIENTS[args.client]
+    path = Path(args.file) if args.file else paths(args.client)["user" if args.user or args.client != "vscode"
+                                                                 else "workspace"]
+    # Clients start servers with their own environment: the supervisor's address is written out in full.
+    target = args.target or os.environ.get(ENV_LISTEN) or f"unix://{default_socket().absolute()}"
+    command = toolcell_command(sys.argv[0], sys.executable, shutil.which("toolcell"))
+    try:
+        document = read_document(path)
+        merged = merge(document or {}, client, args.name, server_entry(client, command, target))
+    except ClientFileError as exc:
+        return _fail(f"{path}: {exc}; not changed", EXIT_REJECTED)
+    if args.dry_run:
+        print(f"# {path} would be:", file=sys.stderr)
+        print(render(merged), end="")
+        return EXIT_OK
+    try:
+        write_atomic(path, render(merged))
+    except OSError as exc:
+        return _fail(f"cannot write {path}: {exc.strerror}", EXIT_USAGE)
+    verb = "replaced" if document is not None and has_entry(document, client, args.name) else "added"
+    print(f"{verb} {args.name!r} in {path} ({client.title}): {' '.join(command)} mcp --target {target}")
+    return EXIT_OK
+
+
 def _images(args: argparse.Namespace) -> int:
     from toolcell.images import build_images
 
@@ -477,6 +534,20 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--target", help="the supervisor's socket; its state file is <socket>.state")
     r.add_argument("--state-file", help="the supervisor's state file (server.state_file)")
     r.add_argument("--timeout", type=float, default=15.0)
+    cl = sub.add_parser("client", help="MCP clients' configuration files (Claude Desktop, Cursor, VS Code)")
+    cls = cl.add_subparsers(dest="subcommand", required=True)
+    cset = cls.add_parser("setup", help="add toolcell (toolcell mcp --target ADDRESS) to a client's file, keeping "
+                          "its other entries; a file that is not valid JSON is left alone (exit 3)")
+    cset.add_argument("client", choices=("claude", "cursor", "vscode"))
+    cset.add_argument("--target", help="the supervisor's address written into the entry (default: "
+                      "$TOOLCELL_LISTEN or the default socket, as an absolute unix:// address)")
+    cset.add_argument("--file", help="the client's file (default: its usual place; see toolcell client list)")
+    cset.add_argument("--user", action="store_true", help="vscode: the user profile's mcp.json, not "
+                      "./.vscode/mcp.json")
+    cset.add_argument("--name", default="toolcell", help="the server's name in the client (default toolcell)")
+    cset.add_argument("--dry-run", action="store_true", help="print the file as it would be; write nothing")
+    clist = cls.add_parser("list", help="each client's file and whether it has toolcell")
+    clist.add_argument("--name", default="toolcell", help="the server name to look for (default toolcell)")
     cf = sub.add_parser("config", help="configuration")
     cfs = cf.add_subparsers(dest="subcommand", required=True)
     show = cfs.add_parser("show", help="print the effective configuration, secrets masked")
@@ -518,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
             return _reload(args)
         if args.command == "config":
             return _config_show(args)
+        if args.command == "client":
+            return _client_config(args)
         return _version(args)
     except ConfigError as exc:
         return _fail(f"invalid configuration: {exc}", EXIT_REJECTED)
