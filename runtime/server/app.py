@@ -9,7 +9,6 @@ import logging
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from toolcell import metrics
 from toolcell.api.v1 import supervisor_pb2 as pb
@@ -17,6 +16,7 @@ from toolcell.audit import AuditLog
 from toolcell.backends.base import Removed
 from toolcell.gate import Gate, Sampler
 from toolcell.hostload import HostSampler
+from toolcell.server import reflection
 from toolcell.server.healthcheck import HealthMonitor
 from toolcell.server.identity import Authenticator
 from toolcell.server.service import SupervisorService, add_to_server
@@ -55,10 +55,7 @@ class App:
         self.service = SupervisorService(supervisor, self.gate, self.authenticator)
         add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server,
-        )
+        reflection.enable((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self.server)
         self.monitor = HealthMonitor(supervisor, self._set_health)
         self.address = ""
 
