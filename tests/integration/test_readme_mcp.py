@@ -12,14 +12,13 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from mcp.client.session import ClientSession
-from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.stdio import StdioServerParameters, get_default_environment, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.integration.test_mcp import http_bridge
@@ -57,11 +56,15 @@ async def check_session(session: ClientSession, expected_tools: set[str] | None 
 async def test_use_from_an_mcp_server_example_runs_as_written(tmp_path: Path) -> None:
     example = blocks(section("Use from an MCP server"), "python")[0]
     assert len(example.strip().splitlines()) < 20
+    documented = '"unix:///run/toolcell/toolcell.sock"'
+    assert example.count(documented) == 1 and "target=SUPERVISOR" in example  # the address is explicit
     script = tmp_path / "my_server.py"
-    script.write_text(example)
     async with running_supervisor(tmp_path) as (app, _):
-        params = StdioServerParameters(command=sys.executable, args=[str(script)], cwd=str(tmp_path),
-                                       env={"TOOLCELL_LISTEN": app.address})
+        script.write_text(example.replace(documented, json.dumps(app.address)))  # the reader's own socket
+        # As an MCP client starts it: the client's environment (the SDK's safe default: HOME, PATH, USER ...),
+        # no TOOLCELL_LISTEN and no XDG_RUNTIME_DIR from the caller's shell.
+        params = StdioServerParameters(command=sys.executable, args=[str(script)], cwd=str(tmp_path))
+        assert "TOOLCELL_LISTEN" not in get_default_environment()
         with (tmp_path / "server.log").open("w") as err:
             async with stdio_client(params, errlog=err) as (read, write), ClientSession(read, write) as session:
                 await check_session(session, {"text.wordcount"})
@@ -87,12 +90,11 @@ async def test_mcp_client_configuration_stdio(tmp_path: Path) -> None:
     args = list(server["args"])
     i = args.index("--target")
     assert args[i + 1] == "unix:///run/toolcell/toolcell.sock"  # the documented default for root
-    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-    command = shutil.which(server["command"], path=path)
-    assert command is not None, f"{server['command']} not on PATH"
+    assert Path(server["command"]).is_absolute()  # clients do not pass the caller's PATH
+    command = str(Path(BIN) / "toolcell")  # the reader's own install path
     async with running_supervisor(tmp_path) as (app, _):
         args[i + 1] = app.address
-        params = StdioServerParameters(command=command, args=args, env={"PATH": path})
+        params = StdioServerParameters(command=command, args=args, env={"PATH": "/usr/bin:/bin"})
         with (tmp_path / "bridge.log").open("w") as err:
             async with stdio_client(params, errlog=err) as (read, write), ClientSession(read, write) as session:
                 await check_session(session)
@@ -100,7 +102,7 @@ async def test_mcp_client_configuration_stdio(tmp_path: Path) -> None:
 
 async def test_mcp_client_configuration_streamable_http(tmp_path: Path) -> None:
     text = section("Add `toolcell mcp` to an MCP client")
-    command = shlex.split(blocks(text, "sh")[0].strip())
+    command = shlex.split(next(b for b in blocks(text, "sh") if "--transport http" in b).strip())
     config = json.loads(blocks(text, "json")[1])["mcpServers"]["toolcell"]
     listen = command[command.index("--listen") + 1]
     assert config["type"] == "http" and config["url"] == f"http://{listen}/mcp"  # the two blocks agree
@@ -112,3 +114,24 @@ async def test_mcp_client_configuration_streamable_http(tmp_path: Path) -> None:
         assert url.endswith("/mcp") and url.startswith("http://127.0.0.1:")
         async with streamable_http_client(url) as (read, write), ClientSession(read, write) as session:
             await check_session(session)
+
+
+async def test_client_setup_block_writes_an_entry_that_a_client_can_start(tmp_path: Path) -> None:
+    """The section's ``toolcell client setup`` line as written (its --dry-run output), then that entry started as
+    a client starts it: a bare environment, no PATH to the venv, no TOOLCELL_LISTEN."""
+    text = section("Add `toolcell mcp` to an MCP client")
+    line = next(b for b in blocks(text, "sh") if "client setup" in b).splitlines()[0]
+    command = shlex.split(line.split("#")[0])
+    assert command[:3] == ["toolcell", "client", "setup"] and "--dry-run" in command
+    async with running_supervisor(tmp_path) as (app, _):
+        command[command.index("--target") + 1] = app.address
+        env = {k: v for k, v in os.environ.items() if k != "TOOLCELL_LISTEN"} | {"HOME": str(tmp_path)}
+        done = await asyncio.to_thread(subprocess.run, [str(Path(BIN) / "toolcell"), *command[1:]], env=env,
+                                       capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        entry = json.loads(done.stdout)["mcpServers"]["toolcell"]
+        assert Path(entry["command"]).is_absolute() and entry["args"][-2:] == ["--target", app.address]
+        params = StdioServerParameters(command=entry["command"], args=entry["args"], env={"PATH": "/usr/bin:/bin"})
+        with (tmp_path / "bridge.log").open("w") as err:
+            async with stdio_client(params, errlog=err) as (read, write), ClientSession(read, write) as session:
+                await check_session(session)
