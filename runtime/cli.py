@@ -311,11 +311,18 @@ def _secrets(args: argparse.Namespace) -> int:
     """Manage the encrypted store; values are read from stdin or a prompt, never echoed or taken from argv."""
     import getpass
 
-    from toolcell.secretstore import SecretStore, generate_key
+    from toolcell.secretstore import SecretStore, generate_key, write_key_file
     from toolcell.settings import load_config
 
     if args.subcommand == "keygen":
-        print(generate_key())
+        if args.out is None:
+            print(generate_key())
+            return EXIT_OK
+        try:
+            path = write_key_file(args.out, generate_key(), force=args.force)
+        except OSError as exc:
+            return _fail(f"cannot write {args.out}: {exc.strerror}", EXIT_USAGE)
+        print(f"wrote a new key to {path} (mode 0600)")
         return EXIT_OK
     config = load_config(args.config)
     if config.secrets is None:
@@ -518,7 +525,12 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", help="YAML config file with the 'secrets' section")
         if name != "list":
             cmd.add_argument("name")
-    ses.add_parser("keygen", help="print a new random key (for key_file or the key variable)")
+    kg = ses.add_parser("keygen", help="a new random key (for key_file or the key variable): printed, or written "
+                        "with --out")
+    kg.add_argument("--out", metavar="FILE", help="write it to FILE, mode 0600 (missing directories are made 0700); "
+                    "an existing FILE is kept unless --force")
+    kg.add_argument("--force", action="store_true", help="with --out: replace an existing key file (secrets sealed "
+                    "with the old key can no longer be read)")
     b = sub.add_parser("bench", help="measure no-op gRPC, raw docker-py, cold, warm, throughput, a stdout flood "
                        "and stock MCP servers")
     b.add_argument("--quick", action="store_true", help="a small iteration count (the CI smoke check)")

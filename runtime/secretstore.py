@@ -47,6 +47,48 @@ def generate_key() -> str:
     return base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode()
 
 
+def write_key_file(path: str | os.PathLike[str], key: str, *, force: bool = False) -> Path:
+    """Write ``key`` to a new file ``path``, mode 0600, atomically; missing parent directories are made 0700.
+
+    An existing file is never replaced unless ``force``: losing a key loses every secret sealed with it.
+    The key is written to a temporary file beside ``path``, synced, then linked into place (``link``
+    fails if the name exists, so two concurrent runs cannot both win) or, with ``force``, renamed over it.
+    Raises ``SecretError`` when the file exists, ``OSError`` when it cannot be written.
+    """
+    target = Path(path).absolute()
+    missing = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
+    for directory in reversed(missing):  # outermost first; each made private whatever the umask
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+            os.chmod(directory, 0o700)
+    if not force and (target.exists() or target.is_symlink()):
+        raise SecretError(f"{str(target)!r} exists; not replaced (its key may seal secrets): use --force to "
+                          "replace it")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if force:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise SecretError(f"{str(target)!r} exists; not replaced (its key may seal secrets): use --force "
+                                  "to replace it") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return target
+
+
 def _decode_key(text: str, origin: str) -> bytes:
     try:
         key = base64.b64decode(text.strip(), validate=True)
