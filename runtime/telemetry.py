@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -31,6 +31,9 @@ from toolcell import __version__
 from toolcell.policy.scrub import Redactor
 from toolcell.safepath import open_private, private_dir
 from toolcell.settings import TelemetrySettings
+
+if TYPE_CHECKING:
+    from toolcell.probehttp import Health, ProbeServer
 
 # What one span may carry (caller strings reach attributes: tool names, ids, error messages). Values longer
 # than this are cut by the SDK; attributes, events and links beyond the counts are dropped.
@@ -226,17 +229,25 @@ def setup_logging(log_format: str, verbose: bool = False) -> None:
 class MetricsHandle:
     provider: MeterProvider
     prometheus_address: str = ""
-    _httpd: Any = field(default=None, repr=False)
+    _httpd: ProbeServer | None = field(default=None, repr=False)
+
+    def set_health(self, health: Callable[[], Health]) -> None:
+        """What the listener's ``/healthz`` reports from now on (``starting`` until this is called)."""
+        if self._httpd is not None:
+            self._httpd.health = health
 
     def shutdown(self) -> None:
         if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
+            self._httpd.close()
         self.provider.shutdown()
 
 
 def setup_metrics(settings: TelemetrySettings) -> MetricsHandle:
-    """Install a global MeterProvider: OTLP/gRPC push when an endpoint is set, Prometheus pull when asked."""
+    """Install a global MeterProvider: OTLP/gRPC push when an endpoint is set, Prometheus pull when asked.
+
+    The Prometheus listener is ``probehttp``'s (stdlib, its own threads): ``/metrics`` beside ``/healthz``
+    and ``/livez`` for probes that start no interpreter (``MetricsHandle.set_health``).
+    """
     readers: list[MetricReader] = []
     if settings.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
@@ -248,13 +259,15 @@ def setup_metrics(settings: TelemetrySettings) -> MetricsHandle:
     httpd, address = None, ""
     if settings.prometheus_listen:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import REGISTRY, start_http_server
+
+        from toolcell.probehttp import ProbeServer, parse_listen
 
         readers.append(PrometheusMetricReader())
-        host, _, port = settings.prometheus_listen.rpartition(":")
-        httpd, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)
-        address = f"{host or '127.0.0.1'}:{httpd.server_port}"
-        logging.getLogger("toolcell.telemetry").info("Prometheus metrics on http://%s/metrics", address)
+        host, port = parse_listen(settings.prometheus_listen)
+        httpd = ProbeServer(host, port).start()
+        address = httpd.address
+        logging.getLogger("toolcell.telemetry").info(
+            "Prometheus metrics on http://%s/metrics (health: /healthz, /livez)", address)
     provider = MeterProvider(metric_readers=readers, resource=Resource.create({
         "service.name": settings.service_name, "service.version": __version__}))
     metrics.set_meter_provider(provider)

@@ -3,7 +3,7 @@
 A periodic task asks the backend (``ping`` then ``has_image`` per distinct image) and sets the gRPC
 health status of ``""`` and ``toolcell.v1.Supervisor``; each change is logged with its reason. A check
 that does not answer within the interval counts as unreachable. ``check_now`` runs one check at once
-(start-up, after a reload).
+(start-up, after a reload). ``health`` is the last check's outcome for HTTP ``/healthz`` (``probehttp``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from toolcell import metrics
 from toolcell.errors import BackendError
+from toolcell.probehttp import Health
 from toolcell.supervisor import Supervisor
 
 log = logging.getLogger("toolcell.health")
@@ -69,6 +70,13 @@ class HealthMonitor:
             self.serving, self.reason = serving, reason
             return serving
 
+    def health(self) -> Health:
+        """The status last published (SERVING or not) and why not; cheap, so any thread may call it."""
+        serving, reason = self.serving, self.reason
+        if serving:
+            return Health(True)
+        return Health(False, reason or ("starting" if serving is None else "shutting down"))
+
     def start(self) -> None:
         if self.supervisor.config.server.health_interval_s > 0 and self._task is None:
             self._task = asyncio.ensure_future(self._run())
@@ -89,4 +97,4 @@ class HealthMonitor:
             self._task = None
         if self.serving:
             metrics.serving.add(-1)
-        self.serving = False
+        self.serving, self.reason = False, "shutting down"

@@ -91,6 +91,7 @@ async def serve(config_path: str | None, listen: str | None, verbose: bool = Fal
     supervisor = Supervisor(config, backend)
     install_log_redaction(supervisor)
     app = App(supervisor)
+    meters.set_health(app.monitor.health)  # the Prometheus listener's /healthz
     try:
         address = await app.start()
     except BaseException:
