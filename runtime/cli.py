@@ -68,13 +68,22 @@ def _reload(args: argparse.Namespace) -> int:
 
 
 def _config_show(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import yaml
 
     from toolcell.configview import effective
-    from toolcell.settings import load_config
+    from toolcell.settings import ENV_CONFIG, load_config
 
-    view = effective(load_config(args.config))
-    print(json.dumps(view, indent=2) if args.json else yaml.safe_dump(view, sort_keys=False), end="\n")
+    config = load_config(args.config)
+    path = args.config or os.environ.get(ENV_CONFIG)
+    document = yaml.safe_load(Path(path).read_text()) if path else None  # valid: load_config parsed it
+    view = effective(config, document if isinstance(document, dict) else None)
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:  # itself a config: `toolcell profiles check` accepts it
+        print(f"# effective configuration of {config.source} (defaults filled in, secrets masked)")
+        print(yaml.safe_dump(view, sort_keys=False), end="")
     return EXIT_OK
 
 

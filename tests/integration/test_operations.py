@@ -445,4 +445,4 @@ def test_version_and_config_show(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     view = json.loads(out.stdout)
     assert view["profiles"]["default"]["env"]["GITHUB_TOKEN"] == "***" and "must-not-print" not in out.stdout
-    assert view["server"]["shutdown_grace_s"] == 2.0
+    assert view["server"]["shutdown_grace"] == "2s"  # the config's own key and unit

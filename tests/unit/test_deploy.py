@@ -142,7 +142,7 @@ def test_config_show_masks_secrets(tmp_path: Path) -> None:
     env = view["profiles"]["default"]["env"]
     assert env["API_TOKEN"] == MASK and env["NOTE"] == MASK and env["GREETING"] == "hello"
     assert view["telemetry"]["otlp_endpoint"] == f"https://{MASK}@collector:4317"
-    assert view["profiles"]["default"]["memory_bytes"] == 256 * 1024 * 1024  # defaults filled in
+    assert view["profiles"]["default"]["memory"] == "256Mi"  # defaults filled in, in the config's units
 
 
 def test_json_log_lines_carry_trace_ids_and_are_redacted() -> None:
