@@ -181,6 +181,13 @@ async def _mcp(args: argparse.Namespace) -> int:
             host, _ = parse_listen(args.listen)
         except ValueError as exc:
             return _fail(f"--listen: {exc}", EXIT_USAGE)
+        if args.metrics_listen:
+            from toolcell.probehttp import parse_listen as parse_metrics_listen
+
+            try:
+                parse_metrics_listen(args.metrics_listen)
+            except ValueError as exc:
+                return _fail(f"--metrics-listen: {exc}", EXIT_USAGE)
         try:
             args.access = http_access(args.allowed_host, args.allowed_origin, args.config, args.insecure_open,
                                       os.environ)
@@ -246,7 +253,7 @@ async def _serve_mcp(args: argparse.Namespace) -> int:
             await serve_stdio(tools)
         else:
             try:
-                await serve_http(tools, args.listen, args.path, args.access)
+                await serve_http(tools, args.listen, args.path, args.access, metrics_listen=args.metrics_listen)
             except OSError as exc:
                 return _fail(f"cannot listen on {args.listen}: {exc.strerror}", EXIT_USAGE)
     return EXIT_OK
@@ -468,6 +475,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--listen", default="127.0.0.1:8765",
                    help="HTTP address HOST:PORT (default 127.0.0.1:8765; port 0 picks a free one)")
     m.add_argument("--path", default="/mcp", help="HTTP endpoint path (default /mcp)")
+    m.add_argument("--metrics-listen", metavar="HOST:PORT", default=os.environ.get("TOOLCELL_MCP_METRICS_LISTEN"),
+                   help="HTTP: serve the bridge's /metrics, /healthz and /livez on this address, a port of their own "
+                        "(default $TOOLCELL_MCP_METRICS_LISTEN, else none; /healthz is also on the MCP port)")
     m.add_argument("--tool", action="append", metavar="NAME", help="serve only this tool (repeatable)")
     m.add_argument("--allowed-host", action="append", metavar="HOST[:PORT]",
                    help="HTTP: also accept this Host header (repeatable; NAME:* = any port; also "

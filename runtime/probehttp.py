@@ -136,7 +136,7 @@ class ProbeServer(ThreadingHTTPServer):
             self._slots.release()
 
     def start(self) -> ProbeServer:
-        self._thread = threading.Thread(target=self.serve_forever, name="toolcell-probes", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.1,), name="toolcell-probes", daemon=True)
         self._thread.start()
         return self
 

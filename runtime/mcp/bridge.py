@@ -9,10 +9,15 @@ Over HTTP, who may call is decided before the SDK sees a request (``httpguard``)
 - Callers authenticate with a bearer JWT when ``HttpAccess.jwt`` is set (the config's ``auth.jwt``,
   verified as the supervisor does); their token is forwarded, so the supervisor's rules decide.
 - Off loopback, the bridge refuses to start without ``jwt`` unless ``insecure_open`` says so explicitly.
+
+Health and metrics (``observe``): ``GET /healthz`` on the MCP port (inside the Host/Origin guard, before
+bearer authentication), and ``--metrics-listen`` for ``/metrics``, ``/healthz``, ``/livez`` on a
+listener of their own (``probehttp``, as the supervisor's ``prometheus_listen``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import socket
@@ -20,6 +25,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from mcp import types
 from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp
@@ -32,6 +38,9 @@ from toolcell.mcp.httpguard import (
     default_allowed_hosts,
     default_allowed_origins,
 )
+from toolcell.mcp.observe import BridgeMetrics, HealthRoute, StatusCounter, SupervisorProbe
+from toolcell.probehttp import ProbeServer
+from toolcell.probehttp import parse_listen as parse_metrics_listen
 from toolcell.server.tokens import JwtVerifier
 
 log = logging.getLogger("toolcell.mcp")
@@ -102,8 +111,13 @@ def access_problem(host: str, access: HttpAccess, *, loopback: Callable[[str], b
 
 
 def http_app(tools: SandboxedTools, host: str, port: int, path: str = "/mcp",
-             access: HttpAccess = HttpAccess()) -> tuple[ASGIApp, tuple[str, ...], tuple[str, ...]]:
-    """The guarded ASGI app for a listener on ``host:port``; also the allowed Host and Origin values."""
+             access: HttpAccess = HttpAccess(), *, probe: SupervisorProbe | None = None,
+             metrics: BridgeMetrics | None = None) -> tuple[ASGIApp, tuple[str, ...], tuple[str, ...]]:
+    """The guarded ASGI app for a listener on ``host:port``; also the allowed Host and Origin values.
+
+    With ``probe``, ``GET /healthz`` answers from it (after the Host/Origin check, before bearer
+    authentication); with ``metrics``, requests and tool calls are counted there.
+    """
     if access.jwt is not None and tools.caller_token is None:
         raise ValueError("bearer authentication needs SandboxedTools(caller_token=...): callers' tokens must be "
                          "forwarded, not replaced by the bridge's own credentials")
@@ -112,16 +126,30 @@ def http_app(tools: SandboxedTools, host: str, port: int, path: str = "/mcp",
     origins = tuple(dict.fromkeys((*default_allowed_origins(defaults), *access.allowed_origins)))
     security = TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=list(hosts),
                                          allowed_origins=list(origins))
-    app: ASGIApp = server(tools).streamable_http_app(streamable_http_path=path, host=host,
-                                                     transport_security=security)
+    srv = server(tools)
+    if metrics is not None:
+        srv.add_request_handler("tools/call", types.CallToolRequestParams, metrics.call(tools.call_tool))
+    app: ASGIApp = srv.streamable_http_app(streamable_http_path=path, host=host, transport_security=security)
+    if metrics is not None:
+        metrics.count_sessions(srv.session_manager)
     if access.jwt is not None:
         app = BearerGuard(app, JwtVerifier(access.jwt))
-    return HostOriginGuard(app, hosts, origins), hosts, origins
+    if probe is not None:
+        app = HealthRoute(app, probe)
+    app = HostOriginGuard(app, hosts, origins)
+    return (StatusCounter(app, metrics) if metrics is not None else app), hosts, origins
 
 
 async def serve_http(tools: SandboxedTools, listen: str, path: str = "/mcp", access: HttpAccess = HttpAccess(),
-                     *, loopback: Callable[[str], bool] = is_loopback) -> None:
+                     *, loopback: Callable[[str], bool] = is_loopback, metrics_listen: str | None = None) -> None:
     """Serve MCP over Streamable HTTP on ``listen`` until SIGINT/SIGTERM. Prints the URL once listening.
+
+    ``GET /healthz`` is served on the MCP port. ``metrics_listen`` (``HOST:PORT``) adds a listener for
+    ``/metrics``, ``/healthz`` and ``/livez``. Metrics have a port of their own, not the MCP port's:
+    the MCP port may be published beyond the pod (with bearer authentication, behind an ingress)
+    while a scrape carries no token and its Host is the pod's address, which the Host guard refuses;
+    a separate port lets a NetworkPolicy open it to the monitoring namespace only, as the supervisor's
+    ``prometheus_listen`` does.
 
     Raises ``ValueError`` (before listening) when ``access_problem`` finds one.
     """
@@ -142,8 +170,18 @@ async def serve_http(tools: SandboxedTools, listen: str, path: str = "/mcp", acc
         raise
     bound_port = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
+    # The supervisor's health on the client's own channel (TLS and all): health needs no caller identity.
+    probe = SupervisorProbe(tools.client._channel)
+    metrics = BridgeMetrics()
+    metrics.watch(probe)
+    probes: ProbeServer | None = None
     try:
-        app, hosts, origins = http_app(tools, host, bound_port, path, access)
+        app, hosts, origins = http_app(tools, host, bound_port, path, access, probe=probe, metrics=metrics)
+        if metrics_listen:
+            mhost, mport = parse_metrics_listen(metrics_listen)
+            loop = asyncio.get_running_loop()
+            probes = ProbeServer(mhost, mport, registry=metrics.registry,
+                                 health=lambda: probe.health_from(loop)).start()
     except BaseException:
         sock.close()
         raise
@@ -158,10 +196,15 @@ async def serve_http(tools: SandboxedTools, listen: str, path: str = "/mcp", acc
     config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False, http="h11",
                             h11_max_incomplete_event_size=16 * 1024)
     print(f"toolcell: MCP (Streamable HTTP) on http://{shown}:{bound_port}{path}", file=sys.stderr, flush=True)
+    if probes is not None:
+        print(f"toolcell: MCP bridge metrics on http://{probes.address}/metrics (health: /healthz, /livez)",
+              file=sys.stderr, flush=True)
     try:
         await uvicorn.Server(config).serve(sockets=[sock])
     finally:
         sock.close()
+        if probes is not None:
+            await asyncio.to_thread(probes.close)
 
 
 ENV_ALLOWED_HOSTS = "TOOLCELL_MCP_ALLOWED_HOSTS"
