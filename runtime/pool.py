@@ -111,6 +111,8 @@ class PoolManager:
         wanted: dict[str, tuple[PoolSpec, SandboxSpec, int]] = {}
         for name, spec in config.pools.items():
             sandbox_spec = pooled(config.compile(config.resolve(name), POOL_PREFIX))
+            # Waits up to its TTL for a claim, then serves one call: its lease covers both.
+            sandbox_spec = dataclasses.replace(sandbox_spec, lease_s=sandbox_spec.lease_s + spec.ttl_s)
             wanted[name] = (spec, sandbox_spec, fingerprint(sandbox_spec))
         for name, pool in list(self._pools.items()):
             if name not in wanted or wanted[name][2] != pool.key:

@@ -42,7 +42,8 @@ ENV_ENGINE = "TOOLCELL_ENGINE"  # overrides engine.kind (docker | oci)
 class ServerSettings:
     listen: str
     socket_mode: int = 0o600
-    instance: str = "default"
+    # Owner recorded on every sandbox; "" until ``toolcell.instance.resolved`` decides it at start-up.
+    instance: str = ""
     shutdown_grace_s: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
     # How often the engine and the tools' images are checked for the gRPC health status (0: never).
@@ -53,6 +54,8 @@ class ServerSettings:
     # send the HTTP/2 preface (server.max_connections_per_uid, server.handshake_timeout).
     max_connections_per_uid: int = 32
     handshake_timeout_s: float = 5.0
+    # How often sandboxes of any owner whose lease ended are removed (a crashed peer's leftovers).
+    sweep_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -508,13 +511,15 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
     server = ServerSettings(
         listen=listen,
         socket_mode=int(server_raw.get("socket_mode", "0600"), 8),
-        instance=server_raw.get("instance", "default"),
+        # Empty: decided at start-up, unique (``toolcell.instance``); TOOLCELL_INSTANCE overrides.
+        instance=server_raw.get("instance", ""),
         shutdown_grace_s=parse_duration(server_raw.get("shutdown_grace", 10), "server.shutdown_grace"),
         max_message_bytes=int(server_raw.get("max_message_bytes", 4 * 1024 * 1024)),
         health_interval_s=parse_duration(server_raw.get("health_interval", 10), "server.health_interval"),
         state_file=_state_file(server_raw.get("state_file"), listen),
         max_connections_per_uid=int(server_raw.get("max_connections_per_uid", 32)),
         handshake_timeout_s=parse_duration(server_raw.get("handshake_timeout", 5), "server.handshake_timeout"),
+        sweep_interval_s=parse_duration(server_raw.get("sweep_interval", 60), "server.sweep_interval"),
     )
     if server.handshake_timeout_s <= 0:
         raise ConfigError("must be more than 0", key="server.handshake_timeout")

@@ -12,10 +12,11 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from toolcell import metrics
+from toolcell import instance, metrics
 from toolcell.backends.base import Backend, Removed, Sandbox
 from toolcell.errors import (
     ConfigError,
@@ -61,6 +62,7 @@ class Running:
 
 class Supervisor:
     def __init__(self, config: Config, backend: Backend) -> None:
+        config = instance.resolved(config)  # unique by default: several supervisors may share the engine
         self.config = config
         self.backend = backend
         self.secrets: SecretStore | None = None
@@ -88,6 +90,8 @@ class Supervisor:
         # fails), and why a source serves no tools now.
         self._catalogs: dict[str, tuple[ToolSource, Catalog]] = {}
         self.source_errors: dict[str, str] = {}
+        self._sweeping: asyncio.Task[None] | None = None
+        self.clock: Callable[[], float] = time.time  # the wall clock leases are compared with
 
     async def start(self) -> int:
         """Check the engine and remove sandboxes a previous run of this instance left behind.
@@ -115,10 +119,35 @@ class Supervisor:
         ended = [r for r in removed if r.invocation_id]
         if ended and self.on_swept is not None:  # a crashed run's calls: their end goes on record now
             await self.on_swept(ended)
+        await self.sweep_expired()
+        if self._sweeping is None:
+            self._sweeping = asyncio.ensure_future(self._sweep_periodically())
         self.config = await self.discover_sources(self.config)
         self.pools.configure(self.config)
         self.awaiting_engine = False
         return len(removed)
+
+    async def sweep_expired(self) -> list[Removed]:
+        """Remove sandboxes of any supervisor on this engine whose lease ended (``Identity.lease_until``):
+        their owner is gone or leaked them. A live peer's sandboxes are within their lease: never touched."""
+        removed = await self.backend.remove_expired(self.clock())
+        if removed:
+            owners = sorted({r.owner for r in removed})
+            log.warning("removed %d sandbox(es) whose lease ended (owners: %s)", len(removed), ", ".join(owners[:8]))
+        ended = [r for r in removed if r.invocation_id]
+        if ended and self.on_swept is not None:
+            await self.on_swept(ended)
+        return removed
+
+    async def _sweep_periodically(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self.config.server.sweep_interval_s)
+            try:
+                await self.sweep_expired()
+            except EngineUnavailable:
+                continue
+            except Exception:  # the next round tries again
+                log.exception("the lease sweep failed")
 
     async def _await_engine(self) -> None:
         delay = _ENGINE_POLL_MIN_S
@@ -340,6 +369,10 @@ class Supervisor:
     async def shutdown(self) -> None:
         """Cancel what is still running, wait for removals, then sweep by owner."""
         self.cancel_all()
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeping
         if self._waiting is not None:
             self._waiting.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -33,6 +33,7 @@ class Removed:
     sandbox_id: str
     invocation_id: str = ""
     tool: str = ""
+    owner: str = ""  # the supervisor instance it was made by
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,10 @@ class Backend(Protocol):
 
     async def remove_orphans(self, owner: str) -> list[Removed]:
         """Remove every sandbox (and whatever it had) recorded as ``owner``'s; returns the sandboxes removed."""
+
+    async def remove_expired(self, now: float) -> list[Removed]:
+        """Remove every sandbox (and whatever it had), of any owner, whose ``Identity.lease_until`` is before
+        ``now`` (Unix seconds): its owner can no longer need it. Sandboxes without a lease are left alone."""
 
     async def list_sandboxes(self, owner: str) -> list[str]:
         """Ids of live sandboxes recorded as ``owner``'s."""

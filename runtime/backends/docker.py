@@ -60,6 +60,7 @@ from toolcell.backends.cgroup import CgroupLayout, CgroupProbe, UsageSampler
 from toolcell.backends.channel import CHANNEL_DIR, ChannelListener, ChannelStream
 from toolcell.backends.docker_egress import (
     LABEL_INVOCATION,
+    LABEL_LEASE,
     LABEL_MANAGED,
     LABEL_OWNER,
     LABEL_PROFILE,
@@ -69,13 +70,14 @@ from toolcell.backends.docker_egress import (
     NetworkAttachment,
     NetworkSpec,
     identity_labels,
+    lease_until,
 )
 from toolcell.backends.launcher import envelope, launch_command, new_nonce, relay_command
 from toolcell.errors import BackendError, ConfigError, EngineUnavailable, ImageMissing, RuntimeMissing
 from toolcell.model import EgressDestination, Usage
 from toolcell.policy.network import EgressSettings
 from toolcell.policy.profile import Mount
-from toolcell.policy.spec import NO_SECRETS, POOL_PREFIX, SandboxSpec, Secrets, sandbox_pids
+from toolcell.policy.spec import NO_SECRETS, POOL_PREFIX, SandboxSpec, Secrets, sandbox_pids, stamped
 
 __all__ = [
     "DEFAULT_BASE_URL", "LABEL_INVOCATION", "LABEL_MANAGED", "LABEL_OWNER", "LABEL_PROFILE", "LABEL_ROLE",
@@ -127,7 +129,7 @@ def _removed(summary: Mapping[str, Any]) -> Removed:
     invocation = str(labels.get(LABEL_INVOCATION, ""))
     serving = LABEL_ROLE not in labels and not invocation.startswith(POOL_PREFIX)  # a pooled one's claim is unknown
     return Removed(sandbox_id=str(summary["Id"]), invocation_id=invocation if serving else "",
-                   tool=str(labels.get(LABEL_TOOL, "")) if serving else "")
+                   tool=str(labels.get(LABEL_TOOL, "")) if serving else "", owner=str(labels.get(LABEL_OWNER, "")))
 
 
 class DockerBackend:
@@ -197,6 +199,7 @@ class DockerBackend:
 
     async def create(self, spec: SandboxSpec) -> DockerSandbox:
         self.check(spec)
+        spec = stamped(spec, time.time())
         relay = spec.isolation in _SHORT_WRITE_RUNTIMES
         if spec.defer:  # the launcher spawns the tool at start, with the secrets start brings (attach transport)
             run = dataclasses.replace(spec, command=launch_command(spec.command, defer=True, relay=relay))
@@ -251,6 +254,7 @@ class DockerBackend:
         if spec.egress:  # its network and proxy are made per invocation: never pooled (settings refuse it)
             raise ConfigError(f"tool {spec.identity.tool!r} is granted egress: it cannot be pooled",
                               key=f"tools.{spec.identity.tool}")
+        spec = stamped(spec, time.time())
         if self._channel_dir is not None and spec.isolation == "runc" and self._channel_works is not False:
             if self._channel_works is None:  # first use: clear what a killed supervisor may have left
                 ChannelListener.sweep(self._channel_dir)
@@ -318,6 +322,18 @@ class DockerBackend:
         found = await self._call(functools.partial(self._api.containers, all=True, filters=filters))
         removed = await asyncio.gather(*(self._remove(str(c["Id"])) for c in found))
         networks = await self._call(functools.partial(self._api.networks, filters=filters))
+        await asyncio.gather(*(self.remove_network(str(n["Id"])) for n in networks))
+        return [_removed(c) for c, gone in zip(found, removed, strict=True)
+                if gone and LABEL_ROLE not in (c.get("Labels") or {})]
+
+    async def remove_expired(self, now: float) -> list[Removed]:
+        """Every toolcell container and network of any owner whose lease ended before ``now``."""
+        filters = {"label": [f"{LABEL_MANAGED}=true", LABEL_LEASE]}
+        found = [c for c in await self._call(functools.partial(self._api.containers, all=True, filters=filters))
+                 if 0 < lease_until(c.get("Labels") or {}) < now]
+        removed = await asyncio.gather(*(self._remove(str(c["Id"])) for c in found))
+        networks = [n for n in await self._call(functools.partial(self._api.networks, filters=filters))
+                    if 0 < lease_until(n.get("Labels") or {}) < now]
         await asyncio.gather(*(self.remove_network(str(n["Id"])) for n in networks))
         return [_removed(c) for c, gone in zip(found, removed, strict=True)
                 if gone and LABEL_ROLE not in (c.get("Labels") or {})]

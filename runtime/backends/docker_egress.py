@@ -39,8 +39,21 @@ from toolcell.policy.network import (
 from toolcell.policy.spec import ROLE_PROXY, Identity, SandboxSpec, Scratch
 
 __all__ = [
-    "LABEL_INVOCATION", "LABEL_MANAGED", "LABEL_OWNER", "LABEL_PROFILE", "LABEL_ROLE", "LABEL_TOOL", "PROGRAM",
-    "EgressEngine", "EgressSession", "NetworkAttachment", "NetworkSpec", "identity_labels", "proxy_spec",
+    "LABEL_INVOCATION",
+    "LABEL_LEASE",
+    "LABEL_MANAGED",
+    "LABEL_OWNER",
+    "LABEL_PROFILE",
+    "LABEL_ROLE",
+    "LABEL_TOOL",
+    "PROGRAM",
+    "EgressEngine",
+    "EgressSession",
+    "NetworkAttachment",
+    "NetworkSpec",
+    "identity_labels",
+    "lease_until",
+    "proxy_spec",
 ]
 
 # The Docker objects' labels: whose an object is (the owner sweep) and what it serves (audits, Removed).
@@ -50,6 +63,8 @@ LABEL_INVOCATION: Final = "io.toolcell.invocation"
 LABEL_TOOL: Final = "io.toolcell.tool"
 LABEL_PROFILE: Final = "io.toolcell.profile"
 LABEL_ROLE: Final = "io.toolcell.role"
+# Identity.lease_until, whole Unix seconds: past it any supervisor on the engine may remove the object.
+LABEL_LEASE: Final = "io.toolcell.lease-until"
 ROLE_NETWORK: Final = "egress-network"
 ROLE_UPSTREAM: Final = "egress-upstream"
 # The proxy program, package data beside the launcher; it arrives on the sidecar's stdin.
@@ -71,7 +86,17 @@ def identity_labels(identity: Identity) -> dict[str, str]:
         labels[LABEL_PROFILE] = identity.profile
     if identity.role:
         labels[LABEL_ROLE] = identity.role
+    if identity.lease_until:
+        labels[LABEL_LEASE] = str(int(identity.lease_until) + 1)
     return labels
+
+
+def lease_until(labels: Mapping[str, Any]) -> float:
+    """An object's lease from its labels; 0 when it has none (or an unreadable one: left to its owner)."""
+    try:
+        return float(int(str(labels.get(LABEL_LEASE, "0"))[:16]))
+    except ValueError:
+        return 0.0
 
 
 @dataclass(frozen=True)
@@ -116,7 +141,7 @@ def proxy_spec(settings: EgressSettings, identity: Identity, *, policy_json: str
         env={"LANG": "C.UTF-8", "HOME": "/tmp",  # noqa: S108 # nosec B108 - the sidecar's own tmpfs
              "TOOLCELL_EGRESS_POLICY": policy_json},
         identity=Identity(owner=identity.owner, invocation_id=identity.invocation_id, tool=identity.tool,
-                          role=ROLE_PROXY),
+                          role=ROLE_PROXY, lease_until=identity.lease_until),
         isolation="runc",
         seccomp_json=seccomp_json,
         memory_bytes=settings.proxy_memory_bytes,
@@ -162,8 +187,7 @@ class EgressSession:
         await self._engine.ensure_network(upstream, labels)
         spec = NetworkSpec(
             name=self._network_name,
-            labels={LABEL_MANAGED: "true", LABEL_OWNER: owner, LABEL_INVOCATION: self._identity.invocation_id,
-                    LABEL_ROLE: ROLE_NETWORK},
+            labels={**identity_labels(self._identity), LABEL_ROLE: ROLE_NETWORK},
             internal=True,
             subnets=candidate_subnets(self._settings.subnet_pool),
         )

@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import itertools
 import signal as signals
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -31,7 +32,7 @@ from typing import Final
 from toolcell.backends.base import ExitInfo, Removed, StreamName
 from toolcell.errors import BackendError, ConfigError, EngineUnavailable, ImageMissing, RuntimeMissing
 from toolcell.model import EgressDestination, Usage
-from toolcell.policy.spec import NO_SECRETS, SandboxSpec, Secrets
+from toolcell.policy.spec import NO_SECRETS, SandboxSpec, Secrets, stamped
 
 __all__ = ["Behaviour", "FakeBackend", "FakeProcess", "FakeSandbox"]
 
@@ -249,6 +250,8 @@ class FakeBackend:
         self.runtimes = set(runtimes)
         self.available = available
         self.egress = egress
+        # The wall clock leases are stamped with (a test may move it).
+        self.clock: Callable[[], float] = time.time
         self.created: list[str] = []
         self.removed: list[str] = []
         self.signals: list[tuple[str, int]] = []
@@ -273,6 +276,7 @@ class FakeBackend:
     async def create(self, spec: SandboxSpec) -> FakeSandbox:
         self._check_available()
         self.check(spec)
+        spec = stamped(spec, self.clock())
         behaviour = self.behaviours.get(spec.image)
         if behaviour is None:
             raise ImageMissing(spec.image)
@@ -297,12 +301,20 @@ class FakeBackend:
         return [sid for sid, sb in self._live.items() if sb.spec.identity.owner == owner]
 
     async def remove_orphans(self, owner: str) -> list[Removed]:
-        ids = await self.list_sandboxes(owner)
+        return await self._remove_all(await self.list_sandboxes(owner))
+
+    async def remove_expired(self, now: float) -> list[Removed]:
+        self._check_available()
+        return await self._remove_all([sid for sid, sb in self._live.items()
+                                       if 0 < sb.spec.identity.lease_until < now])
+
+    async def _remove_all(self, ids: list[str]) -> list[Removed]:
         removed = []
         for sid in ids:
             identity = self._live[sid].spec.identity
             serving = identity.serving
-            removed.append(Removed(sid, identity.invocation_id if serving else "", identity.tool if serving else ""))
+            removed.append(Removed(sid, identity.invocation_id if serving else "", identity.tool if serving else "",
+                                   identity.owner))
             await self._live[sid].remove()
         return removed
 

@@ -54,6 +54,10 @@ class Identity:
     tool: str = ""
     profile: str = ""
     role: str = ROLE_TOOL
+    # Wall-clock time (Unix seconds) after which the owner can no longer need this sandbox: any supervisor
+    # sharing the engine may then remove it (its owner is gone, or leaked it). 0: only the owner sweeps it.
+    # Stamped by the backend at creation from ``SandboxSpec.lease_s`` (``stamped``).
+    lease_until: float = 0.0
 
     @property
     def serving(self) -> bool:
@@ -119,6 +123,10 @@ class SandboxSpec:
     defer: bool = False
     working_dir: str = "/tmp"  # nosec B108 - inside the sandbox: its private, capped tmpfs
     hostname: str = "sandbox"
+    # How long after its creation the owner may legitimately still need the sandbox: its timeout and kill
+    # grace (plus, pooled, the pool's TTL) and a margin. Past it, a peer supervisor on the same engine may
+    # remove it: a crashed supervisor's leftovers are cleaned by whoever is alive, never a live peer's.
+    lease_s: float = 0.0
 
     @property
     def uid_gid(self) -> tuple[int, int]:
@@ -189,6 +197,17 @@ def secret_scratch(grants: Iterable[SecretGrant], uid: int, gid: int) -> tuple[S
     return tuple(Scratch(d, SECRET_DIR_BYTES, SECRET_DIR_MODE, uid, gid) for d in secret_dirs(grants))
 
 
+# Room past a sandbox's own deadline for its owner's removal, retries and a busy engine.
+LEASE_MARGIN_S: Final = 120.0
+
+
+def stamped(spec: SandboxSpec, now: float) -> SandboxSpec:
+    """``spec`` with its identity's ``lease_until`` set from ``lease_s`` (``now``: the wall clock)."""
+    if spec.lease_s <= 0 or spec.identity.lease_until:
+        return spec
+    return dataclasses.replace(spec, identity=dataclasses.replace(spec.identity, lease_until=now + spec.lease_s))
+
+
 def compile_spec(
     tool: Tool,
     profile: IsolationProfile,
@@ -227,6 +246,7 @@ def compile_spec(
         kill_grace_s=profile.kill_grace_s,
         egress=tuple(profile.network),
         defer=bool(tool.secrets),
+        lease_s=max(0.0, effective_timeout) + profile.kill_grace_s + LEASE_MARGIN_S,
     )
 
 
@@ -238,6 +258,6 @@ def pooled(spec: SandboxSpec) -> SandboxSpec:
 
 def fingerprint(spec: SandboxSpec) -> int:
     """Identity of what a sandbox is made from, ignoring what only names the invocation or its deadline."""
-    rest = dataclasses.replace(pooled(spec), seccomp_json="")
+    rest = dataclasses.replace(pooled(spec), seccomp_json="", lease_s=0.0)
     # str hashes are cached on the object: the (large) seccomp text is hashed once per config.
     return hash((repr(rest), hash(spec.seccomp_json)))

@@ -60,12 +60,14 @@ class App:
         self.address = ""
 
     async def _record_swept(self, removed: list[Removed]) -> None:
-        """A previous run crashed mid-call: each of its calls ends on record now, as ``swept``."""
+        """A previous run (ours, or a peer's whose lease ended) crashed mid-call: each of its calls ends on record
+        now, as ``swept``, under the instance that ran it."""
         instance = self.supervisor.config.server.instance
         for sandbox in removed:
             tool = sandbox.tool if self.supervisor.known_tool(sandbox.tool) else "unknown"
             metrics.record_end(tool, "swept", "swept", 0.0, {})
-            await self.gate.sweep_end(sandbox.invocation_id, sandbox.tool, instance, sandbox_id=sandbox.sandbox_id)
+            await self.gate.sweep_end(sandbox.invocation_id, sandbox.tool, sandbox.owner or instance,
+                                      sandbox_id=sandbox.sandbox_id)
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

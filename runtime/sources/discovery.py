@@ -54,7 +54,9 @@ async def discover(services: Services, source: ToolSource) -> Catalog:
     with step("toolcell.discover", services.redactor, **{"toolcell.server": source.name,
                                                            "toolcell.invocation_id": invocation_id}) as span:
         trace_id = format(span.get_span_context().trace_id, "032x")
-        spec = dataclasses.replace(config.compile(resolved, invocation_id), timeout_s=source.discovery_timeout_s)
+        spec = config.compile(resolved, invocation_id)
+        spec = dataclasses.replace(spec, timeout_s=source.discovery_timeout_s,
+                                   lease_s=spec.lease_s - spec.timeout_s + source.discovery_timeout_s)
         grants, redactor = gather_secrets(services, resolved)
         frames = FrameReader.for_cap(cap, time.monotonic)
         done = await contain(dataclasses.replace(services, claim=_no_pool), resolved, spec, list_request(cap),

@@ -67,7 +67,7 @@ from toolcell.backends.oci.stream import PipeStream
 from toolcell.errors import BackendError, ConfigError, EngineUnavailable
 from toolcell.model import EgressDestination, Usage
 from toolcell.policy.seccomp_oci import to_oci_seccomp
-from toolcell.policy.spec import NO_SECRETS, Identity, SandboxSpec, Secrets, sandbox_pids
+from toolcell.policy.spec import NO_SECRETS, Identity, SandboxSpec, Secrets, sandbox_pids, stamped
 from toolcell.safepath import private_dir
 
 __all__ = ["DEFAULT_STATE", "OciBackend", "OciSandbox"]
@@ -270,6 +270,7 @@ class OciBackend:
             self._dirs_ready = True
 
     async def _create(self, spec: SandboxSpec, command: tuple[str, ...]) -> OciSandbox:
+        spec = stamped(spec, time.time())
         sandbox_id = f"tc-{owner_tag(spec.identity.owner)}-{token.token_hex(10)}"
         runtime, cgroup = await self._call(functools.partial(self._prepare, spec, sandbox_id, command))
         sandbox = OciSandbox(self, sandbox_id, spec.identity, runtime, cgroup)
@@ -351,6 +352,29 @@ class OciBackend:
                 sandbox._removed = True
                 self.live.discard(sandbox)
         self._cgroups().remove_owner(owner)  # empty now: an owner's directories do not pile up
+        return removed
+
+    async def remove_expired(self, now: float) -> list[Removed]:
+        return await self._call(functools.partial(self._sweep_expired, now))
+
+    def _sweep_expired(self, now: float) -> list[Removed]:
+        """Blocking: remove every sandbox in our state directory, of any owner, whose lease ended before ``now``
+        (the same steps as an owner's sweep, for that one sandbox)."""
+        removed: list[Removed] = []
+        entries: list[str] = []
+        with contextlib.suppress(FileNotFoundError):
+            entries = [e.name for e in os.scandir(self._bundles) if e.name.startswith("tc-")]
+        for sandbox_id in sorted(entries):
+            identity = self._identity(sandbox_id)
+            if not identity.owner or not 0 < identity.lease_until < now:
+                continue
+            self._stop_runc(sandbox_id)
+            self._destroy(identity.owner, sandbox_id, self._cgroups().sandbox(identity.owner, sandbox_id))
+            removed.append(_removed(sandbox_id, identity, identity.owner))
+            for sandbox in list(self.live):
+                if sandbox.id == sandbox_id:
+                    sandbox._removed = True
+                    self.live.discard(sandbox)
         return removed
 
     def _stop_runc(self, sandbox_id: str) -> None:
@@ -708,7 +732,7 @@ def _removed(sandbox_id: str, identity: Identity, owner: str) -> Removed:
     """What a swept sandbox served (a pooled or helper sandbox served no known invocation)."""
     serving = identity.serving and identity.owner == owner
     return Removed(sandbox_id=sandbox_id, invocation_id=identity.invocation_id if serving else "",
-                   tool=identity.tool if serving else "")
+                   tool=identity.tool if serving else "", owner=identity.owner)
 
 
 def _running(pid: int) -> bool:
