@@ -32,14 +32,20 @@ def k8s_docs() -> list[dict[str, Any]]:
     return docs
 
 
-def workloads() -> list[dict[str, Any]]:
-    return [d for d in k8s_docs() if d["kind"] in {"Deployment", "DaemonSet"}]
+def workloads() -> list[tuple[str, dict[str, Any]]]:
+    return [(path.name, d) for path in sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+            for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] in {"Deployment", "DaemonSet"}]
+
+
+def pod_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
 
 
 def test_both_patterns_and_the_configmap_exist() -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in k8s_docs()}
     assert ("Deployment", "mcp-server") in kinds and ("DaemonSet", "toolcell") in kinds
     assert ("ConfigMap", "toolcell-config") in kinds
+    assert {file for file, _ in workloads()} == {"sidecar.yaml", "native-sidecar.yaml", "daemonset.yaml"}
 
 
 def test_configmap_holds_a_valid_config() -> None:
@@ -49,41 +55,42 @@ def test_configmap_holds_a_valid_config() -> None:
     assert {"text.wordcount", "python.run"} <= set(config.tools)
 
 
-@pytest.mark.parametrize("workload", workloads(), ids=lambda w: f"{w['kind']}/{w['metadata']['name']}")
-def test_every_container_is_locked_down(workload: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("file", "workload"), workloads(), ids=lambda w: w if isinstance(w, str) else w["kind"])
+def test_every_container_is_locked_down(file: str, workload: dict[str, Any]) -> None:
     spec = workload["spec"]["template"]["spec"]
     pod_sc = spec["securityContext"]
     assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] != 0
     assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
     assert spec["automountServiceAccountToken"] is False
     assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
-    for c in spec["containers"]:
+    for c in pod_containers(spec):
         sc = c["securityContext"]
         assert sc["readOnlyRootFilesystem"] is True, c["name"]
         assert sc["allowPrivilegeEscalation"] is False, c["name"]
-        assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
         assert not sc.get("privileged"), c["name"]
-        assert sc.get("runAsUser", pod_sc["runAsUser"]) != 0
         res = c["resources"]
         assert {"cpu", "memory"} <= set(res["requests"]) and {"cpu", "memory"} <= set(res["limits"]), c["name"]
+        if c["name"] == "prepare-dirs":  # one chown and chmod as root (tests/unit/test_kubernetes.py)
+            assert sc["capabilities"]["add"] == ["CHOWN", "FOWNER"] and "restartPolicy" not in c
+            continue
+        assert not sc["capabilities"].get("add"), c["name"]
+        assert sc.get("runAsUser", pod_sc["runAsUser"]) != 0
 
 
-@pytest.mark.parametrize("workload", workloads(), ids=lambda w: f"{w['kind']}/{w['metadata']['name']}")
-def test_toolcell_container_has_grpc_health_probes_and_grace(workload: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("file", "workload"), workloads(), ids=lambda w: w if isinstance(w, str) else w["kind"])
+def test_toolcell_container_drains_and_mounts(file: str, workload: dict[str, Any]) -> None:
     spec = workload["spec"]["template"]["spec"]
-    tc = next(c for c in spec["containers"] if c["name"] == "toolcell")
+    tc = next(c for c in pod_containers(spec) if c["name"] == "toolcell")
     assert tc["image"].startswith("toolcell/supervisor:")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        command = tc[probe]["exec"]["command"]
-        assert command[:2] == ["toolcell", "health"], probe
-    assert "--live" in tc["livenessProbe"]["exec"]["command"]
-    assert "--live" not in tc["readinessProbe"]["exec"]["command"]
+    # Probes are HTTP on the metrics port, no interpreter per check (tests/unit/test_kubernetes.py).
+    assert all("exec" not in tc[probe] for probe in ("startupProbe", "readinessProbe", "livenessProbe"))
     # The pod must outlive the supervisor's drain (shutdown_grace in the ConfigMap: 20s).
     assert spec["terminationGracePeriodSeconds"] > 20
     mounts = {m["mountPath"]: m for m in tc["volumeMounts"]}
     assert mounts["/etc/toolcell"]["readOnly"] is True and "/run/toolcell" in mounts
     # The MCP server side never gets the engine socket.
-    for other in (c for c in spec["containers"] if c["name"] != "toolcell"):
+    for other in (c for c in pod_containers(spec) if c["name"] != "toolcell"):
         assert all("docker.sock" not in m["mountPath"] for m in other.get("volumeMounts", []))
 
 
@@ -129,6 +136,36 @@ def test_systemd_unit_sandboxing() -> None:
 def test_image_config_is_valid() -> None:
     config = load_config(REPO / "images" / "supervisor" / "toolcell.yaml")
     assert config.server.listen == "unix:///run/toolcell/toolcell.sock"
+
+
+def _configmap_doc() -> dict[str, Any]:
+    cm = next(d for d in k8s_docs() if d["kind"] == "ConfigMap")
+    doc: dict[str, Any] = yaml.safe_load(cm["data"]["toolcell.yaml"])
+    return doc
+
+
+SHIPPED_CONFIGS = {
+    "compose": lambda: yaml.safe_load((DEPLOY / "compose" / "config" / "toolcell.yaml").read_text()),
+    "image": lambda: yaml.safe_load((REPO / "images" / "supervisor" / "toolcell.yaml").read_text()),
+    "kubernetes": _configmap_doc,
+}
+
+
+@pytest.mark.parametrize("where", sorted(SHIPPED_CONFIGS))
+def test_shipped_configs_keep_a_rotated_audit_trail_on_a_volume(where: str) -> None:
+    doc = SHIPPED_CONFIGS[where]()
+    # Instances are unique by default (pod or host name): a shipped config never pins one.
+    assert "instance" not in doc["server"]
+    audit = parse_config(doc, environ={}).security.audit
+    assert audit is not None and audit.max_bytes <= 256 * 2**20 and audit.keep >= 1 and audit.protect_s > 0
+    directory = str(Path(audit.file).parent)
+    if where == "kubernetes":  # its own volume (tests/unit/test_kubernetes.py checks each pod mounts it)
+        assert directory == "/var/log/toolcell"
+    else:  # the named volume compose mounts there (the image's callers mount one at /run/toolcell too)
+        compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+        volumes = dict(v.split(":")[:2][::-1] for v in compose["services"]["toolcell"]["volumes"])
+        parent = str(Path(directory).parent)
+        assert volumes[parent] in compose["volumes"], volumes  # a named volume: it outlives the container
 
 
 def test_config_show_masks_secrets(tmp_path: Path) -> None:
