@@ -55,8 +55,9 @@ tracer = trace.get_tracer("toolcell.pipeline")
 Emit = Callable[[Event], Awaitable[None]]
 T = TypeVar("T")
 
-# Time reserved before a caller's deadline to kill the sandbox and still deliver the result.
-DEADLINE_MARGIN_S = 0.25
+# Time kept back before a caller's deadline to kill the sandbox (SIGKILL), remove it and deliver the result.
+# The kill grace is not kept back: when it does not fit before the deadline, the kill is SIGKILL at once.
+DEADLINE_MARGIN_S = 0.5
 # After the main process exits, how long output may take to drain before we stop waiting.
 DRAIN_TIMEOUT_S = 5.0
 
@@ -130,10 +131,17 @@ def validate(config: Config, resolved: ResolvedTool, arguments_json: str) -> dic
 
 
 def effective_timeout(resolved: ResolvedTool, deadline_s: float | None, now: float) -> float | None:
-    """A caller deadline shorter than the tool's timeout wins, with room left to report."""
+    """A caller deadline shorter than the tool's timeout wins, with room left to kill and report."""
     if deadline_s is None:
         return None
-    return max(0.05, deadline_s - now - resolved.profile.kill_grace_s - DEADLINE_MARGIN_S)
+    return max(0.05, deadline_s - now - DEADLINE_MARGIN_S)
+
+
+def kill_grace(spec: SandboxSpec, deadline_s: float | None, now: float) -> float:
+    """The SIGTERM grace that still fits before the caller's deadline (0: SIGKILL at once)."""
+    if deadline_s is None:
+        return spec.kill_grace_s
+    return max(0.0, min(spec.kill_grace_s, deadline_s - now - DEADLINE_MARGIN_S))
 
 
 def compile_step(config: Config, resolved: ResolvedTool, invocation_id: str, timeout_s: float | None) -> SandboxSpec:
@@ -165,7 +173,10 @@ async def create(backend: Backend, spec: SandboxSpec, on_orphan: Callable[[Sandb
 
 
 async def terminate(sandbox: Sandbox, waiter: asyncio.Future[ExitInfo], grace_s: float) -> None:
-    """SIGTERM, wait ``grace_s``, then SIGKILL (trio's deliver_cancel, applied to a sandbox)."""
+    """SIGTERM, wait ``grace_s``, then SIGKILL (trio's deliver_cancel, applied to a sandbox); no grace: SIGKILL."""
+    if grace_s <= 0:
+        await sandbox.signal(signal.SIGKILL)
+        return
     await sandbox.signal(signal.SIGTERM)
     try:
         await asyncio.wait_for(asyncio.shield(waiter), timeout=grace_s)
@@ -213,8 +224,8 @@ async def pump(sandbox: Sandbox, collected: Collected, emit: Emit, stream_live: 
 
 async def supervise(sandbox: Sandbox, spec: SandboxSpec, collected: Collected, emit: Emit,
                     cancelled: asyncio.Event, stream_live: bool, frames: FrameReader | None = None,
-                    redactor: Redactor | None = None) -> Outcome:
-    """Stream output while enforcing the timeout and honouring cancellation."""
+                    redactor: Redactor | None = None, deadline_s: float | None = None) -> Outcome:
+    """Stream output while enforcing the timeout and honouring cancellation, within the caller's deadline."""
     pumping = asyncio.ensure_future(pump(sandbox, collected, emit, stream_live, frames, redactor))
     waiter = asyncio.ensure_future(sandbox.wait())
     cancel_wait = asyncio.ensure_future(cancelled.wait())
@@ -224,10 +235,12 @@ async def supervise(sandbox: Sandbox, spec: SandboxSpec, collected: Collected, e
                                      return_when=asyncio.FIRST_COMPLETED)
         if waiter not in done:
             reason = "killed" if cancel_wait in done else "timeout"
-            await terminate(sandbox, waiter, spec.kill_grace_s)
+            await terminate(sandbox, waiter, kill_grace(spec, deadline_s, time.monotonic()))
         exit_info = await waiter
+        drain = DRAIN_TIMEOUT_S if deadline_s is None else \
+            min(DRAIN_TIMEOUT_S, max(0.05, deadline_s - time.monotonic() - DEADLINE_MARGIN_S / 2))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(pumping), timeout=DRAIN_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.shield(pumping), timeout=drain)
         return Outcome(exit=exit_info, reason=reason, collected=collected)
     finally:
         for task in (pumping, waiter, cancel_wait):
@@ -371,7 +384,8 @@ async def contain(services: Services, resolved: ResolvedTool, spec: SandboxSpec,
         if remaining is not None and remaining < spec.timeout_s:
             spec = dataclasses.replace(spec, timeout_s=remaining)
         with step("toolcell.run", redactor, **{"toolcell.timeout_s": spec.timeout_s}):
-            outcome = await supervise(sandbox, spec, collected, emit, cancelled, stream_live, frames, redactor)
+            outcome = await supervise(sandbox, spec, collected, emit, cancelled, stream_live, frames, redactor,
+                                      deadline_s)
         with step("toolcell.collect", redactor):
             usage: Usage = await sandbox.usage()
     finally:

@@ -219,10 +219,13 @@ async def test_client_disconnect_removes_the_container(tmp_path: Path) -> None:
 
 
 async def test_grpc_deadline_shorter_than_timeout_wins(tmp_path: Path) -> None:
+    """The kill grace (1 s here) is not held back from the tool: a 4 s deadline runs it well over 2.5 s."""
+    ticks = "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.25)"
     async with running_supervisor(tmp_path) as (_, client):
         t0 = time.monotonic()
-        result = await client.call("python.run", code("import time\ntime.sleep(60)"), timeout=4.0)
+        result = await client.call("python.run", code(ticks), timeout=4.0)
     assert result.status is Status.TIMEOUT and time.monotonic() - t0 < 4.0
+    assert result.output.count("tick") >= 11, result.output.count("tick")
 
 
 async def test_health_reflection_and_socket_mode(tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ async def liar(proc: FakeProcess) -> int:
 BEHAVIOURS = {"echo": echo, "sleeper": sleeper, "stubborn": stubborn, "hog": hog, "flood": flood, "liar": liar}
 
 
-def config(timeout: str = "2s") -> Any:
+def config(timeout: str = "2s", kill_grace: str = "100ms") -> Any:
     tools = [{"name": n, "description": n, "image": n, "command": ["run"]} for n in [*BEHAVIOURS, "ghost"]]
     tools[0]["input_schema"] = {"type": "object", "properties": {"text": {"type": "string"},
                                                                 "code": {"type": "integer"}},
@@ -67,7 +67,7 @@ def config(timeout: str = "2s") -> Any:
     return parse_config({
         "version": 1,
         "server": {"instance": "unit"},
-        "profiles": {"default": {"timeout": timeout, "kill_grace": "100ms",
+        "profiles": {"default": {"timeout": timeout, "kill_grace": kill_grace,
                                  "output": {"stdout_max_bytes": 10000, "stderr_max_bytes": 100}}},
         "tools": tools,
     })
@@ -213,6 +213,28 @@ async def test_deadline_shorter_than_timeout_wins(backend: FakeBackend) -> None:
     t0 = time.monotonic()
     result, _ = await run(sup, "sleeper", deadline_s=t0 + 0.6)
     assert result.status is Status.TIMEOUT and time.monotonic() - t0 < 0.6
+
+
+async def test_a_deadline_gives_the_tool_all_but_the_delivery_margin_then_sigkill() -> None:
+    """The kill grace is not held back: a 3 s deadline with a 2 s grace runs the tool ~2.5 s, then SIGKILL
+    (no SIGTERM: the grace does not fit), and the result arrives before the deadline."""
+    started: list[float] = []
+
+    async def stubborn(proc: FakeProcess) -> int:
+        proc.ignore(signal.SIGTERM)
+        started.append(time.monotonic())
+        await asyncio.sleep(3600)
+        return 0
+
+    backend = FakeBackend({"echo": stubborn})
+    sup = Supervisor(config("30s", kill_grace="2s"), backend)
+    t0 = time.monotonic()
+    result, _ = await run(sup, "echo", '{"text": "x"}', deadline_s=t0 + 3.0)
+    took = time.monotonic() - t0
+    ran = time.monotonic() - started[0]
+    assert result.status is Status.TIMEOUT and took < 3.0, took
+    assert ran > 2.3, f"the tool ran {ran:.2f} s of a 3 s deadline"
+    assert [sig for _, sig in backend.signals] == [signal.SIGKILL]
 
 
 async def test_start_sweeps_leftovers_and_shutdown_refuses_new_calls(backend: FakeBackend) -> None:
