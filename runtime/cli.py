@@ -1,5 +1,5 @@
 """Command line: ``toolcell serve | call | tools | mcp | profiles check | images build|mcp | secrets | health |
-reload | config show | client setup|list | bench | version``.
+reload | config show | client setup|list | sbom | bench | version``.
 
 Exit codes: 0 ok; 1 the tool ran and its status is not ok; 2 usage error; 3 rejected (bad config,
 bad arguments, unknown tool ...); 4 the supervisor or the engine is unreachable.
@@ -423,6 +423,39 @@ def _client_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sbom(args: argparse.Namespace) -> int:
+    """CycloneDX 1.5 JSON of the Python environment and of images; ``--list``: the images to cover."""
+    from toolcell.sbom import SbomError, build_bom, image_present, images_in_use, python_packages, read_image, render
+    from toolcell.settings import load_config
+
+    used = images_in_use(load_config(args.config))
+    if args.list:
+        for image, users in used.items():
+            state = "present" if image_present(image) else "missing (build or pull it first)"
+            print(f"{image:40} {state:10}  {', '.join(users)}")
+        return EXIT_OK
+    images = list(args.image or [])
+    python = args.python or not images
+    if not args.image and not args.python:  # everything: the environment and every image present
+        images = [image for image in used if image_present(image)]
+        for image in (i for i in used if i not in images):
+            print(f"toolcell: sbom: {image} is not in the local engine; not included", file=sys.stderr)
+    try:
+        contents = [read_image(image) for image in images]
+    except SbomError as exc:
+        return _fail(f"sbom: {exc}", EXIT_REJECTED)
+    text = render(build_bom(python_packages() if python else None, contents))
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text)
+        counts = ", ".join(f"{c.reference}: {len(c.packages)}" for c in contents)
+        print(f"wrote {args.out} (CycloneDX 1.5{'; ' + counts if counts else ''})", file=sys.stderr)
+    else:
+        print(text)
+    return EXIT_OK
+
+
 def _images(args: argparse.Namespace) -> int:
     from toolcell.images import build_images
 
@@ -565,6 +598,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--target", help="the supervisor's socket; its state file is <socket>.state")
     r.add_argument("--state-file", help="the supervisor's state file (server.state_file)")
     r.add_argument("--timeout", type=float, default=15.0)
+    sb = sub.add_parser("sbom", help="a CycloneDX 1.5 JSON bill of materials: the Python environment and images "
+                        "(Debian, Python and npm packages); default: the environment and every image --list shows")
+    sb.add_argument("--image", action="append", metavar="IMAGE", help="an image in the local engine (repeatable; "
+                    "never pulled)")
+    sb.add_argument("--python", action="store_true", help="the Python environment toolcell runs in (default "
+                    "without --image)")
+    sb.add_argument("--out", metavar="FILE", help="write the document here (default: stdout)")
+    sb.add_argument("--list", action="store_true", help="the images the config uses and the runner images, and "
+                    "whether the local engine has them")
+    sb.add_argument("--config", help="YAML config file whose images --list and the default cover")
     cl = sub.add_parser("client", help="MCP clients' configuration files (Claude Desktop, Cursor, VS Code)")
     cls = cl.add_subparsers(dest="subcommand", required=True)
     cset = cls.add_parser("setup", help="add toolcell (toolcell mcp --target ADDRESS) to a client's file, keeping "
@@ -622,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
             return _config_show(args)
         if args.command == "client":
             return _client_config(args)
+        if args.command == "sbom":
+            return _sbom(args)
         return _version(args)
     except ConfigError as exc:
         return _fail(f"invalid configuration: {exc}", EXIT_REJECTED)
