@@ -6,7 +6,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from google.protobuf import json_format
+
 from toolcell.api.v1 import supervisor_pb2 as pb
+from toolcell.errors import InvalidArguments
 from toolcell.model import Event, InvocationRequest, OutputChunk, Progress, Result, Started, Status, Tool
 
 # The most content_json a client parses: gRPC's default receive limit, which bounds the whole message
@@ -25,10 +28,47 @@ STATUS_TO_PB = {
 PB_TO_STATUS = {v: k for k, v in STATUS_TO_PB.items()}
 
 
-def request_from_pb(msg: pb.ExecuteRequest, deadline_s: float | None) -> InvocationRequest:
+# Whole doubles up to this magnitude are exact: they become JSON integers (a Struct has only doubles).
+_EXACT_INT = 2 ** 53
+# A Struct this large (serialized) is converted off the event loop.
+STRUCT_INLINE_BYTES = 64 * 1024
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT_INT:
+        return int(value)
+    if isinstance(value, list):
+        return [_whole(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole(v) for k, v in value.items()}
+    return value
+
+
+def arguments_text(msg: pb.ExecuteRequest) -> str:
+    """The call's arguments as JSON text: ``arguments_json``, or the ``arguments`` Struct written as JSON.
+    ``InvalidArguments`` for a Struct JSON cannot hold (NaN, infinities). Both given: ``check_arguments_fields``
+    refuses the request."""
+    if not msg.HasField("arguments"):
+        return msg.arguments_json
+    try:
+        value = _whole(json_format.MessageToDict(msg.arguments))
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArguments("arguments: a number is NaN or infinite, or the value nests too deep "
+                               "(JSON can hold neither)") from exc
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def check_arguments_fields(msg: pb.ExecuteRequest) -> None:
+    """INVALID_ARGUMENT when a request gives its arguments twice."""
+    if msg.arguments_json and msg.HasField("arguments"):
+        raise InvalidArguments("give arguments_json or arguments (a Struct), not both")
+
+
+def request_from_pb(msg: pb.ExecuteRequest, deadline_s: float | None,
+                    arguments_json: str | None = None) -> InvocationRequest:
     return InvocationRequest(
         tool=msg.tool,
-        arguments_json=msg.arguments_json,
+        arguments_json=msg.arguments_json if arguments_json is None else arguments_json,
         invocation_id=msg.invocation_id,
         caller_metadata=dict(msg.caller_metadata),
         deadline_s=deadline_s,

@@ -27,7 +27,15 @@ from toolcell.policy.access import Principal
 from toolcell.policy.requests import check_cancel, check_request
 from toolcell.policy.scrub import Redactor
 from toolcell.quoting import quote
-from toolcell.server.convert import event_to_pb, request_from_pb, result_to_pb, tool_to_pb
+from toolcell.server.convert import (
+    STRUCT_INLINE_BYTES,
+    arguments_text,
+    check_arguments_fields,
+    event_to_pb,
+    request_from_pb,
+    result_to_pb,
+    tool_to_pb,
+)
 from toolcell.server.identity import Authenticator
 from toolcell.server.status import RETRY_AFTER_KEY, status_for
 from toolcell.supervisor import Supervisor, new_invocation_id
@@ -187,10 +195,25 @@ class SupervisorService(pb_grpc.SupervisorServicer):
         remaining = context.time_remaining()
         deadline_s = time.monotonic() + remaining if remaining is not None else None
         undecodable = isinstance(request, Undecodable)
-        call = request_from_pb(pb.ExecuteRequest() if undecodable else request, deadline_s)
-        peer, principal = await self._screen(
-            context, span, "call", request, lambda: check_request(call, self.supervisor.config.limits),
-            "" if undecodable else request.tool)
+        message = pb.ExecuteRequest() if undecodable else request
+        # A Struct's arguments become JSON text; a large one off the event loop (its size is the message's).
+        struct_error: InvalidArguments | None = None
+        try:
+            arguments = await asyncio.to_thread(arguments_text, message) \
+                if message.HasField("arguments") and message.arguments.ByteSize() > STRUCT_INLINE_BYTES \
+                else arguments_text(message)
+        except InvalidArguments as exc:
+            arguments, struct_error = "", exc
+        call = request_from_pb(message, deadline_s, arguments)
+
+        def screen() -> None:
+            check_arguments_fields(message)
+            if struct_error is not None:
+                raise struct_error
+            check_request(call, self.supervisor.config.limits)
+
+        peer, principal = await self._screen(context, span, "call", request, screen,
+                                             "" if undecodable else request.tool)
         # From here on the caller's strings are bounded and of a small character set.
         ending: Ending | None = None
 

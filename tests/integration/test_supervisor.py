@@ -287,3 +287,28 @@ async def test_supervisor_survives_hostile_calls_and_concurrency(tmp_path: Path)
         assert statuses[3] is Status.ERROR and results[3].exit_code == 3 and "\ufffd" in results[3].output
         after = await client.call("text.wordcount", json.dumps({"text": "alive"}))
         assert after.status is Status.OK
+
+
+async def test_generic_grpc_clients_may_send_arguments_as_a_struct(tmp_path: Path) -> None:
+    """grpcurl -d '{"tool": "text.wordcount", "arguments": {"text": "..."}}' works; giving both fields, or a
+    number JSON cannot hold, is INVALID_ARGUMENT before any sandbox."""
+    from google.protobuf import struct_pb2
+
+    from toolcell.api.v1 import supervisor_pb2 as pb
+    from toolcell.api.v1 import supervisor_pb2_grpc as pb_grpc
+
+    def request(arguments: dict[str, object], arguments_json: str = "") -> pb.ExecuteRequest:
+        struct = struct_pb2.Struct()
+        struct.update(arguments)
+        return pb.ExecuteRequest(tool="text.wordcount", arguments=struct, arguments_json=arguments_json)
+
+    async with running_supervisor(tmp_path) as (app, _), grpc.aio.insecure_channel(app.address) as channel:
+        stub = pb_grpc.SupervisorStub(channel)
+        result = await stub.Call(request({"text": "one two three"}))
+        assert result.status == pb.STATUS_OK and json.loads(result.output)["words"] == 3
+        for bad, words in ((request({"text": "x"}, '{"text": "x"}'), "not both"),
+                           (request({"text": float("nan")}), "NaN or infinite"),
+                           (request({"text": 5}), "text")):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Call(bad)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in str(info.value.details())

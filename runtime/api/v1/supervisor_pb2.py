@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctoolcell/v1/supervisor.proto\x12\x0btoolcell.v1\"\xce\x01\n\x0e\x45xecuteRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\t\x12\x15\n\rinvocation_id\x18\x03 \x01(\t\x12H\n\x0f\x63\x61ller_metadata\x18\x04 \x03(\x0b\x32/.toolcell.v1.ExecuteRequest.CallerMetadataEntry\x1a\x35\n\x13\x43\x61llerMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xea\x01\n\x0c\x45xecuteEvent\x12\'\n\x07started\x18\x01 \x01(\x0b\x32\x14.toolcell.v1.StartedH\x00\x12*\n\x06stdout\x18\x02 \x01(\x0b\x32\x18.toolcell.v1.OutputChunkH\x00\x12*\n\x06stderr\x18\x03 \x01(\x0b\x32\x18.toolcell.v1.OutputChunkH\x00\x12%\n\x06result\x18\x04 \x01(\x0b\x32\x13.toolcell.v1.ResultH\x00\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x15.toolcell.v1.ProgressH\x00\x42\x07\n\x05\x65vent\"K\n\x08Progress\x12\x10\n\x08progress\x18\x01 \x01(\x01\x12\x12\n\x05total\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x03 \x01(\tB\x08\n\x06_total\"e\n\x07Started\x12\x15\n\rinvocation_id\x18\x01 \x01(\t\x12\x12\n\nsandbox_id\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x0c\n\x04tool\x18\x04 \x01(\t\x12\x10\n\x08trace_id\x18\x05 \x01(\t\"\x1b\n\x0bOutputChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\"7\n\x05Usage\x12\x19\n\x11peak_memory_bytes\x18\x01 \x01(\x04\x12\x13\n\x0b\x63pu_time_ns\x18\x02 \x01(\x04\"\x8b\x01\n\x11\x45gressDestination\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0f\n\x07\x61llowed\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0b\x63onnections\x18\x05 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x06 \x01(\x04\x12\x12\n\nbytes_down\x18\x07 \x01(\x04\"\xf2\x05\n\x06Result\x12#\n\x06status\x18\x01 \x01(\x0e\x32\x13.toolcell.v1.Status\x12\x11\n\texit_code\x18\x02 \x01(\x05\x12\x0e\n\x06output\x18\x03 \x01(\t\x12\x0e\n\x06stderr\x18\x04 \x01(\t\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x04\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.toolcell.v1.Usage\x12\x10\n\x08trace_id\x18\x08 \x01(\t\x12\x15\n\rinvocation_id\x18\t \x01(\t\x12\x0f\n\x07message\x18\n \x01(\t\x12\x14\n\x0cstdout_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cstderr_bytes\x18\x0c \x01(\x04\x12\x12\n\nsandbox_id\x18\r \x01(\t\x12\x37\n\nredactions\x18\x0e \x03(\x0b\x32#.toolcell.v1.Result.RedactionsEntry\x12\x35\n\tsanitized\x18\x0f \x03(\x0b\x32\".toolcell.v1.Result.SanitizedEntry\x12\x44\n\x11injection_markers\x18\x10 \x03(\x0b\x32).toolcell.v1.Result.InjectionMarkersEntry\x12\x1f\n\x17structured_content_json\x18\x11 \x01(\t\x12.\n\x06\x65gress\x18\x12 \x03(\x0b\x32\x1e.toolcell.v1.EgressDestination\x12\x14\n\x0c\x63ontent_json\x18\x13 \x01(\t\x12\x10\n\x08is_error\x18\x14 \x01(\x08\x1a\x31\n\x0fRedactionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x30\n\x0eSanitizedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x37\n\x15InjectionMarkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\"\n\x10ListToolsRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\"\xe8\x01\n\x0fToolAnnotations\x12\r\n\x05title\x18\x01 \x01(\t\x12\x1b\n\x0eread_only_hint\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1d\n\x10\x64\x65structive_hint\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x0fidempotent_hint\x18\x04 \x01(\x08H\x02\x88\x01\x01\x12\x1c\n\x0fopen_world_hint\x18\x05 \x01(\x08H\x03\x88\x01\x01\x42\x11\n\x0f_read_only_hintB\x13\n\x11_destructive_hintB\x12\n\x10_idempotent_hintB\x12\n\x10_open_world_hint\"\xa2\x01\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x19\n\x11input_schema_json\x18\x04 \x01(\t\x12\x1a\n\x12output_schema_json\x18\x05 \x01(\t\x12\x31\n\x0b\x61nnotations\x18\x06 \x01(\x0b\x32\x1c.toolcell.v1.ToolAnnotations\"J\n\x11ListToolsResponse\x12 \n\x05tools\x18\x01 \x03(\x0b\x32\x11.toolcell.v1.Tool\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"&\n\rCancelRequest\x12\x15\n\rinvocation_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08*\x9f\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tSTATUS_OK\x10\x01\x12\x10\n\x0cSTATUS_ERROR\x10\x02\x12\x12\n\x0eSTATUS_TIMEOUT\x10\x03\x12\x0e\n\nSTATUS_OOM\x10\x04\x12\x11\n\rSTATUS_KILLED\x10\x05\x12\x11\n\rSTATUS_DENIED\x10\x06\x12\x12\n\x0eSTATUS_INVALID\x10\x07\x32\x9a\x02\n\nSupervisor\x12\x43\n\x07\x45xecute\x12\x1b.toolcell.v1.ExecuteRequest\x1a\x19.toolcell.v1.ExecuteEvent0\x01\x12\x38\n\x04\x43\x61ll\x12\x1b.toolcell.v1.ExecuteRequest\x1a\x13.toolcell.v1.Result\x12J\n\tListTools\x12\x1d.toolcell.v1.ListToolsRequest\x1a\x1e.toolcell.v1.ListToolsResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.toolcell.v1.CancelRequest\x1a\x1b.toolcell.v1.CancelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctoolcell/v1/supervisor.proto\x12\x0btoolcell.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xfa\x01\n\x0e\x45xecuteRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\t\x12\x15\n\rinvocation_id\x18\x03 \x01(\t\x12H\n\x0f\x63\x61ller_metadata\x18\x04 \x03(\x0b\x32/.toolcell.v1.ExecuteRequest.CallerMetadataEntry\x12*\n\targuments\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a\x35\n\x13\x43\x61llerMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xea\x01\n\x0c\x45xecuteEvent\x12\'\n\x07started\x18\x01 \x01(\x0b\x32\x14.toolcell.v1.StartedH\x00\x12*\n\x06stdout\x18\x02 \x01(\x0b\x32\x18.toolcell.v1.OutputChunkH\x00\x12*\n\x06stderr\x18\x03 \x01(\x0b\x32\x18.toolcell.v1.OutputChunkH\x00\x12%\n\x06result\x18\x04 \x01(\x0b\x32\x13.toolcell.v1.ResultH\x00\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x15.toolcell.v1.ProgressH\x00\x42\x07\n\x05\x65vent\"K\n\x08Progress\x12\x10\n\x08progress\x18\x01 \x01(\x01\x12\x12\n\x05total\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x03 \x01(\tB\x08\n\x06_total\"e\n\x07Started\x12\x15\n\rinvocation_id\x18\x01 \x01(\t\x12\x12\n\nsandbox_id\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x0c\n\x04tool\x18\x04 \x01(\t\x12\x10\n\x08trace_id\x18\x05 \x01(\t\"\x1b\n\x0bOutputChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\"7\n\x05Usage\x12\x19\n\x11peak_memory_bytes\x18\x01 \x01(\x04\x12\x13\n\x0b\x63pu_time_ns\x18\x02 \x01(\x04\"\x8b\x01\n\x11\x45gressDestination\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0f\n\x07\x61llowed\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0b\x63onnections\x18\x05 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x06 \x01(\x04\x12\x12\n\nbytes_down\x18\x07 \x01(\x04\"\xf2\x05\n\x06Result\x12#\n\x06status\x18\x01 \x01(\x0e\x32\x13.toolcell.v1.Status\x12\x11\n\texit_code\x18\x02 \x01(\x05\x12\x0e\n\x06output\x18\x03 \x01(\t\x12\x0e\n\x06stderr\x18\x04 \x01(\t\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x04\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.toolcell.v1.Usage\x12\x10\n\x08trace_id\x18\x08 \x01(\t\x12\x15\n\rinvocation_id\x18\t \x01(\t\x12\x0f\n\x07message\x18\n \x01(\t\x12\x14\n\x0cstdout_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cstderr_bytes\x18\x0c \x01(\x04\x12\x12\n\nsandbox_id\x18\r \x01(\t\x12\x37\n\nredactions\x18\x0e \x03(\x0b\x32#.toolcell.v1.Result.RedactionsEntry\x12\x35\n\tsanitized\x18\x0f \x03(\x0b\x32\".toolcell.v1.Result.SanitizedEntry\x12\x44\n\x11injection_markers\x18\x10 \x03(\x0b\x32).toolcell.v1.Result.InjectionMarkersEntry\x12\x1f\n\x17structured_content_json\x18\x11 \x01(\t\x12.\n\x06\x65gress\x18\x12 \x03(\x0b\x32\x1e.toolcell.v1.EgressDestination\x12\x14\n\x0c\x63ontent_json\x18\x13 \x01(\t\x12\x10\n\x08is_error\x18\x14 \x01(\x08\x1a\x31\n\x0fRedactionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x30\n\x0eSanitizedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x37\n\x15InjectionMarkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\"\n\x10ListToolsRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\"\xe8\x01\n\x0fToolAnnotations\x12\r\n\x05title\x18\x01 \x01(\t\x12\x1b\n\x0eread_only_hint\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1d\n\x10\x64\x65structive_hint\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x0fidempotent_hint\x18\x04 \x01(\x08H\x02\x88\x01\x01\x12\x1c\n\x0fopen_world_hint\x18\x05 \x01(\x08H\x03\x88\x01\x01\x42\x11\n\x0f_read_only_hintB\x13\n\x11_destructive_hintB\x12\n\x10_idempotent_hintB\x12\n\x10_open_world_hint\"\xa2\x01\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x19\n\x11input_schema_json\x18\x04 \x01(\t\x12\x1a\n\x12output_schema_json\x18\x05 \x01(\t\x12\x31\n\x0b\x61nnotations\x18\x06 \x01(\x0b\x32\x1c.toolcell.v1.ToolAnnotations\"J\n\x11ListToolsResponse\x12 \n\x05tools\x18\x01 \x03(\x0b\x32\x11.toolcell.v1.Tool\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"&\n\rCancelRequest\x12\x15\n\rinvocation_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08*\x9f\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tSTATUS_OK\x10\x01\x12\x10\n\x0cSTATUS_ERROR\x10\x02\x12\x12\n\x0eSTATUS_TIMEOUT\x10\x03\x12\x0e\n\nSTATUS_OOM\x10\x04\x12\x11\n\rSTATUS_KILLED\x10\x05\x12\x11\n\rSTATUS_DENIED\x10\x06\x12\x12\n\x0eSTATUS_INVALID\x10\x07\x32\x9a\x02\n\nSupervisor\x12\x43\n\x07\x45xecute\x12\x1b.toolcell.v1.ExecuteRequest\x1a\x19.toolcell.v1.ExecuteEvent0\x01\x12\x38\n\x04\x43\x61ll\x12\x1b.toolcell.v1.ExecuteRequest\x1a\x13.toolcell.v1.Result\x12J\n\tListTools\x12\x1d.toolcell.v1.ListToolsRequest\x1a\x1e.toolcell.v1.ListToolsResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.toolcell.v1.CancelRequest\x1a\x1b.toolcell.v1.CancelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,44 +40,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESULT_SANITIZEDENTRY']._serialized_options = b'8\001'
   _globals['_RESULT_INJECTIONMARKERSENTRY']._loaded_options = None
   _globals['_RESULT_INJECTIONMARKERSENTRY']._serialized_options = b'8\001'
-  _globals['_STATUS']._serialized_start=2246
-  _globals['_STATUS']._serialized_end=2405
-  _globals['_EXECUTEREQUEST']._serialized_start=46
-  _globals['_EXECUTEREQUEST']._serialized_end=252
-  _globals['_EXECUTEREQUEST_CALLERMETADATAENTRY']._serialized_start=199
-  _globals['_EXECUTEREQUEST_CALLERMETADATAENTRY']._serialized_end=252
-  _globals['_EXECUTEEVENT']._serialized_start=255
-  _globals['_EXECUTEEVENT']._serialized_end=489
-  _globals['_PROGRESS']._serialized_start=491
-  _globals['_PROGRESS']._serialized_end=566
-  _globals['_STARTED']._serialized_start=568
-  _globals['_STARTED']._serialized_end=669
-  _globals['_OUTPUTCHUNK']._serialized_start=671
-  _globals['_OUTPUTCHUNK']._serialized_end=698
-  _globals['_USAGE']._serialized_start=700
-  _globals['_USAGE']._serialized_end=755
-  _globals['_EGRESSDESTINATION']._serialized_start=758
-  _globals['_EGRESSDESTINATION']._serialized_end=897
-  _globals['_RESULT']._serialized_start=900
-  _globals['_RESULT']._serialized_end=1654
-  _globals['_RESULT_REDACTIONSENTRY']._serialized_start=1498
-  _globals['_RESULT_REDACTIONSENTRY']._serialized_end=1547
-  _globals['_RESULT_SANITIZEDENTRY']._serialized_start=1549
-  _globals['_RESULT_SANITIZEDENTRY']._serialized_end=1597
-  _globals['_RESULT_INJECTIONMARKERSENTRY']._serialized_start=1599
-  _globals['_RESULT_INJECTIONMARKERSENTRY']._serialized_end=1654
-  _globals['_LISTTOOLSREQUEST']._serialized_start=1656
-  _globals['_LISTTOOLSREQUEST']._serialized_end=1690
-  _globals['_TOOLANNOTATIONS']._serialized_start=1693
-  _globals['_TOOLANNOTATIONS']._serialized_end=1925
-  _globals['_TOOL']._serialized_start=1928
-  _globals['_TOOL']._serialized_end=2090
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=2092
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=2166
-  _globals['_CANCELREQUEST']._serialized_start=2168
-  _globals['_CANCELREQUEST']._serialized_end=2206
-  _globals['_CANCELRESPONSE']._serialized_start=2208
-  _globals['_CANCELRESPONSE']._serialized_end=2243
-  _globals['_SUPERVISOR']._serialized_start=2408
-  _globals['_SUPERVISOR']._serialized_end=2690
+  _globals['_STATUS']._serialized_start=2320
+  _globals['_STATUS']._serialized_end=2479
+  _globals['_EXECUTEREQUEST']._serialized_start=76
+  _globals['_EXECUTEREQUEST']._serialized_end=326
+  _globals['_EXECUTEREQUEST_CALLERMETADATAENTRY']._serialized_start=273
+  _globals['_EXECUTEREQUEST_CALLERMETADATAENTRY']._serialized_end=326
+  _globals['_EXECUTEEVENT']._serialized_start=329
+  _globals['_EXECUTEEVENT']._serialized_end=563
+  _globals['_PROGRESS']._serialized_start=565
+  _globals['_PROGRESS']._serialized_end=640
+  _globals['_STARTED']._serialized_start=642
+  _globals['_STARTED']._serialized_end=743
+  _globals['_OUTPUTCHUNK']._serialized_start=745
+  _globals['_OUTPUTCHUNK']._serialized_end=772
+  _globals['_USAGE']._serialized_start=774
+  _globals['_USAGE']._serialized_end=829
+  _globals['_EGRESSDESTINATION']._serialized_start=832
+  _globals['_EGRESSDESTINATION']._serialized_end=971
+  _globals['_RESULT']._serialized_start=974
+  _globals['_RESULT']._serialized_end=1728
+  _globals['_RESULT_REDACTIONSENTRY']._serialized_start=1572
+  _globals['_RESULT_REDACTIONSENTRY']._serialized_end=1621
+  _globals['_RESULT_SANITIZEDENTRY']._serialized_start=1623
+  _globals['_RESULT_SANITIZEDENTRY']._serialized_end=1671
+  _globals['_RESULT_INJECTIONMARKERSENTRY']._serialized_start=1673
+  _globals['_RESULT_INJECTIONMARKERSENTRY']._serialized_end=1728
+  _globals['_LISTTOOLSREQUEST']._serialized_start=1730
+  _globals['_LISTTOOLSREQUEST']._serialized_end=1764
+  _globals['_TOOLANNOTATIONS']._serialized_start=1767
+  _globals['_TOOLANNOTATIONS']._serialized_end=1999
+  _globals['_TOOL']._serialized_start=2002
+  _globals['_TOOL']._serialized_end=2164
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=2166
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=2240
+  _globals['_CANCELREQUEST']._serialized_start=2242
+  _globals['_CANCELREQUEST']._serialized_end=2280
+  _globals['_CANCELRESPONSE']._serialized_start=2282
+  _globals['_CANCELRESPONSE']._serialized_end=2317
+  _globals['_SUPERVISOR']._serialized_start=2482
+  _globals['_SUPERVISOR']._serialized_end=2764
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -27,7 +28,7 @@ STATUS_DENIED: Status
 STATUS_INVALID: Status
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("tool", "arguments_json", "invocation_id", "caller_metadata")
+    __slots__ = ("tool", "arguments_json", "invocation_id", "caller_metadata", "arguments")
     class CallerMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -39,11 +40,13 @@ class ExecuteRequest(_message.Message):
     ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
     INVOCATION_ID_FIELD_NUMBER: _ClassVar[int]
     CALLER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     tool: str
     arguments_json: str
     invocation_id: str
     caller_metadata: _containers.ScalarMap[str, str]
-    def __init__(self, tool: _Optional[str] = ..., arguments_json: _Optional[str] = ..., invocation_id: _Optional[str] = ..., caller_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    arguments: _struct_pb2.Struct
+    def __init__(self, tool: _Optional[str] = ..., arguments_json: _Optional[str] = ..., invocation_id: _Optional[str] = ..., caller_metadata: _Optional[_Mapping[str, str]] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ExecuteEvent(_message.Message):
     __slots__ = ("started", "stdout", "stderr", "result", "progress")
