@@ -99,6 +99,10 @@ class EngineSettings:
     oci_rootfs_dir: str = "/var/lib/toolcell/rootfs"
     # Bundles, the runtime's own state and per-sandbox records (a crash's leftovers are swept from here).
     oci_state_dir: str = ""
+    # Where the host's cgroup files are (peak memory, CPU time, OOM kills of each sandbox). "": the first of
+    # /host/sys/fs/cgroup (the host's, mounted read-only into a containerised supervisor) and /sys/fs/cgroup
+    # that shows the engine's containers; when none does, usage comes from the engine's stats.
+    cgroup_root: str = ""
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,7 @@ def _build_engine(raw: Mapping[str, Any], env: Mapping[str, str]) -> EngineSetti
         oci_runtime=oci.get("runtime", "runc"),
         oci_rootfs_dir=oci.get("rootfs_dir", "/var/lib/toolcell/rootfs"),
         oci_state_dir=oci.get("state_dir", "{runtime_dir}/oci").replace("{runtime_dir}", str(runtime_dir())),
+        cgroup_root=raw.get("cgroup_root", ""),
     )
 
 

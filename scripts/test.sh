@@ -16,7 +16,7 @@ python scripts/gen_security_table.py --check
 step "ruff"
 ruff check runtime tests scripts
 step "mypy --strict runtime/"
-mypy runtime
+mypy
 step "bandit"
 bandit -q -c pyproject.toml -r runtime
 step "toolcell bench --quick (smoke check: it must complete and print its table; targets need the full run)"

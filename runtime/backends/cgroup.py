@@ -10,11 +10,19 @@ The cgroup disappears with the container's last process, so the last sample is t
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, Protocol
 
 from toolcell.model import Usage
 
-__all__ = ["CgroupLayout", "CgroupProbe", "UsageSampler"]
+__all__ = ["CgroupLayout", "CgroupProbe", "StatsProbe", "UsageProbe", "UsageSampler"]
+
+
+# Where a containerised supervisor finds the host's cgroup files (mounted read-only by the deploy files):
+# inside a container /sys/fs/cgroup is the container's own (a private cgroup namespace).
+HOST_CGROUP_ROOTS = ("/host/sys/fs/cgroup", "/sys/fs/cgroup")
 
 
 class CgroupLayout:
@@ -23,6 +31,24 @@ class CgroupLayout:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.v2 = (root / "cgroup.controllers").exists()
+
+    @classmethod
+    def find(cls, configured: str = "") -> CgroupLayout | None:
+        """The configured root, else the first of ``HOST_CGROUP_ROOTS`` that shows the engine's containers;
+        None: no cgroup files of the engine's containers are visible (usage must come from the engine)."""
+        for root in ([configured] if configured else HOST_CGROUP_ROOTS):
+            layout = cls(Path(root))
+            if layout.shows_containers():
+                return layout
+        return None
+
+    def shows_containers(self) -> bool:
+        """Whether the engine's container cgroups are under this root (not a container's own view)."""
+        if self.v2:
+            parents = [self.root / "system.slice", self.root / "docker"]
+        else:
+            parents = [self.root / "memory" / "docker", self.root / "memory" / "system.slice"]
+        return any(p.is_dir() for p in parents)
 
     def memory_candidates(self, cid: str) -> list[tuple[Path, bool]]:
         """(file, is_peak): a peak file, or a current-usage file whose maximum we track."""
@@ -112,17 +138,75 @@ class CgroupProbe:
         return 0
 
 
+class StatsProbe:
+    """Peak memory and CPU time of one container from the engine's stats, when its cgroup files are not
+    visible (a containerised supervisor without the host's cgroup filesystem). ``read`` fetches one
+    one-shot stats document; samples are at most every ``min_interval_s`` (each is an engine request), so
+    a short tool may be undercounted. OOM kills are left to the engine's own flag."""
+
+    def __init__(self, read: Callable[[], Mapping[str, Any]], min_interval_s: float = 0.5) -> None:
+        self._read = read
+        self._min_interval_s = min_interval_s
+        self._lock = threading.Lock()
+        self._last = 0.0
+        self._peak_memory = 0
+        self._cpu_ns = 0
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self._min_interval_s:
+                return
+            self._last = now
+        try:
+            stats = self._read()
+        except Exception:  # nosec B110 - gone, or the engine is busy: the next sample tells
+            return
+        memory = stats.get("memory_stats") or {}
+        cpu = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
+        peak = max(_int(memory.get("max_usage")), _int(memory.get("usage")))
+        with self._lock:
+            self._peak_memory = max(self._peak_memory, peak)
+            self._cpu_ns = max(self._cpu_ns, _int(cpu.get("total_usage")))
+
+    @property
+    def seen_oom_kills(self) -> int:
+        return 0
+
+    def oom_kills(self) -> int:
+        return 0
+
+    def usage(self) -> Usage:
+        with self._lock:
+            return Usage(peak_memory_bytes=self._peak_memory, cpu_time_ns=self._cpu_ns)
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+class UsageProbe(Protocol):
+    def sample(self) -> None: ...
+
+    @property
+    def seen_oom_kills(self) -> int: ...
+
+    def oom_kills(self) -> int: ...
+
+    def usage(self) -> Usage: ...
+
+
 class UsageSampler:
     """One background thread sampling every live container's cgroup every ``interval_s``."""
 
     def __init__(self, interval_s: float) -> None:
         self._interval_s = interval_s
-        self._probes: set[CgroupProbe] = set()
+        self._probes: set[UsageProbe] = set()
         self._cond = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
 
-    def add(self, probe: CgroupProbe) -> None:
+    def add(self, probe: UsageProbe) -> None:
         with self._cond:
             if self._stopped:
                 return
@@ -132,7 +216,7 @@ class UsageSampler:
                 self._thread.start()
             self._cond.notify()
 
-    def discard(self, probe: CgroupProbe) -> None:
+    def discard(self, probe: UsageProbe) -> None:
         with self._cond:
             self._probes.discard(probe)
 

@@ -56,7 +56,7 @@ from opentelemetry import trace
 
 from toolcell.backends.attach import RECV_BYTES, AttachStream, SandboxStream
 from toolcell.backends.base import ExitInfo, Removed, StreamName
-from toolcell.backends.cgroup import CgroupLayout, CgroupProbe, UsageSampler
+from toolcell.backends.cgroup import CgroupLayout, CgroupProbe, StatsProbe, UsageProbe, UsageSampler
 from toolcell.backends.channel import CHANNEL_DIR, ChannelListener, ChannelStream
 from toolcell.backends.docker_egress import (
     LABEL_INVOCATION,
@@ -156,7 +156,7 @@ class DockerBackend:
         timeout_s: float = 60.0,
         max_workers: int = 64,
         sample_interval_s: float = 0.05,
-        cgroup_root: str = "/sys/fs/cgroup",
+        cgroup_root: str = "",
     ) -> None:
         self._address = base_url or DEFAULT_BASE_URL
         # Pooled sandboxes talk over a private channel under this directory (``channel.py``) when the
@@ -173,7 +173,9 @@ class DockerBackend:
             raise BackendError(f"invalid Docker engine address {self._address!r}: {exc}") from exc
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="toolcell-docker")
         self._sampler = UsageSampler(sample_interval_s)
-        self._cgroups = CgroupLayout(Path(cgroup_root))
+        # None: the engine's container cgroups are not visible here (a containerised supervisor without the
+        # host's cgroup filesystem): usage comes from the engine's stats instead.
+        self._cgroups = CgroupLayout.find(cgroup_root)
         self._closed = False
         self._network_lock = asyncio.Lock()
 
@@ -562,7 +564,8 @@ class DockerSandbox:
         self._backend = backend
         self._api = backend._api
         self._id = container_id
-        self._probe = CgroupProbe(backend._cgroups, container_id)
+        self._probe: UsageProbe = CgroupProbe(backend._cgroups, container_id) if backend._cgroups is not None \
+            else StatsProbe(functools.partial(self._api.stats, container_id, stream=False, one_shot=True))
         self._stream: SandboxStream | None = None
         self._sock: socket.socket | None = None  # set by the starting thread, so remove() can close it
         self._attach: object = None  # keeps the hijacked HTTP response (and its socket) alive

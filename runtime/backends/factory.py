@@ -18,7 +18,8 @@ def open_backend(config: Config) -> Backend:
         from toolcell.backends.docker import DockerBackend
 
         docker: Backend = DockerBackend(engine.docker_host, channel_dir=engine.pool_channel_dir,
-                                        egress=config.egress, proxy_seccomp_json=config.seccomp["default"].json_text)
+                                        egress=config.egress, proxy_seccomp_json=config.seccomp["default"].json_text,
+                                        cgroup_root=engine.cgroup_root)
         return docker
     if engine.kind == "oci":
         from toolcell.backends.oci import OciBackend

@@ -80,6 +80,9 @@ async def test_image_serves_a_call_through_a_host_shared_socket(tmp_path: Path) 
             result = await caller.call("text.wordcount", json.dumps({"text": "through the shared socket"}))
         assert tools == {"text.wordcount", "python.run"}
         assert result.status is Status.OK and json.loads(result.output) == {"lines": 1, "words": 4, "chars": 25}
+        # The supervisor sees its own /sys/fs/cgroup, not the sandboxes' (no host cgroup mount here): usage comes
+        # from the engine's stats instead of reading 0.
+        assert result.usage.peak_memory_bytes > 0 and result.usage.cpu_time_ns > 0, result.usage
 
         deadline = time.monotonic() + 60
         while True:
