@@ -64,6 +64,7 @@ from toolcell.backends.factory import open_backend
 from toolcell.backends.oci.cgroups import CgroupTree
 from toolcell.benchhostile import HOSTILE_TOOL, Ladder, StallProbe
 from toolcell.benchoci import CpuMeter, OciFloor, RssPeak
+from toolcell.benchstats import percentile
 from toolcell.client import Client, ClientError
 from toolcell.errors import ToolcellError
 from toolcell.model import Result, Started, Status
@@ -132,15 +133,6 @@ class Plan:
 
     def mcp(self) -> benchmcp.McpPlan:
         return benchmcp.McpPlan(n=self.mcp_n, discovery_reps=self.mcp_discovery_reps)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 def summary(samples_s: list[float], elapsed_s: float | None = None) -> dict[str, float]:

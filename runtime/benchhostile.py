@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Any
 import grpc
 
 from toolcell.api.v1 import supervisor_pb2 as pb
+from toolcell.benchstats import percentile
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -291,7 +291,4 @@ async def run_attacks(call: Call, address: str, probe: StallProbe,
 
 def lateness_ms(samples: list[float] | None, q: float) -> float:
     """Nearest-rank percentile of the probe's wake-up lateness, in ms."""
-    if not samples:
-        return math.nan
-    ordered = sorted(samples)
-    return ordered[min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1] * 1000
+    return percentile(samples or [], q) * 1000

@@ -47,6 +47,7 @@ from toolcell.backends.factory import open_backend
 from toolcell.backends.oci.cgroups import CgroupTree
 from toolcell.backends.oci.rootfs import RootfsStore
 from toolcell.benchoci import oci_available
+from toolcell.benchstats import percentile
 from toolcell.client import Client, ClientError
 from toolcell.errors import ToolcellError
 from toolcell.mcpimages.spec import parse_server_list
@@ -127,15 +128,6 @@ class ServerHandle(Protocol):
 
 
 # -- pure parts -----------------------------------------------------------------------------------------
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
-
 
 def stats(samples_s: list[float]) -> dict[str, float]:
     ms = [s * 1000 for s in samples_s]
