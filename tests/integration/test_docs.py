@@ -57,7 +57,7 @@ SKIPS: tuple[tuple[str, str, str], ...] = (
     ("README.md", r"^bash scripts/demo\.sh$",
      "set-up as root (apt, the engine, image builds) and a supervisor on the machine's own socket; .ci runs it"),
     ("README.md", r"^bash scripts/test\.sh$", "the whole CI run (20 minutes): it is what runs this test"),
-    ("README.md", r"^toolcell images mcp --(pypi|npm) [^=@]+$",
+    ("README.md", r"^toolcell images mcp --(pypi|npm) ",
      "an unpinned request fetches from PyPI/npm; tests send traffic to loopback only (images/README.md's pinned "
      "requests run, offline)"),
     ("README.md", r"^TOOLCELL_TOKEN=\"\$\(get-token\)\"",
@@ -74,6 +74,8 @@ SKIPS: tuple[tuple[str, str, str], ...] = (
      "tests/unit/test_kubernetes.py"),
     ("deploy/README.md", r"^(/opt/toolcell/bin/toolcell|chown toolcell:)",
      "the systemd unit's install layout (/opt/toolcell venv, system user toolcell), made by the unit's own steps"),
+    ("deploy/README.md", r"^osv-scanner ", "scans against OSV's advisory database: network (not installed here)"),
+    ("deploy/README.md", r"pip install pip-audit", "installs from PyPI and asks PyPI's advisory data: network"),
     ("images/README.md", r"images/build\.sh",
      "rebuilds the images every test shares (scripts/setup.sh runs it; tests/integration/test_images.py checks them)"),
 )
@@ -88,15 +90,16 @@ CONTEXT: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 
 # Commands that serve until stopped: started in the background, the probe run until it passes (60 s at
-# most), then SIGTERM; the command must exit 0.
-DAEMONS: tuple[tuple[str, str], ...] = (
-    (r"\btoolcell serve\b", "toolcell health"),
+# most), then SIGTERM; the command must exit with one of the statuses given.
+DAEMONS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
+    (r"\btoolcell serve\b", "toolcell health", (0,)),  # drains, then exits 0 (deploy/README.md: Shutdown)
+    # uvicorn shuts the bridge down cleanly, then re-raises SIGTERM: 143 is a clean stop.
     (r"\btoolcell mcp --transport http --listen 127\.0\.0\.1:8765$",
-     "curl -fsS -o /dev/null -H 'Host: 127.0.0.1:8765' http://127.0.0.1:8765/healthz"),
+     "curl -fsS -o /dev/null -H 'Host: 127.0.0.1:8765' http://127.0.0.1:8765/healthz", (0, 143)),
 )
 
 # Commands that talk to a supervisor: their block gets one, on the default socket's directory.
-SUPERVISED = re.compile(r"\btoolcell (tools|call|health|reload|audit|client)\b")
+SUPERVISED = re.compile(r"\btoolcell (tools|call|health|reload|audit|client|mcp)\b")
 # A reader's environment: what the docs' commands expect to find set.
 READER_ENV = {"TOKEN": "docs-example-token-0f3a9c"}
 
@@ -120,6 +123,7 @@ class Command:
     skip: str | None  # the reason, when SKIPS lists it
     daemon_probe: str | None
     synopsis: bool
+    daemon_exits: tuple[int, ...] = (0,)
 
 
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)\n(?P<body>.*?)^(?P=indent)```\s*$", re.M | re.S)
@@ -233,12 +237,26 @@ def without_comment(line: str) -> str:
     return " ".join(lexer)
 
 
+def strip_comment(line: str) -> str:
+    """``line`` without its trailing ``# comment`` (a ``#`` after a blank, outside quotes), as the shell reads it."""
+    quote = ""
+    for i, ch in enumerate(line):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+    return line
+
+
 def classify(block: Block, line: str) -> Command:
     bare = without_comment(line)
     skip = next((reason for doc, pattern, reason in SKIPS if doc == block.doc and re.search(pattern, line)), None)
-    probe = next((p for pattern, p in DAEMONS if re.search(pattern, line)), None)
+    probe, exits = next(((p, e) for pattern, p, e in DAEMONS if re.search(pattern, strip_comment(line))),
+                        (None, (0,)))
     synopsis = block.hint == "synopsis" or "[-" in bare
-    return Command(line, skip, probe, synopsis)
+    return Command(line, skip, probe, synopsis, exits)
 
 
 def commands(block: Block) -> list[Command]:
@@ -292,8 +310,8 @@ def test_every_context_is_used() -> None:
 
 
 def test_every_daemon_is_used() -> None:
-    used = {p for p, _ in DAEMONS if any(re.search(p, c.text) for b in SHELL for c in commands(b))}
-    assert used == {p for p, _ in DAEMONS}
+    used = {p for p, _, _ in DAEMONS if any(re.search(p, c.text) for b in SHELL for c in commands(b))}
+    assert used == {p for p, _, _ in DAEMONS}
 
 
 def help_text(words: list[str]) -> str:
@@ -346,10 +364,11 @@ def script(cmds: list[Command], status_file: str) -> str:
     lines = [PRELUDE]
     for i, cmd in enumerate(cmds):
         if cmd.daemon_probe:
-            lines.append(f"{cmd.text} &\n__pid=$!; __ok=0\n"
+            lines.append(f"{strip_comment(cmd.text)} &\n__pid=$!; __ok=0\n"
                          f"for __i in $(seq 200); do {cmd.daemon_probe} >/dev/null 2>&1 && {{ __ok=1; break; }}; "
                          "kill -0 $__pid 2>/dev/null || break; sleep 0.3; done\n"
                          "kill -TERM $__pid 2>/dev/null; wait $__pid; __rc=$?\n"
+                         f"case $__rc in {'|'.join(map(str, cmd.daemon_exits))}) __rc=0;; esac\n"
                          f"[ $__ok = 1 ] || __rc=\"not ready ($__rc)\"\necho \"{i} $__rc\" >>{status_file}")
         else:
             lines.append(f"{cmd.text}\necho \"{i} $?\" >>{status_file}")
