@@ -5,7 +5,8 @@
 #   1. Debian packages (docker.io, debootstrap, runc, tini, runsc, python3-venv, iproute2, ...), apt only when missing
 #   2. runsc (gVisor) registered as an extra engine runtime in /etc/docker/daemon.json (merged, not clobbered)
 #   3. the Docker engine running (started directly when there is no systemd; reloaded when daemon.json changed)
-#   4. .venv with `pip install -e '.[dev]'` (skipped while pyproject.toml is unchanged)
+#   4. .venv with `pip install -e '.[dev]'` (skipped while pyproject.toml is unchanged), and /usr/local/bin/toolcell
+#      linked to its console script when no other toolcell is on PATH
 #   5. images/build.sh (skips images whose inputs are unchanged; unpacks their root filesystems for the oci engine)
 set -euo pipefail
 
@@ -193,6 +194,33 @@ ensure_venv() {
   printf '%s\n' "$want" >"$STAMP"
 }
 
+# `toolcell` on PATH for the README's commands: /usr/local/bin/toolcell -> the venv's console script, unless
+# another toolcell is already on PATH (an install of the reader's own: pipx, pip) or the name is taken.
+readonly CLI_LINK=/usr/local/bin/toolcell
+ensure_cli_link() {
+  local target="$VENV/bin/toolcell" found
+  if [[ -L "$CLI_LINK" && "$(readlink "$CLI_LINK")" == "$target" ]]; then
+    log "cli: $CLI_LINK -> $target"
+    return
+  fi
+  if [[ -L "$CLI_LINK" && ! -e "$CLI_LINK" ]]; then
+    log "cli: replacing $CLI_LINK, a dangling link to $(readlink "$CLI_LINK") (a removed checkout)"
+    rm -f "$CLI_LINK"
+  fi
+  found="$(command -v toolcell || true)"
+  if [[ -n "$found" ]]; then
+    log "cli: toolcell on PATH is $found; $CLI_LINK not made (use $target for this checkout)"
+    return
+  fi
+  if [[ -e "$CLI_LINK" || -L "$CLI_LINK" ]]; then
+    log "cli: $CLI_LINK exists and is not ours; left alone (use $target)"
+    return
+  fi
+  mkdir -p "$(dirname "$CLI_LINK")"
+  ln -s "$target" "$CLI_LINK"
+  log "cli: linked $CLI_LINK -> $target: toolcell is on PATH"
+}
+
 main() {
   [[ "$(id -u)" == 0 ]] || die "run as root (it installs packages and starts the Docker engine)"
   command -v dpkg-query >/dev/null || die "this needs a Debian (bookworm) machine"
@@ -202,6 +230,7 @@ main() {
   if [[ "$changed" == changed ]]; then log "runsc: registered in $DAEMON_JSON (runtime name runsc)"; fi
   ensure_engine "$changed"
   ensure_venv
+  ensure_cli_link
   log "images: building (skipped when unchanged)"
   bash "$REPO/images/build.sh"
   log "done in $((SECONDS - T0)) s"
