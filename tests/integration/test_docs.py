@@ -60,6 +60,8 @@ SKIPS: tuple[tuple[str, str, str], ...] = (
     ("README.md", r"^toolcell images mcp --(pypi|npm) ",
      "an unpinned request fetches from PyPI/npm; tests send traffic to loopback only (images/README.md's pinned "
      "requests run, offline)"),
+    ("README.md", r"^pip install \.", "installs dependencies from PyPI (network); tests/integration/test_install.py "
+     "installs the checkout offline (--no-deps) into a fresh venv and runs its toolcell"),
     ("README.md", r"^TOOLCELL_TOKEN=\"\$\(get-token\)\"",
      "get-token is the reader's identity provider; bearer-token calls run in tests/integration/test_access.py"),
     ("README.md", r"--target localhost:7443 --tls-ca",
