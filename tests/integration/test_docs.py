@@ -55,7 +55,8 @@ CONFIG_KEYS = frozenset(json.loads((REPO / "runtime" / "data" / "config.schema.j
 # document. Every entry must match a command (test_every_skip_is_used), and nothing else is skipped.
 SKIPS: tuple[tuple[str, str, str], ...] = (
     ("README.md", r"^bash scripts/demo\.sh$",
-     "set-up as root (apt, the engine, image builds) and a supervisor on the machine's own socket; .ci runs it"),
+     "runs scripts/setup.sh first (apt, the engine, rebuilding images every test on the machine shares); what it "
+     "then shows (serve, tools, call, oci, a stock MCP server) runs in the blocks below"),
     ("README.md", r"^bash scripts/test\.sh$", "the whole CI run (20 minutes): it is what runs this test"),
     ("README.md", r"^toolcell images mcp --(pypi|npm) ",
      "an unpinned request fetches from PyPI/npm; tests send traffic to loopback only (images/README.md's pinned "
@@ -461,6 +462,17 @@ async def test_command_block_runs_as_written(block: Block, tmp_path: Path) -> No
     assert len(run.statuses) == len(cmds) and not failed, (
         f"{block.id}: failed {failed}, ran {len(run.statuses)} of {len(cmds)}\n"
         f"stdout: {run.stdout[-1500:]}\nstderr: {run.stderr[-2500:]}")
+    shown = shown_output(block)
+    missing = [line for line in shown if line.split()[0] not in run.stdout]
+    assert not missing, f"{block.id}: output shown in the docs but not printed: {missing}\n{run.stdout[-1500:]}"
+
+
+def shown_output(block: Block) -> list[str]:
+    """The output lines a ``$ `` block shows (their first word must be in what the commands print)."""
+    lines = block.text.splitlines()
+    if not any(line.startswith("$ ") for line in lines):
+        return []
+    return [line for line in lines if line.strip() and not line.startswith(("$ ", "#"))]
 
 
 # ---- configs: checked as serve would, on a reader's machine with the files they name -------------------
