@@ -189,7 +189,9 @@ async def test_deadline_bounds_the_call_including_retries(tmp_path: Path) -> Non
     async with scripted_server(tmp_path) as (servicer, target), Client(target, retry=slow) as client:
         servicer.fail_first = 10**6
         t0 = time.monotonic()
-        with pytest.raises(UnavailableError):
+        # The deadline ends the retries: the last error seen, or the deadline itself when it fell inside the
+        # last attempt (a loaded machine); either way within the budget.
+        with pytest.raises((UnavailableError, DeadlineExceededError)):
             await client.list_tools(timeout=1.0)
         assert time.monotonic() - t0 < 1.5 and 1 < servicer.attempts["ListTools"] < 50
         servicer.fail_first, servicer.delay_s = 0, 5.0
