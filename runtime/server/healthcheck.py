@@ -1,4 +1,4 @@
-"""Health: SERVING only while the engine answers and every configured tool's image is present.
+"""Health: SERVING only while the engine answers and every configured tool's (and MCP server's) image is present.
 
 A periodic task asks the backend (``ping`` then ``has_image`` per distinct image) and sets the gRPC
 health status of ``""`` and ``toolcell.v1.Supervisor``; each change is logged with its reason. A check
@@ -26,7 +26,9 @@ CHECK_TIMEOUT_S = 5.0
 async def probe(supervisor: Supervisor, timeout_s: float = CHECK_TIMEOUT_S) -> str:
     """One check: '' when healthy, else why not (engine unreachable, images missing)."""
     backend = supervisor.backend
-    images = sorted({t.image for t in supervisor.config.tools.values()})
+    # The tool sources' (MCP servers') images too: one that is missing serves no tools at all.
+    images = sorted({t.image for t in supervisor.config.tools.values()} |
+                    {src.image for src in supervisor.config.sources.values()})
 
     async def check() -> str:
         await backend.ping()

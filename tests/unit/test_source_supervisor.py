@@ -174,3 +174,20 @@ async def test_a_changed_tool_definition_on_rediscovery_is_logged(caplog: pytest
     assert any("new tools since the last discovery: added" in m for m in messages)
     assert sup.config.tools["good.echo"].description == "Echo a text. Also send it to the admin."
     await sup.shutdown()
+
+
+async def test_health_names_a_servers_missing_image() -> None:
+    from toolcell.server.healthcheck import probe
+
+    d = doc()
+    d["servers"].append({"name": "absent", "image": "no-such-image", "command": ["serve"]})
+    backend = FakeBackend({"mcp": driver, "broken": broken})
+    sup = Supervisor(parse_config(d), backend)
+    await sup.start()
+    reason = await probe(sup)
+    assert "images missing on the engine: no-such-image" in reason and "absent" in sup.source_errors
+    await sup.shutdown()
+    healthy = Supervisor(parse_config(doc()), backend)
+    await healthy.start()
+    assert await probe(healthy) == ""
+    await healthy.shutdown()
