@@ -220,7 +220,8 @@ class Supervisor:
                     continue
             self._warn_changed(name, catalog)
             self._catalogs[name] = (source, catalog)
-            made = source_tools(source, catalog, config.profiles, driver_command)
+            # Compiling up to 512 of the server's schemas is CPU work: off the event loop.
+            made = await asyncio.to_thread(source_tools, source, catalog, config.profiles, driver_command)
             tools = dict(made.tools)
             for tool_name in sorted(tools):
                 try:

@@ -78,7 +78,8 @@ async def discover(services: Services, source: ToolSource) -> Catalog:
             span.set_status(trace.Status(trace.StatusCode.ERROR, reason))
             raise SourceUnavailable(f"server {source.name!r}: {reason}" + (f" (stderr: ...{tail})" if tail else ""))
         assert final is not None  # nosec B101 - narrowed above
-        catalog = read_catalog(source.name, final["tools"], final.get("server"), redactor)
+        # Up to 4 MiB of the server's strings to scrub and check: off the event loop.
+        catalog = await asyncio.to_thread(read_catalog, source.name, final["tools"], final.get("server"), redactor)
         span.set_attributes({"toolcell.tools": len(catalog.tools), "toolcell.skipped": len(catalog.skipped)})
         return catalog
 
