@@ -18,12 +18,14 @@ listener of their own (``probehttp``, as the supervisor's ``prometheus_listen``)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from mcp import types
 from mcp.server.stdio import stdio_server
@@ -200,11 +202,31 @@ async def serve_http(tools: SandboxedTools, listen: str, path: str = "/mcp", acc
         print(f"toolcell: MCP bridge metrics on http://{probes.address}/metrics (health: /healthz, /livez)",
               file=sys.stderr, flush=True)
     try:
-        await uvicorn.Server(config).serve(sockets=[sock])
+        await graceful_server(config).serve(sockets=[sock])
     finally:
         sock.close()
         if probes is not None:
             await asyncio.to_thread(probes.close)
+
+
+def graceful_server(config: Any) -> Any:
+    """A uvicorn server after whose clean shutdown on SIGTERM/SIGINT the bridge exits 0, like ``toolcell
+    serve``: uvicorn itself re-raises the signal once shut down (exit 143, which init systems read as a
+    crash). uvicorn is imported lazily, like in ``serve_http``."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    captured = getattr(self, "_captured_signals", None)
+                    if isinstance(captured, list):
+                        captured.clear()
+
+    return Server(config)
 
 
 ENV_ALLOWED_HOSTS = "TOOLCELL_MCP_ALLOWED_HOSTS"

@@ -96,9 +96,9 @@ CONTEXT: tuple[tuple[str, str, dict[str, Any]], ...] = (
 # most), then SIGTERM; the command must exit with one of the statuses given.
 DAEMONS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
     (r"\btoolcell serve\b", "toolcell health", (0,)),  # drains, then exits 0 (deploy/README.md: Shutdown)
-    # uvicorn shuts the bridge down cleanly, then re-raises SIGTERM: 143 is a clean stop.
+    # SIGTERM: the bridge shuts down cleanly and exits 0, like serve.
     (r"\btoolcell mcp --transport http --listen 127\.0\.0\.1:8765$",
-     "curl -fsS -o /dev/null -H 'Host: 127.0.0.1:8765' http://127.0.0.1:8765/healthz", (0, 143)),
+     "curl -fsS -o /dev/null -H 'Host: 127.0.0.1:8765' http://127.0.0.1:8765/healthz", (0,)),
 )
 
 # Commands that talk to a supervisor: their block gets one, on the default socket's directory.
