@@ -60,7 +60,7 @@ async def still_serving(client: Client) -> None:
 async def test_a_well_behaved_server_text_image_error_and_progress(tmp_path: Path, kind: str) -> None:
     async with running_supervisor(tmp_path, doc(tmp_path, kind, "ok")) as (_app, client):
         names = sorted(t.name for t in await client.list_tools())
-        assert names == ["ok.echo", "ok.fail", "ok.image", "ok.secret", "ok.slow", "text.wordcount"]
+        assert names == ["ok.counter", "ok.echo", "ok.fail", "ok.image", "ok.secret", "ok.slow", "text.wordcount"]
         echo = await client.call("ok.echo", {"text": "hello"})
         assert echo.status is Status.OK and echo.content == ({"type": "text", "text": "hello"},)
         assert echo.structured_content == {"echo": "hello"} and "initialized" in echo.stderr
@@ -72,6 +72,24 @@ async def test_a_well_behaved_server_text_image_error_and_progress(tmp_path: Pat
         progress = [e for e in events if isinstance(e, Progress)]
         assert slow.status is Status.OK and len(progress) >= 3 and progress[-1].total is not None
         await still_serving(client)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+async def test_nothing_a_server_keeps_outlives_its_call(tmp_path: Path, kind: str, pooled: bool) -> None:
+    """The same server called three times, cold or warm: each call meets a fresh process and a fresh disk."""
+    d = doc(tmp_path, kind, "ok", **({"pool": {"size": 1}} if pooled else {}))
+    async with running_supervisor(tmp_path, d) as (app, client):
+        seen = []
+        for _ in range(3):
+            if pooled:
+                for _ in range(300):
+                    if app.supervisor.pools.ready("ok.counter") == 1:
+                        break
+                    await asyncio.sleep(0.05)
+            result = await client.call("ok.counter", {})
+            assert result.status is Status.OK, result.message
+            seen.append(result.output)
+    assert seen == ["memory 1 disk 1"] * 3
 
 
 async def test_cancel_tells_the_server_then_kills_the_sandbox(tmp_path: Path, kind: str) -> None:

@@ -2,7 +2,7 @@
 
 Standard library only; writes nothing to disk (it runs in sandboxes as uid 10001 on a read-only root).
 Modes:
-  ok            tools echo (text + structuredContent, outputSchema; logs one notifications/message first),
+  ok            tools counter (calls counted in memory and in /tmp/count), echo (text + structuredContent, outputSchema; logs one notifications/message first),
                 image (a PNG block), fail (isError), slow ({"seconds": N}: progress every 0.2 s; on
                 notifications/cancelled writes "cancelled <requestId>" to stderr and exits), secret
                 ($API_KEY). An unknown tool gets a JSON-RPC error. Writes "initialized" to stderr once
@@ -39,7 +39,9 @@ TOOLS = [
     {"name": "slow", "description": "Sleeps, with progress.",
      "inputSchema": {"type": "object", "properties": {"seconds": {"type": "number"}}}},
     {"name": "secret", "description": "Returns $API_KEY.", "inputSchema": OBJECT},
+    {"name": "counter", "description": "Counts its calls in memory and in /tmp/count.", "inputSchema": OBJECT},
 ]
+calls = 0
 lock = threading.Lock()
 answers: dict[str, dict] = {}
 answered = threading.Condition()
@@ -150,6 +152,17 @@ def call(ident: object, params: dict) -> None:
         return send({"id": ident, "result": text("it failed", isError=True)})
     if name == "secret":
         return send({"id": ident, "result": text(os.environ.get("API_KEY", ""))})
+    if name == "counter":  # state a long-lived server would keep: in memory, and on its scratch disk
+        global calls
+        calls += 1
+        try:
+            with open("/tmp/count") as f:  # noqa: S108 - the sandbox's own scratch
+                on_disk = int(f.read() or 0) + 1
+        except OSError:
+            on_disk = 1
+        with open("/tmp/count", "w") as f:  # noqa: S108
+            f.write(str(on_disk))
+        return send({"id": ident, "result": text(f"memory {calls} disk {on_disk}")})
     if name == "slow":
         seconds = float(args.get("seconds", 1))
         start, step = time.monotonic(), 0
