@@ -122,7 +122,7 @@ def test_spawn_failure_is_an_error_frame() -> None:
 
 def test_list_reports_tools_server_and_instructions() -> None:
     result = run("ok", LIST)
-    assert [t["name"] for t in result.final["tools"]] == ["echo", "image", "fail", "slow", "secret"]
+    assert [t["name"] for t in result.final["tools"]] == ["echo", "image", "fail", "slow", "secret", "counter"]
     assert result.final["server"] == {"name": "hostile", "version": "1.0"}
     assert result.final["instructions"] == "mode ok"
     assert result.final["tools"][0]["outputSchema"]["required"] == ["echo"]
@@ -131,7 +131,7 @@ def test_list_reports_tools_server_and_instructions() -> None:
 def test_paged_list_follows_next_cursor() -> None:
     result = run("paged", LIST)
     assert (result.status, [t["name"] for t in result.final["tools"]]) == \
-        (0, ["echo", "image", "fail", "slow", "secret"])
+        (0, ["echo", "image", "fail", "slow", "secret", "counter"])
 
 
 def test_hostile_tool_entries_pass_through_unchanged_for_the_supervisor_to_judge() -> None:

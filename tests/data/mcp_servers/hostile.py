@@ -1,8 +1,9 @@
 """A fake stdio MCP server for tests, well-behaved or hostile by mode: ``python3 -I hostile.py MODE``.
 
-Standard library only; writes nothing to disk (it runs in sandboxes as uid 10001 on a read-only root).
+Standard library only; writes only /tmp/count (counter), as uid 10001 on a read-only root with /tmp writable.
 Modes:
-  ok            tools counter (calls counted in memory and in /tmp/count), echo (text + structuredContent, outputSchema; logs one notifications/message first),
+  ok            tools counter (its calls, counted in memory and in /tmp/count),
+                echo (text + structuredContent, outputSchema; logs one notifications/message first),
                 image (a PNG block), fail (isError), slow ({"seconds": N}: progress every 0.2 s; on
                 notifications/cancelled writes "cancelled <requestId>" to stderr and exits), secret
                 ($API_KEY). An unknown tool gets a JSON-RPC error. Writes "initialized" to stderr once
@@ -156,11 +157,11 @@ def call(ident: object, params: dict) -> None:
         global calls
         calls += 1
         try:
-            with open("/tmp/count") as f:  # noqa: S108 - the sandbox's own scratch
+            with open("/tmp/count") as f:
                 on_disk = int(f.read() or 0) + 1
         except OSError:
             on_disk = 1
-        with open("/tmp/count", "w") as f:  # noqa: S108
+        with open("/tmp/count", "w") as f:
             f.write(str(on_disk))
         return send({"id": ident, "result": text(f"memory {calls} disk {on_disk}")})
     if name == "slow":
