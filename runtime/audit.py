@@ -169,6 +169,21 @@ def rotated_files(path: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_ROTATED.search(p.name).group(1)))  # type: ignore[union-attr]
 
 
+def with_rotated(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """``paths`` with each live file's rotated files (``FILE.000001`` ...) just before it, oldest first,
+    named or not: ``audit verify audit.jsonl`` checks the whole chain, before and after rotation."""
+    named = [Path(p) for p in paths]
+    families = {p: rotated_files(p) for p in named if not _ROTATED.search(p.name)}
+    grouped = {r for rotated in families.values() for r in rotated}
+    out: list[Path] = []
+    for path in named:
+        if path in grouped:
+            continue  # listed with its live file, in chain order
+        out += families.get(path, [])
+        out.append(path)
+    return list(dict.fromkeys(out))
+
+
 def _open_read(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 

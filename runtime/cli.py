@@ -311,10 +311,10 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from toolcell.audit import verify
+    from toolcell.audit import verify, with_rotated
 
     try:
-        verdict = verify(args.files)
+        verdict = verify(with_rotated(args.files))
     except OSError as exc:
         return _fail(f"cannot read {exc.filename}: {exc.strerror}", EXIT_USAGE)
     if verdict.ok:

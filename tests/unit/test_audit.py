@@ -87,6 +87,11 @@ async def test_rotation_prunes_beyond_keep(tmp_path: Path, caplog: pytest.LogCap
     assert all(r.levelno == logging.WARNING for r in caplog.records)
     assert main(["audit", "verify", *map(str, [*rotated_files(path), path])]) == 0
     assert "pruned at rotation (latest deleted: " in capsys.readouterr().out
+    # The live file alone: its rotated files are checked first, as if named (and not twice when named).
+    assert main(["audit", "verify", str(path)]) == 0
+    alone = capsys.readouterr().out
+    assert main(["audit", "verify", str(rotated_files(path)[-1]), str(path)]) == 0
+    assert capsys.readouterr().out == alone and f"seq {verdict.first_seq}.." in alone
 
 
 def _lines(path: Path) -> list[str]:
