@@ -94,6 +94,8 @@ log = logging.getLogger("toolcell.docker")
 # Second looks at the OOM flag of a SIGKILL exit (see _wait_blocking).
 _OOM_LOOKS: Final = 50
 _OOM_LOOK_S: Final = 0.1
+# How long a pooled sandbox's tool may take to say it is ready (the launcher waits 120 s, then goes on).
+_TOOL_READY_TIMEOUT_S = 130.0
 # A claimed pooled sandbox joins the periodic usage sampler this long after its claim.
 _WARM_SAMPLE_DELAY_S: Final = 0.02
 _ATTACH_PARAMS: Final = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
@@ -285,7 +287,8 @@ class DockerBackend:
     async def _create_warm_channel(self, spec: SandboxSpec, base: Path, on_exit: Callable[[], None]) -> DockerSandbox:
         listener = ChannelListener(base)
         warm = dataclasses.replace(
-            spec, command=launch_command(spec.command, channel=f"{CHANNEL_DIR}/c.sock", defer=spec.defer),
+            spec, command=launch_command(spec.command, channel=f"{CHANNEL_DIR}/c.sock", defer=spec.defer,
+                                         tool_ready=spec.ready_signal),
             mounts=(*spec.mounts, Mount(source=str(listener.directory), target=CHANNEL_DIR)))
         try:
             container_id = await self._call(functools.partial(self._create_container, warm, attach=False),
@@ -310,8 +313,27 @@ class DockerBackend:
             listener.close()
             await asyncio.shield(asyncio.ensure_future(sandbox.remove()))
             raise
+        if spec.ready_signal and not spec.defer:  # the tool (an MCP server) says when it is initialized
+            try:
+                await self._tool_ready(conns["control"])
+            except BaseException:
+                for conn in conns.values():
+                    conn.close()
+                await asyncio.shield(asyncio.ensure_future(sandbox.remove()))
+                raise
         sandbox._stream = ChannelStream(conns, on_end=sandbox._stream_ended)
         return sandbox
+
+    @staticmethod
+    async def _tool_ready(control: socket.socket) -> None:
+        """The launcher's "r" once its tool said it is ready (or ended: the stream's end tells the pool)."""
+        try:
+            async with asyncio.timeout(_TOOL_READY_TIMEOUT_S):
+                got = await asyncio.get_running_loop().sock_recv(control, 1)
+        except TimeoutError as exc:
+            raise BackendError(f"the pooled sandbox's tool was not ready within {_TOOL_READY_TIMEOUT_S:g}s") from exc
+        if got != b"r":
+            raise BackendError("the pooled sandbox's launcher ended before its tool was ready")
 
     async def list_sandboxes(self, owner: str) -> list[str]:
         """The owner's tool sandboxes (an egress proxy is part of its sandbox, not one of its own)."""

@@ -29,7 +29,8 @@ def launcher_source() -> str:
 
 
 def launch_command(command: tuple[str, ...], python: str = "python3", channel: str = "",
-                   defer: bool = False, relay: bool = False, ready_fd: int = 0) -> tuple[str, ...]:
+                   defer: bool = False, relay: bool = False, ready_fd: int = 0,
+                   tool_ready: bool = False) -> tuple[str, ...]:
     """The pooled sandbox's command: the launcher (isolated mode, inline source) in front of the tool.
 
     ``channel``: the socket path inside the sandbox to connect to (the channel transport), or "" (attach).
@@ -37,8 +38,10 @@ def launch_command(command: tuple[str, ...], python: str = "python3", channel: s
     ``relay``: the tool writes into pipes the launcher copies out whole (see ``relay_command``).
     ``ready_fd``: an inherited descriptor the launcher writes one byte to and closes once it waits for its
     claim (its tool spawned, unless deferred): a pooled sandbox counts as ready only then.
+    ``tool_ready``: the tool itself says when it is ready (``SandboxSpec.ready_signal``; not when deferred).
     """
     flags = (("--defer",) if defer else ()) + (("--relay",) if relay else ()) + \
+        (("--tool-ready",) if tool_ready and not defer else ()) + \
         ((f"--ready-fd={ready_fd}",) if ready_fd else ()) + ((f"--channel={channel}",) if channel else ())
     # -S: no site module (the launcher is standard library only): ~half a Python start, in every pooled sandbox.
     return (python, "-I", "-S", "-c", launcher_source(), *flags, *command)

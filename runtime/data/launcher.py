@@ -35,6 +35,10 @@ otherwise: the claim arrives on stdin; the status is a trailer
     the copy stops: a daemon that keeps the pipe open cannot hold the run open.
 ``--cold`` (with ``--relay``, an unpooled sandbox): no claim; the tool reads this launcher's stdin and the
     launcher exits with the tool's status once its output is copied.
+``--tool-ready`` (not with ``--defer``): the tool is spawned with ``TOOLCELL_READY_FD`` naming a pipe it
+    writes one byte to once it is ready (the MCP driver: its server initialized); the launcher waits for that
+    byte (or the tool's end, at most 120 s) before it counts as waiting for its claim, and on the channel
+    transport then sends "r" on control.
 ``--ready-fd=N``: once waiting for the claim (the tool spawned, unless deferred), write one byte to the
     inherited descriptor N and close it, so the supervisor counts the sandbox ready only then. The tool never
     holds it (spawned with close_fds).
@@ -57,6 +61,7 @@ import typing
 
 CHUNK = 65536
 RELAY_FAILED = 125
+TOOL_READY_TIMEOUT_S = 120.0
 
 
 def write_all(fd: int, data: bytes) -> bool:
@@ -131,7 +136,8 @@ def connect(path: str, tag: bytes) -> socket.socket:
 
 
 def spawn(command: list[str], channel: list[socket.socket] | None, env: dict[str, str] | None,
-          relay: Relay | None = None, stdin: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
+          relay: Relay | None = None, stdin: int = subprocess.PIPE,
+          pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     out: int | None = None
     err: int | None = None
     if channel is not None:
@@ -139,7 +145,7 @@ def spawn(command: list[str], channel: list[socket.socket] | None, env: dict[str
     elif relay is not None:
         out, err = relay.ends
     child = subprocess.Popen(command, stdin=stdin, stdout=out, stderr=err,  # noqa: S603 # nosec B603
-                             close_fds=True, env=env)
+                             close_fds=True, env=env, pass_fds=pass_fds)
     if relay is not None:  # only the tool holds the write ends: EOF when it and its children are done
         for fd in relay.ends:
             os.close(fd)
@@ -173,7 +179,7 @@ def main() -> int:
     command = sys.argv[1:]
     channel = None
     flags = set()
-    while command and command[0] in ("--defer", "--relay", "--cold"):
+    while command and command[0] in ("--defer", "--relay", "--cold", "--tool-ready"):
         flags.add(command.pop(0))
     ready_fd = -1
     if command and command[0].startswith("--ready-fd="):
@@ -194,7 +200,18 @@ def main() -> int:
         return run_cold(command)
     claims: typing.BinaryIO = channel[0].makefile("rb") if channel is not None else sys.stdin.buffer
     children: list[subprocess.Popen[bytes]] = []
-    if not defer:
+    if not defer and "--tool-ready" in flags:
+        # The tool says when it is ready (an MCP server initialized): one byte, or EOF if it ends first.
+        ready_r, ready_w = os.pipe()
+        children.append(spawn(command, channel, {**os.environ, "TOOLCELL_READY_FD": str(ready_w)}, relay,
+                              pass_fds=(ready_w,)))
+        os.close(ready_w)
+        select.select([ready_r], [], [], TOOL_READY_TIMEOUT_S)
+        os.close(ready_r)
+        if channel is not None:
+            with contextlib.suppress(OSError):
+                channel[0].sendall(b"r")
+    elif not defer:
         children.append(spawn(command, channel, None, relay))
     forward_signals(children)
     if ready_fd >= 0:  # waiting for the claim now: tell the supervisor, then let go of the descriptor

@@ -213,6 +213,9 @@ class Driver:
         self.calling = False
         self.roots: list[typing.Any] | None = None
         self.next_id = 1
+        # The launcher's readiness pipe (pooled sandboxes), never the server's: taken out of the environment.
+        named = os.environ.pop("TOOLCELL_READY_FD", "")
+        self.ready_fd = int(named) if named.isdigit() else -1
 
     def spawn(self, command: list[str]) -> None:
         """The server, its stdin and stdout pipes ours (non-blocking), its stderr and environment ours too."""
@@ -409,7 +412,17 @@ class Driver:
         if result.get("protocolVersion") not in ACCEPTED:
             raise Failure("the server's protocol version is not supported")
         self.send({"method": "notifications/initialized"})
+        self.ready()
         return result
+
+    def ready(self) -> None:
+        """Tell a pooled sandbox's launcher the server is initialized (``--tool-ready``): one byte, then let go."""
+        fd, self.ready_fd = self.ready_fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(fd, b"r")
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def read_request(self) -> Message:
         self.phase = "before the request arrived"

@@ -127,6 +127,9 @@ class SandboxSpec:
     # grace (plus, pooled, the pool's TTL) and a margin. Past it, a peer supervisor on the same engine may
     # remove it: a crashed supervisor's leftovers are cleaned by whoever is alive, never a live peer's.
     lease_s: float = 0.0
+    # The tool says when it is ready (the MCP driver, once its server is initialized): a pooled sandbox
+    # counts as ready only then, where the backend's transport can tell.
+    ready_signal: bool = False
 
     @property
     def uid_gid(self) -> tuple[int, int]:
@@ -247,6 +250,7 @@ def compile_spec(
         egress=tuple(profile.network),
         defer=bool(tool.secrets),
         lease_s=max(0.0, effective_timeout) + profile.kill_grace_s + LEASE_MARGIN_S,
+        ready_signal=tool.source is not None,
     )
 
 

@@ -92,6 +92,23 @@ async def test_nothing_a_server_keeps_outlives_its_call(tmp_path: Path, kind: st
     assert seen == ["memory 1 disk 1"] * 3
 
 
+async def test_a_pooled_sandbox_counts_as_ready_only_once_its_server_is_initialized(tmp_path: Path,
+                                                                                   kind: str) -> None:
+    """A server that takes 2 s to initialize: once the pool says ready, a call pays none of it (cold: all)."""
+    d = doc(tmp_path, kind, "slow-init", pool={"size": 1})
+    d["servers"].append({**d["servers"][0], "name": "cold", "pool": {"size": 0}})
+    async with running_supervisor(tmp_path, d) as (app, client):
+        for _ in range(400):
+            if app.supervisor.pools.ready("slow_init.echo") == 1:
+                break
+            await asyncio.sleep(0.05)
+        warm = await client.call("slow_init.echo", {"text": "warm"})
+        cold = await client.call("cold.echo", {"text": "cold"})
+        assert app.supervisor.pools.stats()["slow_init.echo"].hits == 1
+    assert warm.status is Status.OK and cold.status is Status.OK
+    assert warm.duration_ms < 1500 <= 2000 <= cold.duration_ms, (warm.duration_ms, cold.duration_ms)
+
+
 async def test_cancel_tells_the_server_then_kills_the_sandbox(tmp_path: Path, kind: str) -> None:
     async with running_supervisor(tmp_path, doc(tmp_path, kind, "ok")) as (_app, client):
         events: list[Any] = []

@@ -230,3 +230,33 @@ def test_the_launcher_says_ready_on_its_fd_only_once_waiting_and_the_tool_never_
         if proc.poll() is None:
             proc.kill()
     assert b"fd3 closed" in out, (out, err)
+
+
+@pytest.mark.parametrize(("signals", "ready_after_s"), [(True, 0.8), (False, 0.8)])
+def test_with_tool_ready_the_launcher_is_ready_only_once_its_tool_said_so(signals: bool,
+                                                                          ready_after_s: float) -> None:
+    """``--tool-ready``: the tool gets a pipe in TOOLCELL_READY_FD and the launcher's own ready byte waits for
+    the tool's (an MCP server initializing), or for the tool's end if it never says; the tool's children
+    never hold the pipe."""
+    body = ("import os, sys, time; time.sleep(0.8); fd = int(os.environ['TOOLCELL_READY_FD']); "
+            + ("os.write(fd, b'r'); os.close(fd); " if signals else "os.close(fd); ")
+            + "sys.stdin.read(); print('env', 'TOOLCELL_READY_FD' in os.environ)")
+    tool = [sys.executable, "-c", body]
+    argv = list(launch_command(tuple(tool), python=sys.executable, ready_fd=3, tool_ready=True))
+    assert "--tool-ready" in argv
+    ready_r, ready_w = os.pipe()
+    started = time.monotonic()
+    proc = subprocess.Popen(["/bin/bash", "-c", f'exec 3>&{ready_w} {ready_w}>&-; exec "$@"', "bash", *argv],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            pass_fds=(ready_w,))
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"r"
+        assert time.monotonic() - started >= ready_after_s, "not before the tool was ready"
+        out, err = proc.communicate(envelope(new_nonce(), b"{}\n"), timeout=30)
+    finally:
+        os.close(ready_r)
+        if proc.poll() is None:
+            proc.kill()
+    assert b"env True" in out, (out, err)
+    assert "--tool-ready" not in launch_command(("x",), defer=True, tool_ready=True), "deferred: no tool yet"

@@ -95,6 +95,7 @@ _ERROR_BYTES: Final = 2000  # of runc's error messages quoted in a BackendError
 # A pooled sandbox's launcher says it waits for its claim on this descriptor (``launcher.py --ready-fd``).
 _READY_FD: Final = 3
 _READY_TIMEOUT_S: Final = 30.0
+_TOOL_READY_TIMEOUT_S: Final = 130.0
 
 
 def owner_tag(owner: str) -> str:
@@ -170,7 +171,8 @@ class OciBackend:
         """Create and start a pooled sandbox; return once its launcher waits for the claim (its tool spawned,
         unless deferred), which it says on an inherited descriptor: a pool counts only sandboxes that are."""
         self.check(spec)
-        sandbox = await self._create(spec, launch_command(spec.command, defer=spec.defer, ready_fd=_READY_FD))
+        sandbox = await self._create(spec, launch_command(spec.command, defer=spec.defer, ready_fd=_READY_FD,
+                                                          tool_ready=spec.ready_signal))
         sandbox._warm, sandbox._defer, sandbox._on_exit = True, spec.defer, on_exit
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
@@ -178,7 +180,8 @@ class OciBackend:
                 sandbox._spawn(ready_w)
             finally:
                 os.close(ready_w)
-            await sandbox._until_ready(ready_r, _READY_TIMEOUT_S)
+            # A tool that says when it is ready (an MCP server initializing) gets the launcher's 120 s and more.
+            await sandbox._until_ready(ready_r, _TOOL_READY_TIMEOUT_S if spec.ready_signal else _READY_TIMEOUT_S)
         except BaseException:
             await asyncio.shield(asyncio.ensure_future(sandbox.remove()))
             raise

@@ -9,6 +9,7 @@ Modes:
                 ($API_KEY). An unknown tool gets a JSON-RPC error. Writes "initialized" to stderr once
                 notifications/initialized arrives.
   crash-init    exits 3 on initialize               bad-version   answers initialize with "1999-01-01"
+  slow-init     as ok, but answers initialize after 2 s
   hang          never answers, ignores EOF          hang-call     never answers tools/call
   flood         answers tools/call with progress notifications, forever
   flood-bytes   answers tools/call with bytes and no newline, forever
@@ -188,6 +189,8 @@ def main() -> None:
         elif MODE == "hang":
             continue
         elif method == "initialize":
+            if MODE == "slow-init":  # a server that takes long to start (imports, a model, a cache)
+                time.sleep(2.0)
             if MODE == "crash-init":
                 sys.exit(3)
             version = "1999-01-01" if MODE == "bad-version" else "2025-06-18"
