@@ -9,6 +9,9 @@ The cgroup disappears with the container's last process, so the last sample is t
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -87,6 +90,44 @@ class CgroupProbe:
         self._peak_memory = 0
         self._cpu_ns = 0
         self._oom_kills = 0
+        # cgroup v1: an eventfd the kernel signals at each OOM of the container's memcg (and once when the
+        # cgroup goes), so the sampler reads the kill count at the moment of the OOM, not up to an interval
+        # later when a killed container's cgroup may be gone already. -1: none.
+        self.oom_fd = -1
+
+    def watch_oom(self) -> None:
+        """Register for the container's OOM events (v1; call once its cgroup exists, i.e. after start)."""
+        if self._layout.v2 or self.oom_fd >= 0:
+            return
+        for control in self._layout.oom_candidates(self._cid):
+            try:
+                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            except OSError:
+                return
+            try:
+                target = os.open(control, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    with open(control.parent / "cgroup.event_control", "w") as f:
+                        f.write(f"{fd} {target}")
+                finally:
+                    os.close(target)
+            except OSError:
+                os.close(fd)
+                continue
+            self.oom_fd = fd
+            return
+
+    def on_oom_event(self) -> None:
+        """The eventfd fired: an OOM (read the kernel's count now) or the cgroup's removal (nothing to read)."""
+        if self.oom_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_read(self.oom_fd)
+        self.sample()
+
+    def close_oom(self) -> None:
+        fd, self.oom_fd = self.oom_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def sample(self) -> None:
         memory = self._read_memory()
@@ -151,6 +192,16 @@ class StatsProbe:
         self._last = 0.0
         self._peak_memory = 0
         self._cpu_ns = 0
+        self.oom_fd = -1  # no OOM events from the engine's stats
+
+    def watch_oom(self) -> None:
+        return None
+
+    def on_oom_event(self) -> None:
+        return None
+
+    def close_oom(self) -> None:
+        return None
 
     def sample(self) -> None:
         now = time.monotonic()
@@ -186,7 +237,15 @@ def _int(value: object) -> int:
 
 
 class UsageProbe(Protocol):
+    oom_fd: int
+
     def sample(self) -> None: ...
+
+    def watch_oom(self) -> None: ...
+
+    def on_oom_event(self) -> None: ...
+
+    def close_oom(self) -> None: ...
 
     @property
     def seen_oom_kills(self) -> int: ...
@@ -197,11 +256,14 @@ class UsageProbe(Protocol):
 
 
 class UsageSampler:
-    """One background thread sampling every live container's cgroup every ``interval_s``."""
+    """One background thread sampling every live container's cgroup every ``interval_s``, and at once when a
+    container's OOM eventfd fires (``CgroupProbe.watch_oom``)."""
 
     def __init__(self, interval_s: float) -> None:
         self._interval_s = interval_s
         self._probes: set[UsageProbe] = set()
+        self._by_fd: dict[int, UsageProbe] = {}
+        self._epoll = select.epoll()
         self._cond = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -211,6 +273,10 @@ class UsageSampler:
             if self._stopped:
                 return
             self._probes.add(probe)
+            if probe.oom_fd >= 0 and probe.oom_fd not in self._by_fd:
+                with contextlib.suppress(OSError):
+                    self._epoll.register(probe.oom_fd, select.EPOLLIN)
+                    self._by_fd[probe.oom_fd] = probe
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="toolcell-usage", daemon=True)
                 self._thread.start()
@@ -219,10 +285,19 @@ class UsageSampler:
     def discard(self, probe: UsageProbe) -> None:
         with self._cond:
             self._probes.discard(probe)
+            self._forget(probe)
+
+    def _forget(self, probe: UsageProbe) -> None:
+        for fd in [fd for fd, p in self._by_fd.items() if p is probe]:
+            del self._by_fd[fd]
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
 
     def close(self) -> None:
         with self._cond:
             self._stopped = True
+            for probe in list(self._probes):
+                self._forget(probe)
             self._probes.clear()
             self._cond.notify()
 
@@ -232,14 +307,20 @@ class UsageSampler:
                 while not self._probes and not self._stopped:
                     self._cond.wait()
                 if self._stopped:
+                    self._epoll.close()
                     return
                 probes = list(self._probes)
             for probe in probes:
                 probe.sample()
-            with self._cond:
-                if self._stopped:
-                    return
-                self._cond.wait(self._interval_s)
+            try:
+                events = self._epoll.poll(self._interval_s)
+            except (InterruptedError, ValueError, OSError):
+                events = []
+            for fd, _ in events:
+                with self._cond:
+                    fired = self._by_fd.get(fd)
+                if fired is not None:
+                    fired.on_oom_event()
 
 
 def read_int(path: Path) -> int | None:

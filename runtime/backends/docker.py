@@ -711,6 +711,7 @@ class DockerSandbox:
         self._closing = True
         self._stop_streams()
         self._backend._sampler.discard(self._probe)
+        self._probe.close_oom()
         try:
             if not self._removed:
                 await self._backend._remove(self._id)
@@ -742,6 +743,7 @@ class DockerSandbox:
             _shutdown(sock)
             sock.close()
             raise
+        self._probe.watch_oom()  # its cgroup exists now: an OOM is seen when it happens
         self._probe.sample()  # first reading; a very short tool may never see the sampler
         return sock
 
