@@ -118,10 +118,17 @@ class CgroupProbe:
             return
 
     def on_oom_event(self) -> None:
-        """The eventfd fired: an OOM (read the kernel's count now) or the cgroup's removal (nothing to read)."""
+        """The eventfd fired: an OOM of the memcg, or its removal. While the cgroup exists it is an OOM (the
+        kernel signals at the OOM, before its kill is counted in ``oom_kill``): counted at once, like the oci
+        backend does; once the cgroup is gone it is (or may be) the removal: left to what samples saw."""
+        events = 0
         if self.oom_fd >= 0:
             with contextlib.suppress(OSError):
-                os.eventfd_read(self.oom_fd)
+                events = os.eventfd_read(self.oom_fd)
+        alive = any(path.exists() for path in self._layout.oom_candidates(self._cid))
+        if events and alive:
+            with self._lock:
+                self._oom_kills = max(self._oom_kills, 1)
         self.sample()
 
     def close_oom(self) -> None:
