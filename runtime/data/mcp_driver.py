@@ -85,13 +85,10 @@ def write_all(fd: int, data: bytes) -> bool:
 
 def encode(obj: object) -> bytes:
     """One frame line. UTF-8 as is (an escaped emoji is 12 bytes for 4: a result near the cap would no longer
-    fit it); a string the server sent as a lone surrogate can't be UTF-8, so then everything is escaped.
-    Control characters, and so newlines, are always escaped by json.dumps."""
+    fit it). Control characters, and so newlines, are always escaped by json.dumps."""
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    try:
-        return text.encode("utf-8") + b"\n"
-    except UnicodeEncodeError:
-        return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+    # A lone surrogate (a server's "\\ud800") is no UTF-8 and no text: replaced, as invalid output bytes are.
+    return text.encode("utf-8", "replace") + b"\n"
 
 
 def finite(text: str) -> float:

@@ -295,3 +295,27 @@ def test_the_call_request_names_the_servers_tool_and_carries_roots_only_when_con
                                                          "max_line": 1234, "roots": None}
     roots = json.loads(call_request(McpBinding("srv", "e", ({"uri": "file:///d"},)), {}, 1))["roots"]
     assert roots == [{"uri": "file:///d"}]
+
+
+@pytest.mark.parametrize("data", [
+    b"\n" * (1 << 20),                                   # a million empty lines
+    b"a." * (1 << 19),                                   # one line at the cap, no newline
+    b'{"progress":{"progress":1}}\n' * ((1 << 20) // 28),  # the most frames the cap holds
+    b'{"result":' + b"[" * (1 << 19) + b"\n",            # nesting far past any limit
+])
+def test_the_worst_stdout_at_the_cap_is_linear(data: bytes) -> None:
+    r = FrameReader.for_cap(1 << 20, time.monotonic)
+    started = time.thread_time()
+    for i in range(0, len(data), 65536):
+        r.feed(data[i:i + 65536])
+    r.finish()
+    assert time.thread_time() - started < 0.5 and r.final is None and r.kept <= r.cap
+
+
+def test_a_lone_surrogate_from_the_server_is_replaced_not_a_broken_call() -> None:
+    from toolcell.data.mcp_driver import encode  # the driver's own frame encoder
+
+    line = encode({"result": {"content": [{"type": "text", "text": "a\ud800b"}]}})
+    r = reader()
+    r.feed(line)
+    assert r.invalid == "" and r.final == {"result": {"content": [{"type": "text", "text": "a?b"}]}}
