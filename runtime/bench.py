@@ -61,7 +61,6 @@ from toolcell import benchhostile, benchmcp, benchoci
 from toolcell.backends.base import Backend
 from toolcell.backends.docker import DockerBackend
 from toolcell.backends.factory import open_backend
-from toolcell.backends.oci.cgroups import CgroupTree
 from toolcell.benchhostile import HOSTILE_TOOL, Ladder, StallProbe
 from toolcell.benchoci import CpuMeter, OciFloor, RssPeak
 from toolcell.benchstats import percentile
@@ -674,18 +673,8 @@ class Bench:
     @staticmethod
     async def _oci_sweep(config: Config) -> None:
         """Whatever of the OCI supervisor's a failure left (runc state, processes, cgroups) goes before its
-        state directory does."""
-        backend = open_backend(config)
-        try:
-            with contextlib.suppress(ToolcellError):
-                await backend.remove_orphans(config.server.instance)
-        finally:
-            await backend.close()
-        # The backend keeps its owner's (now empty) cgroup directories; the bench's owner is used once.
-        with contextlib.suppress(ToolcellError, OSError):
-            for d in CgroupTree().owner_dirs(config.server.instance):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+        state directory does: the same sweep as the MCP section's (``benchmcp.sweep``)."""
+        await benchmcp.sweep(config)
 
     async def _oci_floor_and_cold(self, server: _ServerThread, client: Client, floor: OciFloor,
                                   figures: dict[str, Any]) -> None:
