@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,85 @@ class McpBinding:
 
 
 @dataclass(frozen=True)
+class SessionPolicy:
+    """The admin's terms for sessions of one tool: one sandbox leased to one principal across its calls.
+
+    Off unless the tool's config has ``session:``. Every bound ends the session and removes its sandbox:
+    ``idle_ttl_s`` (an abandoned session does not hold memory and a concurrency slot), ``max_lifetime_s``
+    (a long-lived sandbox accumulates whatever a compromised tool planted in it), ``max_calls``.
+    ``per_principal``: open sessions one principal may hold for this tool (one caller cannot pin the host).
+    ``command``: a resident command for sessions (a REPL): it stays up across calls and says when each call
+    is done (``TOOLCELL_CALL_FD``); empty: the tool's own command runs once per call in the same sandbox.
+    """
+
+    idle_ttl_s: float = 300.0
+    max_lifetime_s: float = 3600.0
+    max_calls: int = 100
+    per_principal: int = 4
+    command: tuple[str, ...] = ()
+
+    def with_idle_ttl(self, seconds: float) -> SessionPolicy:
+        return dataclasses.replace(self, idle_ttl_s=seconds)
+
+    def with_max_lifetime(self, seconds: float) -> SessionPolicy:
+        return dataclasses.replace(self, max_lifetime_s=seconds)
+
+    def with_max_calls(self, calls: int) -> SessionPolicy:
+        return dataclasses.replace(self, max_calls=calls)
+
+
+@dataclass(frozen=True)
+class WorkspacePolicy:
+    """Files in and out of one tool's sandbox. Off unless the tool's config has ``workspace:``.
+
+    Inputs are written under ``dir`` (inside the sandbox's scratch tmpfs, never a host path: a workspace
+    implies no writable host mount). Outputs are what the tool leaves under ``outputs`` ("" collects
+    nothing), read inside the sandbox before it goes (a tmpfs vanishes with it): regular files only, never
+    through a symlink, within the caps below, text scrubbed like stdout. Each cap bounds what one call can
+    make the supervisor hold (a 1 TiB sparse file, 5,000 files).
+    """
+
+    dir: str = "/tmp/workspace"  # nosec B108 - inside the sandbox: its private, capped tmpfs
+    outputs: str = ""
+    max_input_files: int = 32
+    max_input_bytes: int = 8 * 1024 * 1024
+    max_output_files: int = 64
+    max_output_bytes: int = 8 * 1024 * 1024
+    max_file_bytes: int = 4 * 1024 * 1024
+
+    def with_outputs(self, path: str) -> WorkspacePolicy:
+        return dataclasses.replace(self, outputs=path)
+
+    def with_output_caps(self, files: int, total_bytes: int, file_bytes: int) -> WorkspacePolicy:
+        return dataclasses.replace(self, max_output_files=files, max_output_bytes=total_bytes,
+                                   max_file_bytes=file_bytes)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """A file the caller brings into the sandbox's workspace: a relative path (checked) and its bytes."""
+
+    path: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A file the tool left in its workspace's output directory, as collected.
+
+    Text (UTF-8 without NUL) is scrubbed like stdout and carried in ``text``; anything else is ``data``.
+    ``size`` is the file's size in the sandbox; ``truncated``: only the first bytes (the caps) were read.
+    """
+
+    path: str
+    size: int
+    data: bytes = b""
+    text: str | None = None
+    truncated: bool = False
+    media_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True)
 class Tool:
     """A tool as the admin declared it. Callers can only name it; everything else is fixed here."""
 
@@ -60,6 +140,9 @@ class Tool:
     env: Mapping[str, str] = field(default_factory=dict)
     # Set for a tool discovered in an MCP server: the command is the in-sandbox driver in front of it.
     source: McpBinding | None = None
+    # Sessions (one sandbox across a principal's calls) and workspace files: both off unless configured.
+    session: SessionPolicy | None = None
+    workspace: WorkspacePolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +186,10 @@ class InvocationRequest:
     caller_metadata: Mapping[str, str] = field(default_factory=dict)
     # Absolute monotonic deadline from the transport (gRPC deadline), if any.
     deadline_s: float | None = None
+    # The caller's open session to run in ("": a fresh sandbox for this call alone).
+    session_id: str = ""
+    # Files for the tool's workspace (the tool must have one).
+    files: tuple[InputFile, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,6 +269,10 @@ class Result:
     content: tuple[Mapping[str, Any], ...] = ()
     # The server's ``isError``: the tool ran and reported a failure (status is ERROR then).
     is_error: bool = False
+    # Files the tool left in its workspace's output directory (text scrubbed).
+    files: tuple[OutputFile, ...] = ()
+    # The session the call ran in, if any.
+    session_id: str = ""
 
 
 Event = Started | OutputChunk | Progress | Result
