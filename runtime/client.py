@@ -223,10 +223,33 @@ class _Budget:
         return delay
 
 
+Files = Mapping[str, bytes | str]
+
+
 def _request(tool: str, arguments: Mapping[str, Any] | str | None, invocation_id: str,
-             caller_metadata: Mapping[str, str] | None) -> pb.ExecuteRequest:
+             caller_metadata: Mapping[str, str] | None, session_id: str = "",
+             files: Files | None = None) -> pb.ExecuteRequest:
     return pb.ExecuteRequest(tool=tool, arguments_json=_arguments_json(arguments), invocation_id=invocation_id,
-                             caller_metadata=dict(caller_metadata or {}))
+                             caller_metadata=dict(caller_metadata or {}), session_id=session_id,
+                             files=[pb.File(path=path, content=data.encode() if isinstance(data, str) else data)
+                                    for path, data in (files or {}).items()])
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """An open session (``Client.open_session``): name it in ``execute``/``call`` as ``session=``."""
+
+    session_id: str
+    tool: str
+    idle_ttl_s: float
+    max_lifetime_s: float
+    max_calls: int
+    sandbox_id: str
+
+
+def _session_info(msg: pb.Session) -> SessionInfo:
+    return SessionInfo(session_id=msg.session_id, tool=msg.tool, idle_ttl_s=msg.idle_ttl_seconds,
+                       max_lifetime_s=msg.max_lifetime_seconds, max_calls=msg.max_calls, sandbox_id=msg.sandbox_id)
 
 
 def _called(span: trace.Span, msg: pb.Result) -> Result:
@@ -324,14 +347,17 @@ class Client:
 
     async def execute(self, tool: str, arguments: Mapping[str, Any] | str | None = None, *,
                       invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None,
-                      caller_metadata: Mapping[str, str] | None = None) -> AsyncGenerator[Event, None]:
+                      caller_metadata: Mapping[str, str] | None = None, session: str = "",
+                      files: Files | None = None) -> AsyncGenerator[Event, None]:
         """Run ``tool``; yield ``Started``, output chunks (for a tool from an MCP server: ``Progress``) as
         they happen, and the final ``Result``.
 
         ``arguments``: a mapping, or the JSON text of one. Closing the iterator early (or cancelling the
-        task) cancels the RPC, and the supervisor removes the sandbox.
+        task) cancels the RPC, and the supervisor removes the sandbox. ``session``: run in this open session
+        (never retried: a session keeps state); ``files``: input files for the tool's workspace (path -> bytes).
         """
-        request = _request(tool, arguments, invocation_id, caller_metadata)
+        request = _request(tool, arguments, invocation_id, caller_metadata, session, files)
+        idempotent = False if session else idempotent
         budget = _Budget(timeout if timeout is not None else self.execute_timeout, self.retry)
         span = _span("Execute", **{"toolcell.tool": tool})
         error: ClientError | None = None
@@ -362,15 +388,18 @@ class Client:
             _end(span, error)
 
     async def call(self, tool: str, arguments: Mapping[str, Any] | str | None = None, *,
-                   invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None) -> Result:
+                   invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None,
+                   session: str = "", files: Files | None = None) -> Result:
         """Run ``tool`` and return only its final ``Result`` (output is in ``result.output``; a tool from an
         MCP server also has its content blocks in ``result.content`` and its ``isError`` in ``result.is_error``).
 
         One unary ``Call`` RPC (nothing streams, so nothing extra is written or read on the way); a
         supervisor without ``Call`` is asked with ``Execute`` instead. Retried on UNAVAILABLE only when
         re-running the tool is known to be harmless: a unary call gives no sign of whether it started.
+        ``session`` and ``files``: as for ``execute``.
         """
-        request = _request(tool, arguments, invocation_id, None)
+        request = _request(tool, arguments, invocation_id, None, session, files)
+        idempotent = False if session else idempotent
         budget = _Budget(timeout if timeout is not None else self.execute_timeout, self.retry)
         span = _span("Call", **{"toolcell.tool": tool})
         error: ClientError | None = None
@@ -386,7 +415,8 @@ class Client:
                 if error.code == "UNIMPLEMENTED":  # an older supervisor: the same call, streamed
                     error = None
                     return await _last_result(self.execute(tool, arguments, invocation_id=invocation_id,
-                                                           timeout=budget.remaining(), idempotent=idempotent))
+                                                           timeout=budget.remaining(), idempotent=idempotent,
+                                                           session=session, files=files))
                 delay = budget.retry_delay(error)
                 if delay is None or not await self._safe_to_rerun(tool, idempotent):
                     raise error
@@ -407,6 +437,28 @@ class Client:
         """Kill a running invocation's sandbox; its Execute stream ends with status ``killed``."""
         resp = await self._unary("Cancel", self._stub.Cancel, pb.CancelRequest(invocation_id=invocation_id), timeout)
         return bool(resp.cancelled)
+
+    async def open_session(self, tool: str, *, timeout: float | None = None) -> SessionInfo:
+        """Open a session of ``tool`` (one sandbox kept for this caller's calls that name it). Not retried:
+        a retry could leave the first attempt's session open."""
+        span = _span("OpenSession", **{"toolcell.tool": tool})
+        error: ClientError | None = None
+        try:
+            msg = await self._stub.OpenSession(pb.OpenSessionRequest(tool=tool),
+                                               timeout=timeout if timeout is not None else self.default_timeout,
+                                               metadata=_metadata(span, self.token))
+            return _session_info(msg)
+        except grpc.aio.AioRpcError as exc:
+            error = _translate(exc)
+            raise error from None
+        finally:
+            _end(span, error)
+
+    async def close_session(self, session_id: str, *, timeout: float | None = None) -> int:
+        """Close one of this caller's sessions (its sandbox is removed); returns the calls it served."""
+        resp = await self._unary("CloseSession", self._stub.CloseSession,
+                                 pb.CloseSessionRequest(session_id=session_id), timeout)
+        return int(resp.calls)
 
     async def _unary(self, method: str, rpc: Any, request: Any, timeout: float | None) -> Any:
         budget = _Budget(timeout if timeout is not None else self.default_timeout, self.retry)
@@ -469,9 +521,11 @@ class SyncClient:
 
     def execute(self, tool: str, arguments: Mapping[str, Any] | str | None = None, *,
                 invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None,
-                caller_metadata: Mapping[str, str] | None = None) -> Generator[Event, None, None]:
+                caller_metadata: Mapping[str, str] | None = None, session: str = "",
+                files: Files | None = None) -> Generator[Event, None, None]:
         """See ``Client.execute``."""
-        request = _request(tool, arguments, invocation_id, caller_metadata)
+        request = _request(tool, arguments, invocation_id, caller_metadata, session, files)
+        idempotent = False if session else idempotent
         budget = _Budget(timeout if timeout is not None else self.execute_timeout, self.retry)
         span = _span("Execute", **{"toolcell.tool": tool})
         error: ClientError | None = None
@@ -502,9 +556,11 @@ class SyncClient:
             _end(span, error)
 
     def call(self, tool: str, arguments: Mapping[str, Any] | str | None = None, *,
-             invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None) -> Result:
+             invocation_id: str = "", timeout: float | None = None, idempotent: bool | None = None,
+             session: str = "", files: Files | None = None) -> Result:
         """See ``Client.call``."""
-        request = _request(tool, arguments, invocation_id, None)
+        request = _request(tool, arguments, invocation_id, None, session, files)
+        idempotent = False if session else idempotent
         budget = _Budget(timeout if timeout is not None else self.execute_timeout, self.retry)
         span = _span("Call", **{"toolcell.tool": tool})
         error: ClientError | None = None
@@ -519,7 +575,8 @@ class SyncClient:
                 if error.code == "UNIMPLEMENTED":  # an older supervisor: the same call, streamed
                     error = None
                     return _last_result_of(self.execute(tool, arguments, invocation_id=invocation_id,
-                                                        timeout=budget.remaining(), idempotent=idempotent))
+                                                        timeout=budget.remaining(), idempotent=idempotent,
+                                                        session=session, files=files))
                 delay = budget.retry_delay(error)
                 if delay is None or not self._safe_to_rerun(tool, idempotent):
                     raise error
@@ -540,6 +597,27 @@ class SyncClient:
         """See ``Client.cancel``."""
         resp = self._unary("Cancel", self._stub.Cancel, pb.CancelRequest(invocation_id=invocation_id), timeout)
         return bool(resp.cancelled)
+
+    def open_session(self, tool: str, *, timeout: float | None = None) -> SessionInfo:
+        """See ``Client.open_session``."""
+        span = _span("OpenSession", **{"toolcell.tool": tool})
+        error: ClientError | None = None
+        try:
+            msg = self._stub.OpenSession(pb.OpenSessionRequest(tool=tool),
+                                         timeout=timeout if timeout is not None else self.default_timeout,
+                                         metadata=_metadata(span, self.token))
+            return _session_info(msg)
+        except grpc.RpcError as exc:
+            error = _translate(exc)
+            raise error from None
+        finally:
+            _end(span, error)
+
+    def close_session(self, session_id: str, *, timeout: float | None = None) -> int:
+        """See ``Client.close_session``."""
+        resp = self._unary("CloseSession", self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id),
+                           timeout)
+        return int(resp.calls)
 
     def _unary(self, method: str, rpc: Any, request: Any, timeout: float | None) -> Any:
         budget = _Budget(timeout if timeout is not None else self.default_timeout, self.retry)

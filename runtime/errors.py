@@ -11,6 +11,8 @@ jsonschema, OS) are translated at the seam where they occur (``raise XError(...)
     ├── InvalidArguments         arguments are not JSON or break the schema       -> INVALID_ARGUMENT
     ├── InvocationConflict       invocation id already in use                     -> ALREADY_EXISTS
     ├── InvocationNotFound       cancel/lookup of an id that is not running       -> NOT_FOUND
+    ├── SessionNotFound          no open session of this caller has the id        -> NOT_FOUND
+    ├── SessionRefused           the tool allows no session / no files            -> FAILED_PRECONDITION
     ├── Unauthenticated          no or bad credentials (reason safe to show)      -> UNAUTHENTICATED
     ├── PermissionDenied         caller may not do this                           -> PERMISSION_DENIED
     ├── ResourceExhausted        over a limit; ``retry_after_ms`` is the hint      -> RESOURCE_EXHAUSTED
@@ -72,6 +74,14 @@ class InvocationNotFound(ToolcellError):
     def running(cls, invocation_id: str) -> InvocationNotFound:
         """No run of this caller has the id (the id is quoted short and escaped)."""
         return cls(f"no running invocation {quote(invocation_id)}")
+
+
+class SessionNotFound(ToolcellError):
+    """No open session of this caller has the id: another principal's session looks exactly like none."""
+
+
+class SessionRefused(ToolcellError):
+    """The tool does not allow what the call asks: a session, or workspace files (the admin's config)."""
 
 
 class Unauthenticated(ToolcellError):

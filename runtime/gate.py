@@ -182,9 +182,43 @@ class Gate:
         finally:
             self.waiting -= 1
 
+    async def session_slot(self, principal: Principal, tool: str, trace_id: str = "") -> Callable[[], None]:
+        """Opening a session: rate limit, a concurrency slot held for the session's whole life (its sandbox
+        exists all along), host admission. Returns the slot's release (idempotent)."""
+        key = principal.id
+        counted_as = self.concurrency.tool_key(tool)
+        refusal = self.rates.try_acquire(key, tool) or self.concurrency.try_acquire(key, tool, counted_as)
+        if refusal is not None:
+            await self.record(principal, "decision", action="session", tool=tool, decision="refuse",
+                              status="RESOURCE_EXHAUSTED", reason=refusal.reason,
+                              retry_after_ms=refusal.retry_after_ms, trace_id=trace_id)
+            raise RateLimited(refusal.reason, refusal.retry_after_ms)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.concurrency.release(key, tool, counted_as)
+
+        try:
+            reason = await self._host_ready()
+            if reason:
+                await self.record(principal, "decision", action="session", tool=tool, decision="refuse",
+                                  status="RESOURCE_EXHAUSTED", reason=reason, trace_id=trace_id)
+                raise HostOverloaded(reason, max(1000, int(self.admission.max_wait_s * 1000)))
+        except BaseException:
+            release()
+            raise
+        return release
+
     @contextlib.asynccontextmanager
-    async def admit(self, principal: Principal, tool: str, trace_id: str = "") -> AsyncIterator[None]:
-        """Rate limit, concurrency cap, host admission; the slot is held for the block's duration."""
+    async def admit(self, principal: Principal, tool: str, trace_id: str = "", *,
+                    in_session: bool = False) -> AsyncIterator[None]:
+        """Rate limit, concurrency cap, host admission; the slot is held for the block's duration.
+
+        ``in_session``: a call in the caller's open session, whose slot the session holds for its life (its
+        sandbox exists already): rate limited, not counted twice."""
         key = principal.id
 
         async def refuse(reason: str, retry_ms: int, overloaded: bool = False) -> None:
@@ -194,22 +228,25 @@ class Gate:
             raise cls(reason, retry_ms)
 
         counted_as = self.concurrency.tool_key(tool)  # fixed for the slot's life, whatever a reload changes
-        refusal = self.rates.try_acquire(key, tool) or self.concurrency.try_acquire(key, tool, counted_as)
+        refusal = self.rates.try_acquire(key, tool) or \
+            (None if in_session else self.concurrency.try_acquire(key, tool, counted_as))
         if refusal is not None:
             await refuse(refusal.reason, refusal.retry_after_ms)
         try:
-            reason = await self._host_ready()
+            reason = "" if in_session else await self._host_ready()
             if reason:
                 await refuse(reason, max(1000, int(self.admission.max_wait_s * 1000)), overloaded=True)
             await self.record(principal, "decision", action="call", tool=tool, decision="allow", trace_id=trace_id)
             yield
         finally:
-            self.concurrency.release(key, tool, counted_as)
+            if not in_session:
+                self.concurrency.release(key, tool, counted_as)
 
     async def invocation_end(self, principal: Principal | None, tool: str, arguments_json: str, *,
                              result: Result | None = None, status: str = "", profile: str = "",
                              duration_ms: int = 0, trace_id: str = "", invocation_id: str = "",
-                             ending: str = "", injection_action: str = "", sandbox_id: str = "") -> None:
+                             ending: str = "", injection_action: str = "", sandbox_id: str = "",
+                             session_id: str = "") -> None:
         """One record per invocation end, whatever ended it: sizes and SHA-256, never payloads.
 
         ``ending`` is one of ``ENDINGS`` (``toolcell.endings``; default: ``result`` with a result, else ``error``);
@@ -234,6 +271,11 @@ class Gate:
                 fields["sandbox_id"] = sandbox_id
         if invocation_id and "invocation_id" not in fields:
             fields["invocation_id"] = invocation_id
+        if session_id:
+            fields["session_id"] = session_id
+        if result is not None and result.files:
+            fields["output_files"] = [{"path_sha256": sha256_text(f.path), "size": f.size, "truncated": f.truncated}
+                                      for f in result.files]
         await self.record(principal, "invocation_end", **fields)
 
     async def sweep_end(self, invocation_id: str, tool: str, owner_instance: str, *, sandbox_id: str = "",

@@ -46,6 +46,12 @@ redactions = _meter.create_counter(
     "toolcell.redactions", unit="{redaction}", description="Secrets replaced in tool output, by kind")
 reloads = _meter.create_counter(
     "toolcell.config.reloads", unit="{reload}", description="Configuration reloads by outcome")
+sessions_open = _meter.create_up_down_counter(
+    "toolcell.sessions.open", unit="{session}", description="Sessions open (each holds one sandbox)")
+session_ends = _meter.create_counter(
+    "toolcell.session.endings", unit="{session}",
+    description="Sessions ended, by reason: closed, idle, lifetime, max_calls, call_stopped, sandbox_ended, "
+                "shutdown, swept")
 serving = _meter.create_up_down_counter(
     "toolcell.health.serving", unit="1", description="1 while the gRPC health status is SERVING")
 

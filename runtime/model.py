@@ -82,7 +82,7 @@ class WorkspacePolicy:
     make the supervisor hold (a 1 TiB sparse file, 5,000 files).
     """
 
-    dir: str = "/tmp/workspace"  # nosec B108 - inside the sandbox: its private, capped tmpfs
+    dir: str = "/tmp/workspace"  # noqa: S108 # nosec B108 - inside the sandbox: its private, capped tmpfs
     outputs: str = ""
     max_input_files: int = 32
     max_input_bytes: int = 8 * 1024 * 1024
@@ -176,6 +176,8 @@ class ToolSource:
     roots: tuple[Mapping[str, str], ...] | None = None
     discovery_timeout_s: float = 60.0
     overrides: Mapping[str, ToolOverride] = field(default_factory=dict)
+    # Sessions of this server's tools: one sandbox (one server process) across a principal's calls.
+    session: SessionPolicy | None = None
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,12 @@ from toolcell.policy.network import EgressGrant
 from toolcell.policy.resolve import ResolvedTool
 from toolcell.policy.scrub import Redactor, scrub, wrap_untrusted
 from toolcell.policy.spec import NO_SECRETS, SandboxSpec, Secrets
+from toolcell.sessions.call import SessionCall
+from toolcell.sessions.host import FilesBlock
 from toolcell.settings import Config
 from toolcell.sources.frames import FrameReader
 from toolcell.sources.verdict import call_request, mcp_verdict
+from toolcell.workspace import CollectedFiles, parse_collected
 
 tracer = trace.get_tracer("toolcell.pipeline")
 
@@ -352,6 +355,8 @@ class Contained:
     usage: Usage
     sandbox_id: str
     egress: tuple[EgressDestination, ...]
+    # A call in a session's sandbox: what its host said about the output files (None: not a session call).
+    files: FilesBlock | None = None
 
 
 async def contain(services: Services, resolved: ResolvedTool, spec: SandboxSpec, stdin: bytes, secrets: Secrets,
@@ -393,7 +398,24 @@ async def contain(services: Services, resolved: ResolvedTool, spec: SandboxSpec,
             await asyncio.shield(asyncio.ensure_future(services.remove(sandbox)))
     # Host names the tool asked its proxy for are the tool's strings: redacted like its output.
     egress = tuple(dataclasses.replace(d, host=redactor.redact(d.host)[0]) for d in sandbox.egress)
-    return Contained(outcome=outcome, usage=usage, sandbox_id=sandbox.id, egress=egress)
+    files = sandbox.files if isinstance(sandbox, SessionCall) else None
+    return Contained(outcome=outcome, usage=usage, sandbox_id=sandbox.id, egress=egress, files=files)
+
+
+async def output_files(resolved: ResolvedTool, block: FilesBlock | None, redactor: Redactor
+                       ) -> tuple[CollectedFiles | None, str]:
+    """The files the tool left in its workspace's output directory, parsed and scrubbed off the loop when
+    large; (None, why) when its host's description was refused (over the cap) or never came."""
+    policy = resolved.tool.workspace
+    if block is None or policy is None or not policy.outputs:
+        return None, ""
+    if block.refused:
+        return None, f"output files withheld: {block.refused}"
+    if block.payload is None:
+        return None, "output files were not collected: the call did not finish"
+    payload = block.payload
+    work = functools.partial(parse_collected, payload, policy, redactor)
+    return (work() if len(payload) <= INLINE_SCRUB_CHARS else await asyncio.to_thread(work)), ""
 
 
 async def run_invocation(services: Services, request: InvocationRequest, invocation_id: str, emit: Emit,
@@ -403,7 +425,8 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
     started_at = time.monotonic()
     with step("toolcell.invocation", services.redactor, **{
             "toolcell.tool": request.tool, "toolcell.invocation_id": invocation_id,
-            "toolcell.argument_bytes": len(request.arguments_json.encode())}) as span:
+            "toolcell.argument_bytes": len(request.arguments_json.encode()),
+            "toolcell.session_id": request.session_id, "toolcell.input_files": len(request.files)}) as span:
         trace_id = format(span.get_span_context().trace_id, "032x")
         with step("toolcell.resolve", services.redactor):
             resolved = resolve(config, request.tool)
@@ -434,6 +457,15 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
             verdict = work() if kept <= INLINE_SCRUB_CHARS else await asyncio.to_thread(work)
         redactions = dict(verdict.pop("redactions", collected.redactions))
         sanitized = dict(verdict.pop("sanitized", collected.sanitized))
+        with step("toolcell.collect_files", redactor):
+            files, files_note = await output_files(resolved, done.files, redactor)
+        if files is not None:
+            for kind, count in files.redactions.items():
+                redactions[kind] = redactions.get(kind, 0) + count
+            for kind, count in files.sanitized.items():
+                sanitized[kind] = sanitized.get(kind, 0) + count
+        if files_note:
+            verdict["message"] = f"{verdict['message']}; {files_note}" if verdict["message"] else files_note
         result = Result(
             exit_code=done.outcome.exit.exit_code,
             truncated=collected.truncated or bool(frames and frames.truncated),
@@ -447,6 +479,8 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
             redactions=redactions,
             sanitized=sanitized,
             egress=done.egress,
+            files=files.files if files is not None and verdict["status"] is not Status.DENIED else (),
+            session_id=request.session_id,
             **verdict,
         )
         _set_result_attributes(span, result)

@@ -30,6 +30,7 @@ from toolcell.policy.seccomp import SeccompProfile, load_seccomp
 from toolcell.policy.spec import SandboxSpec, compile_spec, min_pids, system_secret_dir
 from toolcell.safepath import UnsafePath, trusted_socket
 from toolcell.secretstore import SecretStoreSettings
+from toolcell.sessions.config import build_session, build_workspace
 from toolcell.units import parse_duration, parse_size
 
 ENV_CONFIG = "TOOLCELL_CONFIG"
@@ -464,7 +465,8 @@ def _build_sources(raw: list[Any], profiles: Mapping[str, IsolationProfile], too
             roots=None if roots is None else tuple({"uri": r["uri"], **({"name": r["name"]} if "name" in r else {})}
                                                    for r in roots),
             discovery_timeout_s=parse_duration(s.get("discovery_timeout", 60), f"{key}.discovery_timeout"),
-            overrides=overrides)
+            overrides=overrides,
+            session=build_session(s["session"], f"{key}.session") if "session" in s else None)
         if "pool" in s:
             if profiles[profile].network and s["pool"].get("size", 0) > 0:
                 raise ConfigError("this server cannot be pooled: its profile grants egress: its network is made "
@@ -583,6 +585,8 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
             output_schema=t.get("output_schema"),
             annotations=t.get("annotations", {}),
             secrets=grants,
+            session=build_session(t["session"], f"{key}.session") if "session" in t else None,
+            workspace=build_workspace(t["workspace"], f"{key}.workspace") if "workspace" in t else None,
         )
     security = parse_security(doc, listen=listen, base_dir=base_dir, runtime_dir=str(runtime_dir()))
     pools = _build_pools(doc, tools, profiles)

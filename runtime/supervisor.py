@@ -23,27 +23,40 @@ from toolcell.errors import (
     EngineUnavailable,
     InvocationConflict,
     InvocationNotFound,
+    RateLimited,
+    SessionNotFound,
+    SessionRefused,
     ShuttingDown,
     SourceUnavailable,
 )
-from toolcell.model import InvocationRequest, Result, Tool, ToolSource
+from toolcell.model import InvocationRequest, Result, SessionPolicy, Tool, ToolSource
 from toolcell.pipeline import Emit, Services, run_invocation
 from toolcell.policy.annotations import tool_annotations
 from toolcell.policy.requests import check_invocation_id
+from toolcell.policy.resolve import ResolvedTool
 from toolcell.policy.scrub import Redactor
+from toolcell.policy.spec import LEASE_MARGIN_S, HostSpec, SandboxSpec
 from toolcell.pool import PoolManager
+from toolcell.quoting import quote
 from toolcell.reaper import Reaper
 from toolcell.secretstore import SecretStore
+from toolcell.sessions.call import SessionCall
+from toolcell.sessions.registry import Session, SessionRegistry, new_session_id
 from toolcell.settings import Config
 from toolcell.sources.catalog import Catalog, source_tools
 from toolcell.sources.discovery import discover_or_error
 from toolcell.sources.driver import driver_command
+from toolcell.workspace import check_inputs, encode_inputs, payload_cap
 
 log = logging.getLogger("toolcell.supervisor")
 # engine.wait_at_start: how often an absent engine is asked again (doubling up to the max).
 _ENGINE_POLL_MIN_S = 0.5
 _ENGINE_POLL_MAX_S = 5.0
 
+
+
+# The bounds of a one-shot call's session (a call with workspace files): one call, then gone.
+_ONE_CALL = SessionPolicy(max_calls=1, per_principal=1 << 30)
 
 
 def new_invocation_id() -> str:
@@ -92,6 +105,9 @@ class Supervisor:
         self.source_errors: dict[str, str] = {}
         self._sweeping: asyncio.Task[None] | None = None
         self.clock: Callable[[], float] = time.time  # the wall clock leases are compared with
+        # Open sessions (issue 18); ``on_session_end`` records each end (the server: audit).
+        self.sessions = SessionRegistry(backend, remove=self._remove_hosted, on_end=self._session_ended)
+        self.on_session_end: Callable[[Session, str], Awaitable[object]] | None = None
 
     async def start(self) -> int:
         """Check the engine and remove sandboxes a previous run of this instance left behind.
@@ -275,7 +291,8 @@ class Supervisor:
     def _headroom(self) -> int:
         """Sandboxes that may still be started: the global concurrency cap counts live and pooled ones."""
         cap = self.config.security.concurrency.global_max
-        return 1 << 30 if cap is None else cap - self.in_flight - self.pools.pooled
+        idle_sessions = sum(1 for s in self.sessions.sessions() if not s.lock.locked())
+        return 1 << 30 if cap is None else cap - self.in_flight - self.pools.pooled - idle_sessions
 
     @property
     def closing(self) -> bool:
@@ -306,6 +323,7 @@ class Supervisor:
         key = (owner, invocation_id)
         if key in self._running:
             raise InvocationConflict("this invocation id is already running")
+        session = self._session_for(request, owner)
         running = Running(invocation_id=invocation_id, tool=request.tool, owner=owner)
         self._running[key] = running
         if self._headroom() < 0:
@@ -322,13 +340,128 @@ class Supervisor:
         services = Services(config=self.config, backend=self.backend, secrets=self.secrets,
                             on_sandbox=on_sandbox, remove=self._remove, redactor=self.redactor,
                             claim=self.pools.claim_soon)
+        tool = self.config.tools.get(request.tool)
+        hosted = session is not None or (tool is not None and tool.workspace is not None)
+        calls: list[SessionCall] = []
+        if hosted:
+            def on_call(sandbox: Sandbox) -> None:  # counted as the session's sandbox, not per call
+                if self._running.get(key) is running:
+                    running.sandbox = sandbox
+
+            async def claim(spec: SandboxSpec) -> SessionCall:
+                nonlocal session
+                if session is None:  # a one-shot call with a workspace: a session of one call
+                    session = await self._open(self.config.resolve(request.tool), spec, owner,
+                                               invocation_id, ephemeral=True)
+                calls.append(self._call(session, request))
+                return calls[-1]
+
+            services = dataclasses.replace(services, on_sandbox=on_call, claim=claim, remove=self._remove_call)
+        locked = False
         try:
+            if session is not None:
+                await session.lock.acquire()
+                locked = True
+                if session.ended:
+                    raise SessionNotFound(f"the session has ended ({session.ended})")
             return await run_invocation(services, request, invocation_id, emit, running.cancelled)
         finally:
+            if session is not None:
+                await self.sessions.after_call(session, calls[0] if calls else None)
+            if locked and session is not None:
+                session.lock.release()
             if self._running.get(key) is running:
                 del self._running[key]
             if not self._running:
                 self._idle.set()
+
+    # --- sessions (issue 18) ---------------------------------------------------------------------------
+
+    def _session_for(self, request: InvocationRequest, owner: str) -> Session | None:
+        """The caller's session the request names (checked), and its input files against the tool's workspace."""
+        session = self.sessions.get(owner, request.session_id) if request.session_id else None
+        if session is not None and session.tool != request.tool:
+            raise SessionRefused(f"the session is for tool {quote(session.tool)}, not {quote(request.tool)}")
+        if request.files:
+            tool = self.config.tools.get(request.tool)
+            if tool is None or tool.workspace is None:
+                raise SessionRefused(f"tool {quote(request.tool)} takes no files (it has no workspace)")
+            check_inputs(request.files, tool.workspace)
+        return session
+
+    def _call(self, session: Session, request: InvocationRequest) -> SessionCall:
+        workspace = session.workspace
+        return session.call(files_cap=payload_cap(workspace) if workspace is not None else 0,
+                            inputs=encode_inputs(request.files) if request.files else [],
+                            collect=bool(workspace is not None and workspace.outputs))
+
+    @staticmethod
+    def hosted_spec(resolved: ResolvedTool, spec: SandboxSpec, lifetime_s: float) -> SandboxSpec:
+        """``spec`` as a session's sandbox: the session host in front of the tool (or its resident command),
+        leased for the session's lifetime."""
+        tool = resolved.tool
+        policy, workspace = tool.session, tool.workspace
+        resident = bool(policy is not None and policy.command)
+        host = HostSpec(resident=resident,
+                        workspace=workspace.dir if workspace is not None else "",
+                        outputs=workspace.outputs if workspace is not None else "",
+                        caps=(workspace.max_output_files, workspace.max_output_bytes, workspace.max_file_bytes)
+                        if workspace is not None else HostSpec().caps)
+        command = policy.command if policy is not None and policy.command else spec.command
+        return dataclasses.replace(spec, command=command, host=host, ready_signal=False,
+                                   lease_s=lifetime_s + spec.timeout_s + spec.kill_grace_s + LEASE_MARGIN_S)
+
+    async def _open(self, resolved: ResolvedTool, spec: SandboxSpec, owner: str, session_id: str, *,
+                    ephemeral: bool = False, release: Callable[[], None] = lambda: None,
+                    principal: object = None) -> Session:
+        policy = resolved.tool.session
+        lifetime = policy.max_lifetime_s if policy is not None and not ephemeral else spec.timeout_s
+        sandbox = await self.sessions.create(self.hosted_spec(resolved, spec, lifetime))
+        metrics.active_sandboxes.add(1)
+        session = Session(id=session_id, owner=owner, tool=resolved.tool.name, profile=resolved.profile.name,
+                          policy=policy if policy is not None else _ONE_CALL, workspace=resolved.tool.workspace,
+                          sandbox=sandbox, opened_at=self.sessions.clock(), release=release, ephemeral=ephemeral,
+                          principal=principal)
+        self.sessions.add(session)
+        return session
+
+    async def open_session(self, tool: str, owner: str, *, release: Callable[[], None] = lambda: None,
+                           principal: object = None) -> Session:
+        """Open a session of ``tool`` for ``owner``: its sandbox is created and started now."""
+        if self._closing:
+            raise ShuttingDown()
+        if self.awaiting_engine:
+            raise EngineUnavailable(f"waiting for the engine (engine.wait_at_start): {self._absent}")
+        self.check_source(tool)
+        resolved = self.config.resolve(tool)
+        policy = resolved.tool.session
+        if policy is None:
+            raise SessionRefused(f"tool {quote(tool)} does not allow sessions")
+        if self.sessions.count(owner, tool) >= policy.per_principal:
+            raise RateLimited(f"at most {policy.per_principal} open sessions of tool {quote(tool)} per caller",
+                              retry_after_ms=int(min(policy.idle_ttl_s, 60.0) * 1000))
+        session_id = new_session_id()
+        spec = self.config.compile(resolved, session_id)
+        return await self._open(resolved, spec, owner, session_id, release=release, principal=principal)
+
+    async def close_session(self, session_id: str, owner: str) -> Session:
+        """Close one of ``owner``'s sessions (after the call it is running, if any): its sandbox is removed."""
+        session = self.sessions.get(owner, session_id)
+        async with session.lock:
+            await self.sessions.end(session, "closed")
+        return session
+
+    async def _remove_call(self, sandbox: Sandbox) -> None:
+        """A session call's end: its sandbox is the session's (``after_call`` decides)."""
+        if not isinstance(sandbox, SessionCall):
+            await self._remove(sandbox)
+
+    async def _remove_hosted(self, sandbox: Sandbox) -> None:
+        await self.reaper.remove_now(sandbox, done=lambda: metrics.active_sandboxes.add(-1))
+
+    async def _session_ended(self, session: Session, reason: str) -> None:
+        if self.on_session_end is not None and not session.ephemeral:
+            await self.on_session_end(session, reason)
 
     async def cancel(self, invocation_id: str, owner: str | None = None) -> None:
         """Cancel a run; with ``owner``, only the owner's (another's run looks exactly like no run)."""
@@ -368,8 +501,9 @@ class Supervisor:
         return len(self._running)
 
     async def shutdown(self) -> None:
-        """Cancel what is still running, wait for removals, then sweep by owner."""
+        """Cancel what is still running, end every session, wait for removals, then sweep by owner."""
         self.cancel_all()
+        await self.sessions.close("shutdown")
         if self._sweeping is not None:
             self._sweeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -119,7 +119,11 @@ class SandboxStream:
         A small input fits the socket buffer and goes at once; the rest as the socket drains. A tool may
         exit without reading its input: that is not an error.
         """
-        if self._ended or self._pending is not None:
+        if self._ended:
+            return
+        if self._pending is not None:  # a session's next claim behind the last one (never with an EOF)
+            if not half_close and not self._half_close:
+                self._pending = memoryview(bytes(self._pending) + data)
             return
         self._half_close = half_close
         self._pending = memoryview(data)

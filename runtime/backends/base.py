@@ -87,6 +87,22 @@ class WarmSandbox(Sandbox, Protocol):
         """Started, unclaimed, and its process has not ended."""
 
 
+class HostedSandbox(Sandbox, Protocol):
+    """A session's sandbox (``spec.host``): its main process is the session host, serving several calls.
+
+    ``Backend.create_session`` returns it started. ``send`` writes to the host's input (one claim per call;
+    never closing it: EOF ends the session); ``output`` is its whole life's raw output, every call's
+    trailers included (``sessions.host.CallScanner`` splits it); ``wait`` is the sandbox's end.
+    """
+
+    async def send(self, data: bytes) -> None:
+        """Queue ``data`` on the host's input, after whatever was sent before."""
+
+    @property
+    def alive(self) -> bool:
+        """Started, not being removed, and its output has not ended."""
+
+
 class Backend(Protocol):
     name: str
     # Pooled sandboxes this backend may create at once off the critical path without starving live calls'
@@ -105,6 +121,9 @@ class Backend(Protocol):
         With ``spec.defer`` its tool is spawned at the claim, with the claim's secrets.
         ``on_exit`` is called on the event loop if it ends before being claimed.
         """
+
+    async def create_session(self, spec: SandboxSpec) -> HostedSandbox:
+        """Create and start a session's sandbox (``spec.host`` set): its host waits for its first claim."""
 
     async def remove_orphans(self, owner: str) -> list[Removed]:
         """Remove every sandbox (and whatever it had) recorded as ``owner``'s; returns the sandboxes removed."""

@@ -78,6 +78,7 @@ from toolcell.model import EgressDestination, Usage
 from toolcell.policy.network import EgressSettings
 from toolcell.policy.profile import Mount
 from toolcell.policy.spec import NO_SECRETS, POOL_PREFIX, SandboxSpec, Secrets, sandbox_pids, stamped
+from toolcell.sessions.host import host_command
 
 __all__ = [
     "DEFAULT_BASE_URL", "LABEL_INVOCATION", "LABEL_MANAGED", "LABEL_OWNER", "LABEL_PROFILE", "LABEL_ROLE",
@@ -216,6 +217,26 @@ class DockerBackend:
             sandbox._launcher = spec.defer
             return sandbox
         return await self._create_with_egress(run, spec)
+
+    async def create_session(self, spec: SandboxSpec) -> DockerSandbox:
+        """A session's sandbox, started: the session host in front of the tool, waiting for its first claim.
+        Its claims and output go over the engine's attach connection (the channel serves one claim)."""
+        host = spec.host
+        if host is None:
+            raise BackendError("a session's sandbox needs a host spec")
+        self.check(spec)
+        spec = stamped(spec, time.time())
+        relay = spec.isolation in _SHORT_WRITE_RUNTIMES
+        run = dataclasses.replace(spec, command=host_command(spec.command, host, relay=relay), defer=False)
+        sandbox = await self._create(run) if not spec.egress else await self._create_with_egress(run, spec)
+        sandbox._launcher = False
+        sandbox._hosted = True
+        try:
+            await sandbox._launch()
+        except BaseException:
+            await asyncio.shield(asyncio.ensure_future(sandbox.remove()))
+            raise
+        return sandbox
 
     async def _create_with_egress(self, run: SandboxSpec, spec: SandboxSpec) -> DockerSandbox:
         """The sandbox's own network and proxy first, then the sandbox on that network, pointed at the proxy."""
@@ -605,6 +626,7 @@ class DockerSandbox:
         self._defer = defer  # the launcher spawns the tool at the claim, with the claim's secrets
         self._sent_kill = False  # a SIGKILL exit is then ours, not the OOM killer's
         self._session: EgressSession | None = None  # its own network and proxy, closed after it
+        self._hosted = False  # a session's sandbox: the session host serves several claims (``send``)
         self._egress: tuple[EgressDestination, ...] = ()
 
     @property
@@ -613,9 +635,19 @@ class DockerSandbox:
 
     @property
     def alive(self) -> bool:
-        """A pooled sandbox that is running and unclaimed (its output has not ended)."""
+        """A pooled sandbox that is running and unclaimed, or a session's that is running (its output has not
+        ended)."""
         stream = self._stream
-        return self._warm and stream is not None and not stream.ended and not self._claimed and not self._closing
+        if stream is None or stream.ended or self._closing:
+            return False
+        return self._hosted or (self._warm and not self._claimed)
+
+    async def send(self, data: bytes) -> None:
+        """A session's claim, queued on the host's input after the ones before (never an EOF)."""
+        stream = self._stream
+        if not self._hosted or stream is None or stream.ended:
+            raise BackendError(f"sandbox {self._id[:12]} takes no claims now")
+        stream.send(data, half_close=False)
 
     @property
     def egress(self) -> tuple[EgressDestination, ...]:

@@ -17,11 +17,13 @@ from toolcell.model import InvocationRequest
 from toolcell.policy.arguments import ArgumentLimits
 from toolcell.quoting import quote
 
-__all__ = ["RequestLimits", "check_cancel", "check_invocation_id", "check_request", "check_tool_name", "quote"]
+__all__ = ["RequestLimits", "check_cancel", "check_invocation_id", "check_request", "check_session_id",
+           "check_tool_name", "quote"]
 
 # Names and ids: the characters a label, a log field or a file name can carry unchanged.
 _NAME = re.compile(r"[A-Za-z0-9_.:-]+")
 # Metadata keys may also carry "/" (e.g. "mcp/request_id", "x.example/trace").
+_SESSION_ID = re.compile(r"ses_[0-9a-f]{32}")
 _META_KEY = re.compile(r"[A-Za-z0-9_.:/-]+")
 # Metadata values: any text but control characters (C0, DEL, C1), lone surrogates and the
 # invisible/bidi format characters that make a log line read differently from what it holds.
@@ -39,6 +41,9 @@ class RequestLimits:
     max_metadata_key: int = 64
     max_metadata_value_bytes: int = 1024
     max_metadata_total_bytes: int = 8 * 1024
+    # Input files of one request, whatever the tool: each tool's workspace caps are smaller or equal.
+    max_files: int = 256
+    max_files_bytes: int = 64 * 1024 * 1024
 
 
 DEFAULT_REQUEST_LIMITS = RequestLimits()
@@ -110,6 +115,21 @@ def check_request(req: InvocationRequest, limits: ArgumentLimits,
     check_invocation_id(req.invocation_id, strings)
     check_caller_metadata(req.caller_metadata, strings)
     check_arguments_size(req.arguments_json, limits)
+    check_session_id(req.session_id)
+    # Input files: their count and total size here, before anything copies them; names and the tool's own
+    # caps are the workspace's checks (``toolcell.workspace.check_inputs``), once the tool is known.
+    if len(req.files) > strings.max_files:
+        raise InvalidArguments(f"more than {strings.max_files} files ({len(req.files)})", path="files")
+    if sum(len(f.data) + len(f.path) for f in req.files) > strings.max_files_bytes:
+        raise InvalidArguments(f"files exceed {strings.max_files_bytes} bytes in all", path="files")
+
+
+def check_session_id(session_id: str, *, required: bool = False) -> None:
+    """Empty (no session) unless ``required``, else a session id's shape: "ses_" and 32 hex digits."""
+    if not session_id and not required:
+        return
+    if not _SESSION_ID.fullmatch(session_id):
+        raise InvalidArguments(f"not a session id: {quote(session_id)}", path="session_id")
 
 
 def check_cancel(invocation_id: str, strings: RequestLimits = DEFAULT_REQUEST_LIMITS) -> None:

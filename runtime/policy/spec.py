@@ -96,6 +96,21 @@ NO_SECRETS: Final = Secrets()
 
 
 @dataclass(frozen=True)
+class HostSpec:
+    """How a session's host runs its tool (``runtime/data/session_host.py``), fixed by the admin's config.
+
+    ``resident``: the tool is spawned once and serves every call (a REPL, an MCP server's driver); else it
+    is spawned fresh for each call in the same sandbox. ``workspace``: where input files are written;
+    ``outputs``: collected after each call that asks, within ``caps`` (files, total bytes, bytes per file).
+    """
+
+    resident: bool = False
+    workspace: str = ""
+    outputs: str = ""
+    caps: tuple[int, int, int] = (64, 8 * 1024 * 1024, 4 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
     image: str
     command: tuple[str, ...]
@@ -130,6 +145,9 @@ class SandboxSpec:
     # The tool says when it is ready (the MCP driver, once its server is initialized): a pooled sandbox
     # counts as ready only then, where the backend's transport can tell.
     ready_signal: bool = False
+    # A session's sandbox (issue 18): its main process is the session host, serving several calls; None:
+    # one call (the tool itself, or the one-claim launcher).
+    host: HostSpec | None = None
 
     @property
     def uid_gid(self) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from toolcell.server.identity import Authenticator
 from toolcell.server.service import SupervisorService, add_to_server
 from toolcell.server.tokens import JwtVerifier
 from toolcell.server.transport import Transport, server_options
+from toolcell.sessions.registry import SESSION_PREFIX
 from toolcell.supervisor import Supervisor
 
 log = logging.getLogger("toolcell.server")
@@ -64,6 +65,12 @@ class App:
         now, as ``swept``, under the instance that ran it."""
         instance = self.supervisor.config.server.instance
         for sandbox in removed:
+            if sandbox.invocation_id.startswith(SESSION_PREFIX):  # a session's sandbox: the session ends
+                metrics.session_ends.add(1, {"reason": "swept"})
+                await self.gate.record(None, "session_end", session_id=sandbox.invocation_id, tool=sandbox.tool,
+                                       reason="swept", owner_instance=sandbox.owner or instance,
+                                       sandbox_id=sandbox.sandbox_id)
+                continue
             tool = sandbox.tool if self.supervisor.known_tool(sandbox.tool) else "unknown"
             metrics.record_end(tool, "swept", "swept", 0.0, {})
             await self.gate.sweep_end(sandbox.invocation_id, sandbox.tool, sandbox.owner or instance,
@@ -78,6 +85,7 @@ class App:
         """Sweep leftovers, bind, start serving; returns the bound address."""
         self.supervisor.on_ready = self.monitor.check_now  # engine.wait_at_start: SERVING at once
         self.supervisor.on_swept = self._record_swept
+        self.supervisor.on_session_end = self.service.session_ended
         await self.supervisor.start()
         self.transport.bind(self.server)
         self.authenticator.peers = self.transport.peers

@@ -10,7 +10,18 @@ from google.protobuf import json_format
 
 from toolcell.api.v1 import supervisor_pb2 as pb
 from toolcell.errors import InvalidArguments
-from toolcell.model import Event, InvocationRequest, OutputChunk, Progress, Result, Started, Status, Tool
+from toolcell.model import (
+    Event,
+    InputFile,
+    InvocationRequest,
+    OutputChunk,
+    OutputFile,
+    Progress,
+    Result,
+    Started,
+    Status,
+    Tool,
+)
 
 # The most content_json a client parses: gRPC's default receive limit, which bounds the whole message
 # anyway (the client does not raise it); checked again here so the parse never depends on that default.
@@ -72,7 +83,19 @@ def request_from_pb(msg: pb.ExecuteRequest, deadline_s: float | None,
         invocation_id=msg.invocation_id,
         caller_metadata=dict(msg.caller_metadata),
         deadline_s=deadline_s,
+        session_id=msg.session_id,
+        files=tuple(InputFile(path=f.path, data=bytes(f.content)) for f in msg.files),
     )
+
+
+def file_to_pb(f: OutputFile) -> pb.File:
+    return pb.File(path=f.path, content=f.data, text=f.text or "", is_text=f.text is not None, size=f.size,
+                   truncated=f.truncated, media_type=f.media_type)
+
+
+def file_from_pb(f: pb.File) -> OutputFile:
+    return OutputFile(path=f.path, size=f.size, data=bytes(f.content), text=f.text if f.is_text else None,
+                      truncated=f.truncated, media_type=f.media_type)
 
 
 def result_to_pb(result: Result) -> pb.Result:
@@ -100,6 +123,8 @@ def result_to_pb(result: Result) -> pb.Result:
                 for d in result.egress],
         content_json=content_to_json(result.content),
         is_error=result.is_error,
+        files=[file_to_pb(f) for f in result.files],
+        session_id=result.session_id,
     )
 
 
@@ -206,6 +231,8 @@ def result_from_pb(msg: pb.Result) -> Result:
                      for d in msg.egress),
         content=content_from_json(msg.content_json),
         is_error=msg.is_error,
+        files=tuple(file_from_pb(f) for f in msg.files),
+        session_id=msg.session_id,
     )
 
 

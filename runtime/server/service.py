@@ -24,7 +24,7 @@ from toolcell.gate import Gate
 from toolcell.model import Event, Result, Started
 from toolcell.pipeline import Emit, describe
 from toolcell.policy.access import Principal
-from toolcell.policy.requests import check_cancel, check_request
+from toolcell.policy.requests import check_cancel, check_request, check_session_id, check_tool_name
 from toolcell.policy.scrub import Redactor
 from toolcell.quoting import quote
 from toolcell.server.convert import (
@@ -38,6 +38,7 @@ from toolcell.server.convert import (
 )
 from toolcell.server.identity import Authenticator
 from toolcell.server.status import RETRY_AFTER_KEY, status_for
+from toolcell.sessions.registry import Session
 from toolcell.supervisor import Supervisor, new_invocation_id
 
 log = logging.getLogger("toolcell.server")
@@ -224,7 +225,10 @@ class SupervisorService(pb_grpc.SupervisorServicer):
 
         try:
             await self.gate.authorize(principal, "call", call.tool, _trace_id(span))
-            async with self.gate.admit(principal, call.tool, _trace_id(span)):
+            if call.session_id:  # the caller's own open session, or NOT_FOUND before anything is counted
+                self.supervisor.sessions.get(principal.id, call.session_id)
+                span.set_attribute("toolcell.session_id", call.session_id)
+            async with self.gate.admit(principal, call.tool, _trace_id(span), in_session=bool(call.session_id)):
                 call = dataclasses.replace(call, invocation_id=call.invocation_id or new_invocation_id())
                 ending = Ending(call.invocation_id, call.tool, self.supervisor.known_tool(call.tool))
                 span.set_attribute("toolcell.invocation_id", call.invocation_id)
@@ -241,14 +245,14 @@ class SupervisorService(pb_grpc.SupervisorServicer):
                     log.exception("%s: internal error", method, extra={"invocation_id": ending.invocation_id})
                     raise ToolcellError(f"internal error (trace id {_trace_id(span)})") from exc
                 finally:
-                    await self._end(ending, principal, context, span, call.arguments_json)
+                    await self._end(ending, principal, context, span, call.arguments_json, call.session_id)
         except ToolcellError as exc:
             await self._refuse(context, span, peer, exc, f"{method} {quote(call.tool)}")
         assert ending is not None  # nosec B101 - every other path raised
         return ending.result
 
     async def _end(self, ending: Ending, principal: Principal, context: grpc.aio.ServicerContext,
-                   span: trace.Span, arguments_json: str) -> None:
+                   span: trace.Span, arguments_json: str, session_id: str = "") -> None:
         """The one place an invocation's end is accounted: audit record, metric, log line, span status."""
         code = status_for(ending.error).name if isinstance(ending.error, ToolcellError) else ""
         ending.finish(closing=self.supervisor.closing, time_remaining=context.time_remaining(), code_name=code)
@@ -265,7 +269,7 @@ class SupervisorService(pb_grpc.SupervisorServicer):
         record = asyncio.ensure_future(self.gate.invocation_end(
             principal, ending.tool, arguments_json, result=ending.result, status=ending.status,
             profile=ending.profile, duration_ms=int(ending.duration_s * 1000), trace_id=_trace_id(span),
-            invocation_id=ending.invocation_id, ending=ending.kind))
+            invocation_id=ending.invocation_id, ending=ending.kind, session_id=session_id))
         self._ends.add(record)
         record.add_done_callback(self._ends.discard)
         await asyncio.shield(record)  # cancelled again meanwhile: the record is still written (``flush``)
@@ -301,3 +305,61 @@ class SupervisorService(pb_grpc.SupervisorServicer):
             except ToolcellError as exc:
                 await self._refuse(context, span, peer, exc, "Cancel")
             return pb.CancelResponse(cancelled=True)
+
+    # --- sessions (issue 18) ---------------------------------------------------------------------------
+
+    async def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext) -> pb.Session:
+        with caller_trace(context, "toolcell.v1.Supervisor/OpenSession") as span:
+            peer, principal = await self._screen(context, span, "session", request,
+                                                 lambda: check_tool_name(request.tool), request.tool)
+            trace_id = _trace_id(span)
+            try:
+                await self.gate.authorize(principal, "call", request.tool, trace_id)
+                release = await self.gate.session_slot(principal, request.tool, trace_id)
+                try:
+                    session = await self.supervisor.open_session(request.tool, principal.id, release=release,
+                                                                 principal=principal)
+                except BaseException:
+                    release()
+                    raise
+                metrics.sessions_open.add(1)
+                try:  # on record before the caller has the id; fail closed: no record, no session
+                    await self.gate.record(principal, "session_open", session_id=session.id, tool=session.tool,
+                                           profile=session.profile, sandbox_id=session.sandbox.id, trace_id=trace_id,
+                                           idle_ttl_s=session.policy.idle_ttl_s,
+                                           max_lifetime_s=session.policy.max_lifetime_s,
+                                           max_calls=session.policy.max_calls)
+                except BaseException:
+                    await self.supervisor.sessions.end(session, "audit_failed")
+                    raise
+            except ToolcellError as exc:
+                await self._refuse(context, span, peer, exc, f"OpenSession {quote(request.tool)}")
+            span.set_attribute("toolcell.session_id", session.id)
+            log.info("session opened", extra={"tool": session.tool, "session_id": session.id})
+            return pb.Session(session_id=session.id, tool=session.tool, idle_ttl_seconds=session.policy.idle_ttl_s,
+                              max_lifetime_seconds=session.policy.max_lifetime_s, max_calls=session.policy.max_calls,
+                              sandbox_id=session.sandbox.id)
+
+    async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.CloseSessionResponse:
+        with caller_trace(context, "toolcell.v1.Supervisor/CloseSession") as span:
+            peer, principal = await self._screen(context, span, "session", request,
+                                                 lambda: check_session_id(request.session_id, required=True))
+            try:
+                session = await self.supervisor.close_session(request.session_id, principal.id)
+            except ToolcellError as exc:
+                await self.gate.record(principal, "decision", action="close_session", decision="deny",
+                                       status=status_for(exc).name, trace_id=_trace_id(span))
+                await self._refuse(context, span, peer, exc, "CloseSession")
+            span.set_attribute("toolcell.session_id", session.id)
+            return pb.CloseSessionResponse(calls=session.calls)
+
+    async def session_ended(self, session: Session, reason: str) -> None:
+        """The one place a session's end is accounted: audit record, metrics, log line."""
+        metrics.sessions_open.add(-1)
+        metrics.session_ends.add(1, {"reason": reason})
+        duration_s = round(self.supervisor.sessions.clock() - session.opened_at, 3)
+        log.info("session ended", extra={"tool": session.tool, "session_id": session.id, "ending": reason})
+        principal = session.principal if isinstance(session.principal, Principal) else None
+        await self.gate.record(principal, "session_end", session_id=session.id, tool=session.tool, reason=reason,
+                               calls=session.calls, duration_s=duration_s, sandbox_id=session.sandbox.id)

@@ -10,6 +10,8 @@ from toolcell import errors
 STATUS_TABLE: tuple[tuple[type[errors.ToolcellError], grpc.StatusCode], ...] = (
     (errors.ToolNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.InvocationNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.SessionRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.InvalidArguments, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.InvocationConflict, grpc.StatusCode.ALREADY_EXISTS),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),

@@ -27,8 +27,60 @@ STATUS_KILLED: Status
 STATUS_DENIED: Status
 STATUS_INVALID: Status
 
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("tool",)
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    tool: str
+    def __init__(self, tool: _Optional[str] = ...) -> None: ...
+
+class Session(_message.Message):
+    __slots__ = ("session_id", "tool", "idle_ttl_seconds", "max_lifetime_seconds", "max_calls", "sandbox_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LIFETIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CALLS_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    tool: str
+    idle_ttl_seconds: float
+    max_lifetime_seconds: float
+    max_calls: int
+    sandbox_id: str
+    def __init__(self, session_id: _Optional[str] = ..., tool: _Optional[str] = ..., idle_ttl_seconds: _Optional[float] = ..., max_lifetime_seconds: _Optional[float] = ..., max_calls: _Optional[int] = ..., sandbox_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: int
+    def __init__(self, calls: _Optional[int] = ...) -> None: ...
+
+class File(_message.Message):
+    __slots__ = ("path", "content", "text", "is_text", "size", "truncated", "media_type")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IS_TEXT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    content: bytes
+    text: str
+    is_text: bool
+    size: int
+    truncated: bool
+    media_type: str
+    def __init__(self, path: _Optional[str] = ..., content: _Optional[bytes] = ..., text: _Optional[str] = ..., is_text: _Optional[bool] = ..., size: _Optional[int] = ..., truncated: _Optional[bool] = ..., media_type: _Optional[str] = ...) -> None: ...
+
 class ExecuteRequest(_message.Message):
-    __slots__ = ("tool", "arguments_json", "invocation_id", "caller_metadata", "arguments")
+    __slots__ = ("tool", "arguments_json", "invocation_id", "caller_metadata", "arguments", "session_id", "files")
     class CallerMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,12 +93,16 @@ class ExecuteRequest(_message.Message):
     INVOCATION_ID_FIELD_NUMBER: _ClassVar[int]
     CALLER_METADATA_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     tool: str
     arguments_json: str
     invocation_id: str
     caller_metadata: _containers.ScalarMap[str, str]
     arguments: _struct_pb2.Struct
-    def __init__(self, tool: _Optional[str] = ..., arguments_json: _Optional[str] = ..., invocation_id: _Optional[str] = ..., caller_metadata: _Optional[_Mapping[str, str]] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    session_id: str
+    files: _containers.RepeatedCompositeFieldContainer[File]
+    def __init__(self, tool: _Optional[str] = ..., arguments_json: _Optional[str] = ..., invocation_id: _Optional[str] = ..., caller_metadata: _Optional[_Mapping[str, str]] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., session_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[File, _Mapping]]] = ...) -> None: ...
 
 class ExecuteEvent(_message.Message):
     __slots__ = ("started", "stdout", "stderr", "result", "progress")
@@ -119,7 +175,7 @@ class EgressDestination(_message.Message):
     def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., allowed: _Optional[bool] = ..., reason: _Optional[str] = ..., connections: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("status", "exit_code", "output", "stderr", "truncated", "duration_ms", "usage", "trace_id", "invocation_id", "message", "stdout_bytes", "stderr_bytes", "sandbox_id", "redactions", "sanitized", "injection_markers", "structured_content_json", "egress", "content_json", "is_error")
+    __slots__ = ("status", "exit_code", "output", "stderr", "truncated", "duration_ms", "usage", "trace_id", "invocation_id", "message", "stdout_bytes", "stderr_bytes", "sandbox_id", "redactions", "sanitized", "injection_markers", "structured_content_json", "egress", "content_json", "is_error", "files", "session_id")
     class RedactionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +217,8 @@ class Result(_message.Message):
     EGRESS_FIELD_NUMBER: _ClassVar[int]
     CONTENT_JSON_FIELD_NUMBER: _ClassVar[int]
     IS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     status: Status
     exit_code: int
     output: str
@@ -181,7 +239,9 @@ class Result(_message.Message):
     egress: _containers.RepeatedCompositeFieldContainer[EgressDestination]
     content_json: str
     is_error: bool
-    def __init__(self, status: _Optional[_Union[Status, str]] = ..., exit_code: _Optional[int] = ..., output: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., duration_ms: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., trace_id: _Optional[str] = ..., invocation_id: _Optional[str] = ..., message: _Optional[str] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., sandbox_id: _Optional[str] = ..., redactions: _Optional[_Mapping[str, int]] = ..., sanitized: _Optional[_Mapping[str, int]] = ..., injection_markers: _Optional[_Mapping[str, int]] = ..., structured_content_json: _Optional[str] = ..., egress: _Optional[_Iterable[_Union[EgressDestination, _Mapping]]] = ..., content_json: _Optional[str] = ..., is_error: _Optional[bool] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[File]
+    session_id: str
+    def __init__(self, status: _Optional[_Union[Status, str]] = ..., exit_code: _Optional[int] = ..., output: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., duration_ms: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., trace_id: _Optional[str] = ..., invocation_id: _Optional[str] = ..., message: _Optional[str] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., sandbox_id: _Optional[str] = ..., redactions: _Optional[_Mapping[str, int]] = ..., sanitized: _Optional[_Mapping[str, int]] = ..., injection_markers: _Optional[_Mapping[str, int]] = ..., structured_content_json: _Optional[str] = ..., egress: _Optional[_Iterable[_Union[EgressDestination, _Mapping]]] = ..., content_json: _Optional[str] = ..., is_error: _Optional[bool] = ..., files: _Optional[_Iterable[_Union[File, _Mapping]]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class ListToolsRequest(_message.Message):
     __slots__ = ("cursor",)

@@ -54,6 +54,16 @@ class SupervisorStub:
                 request_serializer=toolcell_dot_v1_dot_supervisor__pb2.CancelRequest.SerializeToString,
                 response_deserializer=toolcell_dot_v1_dot_supervisor__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_unary(
+                '/toolcell.v1.Supervisor/OpenSession',
+                request_serializer=toolcell_dot_v1_dot_supervisor__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=toolcell_dot_v1_dot_supervisor__pb2.Session.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/toolcell.v1.Supervisor/CloseSession',
+                request_serializer=toolcell_dot_v1_dot_supervisor__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=toolcell_dot_v1_dot_supervisor__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SupervisorServicer:
@@ -91,6 +101,24 @@ class SupervisorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSession(self, request, context):
+        """Open a session for a tool that allows them (the admin's `session:`): one sandbox kept for this
+        caller's calls that name it (ExecuteRequest.session_id), until closed, idle past its TTL, past
+        its lifetime or its call count. FAILED_PRECONDITION for a tool without sessions;
+        RESOURCE_EXHAUSTED past the caller's open sessions for the tool or the concurrency caps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """Close one of this caller's sessions: its sandbox is removed. NOT_FOUND for an id that is not
+        this caller's open session (another caller's session looks exactly like none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SupervisorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +141,16 @@ def add_SupervisorServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=toolcell_dot_v1_dot_supervisor__pb2.CancelRequest.FromString,
                     response_serializer=toolcell_dot_v1_dot_supervisor__pb2.CancelResponse.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=toolcell_dot_v1_dot_supervisor__pb2.OpenSessionRequest.FromString,
+                    response_serializer=toolcell_dot_v1_dot_supervisor__pb2.Session.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=toolcell_dot_v1_dot_supervisor__pb2.CloseSessionRequest.FromString,
+                    response_serializer=toolcell_dot_v1_dot_supervisor__pb2.CloseSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +261,60 @@ class Supervisor:
             '/toolcell.v1.Supervisor/Cancel',
             toolcell_dot_v1_dot_supervisor__pb2.CancelRequest.SerializeToString,
             toolcell_dot_v1_dot_supervisor__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/toolcell.v1.Supervisor/OpenSession',
+            toolcell_dot_v1_dot_supervisor__pb2.OpenSessionRequest.SerializeToString,
+            toolcell_dot_v1_dot_supervisor__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/toolcell.v1.Supervisor/CloseSession',
+            toolcell_dot_v1_dot_supervisor__pb2.CloseSessionRequest.SerializeToString,
+            toolcell_dot_v1_dot_supervisor__pb2.CloseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -69,6 +70,7 @@ from toolcell.model import EgressDestination, Usage
 from toolcell.policy.seccomp_oci import to_oci_seccomp
 from toolcell.policy.spec import NO_SECRETS, Identity, SandboxSpec, Secrets, sandbox_pids, stamped
 from toolcell.safepath import private_dir
+from toolcell.sessions.host import host_command
 
 __all__ = ["DEFAULT_STATE", "OciBackend", "OciSandbox"]
 
@@ -165,6 +167,21 @@ class OciBackend:
         command = launch_command(spec.command, defer=True) if spec.defer else spec.command
         sandbox = await self._create(spec, command)
         sandbox._defer = spec.defer
+        return sandbox
+
+    async def create_session(self, spec: SandboxSpec) -> OciSandbox:
+        """A session's sandbox, started: the session host in front of the tool, waiting for its first claim
+        on the sandbox's stdin pipe."""
+        if spec.host is None:
+            raise BackendError("a session's sandbox needs a host spec")
+        self.check(spec)
+        sandbox = await self._create(dataclasses.replace(spec, defer=False), host_command(spec.command, spec.host))
+        sandbox._hosted = True
+        try:
+            sandbox._spawn()
+        except BaseException:
+            await asyncio.shield(asyncio.ensure_future(sandbox.remove()))
+            raise
         return sandbox
 
     async def create_warm(self, spec: SandboxSpec, on_exit: Callable[[], None]) -> OciSandbox:
@@ -475,6 +492,7 @@ class OciSandbox:
         self._defer = False
         self._claimed = False
         self._on_exit: Callable[[], None] = lambda: None
+        self._hosted = False  # a session's sandbox: the session host serves several claims (``send``)
         # A signal of ours was sent: a failing ``runc run`` is then our kill's doing (e.g. a timeout that
         # fell while runc was still starting the container), not an engine error.
         self._signalled = 0
@@ -489,9 +507,18 @@ class OciSandbox:
 
     @property
     def alive(self) -> bool:
-        """A pooled sandbox that is running and unclaimed."""
+        """A pooled sandbox that is running and unclaimed, or a session's that is running."""
         stream = self._stream
-        return self._warm and stream is not None and not stream.ended and not self._claimed and not self._closing
+        if stream is None or stream.ended or self._closing:
+            return False
+        return self._hosted or (self._warm and not self._claimed)
+
+    async def send(self, data: bytes) -> None:
+        """A session's claim, queued on the host's stdin after the ones before (never an EOF)."""
+        stream = self._stream
+        if not self._hosted or stream is None or stream.ended:
+            raise BackendError(f"sandbox {self._id} takes no claims now")
+        stream.send(data, half_close=False)
 
     async def start(self, stdin: bytes, secrets: Secrets = NO_SECRETS) -> None:
         if secrets and not self._defer:

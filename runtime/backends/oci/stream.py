@@ -72,7 +72,11 @@ class PipeStream:
     def send(self, data: bytes, *, half_close: bool = True) -> None:
         """Write ``data`` to stdin, then close it (EOF) unless ``half_close`` is False (a claim: EOF is
         what tells a launcher that decided its run to exit). A tool that exits unread is not an error."""
-        if self._closed or self._pending is not None:
+        if self._closed:
+            return
+        if self._pending is not None:  # a session's next claim behind the last one (never with an EOF)
+            if not half_close and not self._half_close:
+                self._pending = memoryview(bytes(self._pending) + data)
             return
         self._half_close = half_close
         self._pending = memoryview(data)

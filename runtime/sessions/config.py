@@ -1,0 +1,68 @@
+"""A tool's ``session:`` and ``workspace:`` config sections, as frozen policy values (pure)."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+from typing import Any
+
+from toolcell.errors import ConfigError
+from toolcell.model import SessionPolicy, WorkspacePolicy
+from toolcell.units import parse_duration, parse_size
+
+# The most a call can make the supervisor hold of one tool's output files (the collected payload is
+# base64: 4/3 of this), and of one request's input files.
+MAX_OUTPUT_BYTES = 32 * 1024 * 1024
+MAX_INPUT_BYTES = 32 * 1024 * 1024
+# The sandbox's writable scratch: a workspace lives inside it, never on a host path.
+SCRATCH_ROOT = "/tmp"  # noqa: S108 # nosec B108 - inside the sandbox: its private, capped tmpfs
+
+
+def build_session(raw: Mapping[str, Any], key: str) -> SessionPolicy:
+    base = SessionPolicy()
+    policy = SessionPolicy(
+        idle_ttl_s=parse_duration(raw.get("idle_ttl", base.idle_ttl_s), f"{key}.idle_ttl"),
+        max_lifetime_s=parse_duration(raw.get("max_lifetime", base.max_lifetime_s), f"{key}.max_lifetime"),
+        max_calls=int(raw.get("max_calls", base.max_calls)),
+        per_principal=int(raw.get("per_principal", base.per_principal)),
+        command=tuple(raw.get("command", ())),
+    )
+    if policy.idle_ttl_s <= 0 or policy.max_lifetime_s <= 0:
+        raise ConfigError("idle_ttl and max_lifetime must be positive", key=key)
+    if policy.idle_ttl_s > policy.max_lifetime_s:
+        raise ConfigError("idle_ttl is longer than max_lifetime", key=f"{key}.idle_ttl")
+    if policy.max_lifetime_s > 24 * 3600:
+        raise ConfigError("max_lifetime is over 24h: a long-lived sandbox keeps whatever a compromised tool "
+                          "planted in it", key=f"{key}.max_lifetime")
+    return policy
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def build_workspace(raw: Mapping[str, Any], key: str) -> WorkspacePolicy:
+    base = WorkspacePolicy()
+    directory = posixpath.normpath(raw.get("dir", base.dir))
+    outputs = posixpath.normpath(raw["outputs"]) if raw.get("outputs") else ""
+    policy = WorkspacePolicy(
+        dir=directory,
+        outputs=outputs,
+        max_input_files=int(raw.get("max_input_files", base.max_input_files)),
+        max_input_bytes=parse_size(raw.get("max_input_bytes", base.max_input_bytes), f"{key}.max_input_bytes"),
+        max_output_files=int(raw.get("max_output_files", base.max_output_files)),
+        max_output_bytes=parse_size(raw.get("max_output_bytes", base.max_output_bytes), f"{key}.max_output_bytes"),
+        max_file_bytes=parse_size(raw.get("max_file_bytes", base.max_file_bytes), f"{key}.max_file_bytes"),
+    )
+    # A workspace is the sandbox's own scratch: never a host path, never the whole scratch (its root).
+    if not _inside(directory, SCRATCH_ROOT) or directory == SCRATCH_ROOT:
+        raise ConfigError(f"must be a directory under {SCRATCH_ROOT} (the sandbox's scratch)", key=f"{key}.dir")
+    if outputs and (not _inside(outputs, SCRATCH_ROOT) or outputs == SCRATCH_ROOT):
+        raise ConfigError(f"must be a directory under {SCRATCH_ROOT} (the sandbox's scratch)", key=f"{key}.outputs")
+    if not 0 < policy.max_output_bytes <= MAX_OUTPUT_BYTES:
+        raise ConfigError(f"must be 1..{MAX_OUTPUT_BYTES} bytes", key=f"{key}.max_output_bytes")
+    if not 0 < policy.max_input_bytes <= MAX_INPUT_BYTES:
+        raise ConfigError(f"must be 1..{MAX_INPUT_BYTES} bytes", key=f"{key}.max_input_bytes")
+    if not 0 < policy.max_file_bytes <= policy.max_output_bytes:
+        raise ConfigError("must be positive and at most max_output_bytes", key=f"{key}.max_file_bytes")
+    return policy
