@@ -18,9 +18,11 @@ from toolcell.model import (
     OutputFile,
     Progress,
     Result,
+    SessionPolicy,
     Started,
     Status,
     Tool,
+    WorkspacePolicy,
 )
 
 # The most content_json a client parses: gRPC's default receive limit, which bounds the whole message
@@ -202,6 +204,13 @@ def tool_to_pb(tool: Tool) -> pb.Tool:
         input_schema_json=json.dumps(dict(tool.input_schema), sort_keys=True),
         output_schema_json=json.dumps(dict(tool.output_schema), sort_keys=True) if tool.output_schema else "",
         annotations=annotations,
+        allows_sessions=tool.session is not None,
+        session_idle_ttl_seconds=tool.session.idle_ttl_s if tool.session is not None else 0.0,
+        session_max_calls=tool.session.max_calls if tool.session is not None else 0,
+        takes_files=tool.workspace is not None,
+        max_input_files=tool.workspace.max_input_files if tool.workspace is not None else 0,
+        max_input_bytes=tool.workspace.max_input_bytes if tool.workspace is not None else 0,
+        returns_files=bool(tool.workspace is not None and tool.workspace.outputs),
     )
 
 
@@ -266,4 +275,10 @@ def tool_from_pb(msg: pb.Tool) -> Tool:
         input_schema=json.loads(msg.input_schema_json or '{"type": "object"}'),
         output_schema=json.loads(msg.output_schema_json) if msg.output_schema_json else None,
         annotations=annotations,
+        # What a client needs to know of the admin's terms (the rest stays with the supervisor).
+        session=SessionPolicy(idle_ttl_s=msg.session_idle_ttl_seconds, max_calls=msg.session_max_calls)
+        if msg.allows_sessions else None,
+        workspace=WorkspacePolicy(dir="", outputs="returned" if msg.returns_files else "",
+                                  max_input_files=msg.max_input_files, max_input_bytes=msg.max_input_bytes)
+        if msg.takes_files else None,
     )

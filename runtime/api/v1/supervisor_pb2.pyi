@@ -264,20 +264,34 @@ class ToolAnnotations(_message.Message):
     def __init__(self, title: _Optional[str] = ..., read_only_hint: _Optional[bool] = ..., destructive_hint: _Optional[bool] = ..., idempotent_hint: _Optional[bool] = ..., open_world_hint: _Optional[bool] = ...) -> None: ...
 
 class Tool(_message.Message):
-    __slots__ = ("name", "title", "description", "input_schema_json", "output_schema_json", "annotations")
+    __slots__ = ("name", "title", "description", "input_schema_json", "output_schema_json", "annotations", "allows_sessions", "session_idle_ttl_seconds", "session_max_calls", "takes_files", "max_input_files", "max_input_bytes", "returns_files")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWS_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_IDLE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_MAX_CALLS_FIELD_NUMBER: _ClassVar[int]
+    TAKES_FILES_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUT_FILES_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RETURNS_FILES_FIELD_NUMBER: _ClassVar[int]
     name: str
     title: str
     description: str
     input_schema_json: str
     output_schema_json: str
     annotations: ToolAnnotations
-    def __init__(self, name: _Optional[str] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., input_schema_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., annotations: _Optional[_Union[ToolAnnotations, _Mapping]] = ...) -> None: ...
+    allows_sessions: bool
+    session_idle_ttl_seconds: float
+    session_max_calls: int
+    takes_files: bool
+    max_input_files: int
+    max_input_bytes: int
+    returns_files: bool
+    def __init__(self, name: _Optional[str] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., input_schema_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., annotations: _Optional[_Union[ToolAnnotations, _Mapping]] = ..., allows_sessions: _Optional[bool] = ..., session_idle_ttl_seconds: _Optional[float] = ..., session_max_calls: _Optional[int] = ..., takes_files: _Optional[bool] = ..., max_input_files: _Optional[int] = ..., max_input_bytes: _Optional[int] = ..., returns_files: _Optional[bool] = ...) -> None: ...
 
 class ListToolsResponse(_message.Message):
     __slots__ = ("tools", "next_cursor")
