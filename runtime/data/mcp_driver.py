@@ -20,6 +20,13 @@ Exit status: 0 after tools/result/the server's JSON-RPC error, 1 after a failure
 (an error frame with code -32000 and a message of its own: server bytes are never quoted in it), 143 after
 SIGTERM/SIGINT/SIGHUP (a request in flight is cancelled with ``notifications/cancelled`` first).
 
+``--session`` (before ``--``; a session's resident tool, issue 18): the server is started and initialized
+once, then request lines are served one after another, the server's state kept across them. After each
+request's final frame is on stdout, ``NNN\n`` (the status a one-shot run would exit with: 0, or 1 for a
+malformed request) is written to the fd named by env TOOLCELL_CALL_FD, and the next line is read. EOF on
+stdin ends the session: the server is reaped, exit 0. Any other failure (the server's, a lost stdout or
+call fd), and a signal, end it as in a one-shot run: a final error frame, exit 1 or 143, no status line.
+
 Everything the server writes is hostile: its stdout is read in bounded lines (``max_line``, 1 MiB until
 the request says otherwise), numbers must be finite, ids must match, batches are refused, and at most
 100 server->client requests are answered ("ping" with {}, "roots/list" with the request's roots when it
@@ -64,6 +71,14 @@ Message = dict[str, typing.Any]
 
 class Failure(Exception):
     """A failure this driver detected: an error frame with this (driver-written) message, exit 1."""
+
+
+class Malformed(Failure):
+    """The request line is not a request (the caller's fault: a session goes on)."""
+
+
+class NoRequest(Failure):
+    """Stdin ended before a request line (a session's normal end)."""
 
 
 class Signalled(Exception):
@@ -182,7 +197,7 @@ class Lines:
 
 
 class Driver:
-    def __init__(self) -> None:
+    def __init__(self, session: bool = False) -> None:
         self.outbox = Outbox()
         self.signalled = 0
         self.wake_r, self.wake_w = os.pipe()
@@ -208,11 +223,17 @@ class Driver:
         self.server_requests = 0
         self.in_flight: int | None = None  # our outstanding request id (tools/list, tools/call)
         self.calling = False
+        self.token = PROGRESS_TOKEN  # the progress token of the call in flight: its request id
         self.roots: list[typing.Any] | None = None
         self.next_id = 1
         # The launcher's readiness pipe (pooled sandboxes), never the server's: taken out of the environment.
         named = os.environ.pop("TOOLCELL_READY_FD", "")
         self.ready_fd = int(named) if named.isdigit() else -1
+        self.session = session
+        self.call_fd = -1  # a session's: where each call's status line goes; taken out of the environment too
+        if session:
+            named = os.environ.pop("TOOLCELL_CALL_FD", "")
+            self.call_fd = int(named) if named.isdigit() else -1
 
     def spawn(self, command: list[str]) -> None:
         """The server, its stdin and stdout pipes ours (non-blocking), its stderr and environment ours too."""
@@ -311,7 +332,7 @@ class Driver:
                 self.gone()
             self.step(want_stdin)
             if want_stdin and self.stdin_eof and not self.requests:
-                raise Failure("no request arrived")
+                raise NoRequest("no request arrived")
 
     @staticmethod
     def check(line: bytes) -> Message:
@@ -383,7 +404,7 @@ class Driver:
     def notification(self, method: str, params: Message) -> None:
         if method == "notifications/progress" and self.calling:
             token, progress, total = params.get("progressToken"), params.get("progress"), params.get("total")
-            if type(token) is not int or token != PROGRESS_TOKEN or not is_number(progress):
+            if type(token) is not int or token != self.token or not is_number(progress):
                 return
             frame: Message = {"progress": progress}
             if is_number(total):
@@ -435,14 +456,14 @@ class Driver:
         except ValueError:
             request = None
         if not isinstance(request, dict) or request.get("op") not in ("list", "call"):
-            raise Failure("the request is malformed")
+            raise Malformed("the request is malformed")
         max_line = request.get("max_line", DEFAULT_MAX_LINE)
         roots = request.get("roots")
         if type(max_line) is not int or max_line < 1 or not (roots is None or isinstance(roots, list)):
-            raise Failure("the request is malformed")
+            raise Malformed("the request is malformed")
         if request["op"] == "call" and not (isinstance(request.get("name"), str)
                                             and isinstance(request.get("arguments", {}), dict)):
-            raise Failure("the request is malformed")
+            raise Malformed("the request is malformed")
         self.lines.limit = max_line
         self.roots = roots
         return request
@@ -473,20 +494,51 @@ class Driver:
         return frame
 
     def call_tool(self, request: Message) -> Message:
-        self.calling = True
-        result = self.request("tools/call", {
-            "name": request["name"], "arguments": request.get("arguments", {}),
-            "_meta": {"progressToken": PROGRESS_TOKEN}}, "before answering tools/call")
-        self.calling = False
+        self.calling, self.token = True, self.next_id  # a late progress of an earlier call is not this one's
+        try:
+            result = self.request("tools/call", {
+                "name": request["name"], "arguments": request.get("arguments", {}),
+                "_meta": {"progressToken": self.token}}, "before answering tools/call")
+        finally:
+            self.calling = False
         return {"result": result}
 
-    def run(self, command: list[str]) -> Message:
-        self.spawn(command)
-        server = self.initialize()
-        request = self.read_request()
+    def answer(self, server: Message, request: Message) -> Message:
         if request["op"] == "list":
             return self.list_tools(server, request.get("max_line", DEFAULT_MAX_LINE))
         return self.call_tool(request)
+
+    def run(self, command: list[str]) -> Message | None:
+        """The final frame (one-shot), or None: a session that ended with stdin, every request answered."""
+        if self.session and self.call_fd < 0:
+            raise Failure("--session needs TOOLCELL_CALL_FD")
+        self.spawn(command)
+        server = self.initialize()
+        if not self.session:
+            return self.answer(server, self.read_request())
+        while True:
+            status = 0
+            try:
+                final = self.answer(server, self.read_request())
+            except NoRequest:
+                return None
+            except Malformed as exc:
+                final, status = {"error": {"code": DRIVER_ERROR, "message": str(exc)}}, FAILED
+            except ServerError as exc:
+                final = {"error": exc.error}
+            self.deliver(final, status)
+            self.server_requests = 0  # a budget per call, not per session
+
+    def deliver(self, final: Message, status: int) -> None:
+        """A session's call is over: its final frame, written out whole, then its status line on the call fd."""
+        status = put_final(self.outbox, final, status)
+        while not self.outbox.drained(0.1):
+            if self.signalled:
+                raise Signalled
+        if not self.outbox.live[1]:
+            raise Failure("the driver's stdout is gone")
+        if not write_all(self.call_fd, b"%03d\n" % status):
+            raise Failure("the session's call fd is gone")
 
     # --- the end ---
 
@@ -545,8 +597,21 @@ class ServerError(Exception):
         self.error = error
 
 
+def put_final(outbox: Outbox, final: Message, status: int) -> int:
+    """Queue the final frame (a driver error frame when it cannot be encoded); the status after it."""
+    try:
+        outbox.frame(final)
+    except (ValueError, RecursionError):
+        outbox.frame({"error": {"code": DRIVER_ERROR, "message": "the driver failed (a frame it could not encode)"}})
+        status = FAILED
+    return status
+
+
 def main() -> int:
     command = sys.argv[1:]
+    session = command[:1] == ["--session"]
+    if session:
+        command = command[1:]
     if command[:1] == ["--"]:
         command = command[1:]
     try:
@@ -555,7 +620,7 @@ def main() -> int:
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE=0: no /proc/<pid>/mem or fd for the server
     except Exception:  # noqa: S110 # nosec B110 - best effort
         pass
-    driver = Driver()
+    driver = Driver(session)
     status = 0
     try:
         if not command:
@@ -572,12 +637,9 @@ def main() -> int:
         final = {"error": {"code": DRIVER_ERROR, "message": f"the driver failed ({type(exc).__name__})"}}
         status = FAILED
     outbox = driver.outbox
-    try:
-        outbox.frame(final)
-    except (ValueError, RecursionError):
-        outbox.frame({"error": {"code": DRIVER_ERROR, "message": "the driver failed (a frame it could not encode)"}})
-        status = FAILED
-    driver.reap(graceful=bool(driver.signalled) or status != 0)
+    if final is not None:  # None: a session ended by EOF on stdin, its requests all answered
+        status = put_final(outbox, final, status)
+    driver.reap(graceful=bool(driver.signalled) or status != 0 or final is None)
     # The final frame must reach the caller; after a signal it gets the grace period, no more.
     while not outbox.drained(0.1):
         if driver.signalled:

@@ -27,6 +27,10 @@ def driver_source() -> str:
     return resources.files("toolcell.data").joinpath("mcp_driver.py").read_text()
 
 
-def driver_command(server_command: Sequence[str], python: str = "python3") -> tuple[str, ...]:
-    """The sandbox's command: the driver in front of the server (``server_command``, run as given)."""
-    return (python, "-I", "-c", driver_source(), "--", *server_command)
+def driver_command(server_command: Sequence[str], python: str = "python3", *, session: bool = False
+                   ) -> tuple[str, ...]:
+    """The sandbox's command: the driver in front of the server (``server_command``, run as given).
+
+    ``session``: the resident form for a session (``--session``): one server for many request lines, each
+    call's status line on ``TOOLCELL_CALL_FD``."""
+    return (python, "-I", "-c", driver_source(), *(("--session",) if session else ()), "--", *server_command)
