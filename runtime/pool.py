@@ -32,9 +32,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from toolcell.backends.base import Backend, Sandbox, WarmSandbox
+from toolcell.backends.base import Backend, HostedSandbox, Sandbox, WarmSandbox
 from toolcell.policy.spec import POOL_PREFIX, SandboxSpec, fingerprint, pooled
 from toolcell.reaper import Reaper
+from toolcell.sessions.config import hosted, hosted_spec
 from toolcell.settings import Config, PoolSpec
 
 log = logging.getLogger("toolcell.pool")
@@ -99,6 +100,7 @@ class PoolManager:
         self._reaper = reaper if reaper is not None else Reaper()
         self._owned: set[str] = set()  # ids of sandboxes that came from a pool (claimed or not)
         self._claimed_from: dict[str, _Pool] = {}
+        self._hosted: dict[str, HostedSandbox] = {}  # pooled session hosts, by id, until claimed or retired
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -110,8 +112,14 @@ class PoolManager:
             return
         wanted: dict[str, tuple[PoolSpec, SandboxSpec, int]] = {}
         for name, spec in config.pools.items():
-            sandbox_spec = pooled(config.compile(config.resolve(name), POOL_PREFIX))
-            # Waits up to its TTL for a claim, then serves one call: its lease covers both.
+            resolved = config.resolve(name)
+            sandbox_spec = config.compile(resolved, POOL_PREFIX)
+            if hosted(resolved.tool):  # a session host: serves a one-shot call, or a session's first call on
+                session = resolved.tool.session
+                sandbox_spec = hosted_spec(resolved.tool, sandbox_spec,
+                                           session.max_lifetime_s if session is not None else 0.0)
+            sandbox_spec = pooled(sandbox_spec)
+            # Waits up to its TTL for a claim, then serves one call (or a session): its lease covers both.
             sandbox_spec = dataclasses.replace(sandbox_spec, lease_s=sandbox_spec.lease_s + spec.ttl_s)
             wanted[name] = (spec, sandbox_spec, fingerprint(sandbox_spec))
         for name, pool in list(self._pools.items()):
@@ -137,6 +145,13 @@ class PoolManager:
         """
         pool = self._pool_for(spec)
         return None if pool is None else self._take(pool)
+
+    async def claim_hosted(self, spec: SandboxSpec) -> HostedSandbox | None:
+        """A pooled session host made from ``spec`` (a hosted tool's: ``sessions.config.hosted_spec``)."""
+        if spec.host is None:
+            return None
+        sandbox = await self.claim_soon(spec)
+        return None if sandbox is None else self._hosted.pop(sandbox.id, None)
 
     def _pool_for(self, spec: SandboxSpec) -> _Pool | None:
         """The open pool whose sandboxes are made from ``spec`` (one fingerprint per call), if any."""
@@ -219,6 +234,7 @@ class PoolManager:
         (Its tool has exited; what could linger is capped and has no network, and goes with it.)
         """
         pool = self._claimed_from.pop(sandbox.id, None)
+        self._hosted.pop(sandbox.id, None)
         delay = 0.0 if pool is None or self._closed else AFTER_CALL_S
         if pool is not None:
             asyncio.get_running_loop().call_later(AFTER_CALL_S, pool.wake.set)
@@ -336,7 +352,12 @@ class PoolManager:
                 identity = dataclasses.replace(pool.sandbox_spec.identity,
                                                invocation_id=POOL_PREFIX + secrets.token_hex(8))
                 spec = dataclasses.replace(pool.sandbox_spec, identity=identity)
-                sandbox = await self.backend.create_warm(spec, on_exit=pool.wake.set)
+                if spec.host is not None:  # a session host: its output ending is what ``alive`` reads
+                    host = await self.backend.create_session(spec)
+                    self._hosted[host.id] = host
+                    sandbox = host
+                else:
+                    sandbox = await self.backend.create_warm(spec, on_exit=pool.wake.set)
             self._owned.add(sandbox.id)
             if pool.closed:
                 await self.retire(sandbox)

@@ -35,12 +35,13 @@ from toolcell.policy.annotations import tool_annotations
 from toolcell.policy.requests import check_invocation_id
 from toolcell.policy.resolve import ResolvedTool
 from toolcell.policy.scrub import Redactor
-from toolcell.policy.spec import LEASE_MARGIN_S, HostSpec, SandboxSpec
+from toolcell.policy.spec import SandboxSpec
 from toolcell.pool import PoolManager
 from toolcell.quoting import quote
 from toolcell.reaper import Reaper
 from toolcell.secretstore import SecretStore
 from toolcell.sessions.call import SessionCall
+from toolcell.sessions.config import hosted, hosted_spec
 from toolcell.sessions.registry import Session, SessionRegistry, new_session_id
 from toolcell.settings import Config
 from toolcell.sources.catalog import Catalog, source_tools
@@ -341,16 +342,16 @@ class Supervisor:
                             on_sandbox=on_sandbox, remove=self._remove, redactor=self.redactor,
                             claim=self.pools.claim_soon)
         tool = self.config.tools.get(request.tool)
-        hosted = session is not None or (tool is not None and tool.workspace is not None)
+        is_hosted = session is not None or (tool is not None and hosted(tool))
         calls: list[SessionCall] = []
-        if hosted:
+        if is_hosted:
             def on_call(sandbox: Sandbox) -> None:  # counted as the session's sandbox, not per call
                 if self._running.get(key) is running:
                     running.sandbox = sandbox
 
             async def claim(spec: SandboxSpec) -> SessionCall:
                 nonlocal session
-                if session is None:  # a one-shot call with a workspace: a session of one call
+                if session is None:  # a one-shot call of a hosted tool: a session of one call
                     session = await self._open(self.config.resolve(request.tool), spec, owner,
                                                invocation_id, ephemeral=True)
                 calls.append(self._call(session, request))
@@ -395,28 +396,14 @@ class Supervisor:
                             inputs=encode_inputs(request.files) if request.files else [],
                             collect=bool(workspace is not None and workspace.outputs))
 
-    @staticmethod
-    def hosted_spec(resolved: ResolvedTool, spec: SandboxSpec, lifetime_s: float) -> SandboxSpec:
-        """``spec`` as a session's sandbox: the session host in front of the tool (or its resident command),
-        leased for the session's lifetime."""
-        tool = resolved.tool
-        policy, workspace = tool.session, tool.workspace
-        resident = bool(policy is not None and policy.command)
-        host = HostSpec(resident=resident,
-                        workspace=workspace.dir if workspace is not None else "",
-                        outputs=workspace.outputs if workspace is not None else "",
-                        caps=(workspace.max_output_files, workspace.max_output_bytes, workspace.max_file_bytes)
-                        if workspace is not None else HostSpec().caps)
-        command = policy.command if policy is not None and policy.command else spec.command
-        return dataclasses.replace(spec, command=command, host=host, ready_signal=False,
-                                   lease_s=lifetime_s + spec.timeout_s + spec.kill_grace_s + LEASE_MARGIN_S)
-
     async def _open(self, resolved: ResolvedTool, spec: SandboxSpec, owner: str, session_id: str, *,
                     ephemeral: bool = False, release: Callable[[], None] = lambda: None,
                     principal: object = None) -> Session:
         policy = resolved.tool.session
-        lifetime = policy.max_lifetime_s if policy is not None and not ephemeral else spec.timeout_s
-        sandbox = await self.sessions.create(self.hosted_spec(resolved, spec, lifetime))
+        lifetime = policy.max_lifetime_s if policy is not None and not ephemeral else 0.0
+        run = hosted_spec(resolved.tool, spec, lifetime)
+        # Warm when the tool's pool has one (made for the longest session it may serve); else made now.
+        sandbox = await self.pools.claim_hosted(run) or await self.sessions.create(run)
         metrics.active_sandboxes.add(1)
         session = Session(id=session_id, owner=owner, tool=resolved.tool.name, profile=resolved.profile.name,
                           policy=policy if policy is not None else _ONE_CALL, workspace=resolved.tool.workspace,
@@ -457,7 +444,7 @@ class Supervisor:
             await self._remove(sandbox)
 
     async def _remove_hosted(self, sandbox: Sandbox) -> None:
-        await self.reaper.remove_now(sandbox, done=lambda: metrics.active_sandboxes.add(-1))
+        await self._remove(sandbox)  # a pooled one is retired (its pool refills), others removed now
 
     async def _session_ended(self, session: Session, reason: str) -> None:
         if self.on_session_end is not None and not session.ephemeral:

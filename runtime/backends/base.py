@@ -87,7 +87,7 @@ class WarmSandbox(Sandbox, Protocol):
         """Started, unclaimed, and its process has not ended."""
 
 
-class HostedSandbox(Sandbox, Protocol):
+class HostedSandbox(WarmSandbox, Protocol):
     """A session's sandbox (``spec.host``): its main process is the session host, serving several calls.
 
     ``Backend.create_session`` returns it started. ``send`` writes to the host's input (one claim per call;
@@ -96,11 +96,8 @@ class HostedSandbox(Sandbox, Protocol):
     """
 
     async def send(self, data: bytes) -> None:
-        """Queue ``data`` on the host's input, after whatever was sent before."""
-
-    @property
-    def alive(self) -> bool:
-        """Started, not being removed, and its output has not ended."""
+        """Queue ``data`` on the host's input, after whatever was sent before. (``start`` is not used: each
+        call's claim is sent; ``alive``: started, not being removed, its output not ended.)"""
 
 
 class Backend(Protocol):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from collections.abc import Mapping
 from typing import Any
 
 from toolcell.errors import ConfigError
-from toolcell.model import SessionPolicy, WorkspacePolicy
+from toolcell.model import SessionPolicy, Tool, WorkspacePolicy
+from toolcell.policy.spec import LEASE_MARGIN_S, HostSpec, SandboxSpec
 from toolcell.units import parse_duration, parse_size
 
 # The most a call can make the supervisor hold of one tool's output files (the collected payload is
@@ -66,3 +68,24 @@ def build_workspace(raw: Mapping[str, Any], key: str) -> WorkspacePolicy:
     if not 0 < policy.max_file_bytes <= policy.max_output_bytes:
         raise ConfigError("must be positive and at most max_output_bytes", key=f"{key}.max_file_bytes")
     return policy
+
+
+def hosted(tool: Tool) -> bool:
+    """Every call of a tool with sessions or a workspace runs under the session host (a one-shot call is a
+    session of one call), so one warm pool serves both and a session's first call can be warm."""
+    return tool.session is not None or tool.workspace is not None
+
+
+def hosted_spec(tool: Tool, spec: SandboxSpec, lifetime_s: float) -> SandboxSpec:
+    """``spec`` as a session's sandbox: the session host in front of the tool (or its resident command),
+    leased for ``lifetime_s`` more than one call needs (its owner may keep it that long)."""
+    policy, workspace = tool.session, tool.workspace
+    resident = bool(policy is not None and policy.command)
+    host = HostSpec(resident=resident,
+                    workspace=workspace.dir if workspace is not None else "",
+                    outputs=workspace.outputs if workspace is not None else "",
+                    caps=(workspace.max_output_files, workspace.max_output_bytes, workspace.max_file_bytes)
+                    if workspace is not None else HostSpec().caps)
+    command = policy.command if policy is not None and policy.command else spec.command
+    return dataclasses.replace(spec, command=command, host=host, ready_signal=False,
+                               lease_s=lifetime_s + spec.timeout_s + spec.kill_grace_s + LEASE_MARGIN_S)

@@ -10,10 +10,11 @@ then the admin's overrides win. Every tool left out is named with its reason, ne
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from jsonschema import Draft202012Validator
 
@@ -115,6 +116,12 @@ def read_catalog(server: str, tools: object, server_info: object, redactor: Reda
     return Catalog(server=server, tools=tuple(found.values()), skipped=tuple(skipped), server_info=info)
 
 
+class DriverCommand(Protocol):
+    """``sources.driver.driver_command``: the in-sandbox driver in front of a server's command."""
+
+    def __call__(self, server_command: Sequence[str], *, session: bool = False) -> tuple[str, ...]: ...
+
+
 @dataclass(frozen=True)
 class SourceTools:
     """A source's tools, ready for ``Config.with_tools``, and what was left out and why."""
@@ -126,7 +133,7 @@ class SourceTools:
 
 
 def source_tools(source: ToolSource, catalog: Catalog, profiles: Mapping[str, IsolationProfile],
-                 command: Callable[[Sequence[str]], tuple[str, ...]]) -> SourceTools:
+                 command: DriverCommand) -> SourceTools:
     """The catalog's tools as toolcell tools named ``<server>.<tool>``, with the admin's overrides."""
     tools: dict[str, Tool] = {}
     validators: dict[str, Draft202012Validator] = {}
@@ -166,6 +173,9 @@ def source_tools(source: ToolSource, catalog: Catalog, profiles: Mapping[str, Is
             secrets=source.secrets,
             env=source.env,
             source=McpBinding(server=source.name, name=d.name, roots=source.roots),
+            # A session keeps one server process across the caller's calls: the driver serves them in turn.
+            session=dataclasses.replace(source.session, command=command(source.command, session=True))
+            if source.session is not None else None,
         )
     known = {d.name for d in catalog.tools}
     skipped += [f"override for {quote(n)}: the server has no such tool" for n in sorted(source.overrides)
