@@ -196,7 +196,9 @@ class StatsProbe:
         self._read = read
         self._min_interval_s = min_interval_s
         self._lock = threading.Lock()
-        self._last = 0.0
+        # -inf, not 0: the monotonic clock starts near the host's boot, so on a host up for less than
+        # ``min_interval_s`` a 0 here would skip the first sample (and a short tool would read as zero).
+        self._last = float("-inf")
         self._peak_memory = 0
         self._cpu_ns = 0
         self.oom_fd = -1  # no OOM events from the engine's stats
