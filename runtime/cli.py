@@ -107,6 +107,7 @@ def _result_dict(result: Any) -> dict[str, Any]:
 
 async def _call(args: argparse.Namespace) -> int:
     from toolcell.client import ClientError
+    from toolcell.clisession import FileArgumentError, read_inputs, write_outputs
     from toolcell.model import OutputChunk, Progress, Result, Started
     from toolcell.quoting import printable
 
@@ -114,9 +115,14 @@ async def _call(args: argparse.Namespace) -> int:
         json.loads(args.args)
     except json.JSONDecodeError as exc:
         return _fail(f"--args is not valid JSON: {exc.msg} at column {exc.colno}", EXIT_USAGE)
+    try:
+        files = read_inputs(args.file or [])
+    except FileArgumentError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     async with _client(args) as client:
         try:
-            async for event in client.execute(args.tool, args.args, timeout=args.timeout):
+            async for event in client.execute(args.tool, args.args, timeout=args.timeout, session=args.session or "",
+                                              files=files or None):
                 if isinstance(event, Started) and not args.json:
                     # Docker's 64-hex ids are known by their first 12; other backends' ids are short already.
                     shown = event.sandbox_id[:12] if len(event.sandbox_id) == 64 else event.sandbox_id
@@ -131,6 +137,16 @@ async def _call(args: argparse.Namespace) -> int:
                     print(f"toolcell: progress {done}" + (f" {printable(event.message, 200)}" if event.message
                                                           else ""), file=sys.stderr, flush=True)
                 elif isinstance(event, Result):
+                    if event.files and args.out:
+                        try:
+                            for path in write_outputs(args.out, event.files):
+                                print(f"toolcell: wrote {path}", file=sys.stderr)
+                        except (FileArgumentError, OSError) as exc:
+                            return _fail(str(exc), EXIT_STATUS)
+                    elif event.files and not args.json:
+                        print(f"toolcell: {len(event.files)} output file(s): "
+                              + ", ".join(printable(f.path, 80) for f in event.files[:20])
+                              + " (save them with --out DIR)", file=sys.stderr)
                     if args.json:
                         print(json.dumps(_result_dict(event), indent=None))
                     elif event.content:  # an MCP server's tool streams no stdout: its blocks' texts, then a count
@@ -151,6 +167,29 @@ async def _call(args: argparse.Namespace) -> int:
             code = EXIT_UNAVAILABLE if exc.code in UNAVAILABLE_CODES else EXIT_REJECTED
             return _fail(f"{exc.code}: {exc.details}", code)
     return _fail("stream ended without a result", EXIT_UNAVAILABLE)
+
+
+async def _session(args: argparse.Namespace) -> int:
+    from toolcell.client import ClientError
+
+    async with _client(args) as client:
+        try:
+            if args.session_command == "open":
+                info = await client.open_session(args.tool)
+                if args.json:
+                    print(json.dumps(dataclasses.asdict(info)))
+                else:
+                    print(info.session_id)
+                    print(f"toolcell: session of {info.tool}: ends after {info.idle_ttl_s:g}s idle, "
+                          f"{info.max_lifetime_s:g}s in all or {info.max_calls} calls; "
+                          f"call with --session {info.session_id}", file=sys.stderr)
+            else:
+                calls = await client.close_session(args.session_id)
+                print(f"toolcell: session closed after {calls} call(s); its sandbox is removed", file=sys.stderr)
+        except ClientError as exc:
+            code = EXIT_UNAVAILABLE if exc.code in UNAVAILABLE_CODES else EXIT_REJECTED
+            return _fail(f"{exc.code}: {exc.details}", code)
+    return EXIT_OK
 
 
 async def _tools(args: argparse.Namespace) -> int:
@@ -494,6 +533,17 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--target", help="supervisor address (default: the built-in socket)")
     c.add_argument("--json", action="store_true", help="print the result as one JSON object")
     c.add_argument("--timeout", type=float, help="gRPC deadline in seconds")
+    c.add_argument("--session", help="run in this open session (toolcell session open TOOL)")
+    c.add_argument("--file", action="append", metavar="LOCAL[=PATH]",
+                   help="an input file for the tool's workspace (repeatable)")
+    c.add_argument("--out", metavar="DIR", help="write the files the tool returns under DIR")
+    sn = sub.add_parser("session", help="open or close a session: one sandbox kept for your calls")
+    sns = sn.add_subparsers(dest="session_command", required=True)
+    so = sns.add_parser("open", help="open a session of a tool that allows them; prints its id")
+    so.add_argument("tool")
+    so.add_argument("--json", action="store_true")
+    sc = sns.add_parser("close", help="close a session: its sandbox is removed")
+    sc.add_argument("session_id")
     t = sub.add_parser("tools", help="list the tools a caller may use")
     t.add_argument("--target")
     t.add_argument("--json", action="store_true")
@@ -528,7 +578,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--span-file", help="also write the bridge's spans as JSON lines here "
                                        "(OTLP export: set OTEL_EXPORTER_OTLP_ENDPOINT)")
     m.add_argument("-v", "--verbose", action="store_true")
-    for cmd in (c, t, m):
+    for cmd in (so, sc):
+        cmd.add_argument("--target", help="supervisor address (default: the built-in socket)")
+    for cmd in (c, t, m, so, sc):
         cmd.add_argument("--token-file", help="file with a bearer JWT (default: $TOOLCELL_TOKEN)")
         cmd.add_argument("--tls-ca", help="PEM CA of the server's certificate (TCP + TLS)")
         cmd.add_argument("--tls-cert", help="PEM client certificate (mTLS)")
@@ -639,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_serve(args))
         if args.command == "call":
             return asyncio.run(_call(args))
+        if args.command == "session":
+            return asyncio.run(_session(args))
         if args.command == "tools":
             return asyncio.run(_tools(args))
         if args.command == "mcp":
