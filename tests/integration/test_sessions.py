@@ -135,7 +135,8 @@ async def test_a_session_is_invisible_and_unusable_to_another_principal(tmp_path
     idp = Idp()
     doc = _doc(tmp_path, "docker")
     with serve_jwks(idp) as (url, _):
-        doc["auth"] = {"require": ["token"], "rules": [{"match": {"subject": "*"}, "tools": ["*"]}],
+        doc["auth"] = {"require": ["token"], "rules": [{"match": {"subject": who}, "tools": ["*"]}
+                                                       for who in ("alice", "bob")],
                        "jwt": {"jwks": url, "issuer": ISSUER, "audience": AUDIENCE, "algorithms": ["RS256"]}}
         async with supervisor(tmp_path, doc) as (app, client):
             alice, bob = client.with_token(idp.token("alice")), client.with_token(idp.token("bob"))
@@ -193,7 +194,7 @@ async def test_a_timed_out_call_ends_its_session(tmp_path: Path, kind: str) -> N
 
 async def test_sessions_hold_a_concurrency_slot_and_refuse_tools_without_sessions(tmp_path: Path) -> None:
     doc = _doc(tmp_path, "docker")
-    doc["security"] = {"concurrency": {"per_principal": 1}}
+    doc["rate_limits"] = {"concurrency": {"per_principal": 1}}
     async with supervisor(tmp_path, doc) as (app, client):
         with pytest.raises(ClientError) as refused:
             await client.open_session("text.wordcount")
@@ -280,7 +281,7 @@ async def test_bad_input_files_are_refused_before_any_sandbox(tmp_path: Path, fi
 HOSTILE = r'''
 import os
 os.makedirs("out/many", exist_ok=True)
-with open("out/sparse.bin", "wb") as f:
+with open("out/big.bin", "wb") as f:
     f.truncate(1 << 40)
 for i in range(5000):
     open(f"out/many/{i:05d}", "w").write("x")
@@ -303,7 +304,7 @@ async def test_the_collector_holds_against_a_hostile_tool(tmp_path: Path, kind: 
         assert len(paths) <= 16 and all("\n" not in p for p in paths)
         assert not any(p.startswith(("passwd", "etc")) or p == "fifo" for p in paths)
         assert "a..b" in paths
-        sparse = next(f for f in result.files if f.path == "sparse.bin")
+        sparse = next(f for f in result.files if f.path == "big.bin")
         assert sparse.size == 1 << 40 and sparse.truncated and len(sparse.data) <= 64 * 1024
         assert sum(len(f.data) + len((f.text or "").encode()) for f in result.files) <= 256 * 1024
         assert (await client.call("text.wordcount", {"text": "still serving"})).status is Status.OK
