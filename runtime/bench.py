@@ -57,7 +57,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
-from toolcell import benchhostile, benchmcp, benchoci
+from toolcell import benchhostile, benchmcp, benchoci, benchsession
 from toolcell.backends.base import Backend
 from toolcell.backends.docker import DockerBackend
 from toolcell.backends.factory import open_backend
@@ -117,6 +117,8 @@ class Plan:
     # 8 MCP servers: calls of each kind (cold, warm, floor) per server and engine; discoveries per server.
     mcp_n: int = 15
     mcp_discovery_reps: int = 3
+    # 9 sessions: rounds of (warm one-shot, session call, session exec call) per engine.
+    session_n: int = 40
 
     @staticmethod
     def full() -> Plan:
@@ -128,7 +130,7 @@ class Plan:
         return Plan(latency_n=5, noop_n=50, levels=(1, 4, 16), per_level=lambda c: c, pool_size=4, flood_mib=10,
                     hostile_n=15, tool_sizes=(4096, 16384, 65536, 262144),
                     hostile_budget_s=2.0, tool_attacks=benchhostile.QUICK_TOOL_ATTACKS, hostile_deadline_s=90.0,
-                    probe_reps=5, oci_n=8, oci_calls=24, mcp_n=3, mcp_discovery_reps=1)
+                    probe_reps=5, oci_n=8, oci_calls=24, mcp_n=3, mcp_discovery_reps=1, session_n=8)
 
     def mcp(self) -> benchmcp.McpPlan:
         return benchmcp.McpPlan(n=self.mcp_n, discovery_reps=self.mcp_discovery_reps)
@@ -626,6 +628,13 @@ class Bench:
                                       tick=self._tick, docker_host=os.environ.get("DOCKER_HOST"))
         self.report.put("mcp", await section.run())
 
+    async def sessions(self) -> None:
+        """9: a call in an open session beside a warm one-shot call, on each engine (``benchsession``)."""
+        section = benchsession.SessionSection(self.plan.session_n, self.owner, self._tmp.name, _ServerThread,
+                                              step=self._step, tick=self._tick,
+                                              docker_host=os.environ.get("DOCKER_HOST"))
+        self.report.put("sessions", await section.run())
+
     # -- OCI (issue 15) -------------------------------------------------------------------------------
 
     def _oci_config(self) -> Config:
@@ -752,6 +761,7 @@ class Bench:
             await self.flood(backend)
             await self.hostile()
             await self.mcp_servers()
+            await self.sessions()
             transport = str(getattr(self.server.backend, "pool_transport", transport))
         finally:
             if self.client is not None:
@@ -772,7 +782,8 @@ class Bench:
 def total_ticks(plan: Plan) -> int:
     hostile = plan.hostile_n + len(plan.tool_attacks) + len(benchhostile.CALLER_ATTACKS)
     docker = plan.noop_n + 7 * plan.latency_n + 1 + 3 * sum(plan.per_level(c) for c in plan.levels) + 1 + hostile
-    return docker + 2 * plan.oci_n + 3 * plan.latency_n + 1 + 3 * plan.oci_calls + plan.mcp().ticks()
+    return docker + 2 * plan.oci_n + 3 * plan.latency_n + 1 + 3 * plan.oci_calls + plan.mcp().ticks() + \
+        3 * plan.session_n * len(benchsession.ENGINES)
 
 
 def targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -861,6 +872,8 @@ def render(f: dict[str, Any]) -> str:
         benchoci.render_oci(f["oci"], row, lines)
     if "mcp" in f:
         lines += benchmcp.render_mcp(f["mcp"])
+    if "sessions" in f:
+        lines += benchsession.render_sessions(f["sessions"])
     lines += ["", f"ratios: cold/raw p50 {f['cold']['p50_ms'] / f['raw_docker']['p50_ms']:.3f}, "
                   f"warm/no-op p50 {f['warm']['p50_ms'] / f['noop_grpc']['p50_ms']:.1f}, "
                   f"warm/cold p50 {f['warm']['p50_ms'] / f['cold']['p50_ms']:.3f}"
@@ -933,7 +946,8 @@ def main(quick: bool, json_path: str | None) -> int:
     if failed:  # the OCI backend is there but a measured call failed: the run fails, after its figures
         print(f"toolcell: bench failed: oci: {failed}", file=sys.stderr)
         return 1
-    mcp_failed = benchmcp.failures(figures.get("mcp") or {})  # a measured MCP call failed (a skip is no failure)
+    # A measured MCP or session call failed (a skip is no failure).
+    mcp_failed = benchmcp.failures(figures.get("mcp") or {}) + benchsession.failures(figures.get("sessions") or {})
     for failure in mcp_failed:
         print(f"toolcell: bench failed: mcp: {failure}", file=sys.stderr)
     return 1 if mcp_failed else 0
