@@ -18,37 +18,66 @@ Over HTTP with bearer authentication (``caller_token``), every supervisor call o
 MCP caller's own verified token, so the supervisor's rules decide what that caller may do; the bridge's
 own credentials are never used on a caller's behalf.
 
+Sessions: a tool that allows sessions (``Tool.session``) keeps one toolcell session per MCP session, so
+its state (a REPL's variables) carries from one ``tools/call`` to the next. The MCP session is the SDK's
+per-client ``Connection`` (one per stdio connection, one per Streamable HTTP ``Mcp-Session-Id``; the
+SDK's ``ServerSession`` is built anew for every request); stdio served by ``one_client`` is one MCP
+session whatever the protocol era. The first call of the tool opens the toolcell session with the
+caller's own client; a session the supervisor has ended (idle, its last call, its lifetime) is replaced
+by a fresh one and the call says so; the MCP session's end closes its toolcell sessions (the
+connection's exit stack), and so does the bridge's own (``close``). A stateless request (a 2026-era
+envelope, stateless HTTP) has no MCP session: its call is a one-shot call.
+
+Files: a tool with a workspace (``Tool.workspace``) takes input files in an extra ``_files`` argument
+(path with UTF-8 ``text`` or base64 ``blob``), and the files it leaves come back as embedded resources
+(``toolcell://files/<path>``) after the text.
+
 Use it as the handlers of a new server (``Server(name, on_list_tools=t.list_tools, on_call_tool=t.call_tool)``)
 or ``install`` it on a server that has tools of its own.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote as url_quote
 
 import anyio
 import mcp_types as types
+from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.shared.exceptions import MCPError
 from mcp_types.jsonrpc import INVALID_PARAMS
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ValidationError
 
-from toolcell.client import Client, ClientError, InvalidArgumentError, NotFoundError
-from toolcell.model import OutputChunk, Progress, Result, Started, Status, Tool
+from toolcell.client import Client, ClientError, InvalidArgumentError, NotFoundError, SessionInfo
+from toolcell.model import OutputChunk, OutputFile, Progress, Result, Started, Status, Tool, WorkspacePolicy
 from toolcell.quoting import printable
+from toolcell.workspace import MAX_PATH_CHARS, QUOTE_CHARS, path_problem
 
 log = logging.getLogger("toolcell.mcp")
 
 META_PREFIX = "io.toolcell/"
 PROGRESS_MESSAGE_MAX = 2000  # characters of a stdout chunk carried in one progress notification
 CANCEL_GRACE_S = 5.0
+FILES_ARGUMENT = "_files"  # the extra argument of a tool with a workspace: its input files
+FILES_URI = "toolcell://files/"  # + the output file's path, percent-encoded
+OPEN_SESSION_TIMEOUT_S = 60.0  # opening a session creates its sandbox
+CLOSE_SESSION_TIMEOUT_S = 5.0
+REOPENED_NOTE = "[toolcell: a new session was started: earlier state is gone]"
+# The supervisor's NOT_FOUND for a session id (as opposed to an unknown tool).
+SESSION_GONE = ("the session has ended", "no open session with this id")
 
 
 def mcp_tool(tool: Tool) -> types.Tool:
@@ -61,14 +90,119 @@ def mcp_tool(tool: Tool) -> types.Tool:
         idempotent_hint=ann.get("idempotentHint"),
         open_world_hint=ann.get("openWorldHint"),
     )
+    input_schema = dict(tool.input_schema)
+    if tool.workspace is not None and takes_files(tool):
+        input_schema["properties"] = {**(input_schema.get("properties") or {}),
+                                      FILES_ARGUMENT: files_schema(tool.workspace)}
     return types.Tool(
         name=tool.name,
         title=tool.title or None,
         description=tool.description,
-        input_schema=dict(tool.input_schema),
+        input_schema=input_schema,
         output_schema=dict(tool.output_schema) if tool.output_schema else None,
         annotations=annotations,
     )
+
+
+def takes_files(tool: Tool) -> bool:
+    """Whether the bridge adds ``_files`` to ``tool``'s arguments: it has a workspace, and its own schema
+    has no property of that name (then the argument is the tool's, passed on as it is)."""
+    props = tool.input_schema.get("properties")
+    return tool.workspace is not None and (props is None or (isinstance(props, Mapping)
+                                                             and FILES_ARGUMENT not in props))
+
+
+def files_schema(policy: WorkspacePolicy) -> dict[str, Any]:
+    """The JSON Schema of ``_files`` for a tool with ``policy``."""
+    back = (f" Files the tool leaves in {policy.outputs} come back after its output as embedded resources "
+            f"({FILES_URI}<path>)." if policy.outputs else "")
+    return {
+        "type": "array",
+        "maxItems": policy.max_input_files,
+        "description": (f"Files written into the tool's workspace ({policy.dir}) before it runs: each a relative "
+                        "path and either its UTF-8 text (text) or its bytes in base64 (blob); at most "
+                        f"{policy.max_input_files} files and {policy.max_input_bytes} bytes in all.{back}"),
+        "items": {
+            "type": "object",
+            "properties": {
+                "path": {"type": "string", "minLength": 1, "maxLength": MAX_PATH_CHARS,
+                         "description": "relative to the workspace, '/' between components, no '..'"},
+                "text": {"type": "string"},
+                "blob": {"type": "string", "contentEncoding": "base64"},
+            },
+            "required": ["path"],
+            "oneOf": [{"required": ["text"]}, {"required": ["blob"]}],
+            "additionalProperties": False,
+        },
+    }
+
+
+def input_files(value: object, policy: WorkspacePolicy) -> dict[str, bytes]:
+    """The caller's ``_files`` as ``Client.execute``'s ``files``; ``ValueError`` (a short, bounded message
+    naming the entry) when its shape is wrong or it is over the policy's caps. Linear in the value: sizes
+    are checked before anything is encoded or decoded. The supervisor checks the paths again, and more."""
+    if not isinstance(value, list):
+        raise ValueError(f"{FILES_ARGUMENT} must be an array of {{path, text}} or {{path, blob}} objects")
+    if len(value) > policy.max_input_files:
+        raise ValueError(f"{FILES_ARGUMENT}: at most {policy.max_input_files} files (got {len(value)})")
+    files: dict[str, bytes] = {}
+    room = policy.max_input_bytes
+    too_big = f"{FILES_ARGUMENT}: at most {policy.max_input_bytes} bytes in all"
+    for i, entry in enumerate(value):
+        where = f"{FILES_ARGUMENT}[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be an object")
+        unknown = next((k for k in entry if k not in ("path", "text", "blob")), None)
+        if unknown is not None:
+            raise ValueError(f"{where} has an unknown property {printable(str(unknown), QUOTE_CHARS)}")
+        path = entry.get("path")
+        problem = path_problem(path)
+        if problem is not None:
+            shown = printable(path, QUOTE_CHARS) if isinstance(path, str) else ""
+            raise ValueError(f"{where}.path {shown + ' ' if shown else ''}{problem}")
+        assert isinstance(path, str)
+        if ("text" in entry) == ("blob" in entry):
+            raise ValueError(f"{where} needs exactly one of text and blob")
+        if "text" in entry:
+            text = entry["text"]
+            if not isinstance(text, str):
+                raise ValueError(f"{where}.text must be a string")
+            if len(text) > room:  # UTF-8 has at least a byte per character
+                raise ValueError(too_big)
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{where}.text is not valid Unicode (lone surrogate)") from None
+        else:
+            blob = entry["blob"]
+            if not isinstance(blob, str):
+                raise ValueError(f"{where}.blob must be a base64 string")
+            if len(blob) // 4 * 3 - 2 > room:  # its decoded size, less at most two padding bytes
+                raise ValueError(too_big)
+            try:
+                data = base64.b64decode(blob, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"{where}.blob is not valid base64") from None
+        if len(data) > room:
+            raise ValueError(too_big)
+        room -= len(data)
+        if path in files:
+            raise ValueError(f"{where}.path repeats an earlier path")
+        files[path] = data
+    return files
+
+
+def file_block(file: OutputFile) -> types.EmbeddedResource:
+    """An output file as an embedded resource: text as text, anything else as a base64 blob."""
+    uri = FILES_URI + url_quote(file.path, safe="/")
+    meta = {f"{META_PREFIX}size": file.size, f"{META_PREFIX}truncated": file.truncated}
+    resource: types.TextResourceContents | types.BlobResourceContents
+    if file.text is not None:
+        resource = types.TextResourceContents(uri=uri, mime_type=file.media_type, text=file.text, _meta=meta)
+    else:
+        resource = types.BlobResourceContents(uri=uri, mime_type=file.media_type, _meta=meta,
+                                              blob=base64.b64encode(file.data).decode("ascii"))
+    return types.EmbeddedResource(type="resource", resource=resource)
 
 
 def _text(text: str) -> types.TextContent:
@@ -109,12 +243,21 @@ def content_blocks(blocks: Sequence[Mapping[str, Any]]) -> list[types.ContentBlo
     return [content_block(i, block) for i, block in enumerate(blocks)]
 
 
-def call_result(tool: Tool | None, result: Result) -> types.CallToolResult:
+def call_result(tool: Tool | None, result: Result, notes: Sequence[str] = ()) -> types.CallToolResult:
     """The supervisor's final ``Result`` as an MCP ``CallToolResult``.
 
     Structured content is the supervisor's (stdout parsed and validated against the tool's output
     schema); a tool that declares an output schema but produced none is an error, as MCP requires.
+    ``notes`` (the bridge's own, such as a replaced session) follow as text blocks, then the output
+    files as embedded resources.
     """
+    mapped = _call_result(tool, result)
+    mapped.content.extend(_text(note) for note in notes)
+    mapped.content.extend(file_block(f) for f in result.files)
+    return mapped
+
+
+def _call_result(tool: Tool | None, result: Result) -> types.CallToolResult:
     meta: dict[str, Any] = {f"{META_PREFIX}{k}": v for k, v in (
         ("status", result.status.value), ("exit_code", result.exit_code), ("invocation_id", result.invocation_id),
         ("trace_id", result.trace_id), ("duration_ms", result.duration_ms), ("truncated", result.truncated))}
@@ -199,6 +342,45 @@ def error_result(message: str) -> types.CallToolResult:
     return types.CallToolResult(content=[_text(message)], is_error=True)
 
 
+@dataclass(eq=False)
+class _Opened:
+    """A toolcell session the bridge opened for one MCP session's calls of one tool. ``client``: the
+    caller's client that used it last (closing it uses that caller's token, the freshest one)."""
+
+    session_id: str
+    tool: str
+    client: Client
+
+
+@dataclass(eq=False)
+class _McpSession:
+    """One MCP session's toolcell sessions (one per tool), and a lock per tool so one is opened at a time."""
+
+    open: dict[str, _Opened] = field(default_factory=dict)
+    locks: dict[str, anyio.Lock] = field(default_factory=dict)
+    ended: bool = False
+
+
+def lasting_connection(ctx: ServerRequestContext[Any]) -> Connection | None:
+    """The connection behind ``ctx`` when it outlives the request: a handshake-era connection with a
+    channel of its own (stdio, stateful Streamable HTTP, in-memory). None for a request that is its own
+    connection (a 2026-era envelope, stateless HTTP): it has no MCP session to keep anything for.
+
+    The SDK builds a ``ServerSession`` per request; the connection it proxies is its ``_connection``.
+    """
+    connection = getattr(ctx.session, "_connection", None)
+    if not isinstance(connection, Connection):
+        return None
+    if connection.protocol_version in MODERN_PROTOCOL_VERSIONS or not connection.has_standalone_channel:
+        return None
+    return connection
+
+
+def session_gone(exc: NotFoundError) -> bool:
+    """Whether the supervisor's NOT_FOUND is about the session named (ended, or not this caller's)."""
+    return exc.details.startswith(SESSION_GONE)
+
+
 class SandboxedTools:
     """MCP tool handlers backed by the supervisor. ``tools``: serve only these names (default: all).
 
@@ -215,6 +397,11 @@ class SandboxedTools:
         self.only = frozenset(tools) if tools is not None else None
         self.caller_token = caller_token
         self._tools: dict[str, Tool] = {}
+        # MCP session (the SDK's connection) -> its toolcell sessions; gone with the connection.
+        self._mcp_sessions: weakref.WeakKeyDictionary[Connection, _McpSession] = weakref.WeakKeyDictionary()
+        self._whole: _McpSession | None = None  # ``one_client``: every call is of this one MCP session
+        self._opened: dict[str, _Opened] = {}  # every toolcell session opened and not yet closed
+        self._closing = False
 
     async def __aenter__(self) -> SandboxedTools:
         return self
@@ -224,8 +411,30 @@ class SandboxedTools:
         await self.close()
 
     async def close(self) -> None:
+        """Close every toolcell session the bridge opened, then the client (when this made it)."""
+        await self.close_sessions()
         if self._owns_client:
             await self.client.close()
+
+    async def close_sessions(self) -> None:
+        """Close every toolcell session the bridge opened (errors ignored: the idle TTL is the backstop);
+        sessions opened later, by calls still running, are closed as soon as they are opened."""
+        self._closing = True
+        for state in [*self._mcp_sessions.values(), *([self._whole] if self._whole else [])]:
+            state.ended = True
+            state.open.clear()
+        await self._close_all(list(self._opened.values()))
+
+    @contextlib.asynccontextmanager
+    async def one_client(self) -> AsyncIterator[None]:
+        """While inside, every call is of one MCP session (stdio: one process serves one client, whichever
+        protocol era it speaks); its toolcell sessions are closed on the way out."""
+        state = self._whole = _McpSession()
+        try:
+            yield
+        finally:
+            self._whole = None
+            await self._end_mcp_session(state)
 
     async def tools(self, client: Client | None = None) -> list[Tool]:
         """The supervisor's tools (the chosen subset) as ``client`` sees them, refreshed on every call."""
@@ -241,6 +450,92 @@ class SandboxedTools:
         if not token:
             raise MCPError(types.INVALID_REQUEST, "this MCP server requires an authenticated caller")
         return self.client.with_token(token)  # shares the channel; only the bearer token differs
+
+    # -------------------------------------------------------------------------- sessions
+
+    def mcp_session(self, ctx: ServerRequestContext[Any]) -> _McpSession | None:
+        """The toolcell sessions of ``ctx``'s MCP session (made on first use), or None: no MCP session."""
+        if self._whole is not None:
+            return self._whole
+        connection = lasting_connection(ctx)
+        if connection is None:
+            return None
+        state = self._mcp_sessions.get(connection)
+        if state is None:
+            state = self._mcp_sessions[connection] = _McpSession()
+            connection.exit_stack.push_async_callback(self._end_mcp_session, state)
+        return state
+
+    async def _session(self, state: _McpSession, client: Client, name: str, stale: str = ""
+                       ) -> tuple[str, str | None]:
+        """The toolcell session of ``state`` for tool ``name``, opened with ``client`` if it has none (or
+        only ``stale``, which the supervisor has ended); also a note for the result, or None.
+
+        ("", note): no session could be opened (the per-principal cap ...), the call runs on its own.
+        Raises ``NotFoundError``: the supervisor knows no such tool.
+        """
+        lock = state.locks.setdefault(name, anyio.Lock())
+        async with lock:
+            current = state.open.get(name)
+            if current is not None and current.session_id != stale:
+                return current.session_id, None  # opened by an earlier call (or reopened by a concurrent one)
+            if current is not None:
+                del state.open[name]
+                self._opened.pop(current.session_id, None)
+            if state.ended or self._closing:
+                return "", None
+            info: SessionInfo | None = None
+            failed = "DEADLINE_EXCEEDED"
+            try:
+                # Shielded: a cancelled request must not leave a session open that nobody knows of.
+                with anyio.move_on_after(OPEN_SESSION_TIMEOUT_S + 1, shield=True):
+                    info = await client.open_session(name, timeout=OPEN_SESSION_TIMEOUT_S)
+            except NotFoundError:
+                raise
+            except ClientError as exc:
+                log.info("no session of %s could be opened: %s", name, exc)
+                failed = exc.code
+            if info is None:
+                return "", (f"[toolcell: no session could be opened ({failed}): this call ran on its own, "
+                            "and nothing it leaves is kept for the next call]")
+            opened = _Opened(info.session_id, name, client)
+            if state.ended or self._closing:  # the MCP session (or the bridge) ended meanwhile
+                await self._close_all([opened])
+                return "", None
+            state.open[name] = opened
+            self._opened[opened.session_id] = opened
+            return opened.session_id, REOPENED_NOTE if stale else None
+
+    def _used(self, state: _McpSession, name: str, session_id: str, client: Client) -> None:
+        """A call in ``session_id`` went through with ``client``: close the session with its token."""
+        opened = state.open.get(name)
+        if opened is not None and opened.session_id == session_id:
+            opened.client = client
+
+    async def _end_mcp_session(self, state: _McpSession) -> None:
+        """The MCP session is over: close its toolcell sessions."""
+        state.ended = True
+        opened = list(state.open.values())
+        state.open.clear()
+        await self._close_all(opened)
+
+    async def _close_all(self, sessions: Sequence[_Opened]) -> None:
+        for opened in sessions:
+            self._opened.pop(opened.session_id, None)
+        if not sessions:
+            return
+        with anyio.move_on_after(CLOSE_SESSION_TIMEOUT_S + 1, shield=True):
+            async with anyio.create_task_group() as tg:
+                for opened in sessions:
+                    tg.start_soon(self._close_one, opened)
+
+    @staticmethod
+    async def _close_one(opened: _Opened) -> None:
+        try:
+            calls = await opened.client.close_session(opened.session_id, timeout=CLOSE_SESSION_TIMEOUT_S)
+            log.info("closed session %s of %s after %d call(s)", opened.session_id, opened.tool, calls)
+        except Exception as exc:  # best effort, whatever went wrong: the supervisor's idle TTL ends it anyway
+            log.info("close session %s of %s: %s", opened.session_id, opened.tool, exc)
 
     # -------------------------------------------------------------------------- MCP handlers
 
@@ -262,12 +557,52 @@ class SandboxedTools:
         if tool is None:
             with contextlib.suppress(ClientError):
                 tool = next((t for t in await self.tools(client) if t.name == name), None)
+        arguments = dict(params.arguments or {})
+        files: dict[str, bytes] | None = None
+        if tool is not None and tool.workspace is not None and takes_files(tool) and FILES_ARGUMENT in arguments:
+            try:
+                files = input_files(arguments.pop(FILES_ARGUMENT), tool.workspace)
+            except ValueError as exc:
+                return error_result(f"Invalid arguments for tool {printable(name)}: {exc}")
+        state = self.mcp_session(ctx) if tool is not None and tool.session is not None else None
+        relay = ProgressRelay(ctx.session.report_progress)
+        notes: list[str] = []
+        session = ""
+        try:
+            if state is not None:
+                session, note = await self._session(state, client, name)
+                notes += [note] if note else []
+            try:
+                result = await self._execute(ctx, client, relay, name, arguments, files, session)
+            except NotFoundError as exc:
+                if not (state is not None and session and session_gone(exc)):
+                    raise
+                log.info("session %s of %s: %s; opening another", session, name, exc.details)
+                session, note = await self._session(state, client, name, stale=session)
+                notes += [note] if note else []
+                result = await self._execute(ctx, client, relay, name, arguments, files, session)
+        except NotFoundError as exc:
+            if session and session_gone(exc):
+                return error_result(f"Tool {printable(name)} could not run: its session ended: {exc.details}")
+            raise MCPError(INVALID_PARAMS, f"Unknown tool: {printable(name)}") from exc
+        except InvalidArgumentError as exc:
+            return error_result(f"Invalid arguments for tool {printable(name)}: {exc.details}")
+        except ClientError as exc:
+            return error_result(f"Tool {printable(name)} could not run: {exc.code}: {exc.details}")
+        if result is None:
+            return error_result(f"Tool {printable(name)}: the supervisor ended the stream without a result")
+        if state is not None and session:
+            self._used(state, name, session, client)
+        return call_result(tool, result, notes)
+
+    async def _execute(self, ctx: ServerRequestContext[Any], client: Client, relay: ProgressRelay, name: str,
+                       arguments: dict[str, Any], files: dict[str, bytes] | None, session: str) -> Result | None:
+        """Run one call, relaying its progress; its final ``Result`` (None: the stream ended without one)."""
         # Chosen here, so a cancellation that arrives before the sandbox started can still name it.
         invocation_id = "mcp_" + secrets.token_hex(16)
         caller = {"mcp.request_id": printable(str(ctx.request_id), 64)} if ctx.request_id is not None else {}
-        events = client.execute(name, dict(params.arguments or {}), invocation_id=invocation_id,
-                                     caller_metadata=caller)
-        relay = ProgressRelay(ctx.session.report_progress)
+        events = client.execute(name, arguments, invocation_id=invocation_id, caller_metadata=caller,
+                                session=session, files=files)
         try:
             async with contextlib.aclosing(events):
                 async for event in events:
@@ -278,17 +613,11 @@ class SandboxedTools:
                     elif isinstance(event, Progress):
                         await relay.progress(event)
                     elif isinstance(event, Result):
-                        return call_result(tool, event)
+                        return event
         except anyio.get_cancelled_exc_class():
             await self._cancel(client, invocation_id)
             raise
-        except NotFoundError as exc:
-            raise MCPError(INVALID_PARAMS, f"Unknown tool: {printable(name)}") from exc
-        except InvalidArgumentError as exc:
-            return error_result(f"Invalid arguments for tool {printable(name)}: {exc.details}")
-        except ClientError as exc:
-            return error_result(f"Tool {printable(name)} could not run: {exc.code}: {exc.details}")
-        return error_result(f"Tool {printable(name)}: the supervisor ended the stream without a result")
+        return None
 
     async def _cancel(self, client: Client, invocation_id: str) -> None:
         """The MCP request was cancelled: kill the sandbox (shielded: we are inside a cancelled scope)."""

@@ -13,6 +13,9 @@ Over HTTP, who may call is decided before the SDK sees a request (``httpguard``)
 Health and metrics (``observe``): ``GET /healthz`` on the MCP port (inside the Host/Origin guard, before
 bearer authentication), and ``--metrics-listen`` for ``/metrics``, ``/healthz``, ``/livez`` on a
 listener of their own (``probehttp``, as the supervisor's ``prometheus_listen``).
+
+Sessions (``adapter``): over stdio the client is one MCP session; over HTTP each ``Mcp-Session-Id`` is
+one, and its toolcell sessions are closed when it ends (DELETE, the SDK's idle timeout, shutdown).
 """
 
 from __future__ import annotations
@@ -49,9 +52,13 @@ log = logging.getLogger("toolcell.mcp")
 
 
 async def serve_stdio(tools: SandboxedTools) -> None:
-    """Serve MCP on stdin/stdout until the client closes stdin."""
+    """Serve MCP on stdin/stdout until the client closes stdin.
+
+    The one client is one MCP session (whichever protocol era it speaks): a tool that allows sessions
+    keeps one toolcell session for all its calls, closed when the client goes.
+    """
     srv = server(tools)
-    async with stdio_server() as (read, write):
+    async with tools.one_client(), stdio_server() as (read, write):
         await srv.run(read, write, srv.create_initialization_options())
 
 
@@ -205,6 +212,8 @@ async def serve_http(tools: SandboxedTools, listen: str, path: str = "/mcp", acc
         await graceful_server(config).serve(sockets=[sock])
     finally:
         sock.close()
+        # Each MCP session closed its toolcell sessions as it ended; any left (a session still ending) go now.
+        await tools.close_sessions()
         if probes is not None:
             await asyncio.to_thread(probes.close)
 
