@@ -102,7 +102,7 @@ DAEMONS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
 )
 
 # Commands that talk to a supervisor: their block gets one, on the default socket's directory.
-SUPERVISED = re.compile(r"\btoolcell (tools|call|health|reload|audit|client|mcp)\b")
+SUPERVISED = re.compile(r"\btoolcell (tools|call|health|reload|audit|client|mcp|session)\b")
 # A reader's environment: what the docs' commands expect to find set.
 READER_ENV = {"TOKEN": "docs-example-token-0f3a9c"}
 
@@ -297,7 +297,8 @@ def test_python_block_compiles_and_is_run_elsewhere(block: Block) -> None:
     compile(block.text, block.id, "exec")
     from tests.integration import test_readme_mcp as run_by
 
-    run = run_by.blocks(run_by.section("Use from an MCP server"), "python")
+    run = run_by.blocks(run_by.section("Use from an MCP server"), "python") + \
+        run_by.blocks(run_by.section("Sessions and workspaces: state across calls, files in and out"), "python")
     assert block.doc == "README.md" and block.text in run, "a Python block that no test runs"
 
 

@@ -14,6 +14,7 @@ import re
 import shlex
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from mcp.client.stdio import StdioServerParameters, get_default_environment, std
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.integration.test_mcp import http_bridge
-from tests.support import REPO, engine, running_supervisor
+from tests.support import REPO, config_doc, engine, running_supervisor
 
 pytestmark = pytest.mark.docker
 README = (REPO / "README.md").read_text()
@@ -135,3 +136,31 @@ async def test_client_setup_block_writes_an_entry_that_a_client_can_start(tmp_pa
         with (tmp_path / "bridge.log").open("w") as err:
             async with stdio_client(params, errlog=err) as (read, write), ClientSession(read, write) as session:
                 await check_session(session)
+
+
+async def test_sessions_mcp_client_example_runs_as_written(tmp_path: Path) -> None:
+    """The README's stateful Python session from an MCP client: the variable of call 1 is there in call 2; a
+    second client session (a new stdio connection: a new MCP session) does not see it."""
+    example = blocks(section("Sessions and workspaces: state across calls, files in and out"), "python")[0]
+    documented = '"unix:///run/toolcell/toolcell.sock"'
+    assert example.count(documented) == 1 and 'command="toolcell"' in example
+    doc = config_doc(f"readme-{uuid.uuid4().hex[:8]}", str(tmp_path / "toolcell.sock"))
+    python = next(t for t in doc["tools"] if t["name"] == "python.run")
+    python["session"] = {"command": ["python3", "-I", "-u", "/opt/toolcell/tools/pyrepl.py"]}
+    script = tmp_path / "client.py"
+    async with running_supervisor(tmp_path, doc) as (app, _):
+        script.write_text(example.replace(documented, json.dumps(app.address))
+                          .replace('command="toolcell"', f"command={json.dumps(str(Path(BIN) / 'toolcell'))}"))
+        proc = await asyncio.to_thread(subprocess.run, [sys.executable, str(script)], cwd=tmp_path,
+                                       capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == "6"
+        # A second MCP session: its own toolcell session, where `history` was never defined.
+        other = tmp_path / "other.py"
+        first_call = '        await session.call_tool("python.run", {"code": "history = [1, 2, 3]"})\n'
+        assert first_call in script.read_text()
+        other.write_text(script.read_text().replace(first_call, ""))
+        proc = await asyncio.to_thread(subprocess.run, [sys.executable, str(other)], cwd=tmp_path,
+                                       capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "NameError" in proc.stdout and "6" not in proc.stdout.split()
