@@ -75,6 +75,11 @@ class SessionCall:
         return self._stdout.files
 
     @property
+    def finished(self) -> bool:
+        """The call reached its trailers (the host said it is over)."""
+        return self._done.done() and self._done.result() is not None
+
+    @property
     def clean(self) -> bool:
         """The call reached its trailers and nothing of ours interrupted it: the session may go on."""
         return self._done.done() and self._done.result() is not None and not self.killed and self._sandbox.alive

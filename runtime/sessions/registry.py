@@ -137,8 +137,8 @@ class SessionRegistry:
         if call is None or not call.started:  # refused before its claim (bad arguments): not a call
             return
         session.calls += 1
-        if not call.clean:
-            await self.end(session, "call_stopped" if call.killed else "sandbox_ended")
+        if not call.clean:  # stopped half-way (timeout, cancel, a caller gone), or the tool took the sandbox down
+            await self.end(session, "call_stopped" if call.killed or not call.finished else "sandbox_ended")
         elif session.calls >= session.policy.max_calls:
             await self.end(session, "max_calls")
 

@@ -308,3 +308,38 @@ async def test_the_collector_holds_against_a_hostile_tool(tmp_path: Path, kind: 
         assert sparse.size == 1 << 40 and sparse.truncated and len(sparse.data) <= 64 * 1024
         assert sum(len(f.data) + len((f.text or "").encode()) for f in result.files) <= 256 * 1024
         assert (await client.call("text.wordcount", {"text": "still serving"})).status is Status.OK
+
+
+SERVERS = REPO / "tests" / "data" / "mcp_servers"
+
+
+async def test_a_stock_servers_session_keeps_one_server_process_and_its_pool_serves_the_first_call(
+        tmp_path: Path, kind: str) -> None:
+    """A stock MCP server's tool in a session: one server process across the calls (its in-memory count goes
+    on), the session's first call from the warm pool; a one-shot call still meets a fresh server."""
+    doc = _doc(tmp_path, kind)
+    doc["profiles"]["mcp"] = {"memory": "128Mi", "timeout": "10s", "kill_grace": "500ms",
+                              "mounts": [{"source": str(SERVERS), "target": "/opt/mcp-test"}]}
+    doc["servers"] = [{"name": "ok", "image": RUNNER_IMAGE, "profile": "mcp", "discovery_timeout": "10s",
+                       "command": ["python3", "-I", "/opt/mcp-test/hostile.py", "ok"],
+                       "session": {"idle_ttl": "30s"}, "pool": {"size": 1, "ttl": "5m"}}]
+    async with supervisor(tmp_path, doc) as (app, client):
+        pools = app.supervisor.pools
+
+        async def pool_ready() -> None:
+            for _ in range(400):
+                if pools.ready("ok.counter") == 1:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"the pool did not fill: {pools.stats()}")
+
+        await pool_ready()
+        session = await client.open_session("ok.counter")
+        assert pools.stats()["ok.counter"].hits == 1  # the session's sandbox came warm from the pool
+        seen = [(await client.call("ok.counter", {}, session=session.session_id)).output for _ in range(3)]
+        assert seen == ["memory 1 disk 1", "memory 2 disk 2", "memory 3 disk 3"]
+        await pool_ready()
+        one_shot = await client.call("ok.counter", {})
+        assert (one_shot.status, one_shot.output) == (Status.OK, "memory 1 disk 1")
+        assert pools.stats()["ok.counter"].hits == 2
+        await client.close_session(session.session_id)
