@@ -22,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from toolcell.access_settings import SecuritySettings
@@ -39,7 +40,7 @@ from toolcell.errors import (
     ToolNotFound,
     Unauthenticated,
 )
-from toolcell.model import Result, Status
+from toolcell.model import InputFile, Result, Status
 from toolcell.policy.access import Action, Principal
 from toolcell.policy.limits import (
     MAX_PEERS,
@@ -246,7 +247,7 @@ class Gate:
                              result: Result | None = None, status: str = "", profile: str = "",
                              duration_ms: int = 0, trace_id: str = "", invocation_id: str = "",
                              ending: str = "", injection_action: str = "", sandbox_id: str = "",
-                             session_id: str = "") -> None:
+                             session_id: str = "", input_files: Sequence[InputFile] = ()) -> None:
         """One record per invocation end, whatever ended it: sizes and SHA-256, never payloads.
 
         ``ending`` is one of ``ENDINGS`` (``toolcell.endings``; default: ``result`` with a result, else ``error``);
@@ -273,6 +274,9 @@ class Gate:
             fields["invocation_id"] = invocation_id
         if session_id:
             fields["session_id"] = session_id
+        if input_files:  # names and contents are the caller's: their hashes and sizes only (large: off the loop)
+            large = sum(len(f.data) for f in input_files) > _INLINE_HASH_BYTES
+            fields["input_files"] = await asyncio.to_thread(_digests, input_files) if large else _digests(input_files)
         if result is not None and result.files:
             fields["output_files"] = [{"path_sha256": sha256_text(f.path), "size": f.size, "truncated": f.truncated}
                                       for f in result.files]
@@ -292,6 +296,15 @@ class Gate:
     async def cancel_decision(self, principal: Principal, invocation_id: str, allowed: bool) -> None:
         await self.record(principal, "decision", action="cancel", invocation_id=invocation_id,
                           decision="allow" if allowed else "deny", status="OK" if allowed else "NOT_FOUND")
+
+
+# Input files up to this many bytes in all are hashed on the event loop (well under a millisecond).
+_INLINE_HASH_BYTES = 256 * 1024
+
+
+def _digests(files: Sequence[InputFile]) -> list[dict[str, Any]]:
+    return [{"path_sha256": sha256_text(f.path), "bytes": len(f.data), "sha256": hashlib.sha256(f.data).hexdigest()}
+            for f in files]
 
 
 def injection_verdict(r: Result, action: str = "") -> dict[str, Any]:

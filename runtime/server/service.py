@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -21,7 +21,7 @@ from toolcell.api.v1 import supervisor_pb2_grpc as pb_grpc
 from toolcell.endings import Ending
 from toolcell.errors import InvalidArguments, InvocationNotFound, ResourceExhausted, ToolcellError
 from toolcell.gate import Gate
-from toolcell.model import Event, Result, Started
+from toolcell.model import Event, InputFile, Result, Started
 from toolcell.pipeline import Emit, describe
 from toolcell.policy.access import Principal
 from toolcell.policy.requests import check_cancel, check_request, check_session_id, check_tool_name
@@ -245,14 +245,16 @@ class SupervisorService(pb_grpc.SupervisorServicer):
                     log.exception("%s: internal error", method, extra={"invocation_id": ending.invocation_id})
                     raise ToolcellError(f"internal error (trace id {_trace_id(span)})") from exc
                 finally:
-                    await self._end(ending, principal, context, span, call.arguments_json, call.session_id)
+                    await self._end(ending, principal, context, span, call.arguments_json, call.session_id,
+                                    call.files)
         except ToolcellError as exc:
             await self._refuse(context, span, peer, exc, f"{method} {quote(call.tool)}")
         assert ending is not None  # nosec B101 - every other path raised
         return ending.result
 
     async def _end(self, ending: Ending, principal: Principal, context: grpc.aio.ServicerContext,
-                   span: trace.Span, arguments_json: str, session_id: str = "") -> None:
+                   span: trace.Span, arguments_json: str, session_id: str = "",
+                   input_files: Sequence[InputFile] = ()) -> None:
         """The one place an invocation's end is accounted: audit record, metric, log line, span status."""
         code = status_for(ending.error).name if isinstance(ending.error, ToolcellError) else ""
         ending.finish(closing=self.supervisor.closing, time_remaining=context.time_remaining(), code_name=code)
@@ -269,7 +271,8 @@ class SupervisorService(pb_grpc.SupervisorServicer):
         record = asyncio.ensure_future(self.gate.invocation_end(
             principal, ending.tool, arguments_json, result=ending.result, status=ending.status,
             profile=ending.profile, duration_ms=int(ending.duration_s * 1000), trace_id=_trace_id(span),
-            invocation_id=ending.invocation_id, ending=ending.kind, session_id=session_id))
+            invocation_id=ending.invocation_id, ending=ending.kind, session_id=session_id,
+            input_files=input_files))
         self._ends.add(record)
         record.add_done_callback(self._ends.discard)
         await asyncio.shield(record)  # cancelled again meanwhile: the record is still written (``flush``)

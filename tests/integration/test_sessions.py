@@ -138,7 +138,7 @@ async def test_a_session_is_invisible_and_unusable_to_another_principal(tmp_path
         doc["auth"] = {"require": ["token"], "rules": [{"match": {"subject": who}, "tools": ["*"]}
                                                        for who in ("alice", "bob")],
                        "jwt": {"jwks": url, "issuer": ISSUER, "audience": AUDIENCE, "algorithms": ["RS256"]}}
-        async with supervisor(tmp_path, doc) as (app, client):
+        async with supervisor(tmp_path, doc) as (_app, client):
             alice, bob = client.with_token(idp.token("alice")), client.with_token(idp.token("bob"))
             session = await alice.open_session("python.run")
             assert (await alice.call("python.run", {"code": "secret = 7"}, session=session.session_id)).status \
@@ -195,7 +195,7 @@ async def test_a_timed_out_call_ends_its_session(tmp_path: Path, kind: str) -> N
 async def test_sessions_hold_a_concurrency_slot_and_refuse_tools_without_sessions(tmp_path: Path) -> None:
     doc = _doc(tmp_path, "docker")
     doc["rate_limits"] = {"concurrency": {"per_principal": 1}}
-    async with supervisor(tmp_path, doc) as (app, client):
+    async with supervisor(tmp_path, doc) as (_app, client):
         with pytest.raises(ClientError) as refused:
             await client.open_session("text.wordcount")
         assert (refused.value.code, refused.value.details) == ("FAILED_PRECONDITION",
@@ -244,7 +244,7 @@ async def test_files_round_trip_text_and_binary(tmp_path: Path, kind: str) -> No
     code = ("import shutil, os\nos.makedirs('out/sub', exist_ok=True)\n"
             "shutil.copy('in/data.bin', 'out/sub/copy.bin')\n"
             "open('out/note.txt', 'w').write(open('in/note.txt').read().upper() + 'token ghp_' + 'a' * 36)\n")
-    async with supervisor(tmp_path, _doc(tmp_path, kind)) as (app, client):
+    async with supervisor(tmp_path, _doc(tmp_path, kind)) as (_app, client):
         result = await client.call("files.write", {"code": code},
                                    files={"in/data.bin": binary, "in/note.txt": "héllo\n"})
         assert result.status is Status.OK, result
@@ -259,6 +259,12 @@ async def test_files_round_trip_text_and_binary(tmp_path: Path, kind: str) -> No
         second = await client.call("files.count", {}, session=session.session_id)
         assert json.loads(first.output)["files"] == json.loads(second.output)["files"] == ["count", "in.txt", "out"]
         assert [(f.path, f.text) for f in second.files] == [("n.txt", "call 2\n")]
+    # The audit trail has the input files' hashes and sizes, never their names or contents.
+    ends = [r for r in audit(tmp_path, "invocation_end") if r.get("input_files")]
+    assert sorted(f["bytes"] for f in ends[0]["input_files"]) == [len("héllo\n".encode()), len(binary)]
+    trail = (tmp_path / "audit.jsonl").read_text()
+    assert all(set(f) == {"path_sha256", "bytes", "sha256"} for f in ends[0]["input_files"])
+    assert "data.bin" not in trail and "note.txt" not in trail
 
 
 @pytest.mark.parametrize(("files", "code", "needle"), [
@@ -294,7 +300,7 @@ open("out/a..b", "w").write("dots are fine")
 
 
 async def test_the_collector_holds_against_a_hostile_tool(tmp_path: Path, kind: str) -> None:
-    async with supervisor(tmp_path, _doc(tmp_path, kind)) as (app, client):
+    async with supervisor(tmp_path, _doc(tmp_path, kind)) as (_app, client):
         started = time.monotonic()
         result = await client.call("files.write", {"code": HOSTILE})
         elapsed = time.monotonic() - started
