@@ -224,6 +224,10 @@ class _Budget:
 
 
 Files = Mapping[str, bytes | str]
+# A result may carry output files beside the output streams: the supervisor's server.max_message_bytes is
+# the real bound (4 MiB by default, raised by admins with large workspaces); the client accepts up to this.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                   ("grpc.max_send_message_length", 64 * 1024 * 1024)]
 
 
 def _request(tool: str, arguments: Mapping[str, Any] | str | None, invocation_id: str,
@@ -320,8 +324,9 @@ class Client:
         self.execute_timeout = execute_timeout
         self.retry = retry
         self.token = token
-        self._channel = grpc.aio.secure_channel(self.target, tls.credentials(), options=tls.options()) \
-            if tls is not None else grpc.aio.insecure_channel(self.target)
+        self._channel = grpc.aio.secure_channel(self.target, tls.credentials(),
+                                                options=tls.options() + CHANNEL_OPTIONS) \
+            if tls is not None else grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.SupervisorStub(self._channel)  # type: ignore[no-untyped-call]
         self._annotations: dict[str, Mapping[str, Any]] | None = None
 
@@ -505,8 +510,8 @@ class SyncClient:
         self.execute_timeout = execute_timeout
         self.retry = retry
         self.token = token
-        self._channel = grpc.secure_channel(self.target, tls.credentials(), options=tls.options()) \
-            if tls is not None else grpc.insecure_channel(self.target)
+        self._channel = grpc.secure_channel(self.target, tls.credentials(), options=tls.options() + CHANNEL_OPTIONS) \
+            if tls is not None else grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.SupervisorStub(self._channel)  # type: ignore[no-untyped-call]
         self._annotations: dict[str, Mapping[str, Any]] | None = None
 

@@ -85,10 +85,12 @@ class WorkspacePolicy:
     dir: str = "/tmp/workspace"  # noqa: S108 # nosec B108 - inside the sandbox: its private, capped tmpfs
     outputs: str = ""
     max_input_files: int = 32
-    max_input_bytes: int = 8 * 1024 * 1024
+    # Inputs and outputs travel in one gRPC message each (``server.max_message_bytes``, 4 MiB by default,
+    # with the arguments or the output streams beside them): the config check keeps them inside it.
+    max_input_bytes: int = 2 * 1024 * 1024
     max_output_files: int = 64
-    max_output_bytes: int = 8 * 1024 * 1024
-    max_file_bytes: int = 4 * 1024 * 1024
+    max_output_bytes: int = 2 * 1024 * 1024
+    max_file_bytes: int = 1024 * 1024
 
     def with_outputs(self, path: str) -> WorkspacePolicy:
         return dataclasses.replace(self, outputs=path)

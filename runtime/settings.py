@@ -30,7 +30,7 @@ from toolcell.policy.seccomp import SeccompProfile, load_seccomp
 from toolcell.policy.spec import SandboxSpec, compile_spec, min_pids, system_secret_dir
 from toolcell.safepath import UnsafePath, trusted_socket
 from toolcell.secretstore import SecretStoreSettings
-from toolcell.sessions.config import build_session, build_workspace
+from toolcell.sessions.config import build_session, build_workspace, check_message_room
 from toolcell.units import parse_duration, parse_size
 
 ENV_CONFIG = "TOOLCELL_CONFIG"
@@ -588,6 +588,11 @@ def parse_config(doc: Any, *, source: str = "<built-in>", base_dir: Path | None 
             session=build_session(t["session"], f"{key}.session") if "session" in t else None,
             workspace=build_workspace(t["workspace"], f"{key}.workspace") if "workspace" in t else None,
         )
+    for i, t in enumerate(doc.get("tools", [])):
+        output = profiles[tools[t["name"]].profile].output
+        check_message_room(tools[t["name"]], result_bytes=output.max_total_bytes + output.structured_max_bytes,
+                           argument_bytes=limits.max_argument_bytes, max_message_bytes=server.max_message_bytes,
+                           key=f"tools[{i}].workspace")
     security = parse_security(doc, listen=listen, base_dir=base_dir, runtime_dir=str(runtime_dir()))
     pools = _build_pools(doc, tools, profiles)
     sources, source_pools = _build_sources(doc.get("servers", []), profiles, tools, secrets)

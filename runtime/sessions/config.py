@@ -29,7 +29,7 @@ def build_session(raw: Mapping[str, Any], key: str) -> SessionPolicy:
         per_principal=int(raw.get("per_principal", base.per_principal)),
         command=tuple(raw.get("command", ())),
     )
-    if policy.idle_ttl_s <= 0 or policy.max_lifetime_s <= 0:
+    if not (policy.idle_ttl_s > 0 and policy.max_lifetime_s > 0):  # NaN (YAML .nan) too: it would never expire
         raise ConfigError("idle_ttl and max_lifetime must be positive", key=key)
     if policy.idle_ttl_s > policy.max_lifetime_s:
         raise ConfigError("idle_ttl is longer than max_lifetime", key=f"{key}.idle_ttl")
@@ -89,3 +89,25 @@ def hosted_spec(tool: Tool, spec: SandboxSpec, lifetime_s: float) -> SandboxSpec
     command = policy.command if policy is not None and policy.command else spec.command
     return dataclasses.replace(spec, command=command, host=host, ready_signal=False,
                                lease_s=lifetime_s + spec.timeout_s + spec.kill_grace_s + LEASE_MARGIN_S)
+
+
+# Room for everything else in a request or a result message (ids, metadata, usage, counts, framing).
+MESSAGE_OVERHEAD_BYTES = 64 * 1024
+
+
+def check_message_room(tool: Tool, *, result_bytes: int, argument_bytes: int, max_message_bytes: int,
+                       key: str) -> None:
+    """A workspace's files travel in one gRPC message (inputs with the request, outputs with the result):
+    a config whose caps cannot fit is refused at load, not failed at a call (RESOURCE_EXHAUSTED, the
+    call's output lost)."""
+    workspace = tool.workspace
+    if workspace is None:
+        return
+    if workspace.max_input_bytes + argument_bytes + MESSAGE_OVERHEAD_BYTES > max_message_bytes:
+        raise ConfigError(f"max_input_bytes ({workspace.max_input_bytes}) with the arguments' cap ({argument_bytes}) "
+                          f"does not fit server.max_message_bytes ({max_message_bytes}): lower it or raise that",
+                          key=f"{key}.max_input_bytes")
+    if workspace.outputs and workspace.max_output_bytes + result_bytes + MESSAGE_OVERHEAD_BYTES > max_message_bytes:
+        raise ConfigError(f"max_output_bytes ({workspace.max_output_bytes}) with the profile's output caps "
+                          f"({result_bytes}) does not fit server.max_message_bytes ({max_message_bytes}): lower it "
+                          "or raise that", key=f"{key}.max_output_bytes")
