@@ -95,19 +95,23 @@ def reason_of(exc: BaseException) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
 
 
-def record_result(tool: str, status: str, duration_s: float, redacted: Mapping[str, int]) -> None:
+def record_result(tool: str, status: str, duration_s: float, redacted: Mapping[str, int],
+                  in_session: bool = False) -> None:
     attrs = {"tool": tool, "status": status}
+    if in_session:  # a bounded label: the session's id is on its spans and log lines, never a metric label
+        attrs["session"] = "true"
     invocations.add(1, attrs)
     duration.record(duration_s, attrs)
     for kind, count in redacted.items():
         redactions.add(count, {"tool": tool, "kind": kind})
 
 
-def record_end(tool: str, ending: str, status: str, duration_s: float, redacted: Mapping[str, int]) -> None:
+def record_end(tool: str, ending: str, status: str, duration_s: float, redacted: Mapping[str, int],
+               in_session: bool = False) -> None:
     """Every invocation's end, once; a result is also counted by status (``toolcell.invocations``)."""
-    endings.add(1, {"tool": tool, "ending": ending})
+    endings.add(1, {"tool": tool, "ending": ending, **({"session": "true"} if in_session else {})})
     if ending == "result":
-        record_result(tool, status, duration_s, redacted)
+        record_result(tool, status, duration_s, redacted, in_session)
 
 
 def record_rejection(exc: BaseException) -> None:

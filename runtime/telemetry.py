@@ -146,7 +146,7 @@ def setup_tracing(settings: TelemetrySettings) -> TracerProvider:
 
 # Attributes a log call may attach with ``extra=``; anything else stays out of the JSON line.
 LOG_FIELDS = ("tool", "invocation_id", "status", "ending", "exit_code", "duration_ms", "code", "error", "field",
-              "reason")
+              "reason", "session_id")
 # The longest each part of a log line may be, in characters: an ``extra=`` field, the message, a traceback.
 FIELD_MAX_CHARS = 256
 MESSAGE_MAX_CHARS = 2048

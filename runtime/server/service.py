@@ -262,9 +262,10 @@ class SupervisorService(pb_grpc.SupervisorServicer):
             span.set_status(trace.Status(trace.StatusCode.ERROR, ending.kind))
         span.set_attribute("toolcell.ending", ending.kind)
         metrics.record_end(ending.metric_tool, ending.kind, ending.status, ending.duration_s,
-                           ending.result.redactions if ending.result is not None else {})
+                           ending.result.redactions if ending.result is not None else {}, bool(session_id))
         log.info("invocation finished", extra={
             "tool": ending.metric_tool, "invocation_id": ending.invocation_id, "ending": ending.kind,
+            **({"session_id": session_id} if session_id else {}),
             "status": ending.status, "exit_code": ending.result.exit_code if ending.result is not None else None,
             "duration_ms": int(ending.duration_s * 1000)})
         # On disk before the caller sees the result; shielded: a cancelled call still leaves its record.
