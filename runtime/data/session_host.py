@@ -24,7 +24,8 @@ Two kinds of tools:
   written to its stdin, which stays open; the tool writes ``NNN\\n`` to ``TOOLCELL_CALL_FD`` once the
   call's output is written. If it exits, its exit status is the call's, and the session is over.
 
-EOF on stdin ends the session: the tool is stopped (SIGTERM, 1 s, SIGKILL) and the host exits 0.
+EOF on stdin ends the session: the tool is stopped (its stdin closed, 1 s, SIGKILL) and the host exits 0.
+SIGTERM/SIGINT/SIGHUP are passed on to the tool; the host then stops after the call that runs, or at once.
 ``--relay`` (gVisor): the tool's stdout/stderr are pipes this host copies out whole (see launcher.py).
 This process is made non-dumpable before any tool exists, so a tool cannot read the nonces from its memory.
 
@@ -108,6 +109,10 @@ class ShRelay(threading.Thread):
                 self.drained.set()
 
 
+class ShStop(BaseException):
+    """A signal while waiting for a claim: stop now (nothing runs that could be cut in half)."""
+
+
 class ShHost:
     def __init__(self, command: list[str], resident: bool, relay: bool, workspace: str, outputs: str,
                  caps: tuple[int, int, int]) -> None:
@@ -125,6 +130,7 @@ class ShHost:
         self.calls_buffer = b""
         self.current: subprocess.Popen[bytes] | None = None
         self.stopping = False
+        self.idle = False  # waiting for a claim: a signal ends the host at once
 
     # -- spawning ------------------------------------------------------------------------------------
 
@@ -156,7 +162,12 @@ class ShHost:
     # -- one call ------------------------------------------------------------------------------------
 
     def run_exec(self, arguments: bytes) -> int:
-        child = self.current = self.spawn()
+        try:
+            child = self.current = self.spawn()
+        except OSError as exc:  # no such command, or no process left to fork (the tool's pids limit): this
+            # call fails, the session is still served (a traceback and a dead host would end it)
+            sh_write_all(2, f"toolcell: cannot start the tool: {os.strerror(exc.errno or 0)}\n".encode())
+            return 127 if isinstance(exc, FileNotFoundError) else 126
         stdin = child.stdin
         if stdin is not None:
             with contextlib.suppress(OSError):  # the tool may exit without reading its input
@@ -196,9 +207,21 @@ class ShHost:
             if ready:  # EOF on the call fd while the tool lives: it can no longer say a call is done
                 return sh_exit_status(tool.wait()), True
 
+    def next_claim(self, claims: typing.BinaryIO) -> bytes:
+        """The next claim line; b"" at EOF, or when a signal asks the host to stop."""
+        try:
+            self.idle = True
+            if self.stopping:  # the signal came before ``idle`` was set
+                return b""
+            return claims.readline(SH_MAX_CLAIM + 1)
+        except ShStop:
+            return b""
+        finally:
+            self.idle = False
+
     def serve(self, claims: typing.BinaryIO) -> int:
         while not self.stopping:
-            line = claims.readline(SH_MAX_CLAIM + 1)
+            line = self.next_claim(claims)
             if not line:
                 return self.stop()
             try:
@@ -255,10 +278,14 @@ class ShHost:
         return 0
 
     def on_signal(self, signum: int, frame: object) -> None:
+        """Pass the signal on to the tool; stop after the call that runs, or now if none does (the handler
+        would otherwise swallow it while the host waits for a claim)."""
         self.stopping = True
         for child in (self.tool, self.current):
             if child is not None and child.poll() is None:
                 child.send_signal(signum)
+        if self.idle:
+            raise ShStop()
 
 
 def sh_exit_status(code: int) -> int:
@@ -293,7 +320,10 @@ def sh_main() -> int:
         with contextlib.suppress(OSError):
             os.write(ready_fd, b"r")
             os.close(ready_fd)
-    return host.serve(sys.stdin.buffer)
+    try:
+        return host.serve(sys.stdin.buffer)
+    except ShStop:  # raised in the instant between a claim's read and ``idle`` cleared: nothing runs yet
+        return host.stop()
 
 
 if __name__ == "__main__":

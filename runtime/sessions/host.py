@@ -92,14 +92,19 @@ class CallScanner:
         return self._end.status
 
     def feed(self, data: bytes) -> bytes:
+        # One pass over ``held + data`` by index: every byte is looked at and copied a bounded number of times
+        # (slicing the rest of the buffer at each false header would be quadratic in a hostile stream).
         out = bytearray()
-        while data:
+        buf = self._held + data if self._held else data
+        self._held = b""
+        pos = 0
+        while pos < len(buf):
             if self._remaining >= 0:
-                take = data[:self._remaining]
+                take = min(self._remaining, len(buf) - pos)
                 if not self.files.refused:
-                    self._payload += take
-                self._remaining -= len(take)
-                data = data[len(take):]
+                    self._payload += memoryview(buf)[pos:pos + take]
+                self._remaining -= take
+                pos += take
                 if self._remaining == 0:
                     self._remaining = -1
                     if not self.files.refused:
@@ -107,26 +112,18 @@ class CallScanner:
                     self._payload = bytearray()
                 continue
             if self._files_seen:
-                out += self._end.feed(data)
+                out += self._end.feed(buf[pos:])
                 break
-            buf = self._held + data
-            self._held = b""
-            data = b""
-            at = buf.find(self._head)
+            at, length = self._find_header(buf, pos)
             if at < 0:
-                keep = _held_prefix(buf, self._head)
-                out += self._end.feed(buf[:len(buf) - keep])
+                keep = _held_prefix(buf, self._head, pos)
+                out += self._end.feed(buf[pos:len(buf) - keep])
                 self._held = buf[len(buf) - keep:]
                 break
-            out += self._end.feed(buf[:at])
-            length = buf[at + len(self._head): at + len(self._head) + _LENGTH_BYTES]
+            out += self._end.feed(buf[pos:at])
             if len(length) < _LENGTH_BYTES:
                 self._held = buf[at:]
                 break
-            if not _LENGTH.fullmatch(length):  # not the host's (it cannot be: the nonce is the host's)
-                out += self._end.feed(buf[at:at + 1])
-                data = buf[at + 1:]
-                continue
             self._files_seen = True
             self._remaining = int(length[:10])
             if self._remaining > self._cap:
@@ -134,8 +131,21 @@ class CallScanner:
             if self._remaining == 0:
                 self._remaining = -1
                 self.files.payload = b"" if not self.files.refused else None
-            data = buf[at + len(self._head) + _LENGTH_BYTES:]
+            pos = at + len(self._head) + _LENGTH_BYTES
         return bytes(out)
+
+    def _find_header(self, buf: bytes, pos: int) -> tuple[int, bytes]:
+        """The first header in ``buf[pos:]`` whose length is well-formed or not all there yet: (its offset,
+        the length bytes present); (-1, b"") for none. One with a malformed length is not the host's (it
+        cannot be: the nonce is the host's): its bytes are output."""
+        at = buf.find(self._head, pos)
+        while at >= 0:
+            start = at + len(self._head)
+            length = buf[start:start + _LENGTH_BYTES]
+            if len(length) < _LENGTH_BYTES or _LENGTH.fullmatch(length):
+                return at, length
+            at = buf.find(self._head, at + 1)
+        return -1, b""
 
     def flush(self) -> bytes:
         """The stream ended without a trailer: what was held back is output after all."""
@@ -143,9 +153,9 @@ class CallScanner:
         return self._end.feed(held) + self._end.flush() if held else self._end.flush()
 
 
-def _held_prefix(buf: bytes, head: bytes) -> int:
-    """The length of the longest suffix of ``buf`` that is a proper prefix of ``head``."""
-    start = buf.find(head[:1], max(0, len(buf) - len(head) + 1))
+def _held_prefix(buf: bytes, head: bytes, pos: int = 0) -> int:
+    """The length of the longest suffix of ``buf[pos:]`` that is a proper prefix of ``head``."""
+    start = buf.find(head[:1], max(pos, len(buf) - len(head) + 1))
     while start >= 0:
         if head.startswith(buf[start:]):
             return len(buf) - start

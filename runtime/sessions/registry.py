@@ -1,7 +1,7 @@
 """Open sessions: one sandbox leased to one principal across its calls, until one of its bounds ends it.
 
     open (tool allows it; the principal's cap) -> call, call, ... (one at a time, in order)
-        -> end: closed | idle | lifetime | max_calls | call_failed | sandbox_ended | shutdown
+        -> end: closed | idle | lifetime | max_calls | call_stopped | sandbox_ended | shutdown
 
 A session's id is 128 random bits, and sessions are keyed by (owner, id): another principal's id answers
 exactly like no session (``SessionNotFound``), as with Cancel. Every end goes through ``end`` (once,
@@ -137,8 +137,8 @@ class SessionRegistry:
         if call is None or not call.started:  # refused before its claim (bad arguments): not a call
             return
         session.calls += 1
-        if not call.clean:  # stopped half-way (timeout, cancel, a caller gone), or the tool took the sandbox down
-            await self.end(session, "call_stopped" if call.killed or not call.finished else "sandbox_ended")
+        if not call.clean:
+            await self.end(session, "call_stopped" if call.killed else "sandbox_ended")
         elif session.calls >= session.policy.max_calls:
             await self.end(session, "max_calls")
 
@@ -182,8 +182,11 @@ class SessionRegistry:
                 continue
             reason = session.expiry(now)
             if reason:
-                await self.end(session, reason)
                 ended += 1
+                try:
+                    await self.end(session, reason)
+                except Exception:  # its removal failed (the engine away: the reaper retries); the others still end
+                    log.exception("ending session %s (%s) failed", session.id, reason)
         return ended
 
     async def close(self, reason: str = "shutdown") -> None:
