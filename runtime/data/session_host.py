@@ -183,6 +183,11 @@ class ShHost:
         if tool is None or tool.stdin is None:
             return SH_REFUSED, True
         line = arguments if arguments.endswith(b"\n") else arguments + b"\n"
+        # A status line the tool wrote out of turn (twice for one call, or between calls) is not this call's.
+        self.calls_buffer = b""
+        while select.select([self.call_r], [], [], 0)[0]:
+            if not os.read(self.call_r, 4096):
+                break
         try:
             tool.stdin.write(line)
             tool.stdin.flush()
@@ -204,7 +209,8 @@ class ShHost:
                     continue
             if tool.poll() is not None:
                 return sh_exit_status(tool.returncode), True
-            if ready:  # EOF on the call fd while the tool lives: it can no longer say a call is done
+            if ready:  # EOF on the call fd while the tool lives: it can no longer say a call is done, so the
+                tool.kill()  # session cannot go on; its end now, not at the call's timeout
                 return sh_exit_status(tool.wait()), True
 
     def next_claim(self, claims: typing.BinaryIO) -> bytes:

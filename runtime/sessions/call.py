@@ -25,7 +25,8 @@ class SessionOutput:
 
     def __init__(self, sandbox: HostedSandbox) -> None:
         self._chunks = sandbox.output().__aiter__()
-        self.ended = False
+        self.ended = False  # nothing more will be read (the output ended, or a read was interrupted)
+        self.exhausted = False  # the sandbox's output ended: it is gone
 
     async def next(self) -> tuple[StreamName, bytes] | None:
         if self.ended:
@@ -33,7 +34,7 @@ class SessionOutput:
         try:
             return await self._chunks.__anext__()
         except StopAsyncIteration:
-            self.ended = True
+            self.ended = self.exhausted = True
             return None
         except BaseException:  # cancelled or failed mid-read: the iterator is finished for every later call
             self.ended = True
@@ -78,6 +79,11 @@ class SessionCall:
     def finished(self) -> bool:
         """The call reached its trailers (the host said it is over)."""
         return self._done.done() and self._done.result() is not None
+
+    @property
+    def sandbox_gone(self) -> bool:
+        """The sandbox's output ended or it is no longer alive (not: this call was interrupted)."""
+        return self._raw.exhausted or not self._sandbox.alive
 
     @property
     def clean(self) -> bool:

@@ -91,6 +91,8 @@ def hosted_spec(tool: Tool, spec: SandboxSpec, lifetime_s: float) -> SandboxSpec
                                lease_s=lifetime_s + spec.timeout_s + spec.kill_grace_s + LEASE_MARGIN_S)
 
 
+# The session host's limit on one claim line (``runtime/data/session_host.py`` SH_MAX_CLAIM).
+HOST_MAX_CLAIM_BYTES = 64 << 20
 # Room for everything else in a request or a result message (ids, metadata, usage, counts, framing).
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
 
@@ -103,6 +105,12 @@ def check_message_room(tool: Tool, *, result_bytes: int, argument_bytes: int, ma
     workspace = tool.workspace
     if workspace is None:
         return
+    # The host reads one claim line of at most HOST_MAX_CLAIM_BYTES: the inputs as base64 (4/3) and the
+    # arguments as ASCII-escaped JSON (a control character is 6 bytes, \u001f).
+    if workspace.max_input_bytes * 4 // 3 + 6 * argument_bytes + MESSAGE_OVERHEAD_BYTES > HOST_MAX_CLAIM_BYTES:
+        raise ConfigError(f"max_input_bytes ({workspace.max_input_bytes}) with the arguments' cap ({argument_bytes}) "
+                          f"makes a claim larger than the session host reads ({HOST_MAX_CLAIM_BYTES} bytes)",
+                          key=f"{key}.max_input_bytes")
     if workspace.max_input_bytes + argument_bytes + MESSAGE_OVERHEAD_BYTES > max_message_bytes:
         raise ConfigError(f"max_input_bytes ({workspace.max_input_bytes}) with the arguments' cap ({argument_bytes}) "
                           f"does not fit server.max_message_bytes ({max_message_bytes}): lower it or raise that",

@@ -137,8 +137,9 @@ class SessionRegistry:
         if call is None or not call.started:  # refused before its claim (bad arguments): not a call
             return
         session.calls += 1
-        if not call.clean:
-            await self.end(session, "call_stopped" if call.killed else "sandbox_ended")
+        if not call.clean:  # stopped half-way (timeout, cancel, the caller gone), or the tool took the sandbox down
+            gone = call.sandbox_gone and not call.killed
+            await self.end(session, "sandbox_ended" if gone else "call_stopped")
         elif session.calls >= session.policy.max_calls:
             await self.end(session, "max_calls")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,10 +14,12 @@ from toolcell.errors import ConfigError
 from toolcell.model import SessionPolicy, Tool, WorkspacePolicy
 from toolcell.policy.spec import LEASE_MARGIN_S, HostSpec, Identity, SandboxSpec, Scratch
 from toolcell.sessions.config import (
+    HOST_MAX_CLAIM_BYTES,
     MAX_INPUT_BYTES,
     MAX_OUTPUT_BYTES,
     build_session,
     build_workspace,
+    check_message_room,
     hosted,
     hosted_spec,
 )
@@ -185,3 +188,31 @@ def test_host_command(host: HostSpec, relay: bool, ready_fd: int, flags: tuple[s
     source = host_source()
     assert source.index("def ws_write_inputs") < source.index("def sh_main")
     compile(source, "<host>", "exec")
+
+
+@pytest.mark.parametrize(("workspace", "argument_bytes", "message_bytes", "problem"), [
+    ({}, 1 << 20, 4 << 20, None),  # the defaults fit the default message
+    ({"max_output_bytes": "3Mi"}, 1 << 20, 4 << 20, "max_output_bytes"),
+    ({"max_output_bytes": "3Mi"}, 1 << 20, 8 << 20, None),
+    ({"max_input_bytes": "3Mi"}, 1 << 20, 4 << 20, "max_input_bytes"),
+    ({"max_input_bytes": "32Mi"}, 16 << 20, 64 << 20, "max_input_bytes"),  # the host's claim line
+    ({"max_output_bytes": "3Mi", "outputs": ""}, 1 << 20, 4 << 20, None),  # nothing comes back
+])
+def test_workspace_files_must_fit_their_messages(workspace: dict[str, object], argument_bytes: int,
+                                                 message_bytes: int, problem: str | None) -> None:
+    policy = build_workspace({"outputs": "/tmp/w/out", **workspace}, "tools[0].workspace")
+    tool = Tool(name="t", description="", image="i", command=("x",), workspace=policy)
+    output_caps = 1024 * 1024 + 256 * 1024 + 256 * 1024
+    if problem is None:
+        check_message_room(tool, result_bytes=output_caps, argument_bytes=argument_bytes,
+                           max_message_bytes=message_bytes, key="tools[0].workspace")
+        return
+    with pytest.raises(ConfigError) as err:
+        check_message_room(tool, result_bytes=output_caps, argument_bytes=argument_bytes,
+                           max_message_bytes=message_bytes, key="tools[0].workspace")
+    assert err.value.key == f"tools[0].workspace.{problem}"
+
+
+def test_the_host_claim_limit_is_the_hosts_own() -> None:
+    source = (Path(__file__).resolve().parents[2] / "runtime" / "data" / "session_host.py").read_text()
+    assert f"SH_MAX_CLAIM = {HOST_MAX_CLAIM_BYTES >> 20} << 20" in source

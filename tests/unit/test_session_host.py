@@ -76,6 +76,13 @@ while True:
     sys.stdout.flush()
     if cmd.startswith("exit "):
         sys.exit(int(cmd[5:]))
+    if cmd == "twice":  # out of turn: a second status line for the same call
+        os.write(fd, b"000\n005\n")
+        continue
+    if cmd == "close":  # breaks the protocol: can no longer say a call is done, and keeps running
+        os.close(fd)
+        while True:
+            time.sleep(1)
     os.write(fd, (cmd[7:] if cmd.startswith("report ") else "000").encode() + b"\n")
 """
 
@@ -491,3 +498,19 @@ def test_a_signal_during_a_call_reaches_the_tool_and_the_call_ends_first(tmp_pat
     assert got.status == 128 + signal.SIGTERM  # the tool's death, reported with the trailer
     assert host.exited(5) == 0
     assert (host.workspace / "count").read_text() == "1"
+
+
+def test_resident_status_written_twice_is_not_the_next_calls(tmp_path: Path, hosts: list[Host]) -> None:
+    host = resident_host(tmp_path, hosts)
+    assert host.call(b"twice").status == 0
+    assert host.call(b"report 003").status == 3  # its own line, not the stale 005
+    assert host.close() == 0
+
+
+def test_resident_tool_that_closes_its_call_fd_ends_the_session_at_once(tmp_path: Path, hosts: list[Host]) -> None:
+    host = resident_host(tmp_path, hosts)
+    started = time.monotonic()
+    got = host.call(b"close")
+    assert got.status == 128 + 9  # killed: it can no longer end a call
+    assert time.monotonic() - started < 5  # not at the call's timeout
+    assert host.exited(10) == 128 + 9

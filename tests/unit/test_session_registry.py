@@ -524,3 +524,17 @@ async def test_signal_kills_the_sandbox_and_marks_the_call(sandbox: FakeSandbox)
     await call.remove()
     assert sandbox.removed == 0  # the session's to do, not the call's
     assert (await call.usage()).peak_memory_bytes == 1
+
+
+async def test_a_call_its_caller_left_half_way_ends_the_session_call_stopped(world: World) -> None:
+    """The caller went away mid-call (its output no longer read): the sandbox lives, the call did not finish."""
+    session = world.open()
+    call = session.call(files_cap=1024, inputs=[], collect=False)
+    await call.start(b'{"code": "1"}')
+    fake(session).push("stdout", b"partial")
+    chunks = call.output()
+    assert await chunks.__anext__() == ("stdout", b"partial")
+    await chunks.aclose()  # the pump was cancelled
+    assert not call.finished and not call.killed and not call.sandbox_gone
+    await world.registry.after_call(session, call)
+    assert session.ended == "call_stopped"
