@@ -50,6 +50,23 @@ def _pool(spec: Any) -> dict[str, Any] | None:
     return None if spec is None else {"size": spec.size, "ttl": format_duration(spec.ttl_s)}
 
 
+def _session(policy: Any) -> dict[str, Any] | None:
+    if policy is None:
+        return None
+    return _present({"command": list(policy.command) or None, "idle_ttl": format_duration(policy.idle_ttl_s),
+                     "max_lifetime": format_duration(policy.max_lifetime_s), "max_calls": policy.max_calls,
+                     "per_principal": policy.per_principal})
+
+
+def _workspace(w: Any) -> dict[str, Any] | None:
+    if w is None:
+        return None
+    return _present({"dir": w.dir, "outputs": w.outputs or None, "max_input_files": w.max_input_files,
+                     "max_input_bytes": format_size(w.max_input_bytes), "max_output_files": w.max_output_files,
+                     "max_output_bytes": format_size(w.max_output_bytes),
+                     "max_file_bytes": format_size(w.max_file_bytes)})
+
+
 def _profile(p: Any, redactor: Redactor) -> dict[str, Any]:
     o = p.output
     return {
@@ -153,7 +170,8 @@ def effective(config: Config, document: Mapping[str, Any] | None = None) -> dict
             "command": list(tool.command), "profile": tool.profile, "input_schema": dict(tool.input_schema),
             "output_schema": None if tool.output_schema is None else dict(tool.output_schema),
             "annotations": dict(tool.annotations) or None, "secrets": _grants(tool.secrets) or None,
-            "pool": _pool(config.pools.get(tool.name))})
+            "pool": _pool(config.pools.get(tool.name)), "session": _session(tool.session),
+            "workspace": _workspace(tool.workspace)})
             for tool in (config.tools[n] for n in tool_names)],
         # Tool sources: their tools are found at start-up (``toolcell tools`` lists them).
         "servers": [_present({
@@ -162,6 +180,7 @@ def effective(config: Config, document: Mapping[str, Any] | None = None) -> dict
             "pool": _pool(config.source_pools.get(src.name)),
             "roots": None if src.roots is None else [dict(r) for r in src.roots],
             "discovery_timeout": format_duration(src.discovery_timeout_s),
+            "session": _session(src.session),
             "tools": {n: _present({"profile": o.profile, "title": o.title, "description": o.description,
                                    "annotations": dict(o.annotations) or None, "hidden": o.hidden or None})
                       for n, o in sorted(src.overrides.items())}})

@@ -146,3 +146,19 @@ def test_cli_show_output_passes_profiles_check(tmp_path: Path, config: str | Non
     assert check.returncode == 0 and ": ok (" in check.stdout, check.stderr
     as_json = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60, check=False)
     assert json.loads(as_json.stdout) == yaml.safe_load(shown.stdout)  # the same shape
+
+
+def test_sessions_and_workspaces_are_in_the_view_and_parse_back_the_same(tmp_path: Path) -> None:
+    doc = yaml.safe_load((REPO / "runtime" / "data" / "default-config.yaml").read_text())
+    doc["servers"] = [{"name": "time", "image": "toolcell/mcp-time:latest", "command": ["mcp-server-time"],
+                       "session": {"idle_ttl": "2m", "max_calls": 7}}]
+    config = parse_config(doc, environ={}, base_dir=tmp_path)
+    view = show(doc, tmp_path)
+    python = next(t for t in view["tools"] if t["name"] == "python.run")
+    assert python["session"]["idle_ttl"] == "5m" and python["workspace"]["max_output_bytes"] == "2Mi"
+    assert view["servers"][0]["session"] == {"idle_ttl": "2m", "max_lifetime": "1h", "max_calls": 7,
+                                             "per_principal": 4}
+    again = parse_config(view, environ={}, base_dir=tmp_path)
+    assert again.tools["python.run"].session == config.tools["python.run"].session
+    assert again.tools["python.run"].workspace == config.tools["python.run"].workspace
+    assert again.sources["time"].session == config.sources["time"].session
