@@ -19,7 +19,13 @@ from toolcell import metrics
 from toolcell.api.v1 import supervisor_pb2 as pb
 from toolcell.api.v1 import supervisor_pb2_grpc as pb_grpc
 from toolcell.endings import Ending
-from toolcell.errors import InvalidArguments, InvocationNotFound, ResourceExhausted, ToolcellError
+from toolcell.errors import (
+    InvalidArguments,
+    InvocationNotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ToolcellError,
+)
 from toolcell.gate import Gate
 from toolcell.model import Event, InputFile, Result, Started
 from toolcell.pipeline import Emit, describe
@@ -337,6 +343,10 @@ class SupervisorService(pb_grpc.SupervisorServicer):
                     await self.supervisor.sessions.end(session, "audit_failed")
                     raise
             except ToolcellError as exc:
+                if not isinstance(exc, (PermissionDenied, ResourceExhausted)):  # those are on record already
+                    await self.gate.record(principal, "decision", action="session", tool=request.tool,
+                                           decision="refuse", status=status_for(exc).name,
+                                           reason=describe(exc, self.supervisor.redactor), trace_id=trace_id)
                 await self._refuse(context, span, peer, exc, f"OpenSession {quote(request.tool)}")
             span.set_attribute("toolcell.session_id", session.id)
             log.info("session opened", extra={"tool": session.tool, "session_id": session.id})

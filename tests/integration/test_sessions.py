@@ -207,6 +207,9 @@ async def test_sessions_hold_a_concurrency_slot_and_refuse_tools_without_session
         assert (await client.call("python.run", {"code": "print(2)"}, session=session.session_id)).output == "2\n"
         await client.close_session(session.session_id)
         assert (await client.call("text.wordcount", {"text": "a"})).status is Status.OK
+    refusals = [r for r in audit(tmp_path, "decision") if r.get("action") == "session"]
+    assert [(r["tool"], r["decision"], r["status"]) for r in refusals] == [
+        ("text.wordcount", "refuse", "FAILED_PRECONDITION")]
 
 
 async def test_a_killed_supervisors_session_sandbox_is_gone_after_the_next_start(tmp_path: Path, kind: str) -> None:
