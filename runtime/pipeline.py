@@ -22,6 +22,7 @@ import functools
 import json
 import signal
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -44,7 +45,7 @@ from toolcell.output import Collected, inspect_output
 from toolcell.policy.arguments import ArgumentLimits, parse_arguments, validate_arguments
 from toolcell.policy.network import EgressGrant
 from toolcell.policy.resolve import ResolvedTool
-from toolcell.policy.scrub import Redactor, scrub, wrap_untrusted
+from toolcell.policy.scrub import Redactor, detect_injection, scrub, wrap_untrusted
 from toolcell.policy.spec import NO_SECRETS, SandboxSpec, Secrets
 from toolcell.sessions.call import SessionCall
 from toolcell.sessions.host import FilesBlock
@@ -307,6 +308,30 @@ def finalize(config: Config, resolved: ResolvedTool, outcome: Outcome) -> dict[s
             "injection_markers": dict(markers), "structured_content": content}
 
 
+def files_verdict(files: CollectedFiles, action: str, verdict: dict[str, Any]) -> CollectedFiles:
+    """Prompt-injection markers in the output's text files, under the profile's ``output.injection``: counted
+    with stdout's; ``wrap`` delivers each marked file wrapped as untrusted data; ``block`` withholds the whole
+    result (status denied), as a marked stdout would."""
+    found: Counter[str] = Counter()
+    kept = []
+    for f in files.files:
+        markers = detect_injection(f.text) if f.text else Counter()
+        found += markers
+        if markers and action == "wrap" and f.text is not None:
+            f = dataclasses.replace(f, text=wrap_untrusted(f.text, markers))
+        kept.append(f)
+    if not found:
+        return files
+    verdict["injection_markers"] = dict(Counter(verdict["injection_markers"]) + found)
+    if action == "block" and verdict["status"] is not Status.DENIED:
+        kinds = ", ".join(sorted(found))
+        verdict.update(status=Status.DENIED, output="", stderr="", structured_content=None,
+                       message=f"output withheld: prompt-injection markers found in output files ({kinds})")
+        if "content" in verdict:  # a stock MCP server's blocks: withheld with the rest
+            verdict["content"] = ()
+    return dataclasses.replace(files, files=tuple(kept))
+
+
 def _set_result_attributes(span: trace.Span, result: Result) -> None:
     span.set_attributes({
         "toolcell.status": result.status.value,
@@ -466,6 +491,10 @@ async def run_invocation(services: Services, request: InvocationRequest, invocat
                 sanitized[kind] = sanitized.get(kind, 0) + count
         if files_note:
             verdict["message"] = f"{verdict['message']}; {files_note}" if verdict["message"] else files_note
+        if files is not None and files.files:  # text files are output too: the same verdict as stdout
+            size = sum(len(f.text or "") for f in files.files)
+            files = await _off_loop_if_large(size, functools.partial(
+                files_verdict, files, resolved.profile.output.injection, verdict))
         result = Result(
             exit_code=done.outcome.exit.exit_code,
             truncated=collected.truncated or bool(frames and frames.truncated),
