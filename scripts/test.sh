@@ -26,7 +26,7 @@ python - "$bench_json" <<'EOF'
 import json, sys
 figures = json.load(open(sys.argv[1]))
 missing = {"noop_grpc", "raw_docker", "raw_docker_network_none", "cold", "warm", "throughput", "flood", "hostile",
-           "oci", "targets", "mcp"} - set(figures)
+           "oci", "targets", "mcp", "sessions"} - set(figures)
 assert not missing, f"bench JSON lacks {missing}"
 oci = figures["oci"]
 assert "skipped" not in oci and {"floor", "cold", "warm", "throughput"} <= set(oci), f"the oci section did not run: {oci}"
@@ -38,6 +38,8 @@ for engine in ("docker", "oci"):  # the stock MCP servers the set-up builds, col
     assert {"time", "fetch", "everything"} <= set(servers), f"mcp bench on {engine}: {sorted(servers)}"
     for name, row in servers.items():
         assert "error" not in row and row["cold"]["n"] > 0 and row["warm"]["n"] > 0, f"mcp {engine} {name}: {row}"
+for engine, row in figures["sessions"]["engines"].items():  # a session call beside a warm one-shot, both engines
+    assert "error" not in row and "skipped" not in row and row["session"]["n"] > 0, f"sessions {engine}: {row}"
 EOF
 rm -f "$bench_json"
 # Restarting the engine disturbs everything else using it: on its own, nothing else running (runs when

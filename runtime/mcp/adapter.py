@@ -157,10 +157,9 @@ def input_files(value: object, policy: WorkspacePolicy) -> dict[str, bytes]:
             raise ValueError(f"{where} has an unknown property {printable(str(unknown), QUOTE_CHARS)}")
         path = entry.get("path")
         problem = path_problem(path)
-        if problem is not None:
+        if problem is not None or not isinstance(path, str):  # path_problem refuses a non-string: typed here
             shown = printable(path, QUOTE_CHARS) if isinstance(path, str) else ""
-            raise ValueError(f"{where}.path {shown + ' ' if shown else ''}{problem}")
-        assert isinstance(path, str)
+            raise ValueError(f"{where}.path {shown + ' ' if shown else ''}{problem or 'must be a string'}")
         if ("text" in entry) == ("blob" in entry):
             raise ValueError(f"{where} needs exactly one of text and blob")
         if "text" in entry:
