@@ -37,6 +37,7 @@ from toolcell.errors import (
     InvocationNotFound,
     PermissionDenied,
     RateLimited,
+    SessionNotFound,
     ToolNotFound,
     Unauthenticated,
 )
@@ -59,7 +60,7 @@ Sampler = Callable[[], HostSample]
 
 # The refusals that spend a peer's budget: the caller's own doing, cheap to send, work for us.
 REFUSALS: tuple[type[BaseException], ...] = (Unauthenticated, PermissionDenied, InvalidArguments, ToolNotFound,
-                                             InvocationNotFound, InvocationConflict)
+                                             InvocationNotFound, InvocationConflict, SessionNotFound)
 # At most one ``refusals_suppressed`` record per peer per window.
 SUPPRESS_WINDOW_S = 60.0
 # Where the counts of peers forgotten by the bounded table go.

@@ -24,6 +24,7 @@ from toolcell.errors import (
     InvocationNotFound,
     PermissionDenied,
     ResourceExhausted,
+    SessionNotFound,
     ToolcellError,
 )
 from toolcell.gate import Gate
@@ -232,8 +233,14 @@ class SupervisorService(pb_grpc.SupervisorServicer):
         try:
             await self.gate.authorize(principal, "call", call.tool, _trace_id(span))
             if call.session_id:  # the caller's own open session, or NOT_FOUND before anything is counted
-                self.supervisor.sessions.get(principal.id, call.session_id)
                 span.set_attribute("toolcell.session_id", call.session_id)
+                try:
+                    self.supervisor.sessions.get(principal.id, call.session_id)
+                except SessionNotFound as exc:  # on record, and charged to the peer: ids are not for guessing
+                    await self.gate.record(principal, "decision", action="call", tool=call.tool, decision="deny",
+                                           status="NOT_FOUND", reason=str(exc), session_id=call.session_id,
+                                           trace_id=_trace_id(span))
+                    raise
             async with self.gate.admit(principal, call.tool, _trace_id(span), in_session=bool(call.session_id)):
                 call = dataclasses.replace(call, invocation_id=call.invocation_id or new_invocation_id())
                 ending = Ending(call.invocation_id, call.tool, self.supervisor.known_tool(call.tool))

@@ -157,6 +157,9 @@ async def test_a_session_is_invisible_and_unusable_to_another_principal(tmp_path
             assert closing.value.code == "NOT_FOUND"
             assert (await alice.call("python.run", {"code": "print(secret)"}, session=session.session_id)).output \
                 == "7\n"
+    denied = [r for r in audit(tmp_path, "decision") if r.get("session_id") == session.session_id]
+    assert [(r["decision"], r["status"]) for r in denied] == [("deny", "NOT_FOUND")]
+    assert "bob" in json.dumps(denied[0]["principal"])
 
 
 @pytest.mark.parametrize(("bounds", "calls", "wait_s", "reason"), [
