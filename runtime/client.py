@@ -249,11 +249,13 @@ class SessionInfo:
     max_lifetime_s: float
     max_calls: int
     sandbox_id: str
+    tools: tuple[str, ...] = ()  # the tools it serves (a stock MCP server's share one)
 
 
 def _session_info(msg: pb.Session) -> SessionInfo:
     return SessionInfo(session_id=msg.session_id, tool=msg.tool, idle_ttl_s=msg.idle_ttl_seconds,
-                       max_lifetime_s=msg.max_lifetime_seconds, max_calls=msg.max_calls, sandbox_id=msg.sandbox_id)
+                       max_lifetime_s=msg.max_lifetime_seconds, max_calls=msg.max_calls, sandbox_id=msg.sandbox_id,
+                       tools=tuple(msg.tools))
 
 
 def _called(span: trace.Span, msg: pb.Result) -> Result:

@@ -60,6 +60,9 @@ class SessionPolicy:
     max_calls: int = 100
     per_principal: int = 4
     command: tuple[str, ...] = ()
+    # As a client sees it (``ListTools``): tools with the same scope share one session (a stock MCP server's
+    # tools under one profile); "" in the admin's config (the supervisor derives it).
+    scope: str = ""
 
     def with_idle_ttl(self, seconds: float) -> SessionPolicy:
         return dataclasses.replace(self, idle_ttl_s=seconds)

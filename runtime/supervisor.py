@@ -41,7 +41,7 @@ from toolcell.quoting import quote
 from toolcell.reaper import Reaper
 from toolcell.secretstore import SecretStore
 from toolcell.sessions.call import SessionCall
-from toolcell.sessions.config import hosted, hosted_spec
+from toolcell.sessions.config import hosted, hosted_spec, session_scope
 from toolcell.sessions.registry import Session, SessionRegistry, new_session_id
 from toolcell.settings import Config
 from toolcell.sources.catalog import Catalog, source_tools
@@ -284,6 +284,11 @@ class Supervisor:
         if not self.awaiting_engine:  # else the pools start when the engine answers
             self.pools.configure(config)
 
+    def session_tools(self, session: Session) -> list[str]:
+        """The tools a session serves (the config's now)."""
+        return sorted(name for name, t in self.config.tools.items()
+                      if t.session is not None and session_scope(t) == session.scope)
+
     def list_tools(self) -> list[Tool]:
         """Tools with MCP annotations derived from their profile, the admin's overrides on top."""
         return [dataclasses.replace(t, annotations=tool_annotations(t.annotations, self.config.profiles[t.profile]))
@@ -381,8 +386,12 @@ class Supervisor:
     def _session_for(self, request: InvocationRequest, owner: str) -> Session | None:
         """The caller's session the request names (checked), and its input files against the tool's workspace."""
         session = self.sessions.get(owner, request.session_id) if request.session_id else None
-        if session is not None and session.tool != request.tool:
-            raise SessionRefused(f"the session is for tool {quote(session.tool)}, not {quote(request.tool)}")
+        if session is not None:
+            tool = self.config.tools.get(request.tool)
+            if tool is None or session_scope(tool) != session.scope:
+                raise SessionRefused(f"the session is for tool {quote(session.tool)}"
+                                     + (" and its server's tools under its profile" if session.scope != session.tool
+                                        else "") + f", not {quote(request.tool)}")
         if request.files:
             tool = self.config.tools.get(request.tool)
             if tool is None or tool.workspace is None:
@@ -408,7 +417,7 @@ class Supervisor:
         session = Session(id=session_id, owner=owner, tool=resolved.tool.name, profile=resolved.profile.name,
                           policy=policy if policy is not None else _ONE_CALL, workspace=resolved.tool.workspace,
                           sandbox=sandbox, opened_at=self.sessions.clock(), release=release, ephemeral=ephemeral,
-                          principal=principal)
+                          principal=principal, scope=session_scope(resolved.tool))
         self.sessions.add(session)
         return session
 
@@ -424,7 +433,7 @@ class Supervisor:
         policy = resolved.tool.session
         if policy is None:
             raise SessionRefused(f"tool {quote(tool)} does not allow sessions")
-        if self.sessions.count(owner, tool) >= policy.per_principal:
+        if self.sessions.count(owner, session_scope(resolved.tool)) >= policy.per_principal:
             raise RateLimited(f"at most {policy.per_principal} open sessions of tool {quote(tool)} per caller",
                               retry_after_ms=int(min(policy.idle_ttl_s, 60.0) * 1000))
         session_id = new_session_id()

@@ -465,21 +465,23 @@ class SandboxedTools:
             connection.exit_stack.push_async_callback(self._end_mcp_session, state)
         return state
 
-    async def _session(self, state: _McpSession, client: Client, name: str, stale: str = ""
+    async def _session(self, state: _McpSession, client: Client, name: str, stale: str = "", key: str = ""
                        ) -> tuple[str, str | None]:
         """The toolcell session of ``state`` for tool ``name``, opened with ``client`` if it has none (or
-        only ``stale``, which the supervisor has ended); also a note for the result, or None.
+        only ``stale``, which the supervisor has ended); also a note for the result, or None. ``key``: the
+        tool's session scope (a stock MCP server's tools share one session: one server process).
 
         ("", note): no session could be opened (the per-principal cap ...), the call runs on its own.
         Raises ``NotFoundError``: the supervisor knows no such tool.
         """
-        lock = state.locks.setdefault(name, anyio.Lock())
+        key = key or name
+        lock = state.locks.setdefault(key, anyio.Lock())
         async with lock:
-            current = state.open.get(name)
+            current = state.open.get(key)
             if current is not None and current.session_id != stale:
                 return current.session_id, None  # opened by an earlier call (or reopened by a concurrent one)
             if current is not None:
-                del state.open[name]
+                del state.open[key]
                 self._opened.pop(current.session_id, None)
             if state.ended or self._closing:
                 return "", None
@@ -501,7 +503,7 @@ class SandboxedTools:
             if state.ended or self._closing:  # the MCP session (or the bridge) ended meanwhile
                 await self._close_all([opened])
                 return "", None
-            state.open[name] = opened
+            state.open[key] = opened
             self._opened[opened.session_id] = opened
             return opened.session_id, REOPENED_NOTE if stale else None
 
@@ -564,12 +566,13 @@ class SandboxedTools:
             except ValueError as exc:
                 return error_result(f"Invalid arguments for tool {printable(name)}: {exc}")
         state = self.mcp_session(ctx) if tool is not None and tool.session is not None else None
+        key = (tool.session.scope if tool is not None and tool.session is not None else "") or name
         relay = ProgressRelay(ctx.session.report_progress)
         notes: list[str] = []
         session = ""
         try:
             if state is not None:
-                session, note = await self._session(state, client, name)
+                session, note = await self._session(state, client, name, key=key)
                 notes += [note] if note else []
             try:
                 result = await self._execute(ctx, client, relay, name, arguments, files, session)
@@ -577,7 +580,7 @@ class SandboxedTools:
                 if not (state is not None and session and session_gone(exc)):
                     raise
                 log.info("session %s of %s: %s; opening another", session, name, exc.details)
-                session, note = await self._session(state, client, name, stale=session)
+                session, note = await self._session(state, client, name, stale=session, key=key)
                 notes += [note] if note else []
                 result = await self._execute(ctx, client, relay, name, arguments, files, session)
         except NotFoundError as exc:
@@ -591,7 +594,7 @@ class SandboxedTools:
         if result is None:
             return error_result(f"Tool {printable(name)}: the supervisor ended the stream without a result")
         if state is not None and session:
-            self._used(state, name, session, client)
+            self._used(state, key, session, client)
         return call_result(tool, result, notes)
 
     async def _execute(self, ctx: ServerRequestContext[Any], client: Client, relay: ProgressRelay, name: str,

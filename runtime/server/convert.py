@@ -24,6 +24,7 @@ from toolcell.model import (
     Tool,
     WorkspacePolicy,
 )
+from toolcell.sessions.config import session_scope
 
 # The most content_json a client parses: gRPC's default receive limit, which bounds the whole message
 # anyway (the client does not raise it); checked again here so the parse never depends on that default.
@@ -211,6 +212,7 @@ def tool_to_pb(tool: Tool) -> pb.Tool:
         max_input_files=tool.workspace.max_input_files if tool.workspace is not None else 0,
         max_input_bytes=tool.workspace.max_input_bytes if tool.workspace is not None else 0,
         returns_files=bool(tool.workspace is not None and tool.workspace.outputs),
+        session_scope=session_scope(tool) if tool.session is not None else "",
     )
 
 
@@ -276,7 +278,8 @@ def tool_from_pb(msg: pb.Tool) -> Tool:
         output_schema=json.loads(msg.output_schema_json) if msg.output_schema_json else None,
         annotations=annotations,
         # What a client needs to know of the admin's terms (the rest stays with the supervisor).
-        session=SessionPolicy(idle_ttl_s=msg.session_idle_ttl_seconds, max_calls=msg.session_max_calls)
+        session=SessionPolicy(idle_ttl_s=msg.session_idle_ttl_seconds, max_calls=msg.session_max_calls,
+                              scope=msg.session_scope or msg.name)
         if msg.allows_sessions else None,
         workspace=WorkspacePolicy(dir="", outputs="returned" if msg.returns_files else "",
                                   max_input_files=msg.max_input_files, max_input_bytes=msg.max_input_bytes)

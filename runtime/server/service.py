@@ -359,7 +359,7 @@ class SupervisorService(pb_grpc.SupervisorServicer):
             log.info("session opened", extra={"tool": session.tool, "session_id": session.id})
             return pb.Session(session_id=session.id, tool=session.tool, idle_ttl_seconds=session.policy.idle_ttl_s,
                               max_lifetime_seconds=session.policy.max_lifetime_s, max_calls=session.policy.max_calls,
-                              sandbox_id=session.sandbox.id)
+                              sandbox_id=session.sandbox.id, tools=self.supervisor.session_tools(session))
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
                            ) -> pb.CloseSessionResponse:

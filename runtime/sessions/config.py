@@ -119,3 +119,11 @@ def check_message_room(tool: Tool, *, result_bytes: int, argument_bytes: int, ma
         raise ConfigError(f"max_output_bytes ({workspace.max_output_bytes}) with the profile's output caps "
                           f"({result_bytes}) does not fit server.max_message_bytes ({max_message_bytes}): lower it "
                           "or raise that", key=f"{key}.max_output_bytes")
+
+
+def session_scope(tool: Tool) -> str:
+    """Which tools one session serves: a stock MCP server's tools under one profile share it (one server
+    process, so what one tool stores another reads), any other tool has its own."""
+    if tool.source is not None:
+        return f"{tool.source.server}.*@{tool.profile}"
+    return tool.name

@@ -45,7 +45,7 @@ def new_session_id() -> str:
 class Session:
     id: str
     owner: str
-    tool: str
+    tool: str  # the tool it was opened for
     profile: str
     policy: SessionPolicy
     workspace: WorkspacePolicy | None
@@ -58,6 +58,8 @@ class Session:
     ephemeral: bool = False  # a one-shot call with files: one call, then gone, never listed
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     raw: SessionOutput | None = None
+    # Which tools it serves (``sessions.config.session_scope``): the tool's name, or a server's tools'.
+    scope: str = ""
     principal: object = None  # who opened it, for the audit trail (``policy.access.Principal``)
 
     def call(self, *, files_cap: int, inputs: list[dict[str, str]], collect: bool) -> SessionCall:
@@ -95,8 +97,9 @@ class SessionRegistry:
     def __len__(self) -> int:
         return len(self._open)
 
-    def count(self, owner: str, tool: str) -> int:
-        return sum(1 for s in self._open.values() if s.owner == owner and s.tool == tool)
+    def count(self, owner: str, scope: str) -> int:
+        """``owner``'s open sessions of one scope (a tool, or a server's tools under one profile)."""
+        return sum(1 for s in self._open.values() if s.owner == owner and (s.scope or s.tool) == scope)
 
     async def create(self, spec: SandboxSpec) -> HostedSandbox:
         """The session's sandbox; cancelled mid-create, the late sandbox is removed, not leaked."""

@@ -348,8 +348,16 @@ async def test_a_stock_servers_session_keeps_one_server_process_and_its_pool_ser
         await pool_ready()
         session = await client.open_session("ok.counter")
         assert pools.stats()["ok.counter"].hits == 1  # the session's sandbox came warm from the pool
-        seen = [(await client.call("ok.counter", {}, session=session.session_id)).output for _ in range(3)]
+        assert "ok.counter" in session.tools and "ok.echo" in session.tools  # the server's tools share it
+        seen = [(await client.call("ok.counter", {}, session=session.session_id)).output for _ in range(2)]
+        # Another tool of the same server, in the same session: the same server process serves it.
+        echo = await client.call("ok.echo", {"text": "hi"}, session=session.session_id)
+        assert echo.status is Status.OK and echo.sandbox_id == session.sandbox_id
+        seen.append((await client.call("ok.counter", {}, session=session.session_id)).output)
         assert seen == ["memory 1 disk 1", "memory 2 disk 2", "memory 3 disk 3"]
+        with pytest.raises(ClientError) as other:  # a tool of another scope cannot use it
+            await client.call("text.wordcount", {"text": "a"}, session=session.session_id)
+        assert other.value.code == "FAILED_PRECONDITION" and "server's tools" in other.value.details
         await pool_ready()
         one_shot = await client.call("ok.counter", {})
         assert (one_shot.status, one_shot.output) == (Status.OK, "memory 1 disk 1")

@@ -34,20 +34,22 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, tool: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "tool", "idle_ttl_seconds", "max_lifetime_seconds", "max_calls", "sandbox_id")
+    __slots__ = ("session_id", "tool", "idle_ttl_seconds", "max_lifetime_seconds", "max_calls", "sandbox_id", "tools")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOOL_FIELD_NUMBER: _ClassVar[int]
     IDLE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_LIFETIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_CALLS_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tool: str
     idle_ttl_seconds: float
     max_lifetime_seconds: float
     max_calls: int
     sandbox_id: str
-    def __init__(self, session_id: _Optional[str] = ..., tool: _Optional[str] = ..., idle_ttl_seconds: _Optional[float] = ..., max_lifetime_seconds: _Optional[float] = ..., max_calls: _Optional[int] = ..., sandbox_id: _Optional[str] = ...) -> None: ...
+    tools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., tool: _Optional[str] = ..., idle_ttl_seconds: _Optional[float] = ..., max_lifetime_seconds: _Optional[float] = ..., max_calls: _Optional[int] = ..., sandbox_id: _Optional[str] = ..., tools: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -264,7 +266,7 @@ class ToolAnnotations(_message.Message):
     def __init__(self, title: _Optional[str] = ..., read_only_hint: _Optional[bool] = ..., destructive_hint: _Optional[bool] = ..., idempotent_hint: _Optional[bool] = ..., open_world_hint: _Optional[bool] = ...) -> None: ...
 
 class Tool(_message.Message):
-    __slots__ = ("name", "title", "description", "input_schema_json", "output_schema_json", "annotations", "allows_sessions", "session_idle_ttl_seconds", "session_max_calls", "takes_files", "max_input_files", "max_input_bytes", "returns_files")
+    __slots__ = ("name", "title", "description", "input_schema_json", "output_schema_json", "annotations", "allows_sessions", "session_idle_ttl_seconds", "session_max_calls", "takes_files", "max_input_files", "max_input_bytes", "returns_files", "session_scope")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +280,7 @@ class Tool(_message.Message):
     MAX_INPUT_FILES_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     RETURNS_FILES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SCOPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     title: str
     description: str
@@ -291,7 +294,8 @@ class Tool(_message.Message):
     max_input_files: int
     max_input_bytes: int
     returns_files: bool
-    def __init__(self, name: _Optional[str] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., input_schema_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., annotations: _Optional[_Union[ToolAnnotations, _Mapping]] = ..., allows_sessions: _Optional[bool] = ..., session_idle_ttl_seconds: _Optional[float] = ..., session_max_calls: _Optional[int] = ..., takes_files: _Optional[bool] = ..., max_input_files: _Optional[int] = ..., max_input_bytes: _Optional[int] = ..., returns_files: _Optional[bool] = ...) -> None: ...
+    session_scope: str
+    def __init__(self, name: _Optional[str] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., input_schema_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., annotations: _Optional[_Union[ToolAnnotations, _Mapping]] = ..., allows_sessions: _Optional[bool] = ..., session_idle_ttl_seconds: _Optional[float] = ..., session_max_calls: _Optional[int] = ..., takes_files: _Optional[bool] = ..., max_input_files: _Optional[int] = ..., max_input_bytes: _Optional[int] = ..., returns_files: _Optional[bool] = ..., session_scope: _Optional[str] = ...) -> None: ...
 
 class ListToolsResponse(_message.Message):
     __slots__ = ("tools", "next_cursor")
