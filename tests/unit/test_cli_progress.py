@@ -41,7 +41,8 @@ async def call(*, as_json: bool) -> tuple[str, str]:
     out, err = io.StringIO(), io.StringIO()
     with mock.patch.object(cli, "_client", lambda args: Scripted()), \
             contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = await cli._call(argparse.Namespace(args="{}", tool="time.now", timeout=None, json=as_json))
+        code = await cli._call(argparse.Namespace(args="{}", tool="time.now", timeout=None, json=as_json,
+                                                 session=None, file=None, out=None))
     assert code == cli.EXIT_STATUS
     return out.getvalue(), err.getvalue()
 

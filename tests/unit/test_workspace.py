@@ -23,6 +23,7 @@ import pytest
 from toolcell.errors import InvalidArguments
 from toolcell.model import InputFile, OutputFile, WorkspacePolicy
 from toolcell.policy.scrub import Redactor
+from toolcell.sessions.config import MAX_OUTPUT_BYTES
 from toolcell.workspace import (
     BINARY_MEDIA_TYPE,
     TEXT_MEDIA_TYPE,
@@ -676,17 +677,19 @@ def _tiny_entries(n: int, fill: Callable[[int], Any]) -> Iterator[Any]:
 
 
 def test_a_hundred_thousand_tiny_entries() -> None:
-    """Invalid entries, then valid ones past max_output_files: counted one by one, in linear time."""
+    """Invalid entries, then valid ones past max_output_files: counted one by one, in linear time (under a
+    policy whose cap lets 100,000 entries in: the most the config allows, MAX_OUTPUT_BYTES)."""
+    policy = WorkspacePolicy(outputs="/tmp/out", max_output_bytes=MAX_OUTPUT_BYTES)
     invalid = payload(list(_tiny_entries(100_000, lambda i: {})))
-    assert len(invalid) <= payload_cap(POLICY)
+    assert len(invalid) <= payload_cap(policy)
     started = time.process_time()
-    got = parse(invalid)
+    got = parse(invalid, policy)
     assert got.skipped == {"invalid": 100_000} and got.files == ()
     many = payload(list(_tiny_entries(100_000, lambda i: entry(f"f{i}", b""))))
-    assert len(many) <= payload_cap(POLICY)
-    got = parse(many)
-    assert len(got.files) == POLICY.max_output_files
-    assert got.skipped == {"too_many": 100_000 - POLICY.max_output_files} and got.truncated
+    assert len(many) <= payload_cap(policy)
+    got = parse(many, policy)
+    assert len(got.files) == policy.max_output_files
+    assert got.skipped == {"too_many": 100_000 - policy.max_output_files} and got.truncated
     assert time.process_time() - started < 5
 
 
