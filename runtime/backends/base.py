@@ -99,6 +99,10 @@ class HostedSandbox(WarmSandbox, Protocol):
         """Queue ``data`` on the host's input, after whatever was sent before. (``start`` is not used: each
         call's claim is sent; ``alive``: started, not being removed, its output not ended.)"""
 
+    def oom_kills(self) -> int:
+        """OOM kills in the sandbox so far, as the kernel counts them (a cheap read; 0 when unknown): a call
+        whose count went up was cut short by the memory limit."""
+
 
 class Backend(Protocol):
     name: str

@@ -642,6 +642,10 @@ class DockerSandbox:
             return False
         return self._hosted or (self._warm and not self._claimed)
 
+    def oom_kills(self) -> int:
+        self._probe.sample()
+        return max(self._probe.seen_oom_kills, self._probe.oom_kills())
+
     async def send(self, data: bytes) -> None:
         """A session's claim, queued on the host's input after the ones before (never an EOF)."""
         stream = self._stream

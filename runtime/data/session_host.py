@@ -48,6 +48,7 @@ SH_CHUNK = 65536
 SH_MAX_CLAIM = 64 << 20  # one claim line: the arguments and the input files (base64), bounded by the supervisor
 SH_GRACE_S = 1.0
 SH_REFUSED = 125
+SH_OVER = 500  # added to a call's status in its trailer when the session ends with it
 
 
 def sh_write_all(fd: int, data: bytes) -> bool:
@@ -262,7 +263,8 @@ class ShHost:
                 except Exception:
                     payload = b'{"files": [], "skipped": {"error": 1}, "truncated": true}'
                 sh_write_all(1, b"\x1etoolcell-files:%s:%010d\n" % (nonce.encode(), len(payload)) + payload)
-            trailer = f"\x1etoolcell-end:{nonce}:{status:03d}\n".encode()
+            # The session is over (the resident tool is gone): the status says so, +500, before the host exits.
+            trailer = f"\x1etoolcell-end:{nonce}:{status + (SH_OVER if ended else 0):03d}\n".encode()
             for fd in (1, 2):
                 sh_write_all(fd, trailer)
             if ended:

@@ -17,7 +17,7 @@ from toolcell.backends.base import ExitInfo, HostedSandbox, StreamName
 from toolcell.backends.launcher import TrailerScanner, new_nonce
 from toolcell.model import EgressDestination, Usage
 from toolcell.policy.spec import NO_SECRETS, Secrets
-from toolcell.sessions.host import CallScanner, FilesBlock, claim
+from toolcell.sessions.host import SESSION_OVER, CallScanner, FilesBlock, claim
 
 
 class SessionOutput:
@@ -58,6 +58,8 @@ class SessionCall:
         self._done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self.killed = False  # a signal of ours: the session must end
         self.started = False  # the claim went out: the call counts, and its end decides the session's
+        self._ooms = 0  # the sandbox's OOM kills before this call
+        self.over = False  # the host said the session ends with this call (its resident tool is gone)
 
     @property
     def id(self) -> str:
@@ -83,17 +85,18 @@ class SessionCall:
     @property
     def sandbox_gone(self) -> bool:
         """The sandbox's output ended or it is no longer alive (not: this call was interrupted)."""
-        return self._raw.exhausted or not self._sandbox.alive
+        return self.over or self._raw.exhausted or not self._sandbox.alive
 
     @property
     def clean(self) -> bool:
         """The call reached its trailers and nothing of ours interrupted it: the session may go on."""
-        return self._done.done() and self._done.result() is not None and not self.killed and self._sandbox.alive
+        return self.finished and not self.killed and not self.over and self._sandbox.alive
 
     async def start(self, stdin: bytes, secrets: Secrets = NO_SECRETS) -> None:
         # Secrets travel with the first claim only (the host spawns nothing before it); later claims need none.
         granted = secrets if self._first else NO_SECRETS
         self.started = True
+        self._ooms = self._sandbox.oom_kills()
         await self._sandbox.send(claim(self._nonce, stdin, env=granted.env, files=granted.files,
                                        inputs=self._inputs, collect=self._collect))
 
@@ -112,12 +115,16 @@ class SessionCall:
                     yield name, passed
         finally:
             if not self._done.done():
-                self._done.set_result(self._stdout.status if self._stdout.done and self._stderr.done else None)
+                status = self._stdout.status if self._stdout.done and self._stderr.done else None
+                if status is not None and status >= SESSION_OVER:  # the host ends the session with this call
+                    self.over, status = True, status - SESSION_OVER
+                self._done.set_result(status)
 
     async def wait(self) -> ExitInfo:
         status = await asyncio.shield(self._done)
-        if status is not None and self._sandbox.alive:
-            return ExitInfo(exit_code=status, oom_killed=False)
+        if status is not None and (self._sandbox.alive or self.over):
+            # The memory limit is the session's: a process of this call's killed by it makes this call's status.
+            return ExitInfo(exit_code=status, oom_killed=self._sandbox.oom_kills() > self._ooms)
         # The host is gone (the tool exited and took the session with it, or the sandbox was killed): the
         # engine's facts decide (exit status, OOM flag).
         return await self._sandbox.wait()

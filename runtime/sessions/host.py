@@ -22,6 +22,8 @@ from toolcell.backends.launcher import TrailerScanner
 from toolcell.policy.spec import HostSpec
 
 _FILES_HEAD = b"\x1etoolcell-files:"
+# A trailer's status of at least this says the session ended with the call (the host's SH_OVER).
+SESSION_OVER = 500
 _LENGTH = re.compile(rb"[0-9]{10}\n")
 _LENGTH_BYTES = 11
 

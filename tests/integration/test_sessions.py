@@ -363,3 +363,18 @@ async def test_a_stock_servers_session_keeps_one_server_process_and_its_pool_ser
         assert (one_shot.status, one_shot.output) == (Status.OK, "memory 1 disk 1")
         assert pools.stats()["ok.counter"].hits == 2
         await client.close_session(session.session_id)
+
+
+async def test_a_call_over_the_memory_limit_is_oom_and_the_session_ends_with_its_repl(tmp_path: Path,
+                                                                                     kind: str) -> None:
+    doc = _doc(tmp_path, kind)
+    doc["profiles"]["default"]["memory"] = "96Mi"
+    async with supervisor(tmp_path, doc) as (app, client):
+        session = await client.open_session("python.run")
+        assert (await client.call("python.run", {"code": "x = 1"}, session=session.session_id)).status is Status.OK
+        hog = await client.call("python.run", {"code": "b = bytearray(512 << 20)"}, session=session.session_id)
+        assert hog.status is Status.OOM, hog
+        with pytest.raises(ClientError) as ended:  # the REPL was the session's state: it went with it
+            await client.call("python.run", {"code": "print(x)"}, session=session.session_id)
+        assert "ended (sandbox_ended)" in ended.value.details
+        assert await sandboxes(app) == []

@@ -23,7 +23,7 @@ from toolcell.backends.launcher import TrailerScanner, new_nonce
 from toolcell.model import WorkspacePolicy
 from toolcell.policy.scrub import Redactor
 from toolcell.policy.spec import HostSpec
-from toolcell.sessions.host import CallScanner, claim, encode_input, host_command
+from toolcell.sessions.host import SESSION_OVER, CallScanner, claim, encode_input, host_command
 from toolcell.workspace import parse_collected, payload_cap
 
 PYREPL = Path(__file__).resolve().parents[2] / "images" / "python" / "tools" / "pyrepl.py"
@@ -94,6 +94,7 @@ class Call:
     stderr: bytes
     payload: bytes | None
     refused: str
+    over: bool = False  # the trailer said the session ends with this call
 
 
 class Host:
@@ -145,8 +146,11 @@ class Host:
         if not (out.done and err.done):
             stdout += out.flush()
             stderr += err.flush()
-        return Call(out.status if err.done else None, bytes(stdout), bytes(stderr), out.files.payload,
-                    out.files.refused)
+        status = out.status if err.done else None
+        over = status is not None and status >= SESSION_OVER  # the host ends the session with this call
+        if over and status is not None:
+            status -= SESSION_OVER
+        return Call(status, bytes(stdout), bytes(stderr), out.files.payload, out.files.refused, over)
 
     def exited(self, timeout: float = 10.0) -> int | None:
         """The host's exit status; None while it still runs after ``timeout`` s."""
@@ -401,8 +405,9 @@ def test_resident_status_line_protocol(tmp_path: Path, hosts: list[Host], line: 
 def test_resident_tool_exit_is_the_calls_status_and_ends_the_host(tmp_path: Path, hosts: list[Host]) -> None:
     host = resident_host(tmp_path, hosts)
     assert host.call(b"ok").status == 0
+    assert not host.call(b"ok").over
     got = host.call(b"exit 9")
-    assert got.status == 9
+    assert (got.status, got.over) == (9, True)  # the trailer says the session ends with this call
     assert host.exited(10) == 9
 
 
@@ -511,6 +516,6 @@ def test_resident_tool_that_closes_its_call_fd_ends_the_session_at_once(tmp_path
     host = resident_host(tmp_path, hosts)
     started = time.monotonic()
     got = host.call(b"close")
-    assert got.status == 128 + 9  # killed: it can no longer end a call
+    assert (got.status, got.over) == (128 + 9, True)  # killed: it can no longer end a call
     assert time.monotonic() - started < 5  # not at the call's timeout
     assert host.exited(10) == 128 + 9

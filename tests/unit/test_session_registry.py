@@ -18,6 +18,7 @@ from toolcell.model import EgressDestination, SessionPolicy, Usage
 from toolcell.policy.spec import NO_SECRETS, Secrets
 from toolcell.sessions import registry as registry_module
 from toolcell.sessions.call import SessionCall, SessionOutput
+from toolcell.sessions.host import SESSION_OVER
 from toolcell.sessions.registry import Session, SessionRegistry, new_session_id
 
 GENERIC = "no open session with this id"
@@ -32,6 +33,7 @@ class FakeSandbox:
     def __init__(self, name: str = "sb", exit_code: int = 0) -> None:
         self._id = name
         self.is_alive = True
+        self.ooms = 0
         self.exit_code = exit_code
         self.sent: list[bytes] = []
         self.signals: list[int] = []
@@ -47,6 +49,9 @@ class FakeSandbox:
     @property
     def alive(self) -> bool:
         return self.is_alive
+
+    def oom_kills(self) -> int:
+        return self.ooms
 
     @property
     def egress(self) -> tuple[EgressDestination, ...]:
@@ -538,3 +543,29 @@ async def test_a_call_its_caller_left_half_way_ends_the_session_call_stopped(wor
     assert not call.finished and not call.killed and not call.sandbox_gone
     await world.registry.after_call(session, call)
     assert session.ended == "call_stopped"
+
+
+async def test_a_call_during_which_the_sandbox_saw_an_oom_kill_is_oom(world: World) -> None:
+    """The memory limit is the session's: a process of the call killed by it makes the call's status OOM."""
+    session = world.open()
+    call = session.call(files_cap=1024, inputs=[], collect=False)
+    await call.start(b'{"code": "1"}')
+    sandbox = fake(session)
+    sandbox.ooms = 1  # the kernel killed something of this call's
+    nonce = sandbox.nonce()
+    sandbox.push("stdout", trailer(nonce, 137))
+    sandbox.push("stderr", trailer(nonce, 137))
+    _ = [item async for item in call.output()]
+    assert await call.wait() == ExitInfo(exit_code=137, oom_killed=True)
+    clean = await run_call(session, status=0)  # no new kill: the next call is not
+    assert await clean.wait() == ExitInfo(exit_code=0, oom_killed=False)
+
+
+async def test_a_call_the_host_ends_the_session_with_ends_it_sandbox_ended(world: World) -> None:
+    """The resident tool died in the call: the trailer's status is SESSION_OVER + its status."""
+    session = world.open()
+    call = await run_call(session, status=SESSION_OVER + 9)
+    assert await call.wait() == ExitInfo(exit_code=9, oom_killed=False)
+    assert call.over and call.finished and not call.clean
+    await world.registry.after_call(session, call)
+    assert session.ended == "sandbox_ended"

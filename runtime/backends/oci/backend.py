@@ -513,6 +513,9 @@ class OciSandbox:
             return False
         return self._hosted or (self._warm and not self._claimed)
 
+    def oom_kills(self) -> int:
+        return self._cgroup.oom_kills()
+
     async def send(self, data: bytes) -> None:
         """A session's claim, queued on the host's stdin after the ones before (never an EOF)."""
         stream = self._stream
