@@ -328,7 +328,8 @@ class SupervisorService(pb_grpc.SupervisorServicer):
     async def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext) -> pb.Session:
         with caller_trace(context, "toolcell.v1.Supervisor/OpenSession") as span:
             peer, principal = await self._screen(context, span, "session", request,
-                                                 lambda: check_tool_name(request.tool), request.tool)
+                                                 lambda: check_tool_name(request.tool),
+                                                 "" if isinstance(request, Undecodable) else request.tool)
             trace_id = _trace_id(span)
             try:
                 await self.gate.authorize(principal, "call", request.tool, trace_id)

@@ -66,7 +66,9 @@ UNDECODABLE = b"\xff\xff\xff\xff\x0f"
 METHODS = [("Call", pb.ExecuteRequest(tool="text.wordcount", arguments_json='{"text": "a"}')),
            ("Execute", pb.ExecuteRequest(tool="text.wordcount", arguments_json='{"text": "a"}')),
            ("ListTools", pb.ListToolsRequest()),
-           ("Cancel", pb.CancelRequest(invocation_id="inv_not_running_1"))]
+           ("Cancel", pb.CancelRequest(invocation_id="inv_not_running_1")),
+           ("OpenSession", pb.OpenSessionRequest(tool="text.wordcount")),
+           ("CloseSession", pb.CloseSessionRequest(session_id="ses_" + "0" * 32))]
 
 
 @pytest.mark.parametrize(("method", "valid"), METHODS, ids=[m for m, _ in METHODS])
@@ -92,5 +94,6 @@ async def test_an_undecodable_request_is_invalid_argument_not_unknown(tmp_path: 
         denied = await send(UNDECODABLE)
         allowed = await send(valid.SerializeToString())
         assert denied is grpc.StatusCode.INVALID_ARGUMENT
-        assert allowed in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND)  # Cancel of an id not running
+        # Cancel of an id not running, CloseSession of no session; OpenSession of a tool without sessions.
+        assert allowed in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
         assert (await client.call("text.wordcount", json.dumps({"text": "still"}))).status is Status.OK
