@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import pytest
@@ -33,7 +34,8 @@ def request(arguments: dict[str, Any] | None = None, arguments_json: str = "") -
 def test_a_struct_becomes_the_same_json_whole_numbers_as_integers(arguments: dict[str, Any], expected: Any) -> None:
     text = arguments_text(request(arguments))
     assert json.loads(text) == expected
-    assert '"n":3,' in text if "n" in arguments else True
+    # A whole number is an integer in the text ("n":3, not 3.0), wherever the Struct's map put the key.
+    assert re.search(r'"n":3[,}]', text) if "n" in arguments else True
 
 
 def test_arguments_json_is_used_as_is_and_giving_both_is_refused() -> None:
