@@ -107,7 +107,7 @@ class Supervisor:
         self._sweeping: asyncio.Task[None] | None = None
         self.clock: Callable[[], float] = time.time  # the wall clock leases are compared with
         # Open sessions (issue 18); ``on_session_end`` records each end (the server: audit).
-        self.sessions = SessionRegistry(backend, remove=self._remove_hosted, on_end=self._session_ended)
+        self.sessions = SessionRegistry(backend, remove=self._remove, on_end=self._session_ended)
         self.on_session_end: Callable[[Session, str], Awaitable[object]] | None = None
 
     async def start(self) -> int:
@@ -452,9 +452,6 @@ class Supervisor:
         if not isinstance(sandbox, SessionCall):
             await self._remove(sandbox)
 
-    async def _remove_hosted(self, sandbox: Sandbox) -> None:
-        await self._remove(sandbox)  # a pooled one is retired (its pool refills), others removed now
-
     async def _session_ended(self, session: Session, reason: str) -> None:
         if self.on_session_end is not None and not session.ephemeral:
             await self.on_session_end(session, reason)
@@ -474,7 +471,7 @@ class Supervisor:
         self.reaper.remove(sandbox, done=lambda: metrics.active_sandboxes.add(-1))
 
     async def _remove(self, sandbox: Sandbox) -> None:
-        """A call's sandbox at its end: pooled ones are retired off the critical path; others are removed
+        """A call's (or a session's) sandbox at its end: pooled ones are retired off the critical path; others are removed
         now (the first try; while the engine is away the reaper retries and the call ends UNAVAILABLE)."""
         if self.pools.owns(sandbox):
             metrics.active_sandboxes.add(-1)

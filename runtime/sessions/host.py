@@ -10,7 +10,6 @@ block within its cap however long the host says it is.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -58,10 +57,6 @@ def claim(nonce: str, stdin: bytes, *, env: Mapping[str, str] | None = None, fil
     if collect:
         body["collect"] = True
     return json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
-
-
-def encode_input(path: str, data: bytes) -> dict[str, str]:
-    return {"path": path, "data": base64.b64encode(data).decode("ascii")}
 
 
 @dataclass

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from toolcell.backends.launcher import TrailerScanner, new_nonce
-from toolcell.model import WorkspacePolicy
+from toolcell.model import InputFile, WorkspacePolicy
 from toolcell.policy.scrub import Redactor
 from toolcell.policy.spec import HostSpec
-from toolcell.sessions.host import SESSION_OVER, CallScanner, claim, encode_input, host_command
-from toolcell.workspace import parse_collected, payload_cap
+from toolcell.sessions.host import SESSION_OVER, CallScanner, claim, host_command
+from toolcell.workspace import encode_inputs, parse_collected, payload_cap
 
 PYREPL = Path(__file__).resolve().parents[2] / "images" / "python" / "tools" / "pyrepl.py"
 REFUSED = 125
@@ -85,6 +85,12 @@ while True:
             time.sleep(1)
     os.write(fd, (cmd[7:] if cmd.startswith("report ") else "000").encode() + b"\n")
 """
+
+
+
+def encode_input(path: str, data: bytes) -> dict[str, str]:
+    """One claim input, as the supervisor encodes it (``toolcell.workspace.encode_inputs``)."""
+    return encode_inputs([InputFile(path=path, data=data)])[0]
 
 
 @dataclass
