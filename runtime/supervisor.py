@@ -472,8 +472,7 @@ class Supervisor:
 
     async def _remove(self, sandbox: Sandbox) -> None:
         """A call's (or a session's) sandbox at its end: pooled ones are retired off the critical path; others
-        are removed
-        now (the first try; while the engine is away the reaper retries and the call ends UNAVAILABLE)."""
+        are removed now (the first try; while the engine is away the reaper retries and the call ends UNAVAILABLE)."""
         if self.pools.owns(sandbox):
             metrics.active_sandboxes.add(-1)
             self.pools.retire(sandbox)
